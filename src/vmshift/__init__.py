@@ -1,0 +1,1 @@
+"""vmshift: live migration and cluster management for QEMU/KVM."""

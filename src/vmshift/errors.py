@@ -1,0 +1,103 @@
+"""One error tree for all of vmshift.
+
+Every error carries a one-sentence message saying what is wrong and, where it helps, a ``hint``
+saying what to do. Boundaries translate foreign exceptions into this tree (QMP errors become
+``QemuError``, HTTP failures become ``ApiError``) and keep the cause in ``__cause__``.
+``status`` is the HTTP status the REST layers answer with.
+"""
+
+from __future__ import annotations
+
+
+class VmshiftError(Exception):
+    """Root of every error vmshift raises on purpose."""
+
+    status: int = 500
+    code: str = "internal"
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} {self.hint}"
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"code": self.code, "message": self.message, "hint": self.hint}
+
+
+class InvalidInputError(VmshiftError):
+    """The request itself is wrong (malformed, out of range, inconsistent)."""
+
+    status = 400
+    code = "invalid_input"
+
+
+class AuthError(VmshiftError):
+    """Missing or wrong bearer token."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class NotFoundError(VmshiftError):
+    """A named object (host, VM, datastore, network, task...) does not exist."""
+
+    status = 404
+    code = "not_found"
+
+
+class ConflictError(VmshiftError):
+    """The request clashes with the current state (duplicate name, VM running, host busy...)."""
+
+    status = 409
+    code = "conflict"
+
+
+class CapacityError(VmshiftError):
+    """The target lacks the resources (memory, CPU features) the request needs."""
+
+    status = 422
+    code = "insufficient_capacity"
+
+
+class HostUnreachableError(VmshiftError):
+    """An agent could not be reached over HTTP."""
+
+    status = 502
+    code = "host_unreachable"
+
+
+class QemuError(VmshiftError):
+    """QEMU failed to start, or a QMP command failed."""
+
+    status = 500
+    code = "qemu_error"
+
+
+class ApiError(VmshiftError):
+    """An HTTP API answered with an error; carries the remote status and code."""
+
+    code = "api_error"
+
+    def __init__(
+        self, message: str, *, status: int = 500, code: str = "api_error", hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+        self.code = code
+
+
+class LabError(VmshiftError):
+    """The local lab could not be built, used or torn down."""
+
+    status = 500
+    code = "lab_error"
+
+
+class ImageError(VmshiftError):
+    """The guest image could not be built or found."""
+
+    status = 500
+    code = "image_error"

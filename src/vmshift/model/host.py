@@ -1,0 +1,49 @@
+"""What an agent reports about its host (the "host facts")."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from vmshift.model.enums import Accelerator
+
+
+class CpuModelInfo(BaseModel):
+    """A QEMU CPU model and the features this host lacks to run it (empty = runnable)."""
+
+    name: str
+    unavailable_features: list[str] = Field(default_factory=list)
+
+    @property
+    def runnable(self) -> bool:
+        return not self.unavailable_features
+
+
+class DatastoreInfo(BaseModel):
+    """A datastore as one host sees it: identity comes from the UUID marker file in its root."""
+
+    uuid: str
+    name: str
+    path: str
+    capacity_mib: int = 0
+    free_mib: int = 0
+    images: list[str] = Field(default_factory=list)
+
+
+class HostFacts(BaseModel):
+    name: str
+    cpu_vendor: str
+    cpu_model: str
+    cpu_flags: list[str] = Field(default_factory=list)
+    cpus: int
+    qemu_version: str
+    machine_types: list[str] = Field(default_factory=list)
+    default_machine_type: str = ""
+    cpu_models: list[CpuModelInfo] = Field(default_factory=list)
+    accelerator: Accelerator
+    memory_total_mib: int
+    memory_free_mib: int
+    datastores: list[DatastoreInfo] = Field(default_factory=list)
+    networks: dict[str, str] = Field(default_factory=dict, description="network label -> bridge")
+    management_address: str = ""
+    migration_address: str = ""
+    agent_version: str = ""

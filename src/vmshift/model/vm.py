@@ -1,0 +1,83 @@
+"""The VM spec (desired configuration) and the runtime view an agent reports."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import BaseModel, Field, field_validator
+
+from vmshift.model.enums import BootKind, PowerState
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+
+
+def check_name(name: str, what: str = "VM") -> str:
+    if not NAME_RE.match(name):
+        raise ValueError(
+            f"{what} name {name!r} is not valid: use 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+class DiskSpec(BaseModel):
+    """A qcow2 disk in the VM's folder on a datastore; empty of a size, or backed by an image."""
+
+    datastore: str = Field(description="datastore name")
+    file: str = Field(description="file name inside DATASTORE/VMNAME/")
+    size_mib: int = Field(gt=0)
+    backing_image: str | None = Field(default=None, description="image name whose disk backs this one")
+
+
+class NicSpec(BaseModel):
+    network: str
+    mac: str
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, v: str) -> str:
+        v = v.lower()
+        if not MAC_RE.match(v):
+            raise ValueError(f"MAC address {v!r} is not valid: use six hex pairs like 52:54:00:12:34:56")
+        return v
+
+
+class BootSpec(BaseModel):
+    kind: BootKind
+    image: str | None = Field(default=None, description="image name on the VM's datastore")
+    cmdline: str = ""
+
+
+class VmSpec(BaseModel):
+    """Everything an agent needs to define and run a VM. Paths are datastore-relative."""
+
+    name: str
+    uuid: str
+    cpus: int = Field(ge=1, le=64)
+    memory_mib: int = Field(ge=16)
+    cpu_model: str
+    machine_type: str
+    datastore: str = Field(description="home datastore: the VM's files live in DATASTORE/NAME/")
+    disks: list[DiskSpec] = Field(default_factory=list)
+    nics: list[NicSpec] = Field(default_factory=list)
+    boot: BootSpec
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v)
+
+
+class VmRuntime(BaseModel):
+    """Runtime truth about one VM on one host, as its agent sees it."""
+
+    name: str
+    uuid: str
+    power_state: PowerState
+    pid: int | None = None
+    cpu_seconds: float = 0.0
+    rss_mib: float = 0.0
+    qemu_status: str | None = Field(default=None, description="QMP query-status 'status'")
+    died: bool = Field(default=False, description="the QEMU process vanished without being stopped")
+    exit_reason: str | None = None
