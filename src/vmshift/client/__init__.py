@@ -1,1 +1,5 @@
+"""Typed SDK of the vmshift REST API."""
 
+from vmshift.client.sdk import VmshiftClient
+
+__all__ = ["VmshiftClient"]

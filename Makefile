@@ -1,0 +1,49 @@
+# vmshift: two commands on a fresh Debian 12 machine (as root): `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+LAB ?= demo
+
+.PHONY: install system venv image demo demo-down test test-unit test-server test-lab lint clean
+
+install: system venv image
+
+system:
+	./scripts/install-system.sh
+
+$(BIN)/vmshift: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/vmshift
+
+venv: $(BIN)/vmshift
+
+image: venv
+	$(BIN)/vmshift image build
+
+demo: install
+	./scripts/demo.sh $(LAB)
+
+demo-down: venv
+	$(BIN)/vmshift lab down --name $(LAB)
+
+lint: venv
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+
+test-unit: venv
+	$(BIN)/pytest -q tests/unit
+
+test-server: venv
+	$(BIN)/pytest -q tests/server
+	./scripts/setup-postgres.sh
+	VMSHIFT_TEST_DB_URL=postgresql+psycopg://vmshift:vmshift@127.0.0.1/vmshift_test $(BIN)/pytest -q tests/server
+
+test-lab: venv
+	$(BIN)/pytest -q tests/lab
+
+test: install lint test-unit test-server test-lab
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,146 @@
+"""`vmshift host|datastore|network ...`"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from vmshift.cli import context
+from vmshift.cli.output import emit_json, fields, table
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+host_app = typer.Typer(help="Hypervisor hosts (one vmshift-agent each).", no_args_is_help=True)
+datastore_app = typer.Typer(help="Datastores seen by the hosts.", no_args_is_help=True)
+network_app = typer.Typer(help="VM networks (label -> bridge on each host).", no_args_is_help=True)
+
+
+def _host_row(h: dict[str, Any]) -> list[Any]:
+    facts = h.get("facts") or {}
+    return [
+        h["name"],
+        h.get("address"),
+        h.get("cluster"),
+        h.get("connection_state"),
+        "yes" if h.get("maintenance") else "no",
+        facts.get("accelerator"),
+        facts.get("qemu_version"),
+        f"{facts.get('memory_free_mib', '?')}/{facts.get('memory_total_mib', '?')}",
+    ]
+
+
+@host_app.command("list")
+def host_list(json_: JsonOpt = False) -> None:
+    """List hosts with connection state and capacity."""
+    with context.client() as c:
+        hosts = c.list_hosts()
+    if json_:
+        emit_json(hosts)
+        return
+    cols = ["name", "address", "cluster", "state", "maint.", "accel", "qemu", "mem free/total MiB"]
+    table("Hosts", cols, (_host_row(h) for h in hosts))
+
+
+@host_app.command("show")
+def host_show(name: str, json_: JsonOpt = False) -> None:
+    """Show one host and its facts."""
+    with context.client() as c:
+        h = c.get_host(name)
+    if json_:
+        emit_json(h)
+        return
+    facts = h.get("facts") or {}
+    summary = {k: v for k, v in h.items() if k != "facts"}
+    summary.update(
+        {
+            "cpu": f"{facts.get('cpu_vendor')} {facts.get('cpu_model')} x{facts.get('cpus')}",
+            "accelerator": facts.get("accelerator"),
+            "qemu": facts.get("qemu_version"),
+            "machine types": len(facts.get("machine_types") or []),
+            "runnable cpu models": sum(
+                1 for m in facts.get("cpu_models") or [] if not m.get("unavailable_features")
+            ),
+            "datastores": ", ".join(d["name"] for d in facts.get("datastores") or []),
+            "networks": ", ".join(f"{k}->{v}" for k, v in (facts.get("networks") or {}).items()),
+            "migration address": facts.get("migration_address"),
+        }
+    )
+    fields(f"Host {name}", summary)
+
+
+@host_app.command("add")
+def host_add(
+    address: Annotated[str, typer.Argument(help="Agent address HOST:PORT, e.g. 10.213.0.11:8101")],
+    cluster: Annotated[str | None, typer.Option(help="Cluster to join (default: the only one).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Add a host by the address of its agent."""
+    with context.client() as c:
+        h = c.add_host(address, cluster)
+    if json_:
+        emit_json(h)
+    else:
+        table("Host added", ["name", "address", "cluster", "state"], [_host_row(h)[:4]])
+
+
+@host_app.command("remove")
+def host_remove(name: str, json_: JsonOpt = False) -> None:
+    """Remove a host from the inventory (refused while VMs are registered on it)."""
+    with context.client() as c:
+        c.remove_host(name)
+    if json_:
+        emit_json({"removed": name})
+    else:
+        typer.echo(f"Host {name} removed.")
+
+
+@host_app.command("maintenance")
+def host_maintenance(
+    name: str,
+    exit_: Annotated[bool, typer.Option("--exit", help="Leave maintenance mode.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Put a host in maintenance mode (or take it out with --exit)."""
+    with context.client() as c:
+        h = c.set_maintenance(name, not exit_)
+    if json_:
+        emit_json(h)
+    else:
+        typer.echo(f"Host {name} maintenance: {'on' if h.get('maintenance') else 'off'}.")
+
+
+@datastore_app.command("list")
+def datastore_list(json_: JsonOpt = False) -> None:
+    """List datastores and which hosts see them."""
+    with context.client() as c:
+        items = c.list_datastores()
+    if json_:
+        emit_json(items)
+        return
+    rows = (
+        [d["name"], d["uuid"], "yes" if d.get("shared") else "no", ", ".join(d.get("hosts") or []),
+         d.get("free_mib"), d.get("capacity_mib")]
+        for d in items
+    )
+    table("Datastores", ["name", "uuid", "shared", "hosts", "free MiB", "capacity MiB"], rows)
+
+
+@network_app.command("list")
+def network_list(json_: JsonOpt = False) -> None:
+    """List networks, their bridge on each host and their IP pool."""
+    with context.client() as c:
+        items = c.list_networks()
+    if json_:
+        emit_json(items)
+        return
+
+    def pool(n: dict[str, Any]) -> str:
+        p = n.get("ip_pool")
+        return f"{p['first']}-{p['last']}" if p else ""
+
+    rows = (
+        [n["name"], ", ".join(f"{h}:{b}" for h, b in (n.get("hosts") or {}).items()), pool(n)]
+        for n in items
+    )
+    table("Networks", ["name", "host:bridge", "ip pool"], rows)

@@ -1,0 +1,59 @@
+"""The `vmshift` command: noun-verb like govc (`vmshift vm create ...`)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from vmshift.cli import context
+from vmshift.cli.hosts import datastore_app, host_app, network_app
+from vmshift.cli.image import image_app
+from vmshift.cli.output import show_error
+from vmshift.cli.tasks import event_app, task_app
+from vmshift.cli.vms import vm_app
+from vmshift.errors import VmshiftError
+
+app = typer.Typer(
+    help="vmshift: live migration and cluster management for QEMU/KVM.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(host_app, name="host")
+app.add_typer(datastore_app, name="datastore")
+app.add_typer(network_app, name="network")
+app.add_typer(vm_app, name="vm")
+app.add_typer(task_app, name="task")
+app.add_typer(event_app, name="event")
+app.add_typer(image_app, name="image")
+
+
+def _add_lab() -> None:
+    try:
+        from vmshift.cli.lab import lab_app
+    except ImportError:  # pragma: no cover - only while the lab module is being written
+        return
+    app.add_typer(lab_app, name="lab")
+
+
+_add_lab()
+
+
+@app.callback()
+def main(
+    server: Annotated[str | None, typer.Option(help="Server URL (or VMSHIFT_SERVER).")] = None,
+    token: Annotated[str | None, typer.Option(help="API token (or VMSHIFT_TOKEN).")] = None,
+) -> None:
+    context.settings.server = server
+    context.settings.token = token
+
+
+def run() -> None:
+    try:
+        app()
+    except VmshiftError as exc:
+        show_error(exc)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,140 @@
+"""`vmshift vm ...`"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+import typer
+
+from vmshift.cli import context
+from vmshift.cli.hosts import JsonOpt
+from vmshift.cli.output import emit_json, fields, table, wait_with_progress
+from vmshift.errors import InvalidInputError
+from vmshift.model.enums import PowerAction
+
+vm_app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
+
+NoWait = Annotated[bool, typer.Option("--no-wait", help="Return the task id at once.")]
+_SIZE = re.compile(r"^(\d+)\s*([MGmg]i?[Bb]?)?$")
+
+
+def parse_size_mib(text: str) -> int:
+    """'64M', '1G', '512' (MiB) -> MiB."""
+    m = _SIZE.match(text.strip())
+    if not m or int(m.group(1)) <= 0:
+        raise InvalidInputError(
+            f"Disk size {text!r} is not valid.", hint="Use a positive size like 64M or 2G."
+        )
+    n = int(m.group(1))
+    return n * 1024 if (m.group(2) or "M")[0] in "Gg" else n
+
+
+def _finish(c: Any, task: dict[str, Any], *, no_wait: bool, json_: bool, vm: str | None) -> None:
+    if no_wait:
+        if json_:
+            emit_json(task)
+        else:
+            tid = task["id"]
+            typer.echo(f"Task {tid} queued ({task['kind']}); follow it with 'vmshift task watch {tid}'.")
+        return
+    final = wait_with_progress(c, task, quiet=json_)
+    if json_:
+        emit_json(c.get_vm(vm) if vm and final["kind"] != "vm.delete" else final)
+    else:
+        typer.echo(f"{final['kind']} {final.get('target')}: {final['state']}")
+
+
+def vm_summary(v: dict[str, Any]) -> list[Any]:
+    return [v["name"], v.get("host"), v.get("power_state"), v.get("ip"), v.get("cpus"),
+            v.get("memory_mib"), v.get("datastore"), v.get("cpu_model")]
+
+
+@vm_app.command("create")
+def vm_create(
+    name: str,
+    host: Annotated[str, typer.Option(help="Host to place the VM on.")],
+    datastore: Annotated[str, typer.Option(help="Home datastore: the VM's files go to DATASTORE/NAME/.")],
+    cpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 1,
+    memory: Annotated[int, typer.Option(help="Memory in MiB.")] = 256,
+    network: Annotated[list[str] | None, typer.Option(help="Network label for a NIC (repeatable).")] = None,
+    disk: Annotated[list[str] | None, typer.Option(help="Disk size, e.g. 64M (repeatable).")] = None,
+    image: Annotated[str, typer.Option(help="Boot image on the datastore.")] = "lab-guest",
+    kernel_args: Annotated[str, typer.Option(help="Extra kernel command line.")] = "",
+    cpu_model: Annotated[str | None, typer.Option(help="QEMU CPU model (default: cluster baseline).")] = None,
+    machine_type: Annotated[str | None, typer.Option(help="Machine type (default: host's, pinned).")] = None,
+    start: Annotated[bool, typer.Option("--start", help="Power on after creating.")] = False,
+    no_wait: NoWait = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Create a VM (and start it with --start)."""
+    body = {
+        "name": name, "host": host, "cpus": cpus, "memory_mib": memory, "datastore": datastore,
+        "networks": network or [], "disks_mib": [parse_size_mib(d) for d in disk or []],
+        "image": image, "kernel_args": kernel_args, "cpu_model": cpu_model,
+        "machine_type": machine_type, "start": start,
+    }
+    with context.client() as c:
+        task = c.create_vm(body)
+        _finish(c, task, no_wait=no_wait, json_=json_, vm=name)
+
+
+@vm_app.command("list")
+def vm_list(json_: JsonOpt = False) -> None:
+    """List VMs."""
+    with context.client() as c:
+        vms = c.list_vms()
+    if json_:
+        emit_json(vms)
+    else:
+        table("VMs", ["name", "host", "power", "ip", "cpus", "MiB", "datastore", "cpu model"],
+              (vm_summary(v) for v in vms))
+
+
+@vm_app.command("show")
+def vm_show(name: str, json_: JsonOpt = False) -> None:
+    """Show a VM's configuration and runtime state."""
+    with context.client() as c:
+        v = c.get_vm(name)
+    if json_:
+        emit_json(v)
+    else:
+        fields(f"VM {name}", v)
+
+
+def _power(name: str, action: PowerAction, no_wait: bool, json_: bool) -> None:
+    with context.client() as c:
+        task = c.power_vm(name, action)
+        _finish(c, task, no_wait=no_wait, json_=json_, vm=name)
+
+
+@vm_app.command("start")
+def vm_start(name: str, no_wait: NoWait = False, json_: JsonOpt = False) -> None:
+    """Power a VM on."""
+    _power(name, PowerAction.START, no_wait, json_)
+
+
+@vm_app.command("stop")
+def vm_stop(name: str, no_wait: NoWait = False, json_: JsonOpt = False) -> None:
+    """Power a VM off at once (like pulling the plug)."""
+    _power(name, PowerAction.STOP, no_wait, json_)
+
+
+@vm_app.command("shutdown")
+def vm_shutdown(name: str, no_wait: NoWait = False, json_: JsonOpt = False) -> None:
+    """Ask the guest to shut down (ACPI); power off hard after a timeout."""
+    _power(name, PowerAction.SHUTDOWN, no_wait, json_)
+
+
+@vm_app.command("reset")
+def vm_reset(name: str, no_wait: NoWait = False, json_: JsonOpt = False) -> None:
+    """Reset a running VM (hard reboot)."""
+    _power(name, PowerAction.RESET, no_wait, json_)
+
+
+@vm_app.command("delete")
+def vm_delete(name: str, no_wait: NoWait = False, json_: JsonOpt = False) -> None:
+    """Delete a powered-off VM and its files."""
+    with context.client() as c:
+        task = c.delete_vm(name)
+        _finish(c, task, no_wait=no_wait, json_=json_, vm=name)

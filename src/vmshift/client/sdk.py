@@ -1,0 +1,161 @@
+"""Typed Python SDK of the vmshift server's REST API (used by the CLI and the tests).
+
+HTTP failures are mapped to the vmshift error tree here, at the edge: an error body from the
+server becomes ``ApiError`` with its status, code, message and hint; a connection failure becomes
+``HostUnreachableError`` naming the server address.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from vmshift.errors import ApiError, HostUnreachableError, VmshiftError
+from vmshift.model.enums import PowerAction, TaskState
+
+Json = dict[str, Any]
+
+
+def _error_from_response(resp: httpx.Response) -> ApiError:
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict) and err.get("message"):
+        return ApiError(
+            str(err["message"]),
+            status=resp.status_code,
+            code=str(err.get("code") or "api_error"),
+            hint=err.get("hint"),
+        )
+    text = resp.text.strip()[:200] or resp.reason_phrase
+    return ApiError(f"The server answered {resp.status_code}: {text}", status=resp.status_code)
+
+
+class VmshiftClient:
+    """Synchronous client of one vmshift server."""
+
+    def __init__(self, server: str, token: str, *, timeout: float = 30.0) -> None:
+        self.server = server.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.server + "/api/v1",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> VmshiftClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def request(self, method: str, path: str, *, json: Any = None, params: Json | None = None) -> Any:
+        try:
+            resp = self._http.request(method, path, json=json, params=params)
+        except httpx.TransportError as exc:
+            raise HostUnreachableError(
+                f"Cannot reach the vmshift server at {self.server} ({exc.__class__.__name__}).",
+                hint="Check --server / VMSHIFT_SERVER, or bring a lab up with 'vmshift lab up'.",
+            ) from exc
+        if resp.status_code >= 400:
+            raise _error_from_response(resp)
+        if not resp.content:
+            return None
+        return resp.json()
+
+    @staticmethod
+    def _q(name: str) -> str:
+        return quote(name, safe="")
+
+    # -- inventory --------------------------------------------------------------------------
+    def about(self) -> Json:
+        return dict(self.request("GET", "/about"))
+
+    def list_hosts(self) -> list[Json]:
+        return list(self.request("GET", "/hosts"))
+
+    def get_host(self, name: str) -> Json:
+        return dict(self.request("GET", f"/hosts/{self._q(name)}"))
+
+    def add_host(self, address: str, cluster: str | None = None) -> Json:
+        return dict(self.request("POST", "/hosts", json={"address": address, "cluster": cluster}))
+
+    def remove_host(self, name: str) -> None:
+        self.request("DELETE", f"/hosts/{self._q(name)}")
+
+    def set_maintenance(self, name: str, enter: bool) -> Json:
+        return dict(self.request("POST", f"/hosts/{self._q(name)}/maintenance", json={"enter": enter}))
+
+    def list_datastores(self) -> list[Json]:
+        return list(self.request("GET", "/datastores"))
+
+    def list_networks(self) -> list[Json]:
+        return list(self.request("GET", "/networks"))
+
+    def set_ip_pool(self, network: str, cidr: str, first: str, last: str) -> Json:
+        body = {"cidr": cidr, "first": first, "last": last}
+        return dict(self.request("PUT", f"/networks/{self._q(network)}/ip-pool", json=body))
+
+    # -- VMs --------------------------------------------------------------------------------
+    def list_vms(self) -> list[Json]:
+        return list(self.request("GET", "/vms"))
+
+    def get_vm(self, name: str) -> Json:
+        return dict(self.request("GET", f"/vms/{self._q(name)}"))
+
+    def create_vm(self, spec: Json) -> Json:
+        return dict(self.request("POST", "/vms", json=spec))
+
+    def power_vm(self, name: str, action: PowerAction) -> Json:
+        return dict(self.request("POST", f"/vms/{self._q(name)}/power", json={"action": action.value}))
+
+    def delete_vm(self, name: str) -> Json:
+        return dict(self.request("DELETE", f"/vms/{self._q(name)}"))
+
+    # -- tasks and events -------------------------------------------------------------------
+    def list_tasks(self, limit: int = 50) -> list[Json]:
+        return list(self.request("GET", "/tasks", params={"limit": limit}))
+
+    def get_task(self, task_id: str) -> Json:
+        return dict(self.request("GET", f"/tasks/{self._q(task_id)}"))
+
+    def cancel_task(self, task_id: str) -> Json:
+        return dict(self.request("POST", f"/tasks/{self._q(task_id)}/cancel"))
+
+    def list_events(self, limit: int = 50, target: str | None = None) -> list[Json]:
+        params: Json = {"limit": limit}
+        if target:
+            params["target"] = target
+        return list(self.request("GET", "/events", params=params))
+
+    def wait_task(
+        self,
+        task_id: str,
+        *,
+        timeout: float = 600.0,
+        interval: float = 0.25,
+        on_update: Callable[[Json], None] | None = None,
+    ) -> Json:
+        """Poll a task until it finishes; return its final record (raise on timeout only)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            task = self.get_task(task_id)
+            if on_update:
+                on_update(task)
+            if TaskState(task["state"]).finished:
+                return task
+            if time.monotonic() > deadline:
+                raise VmshiftError(
+                    f"Task {task_id} did not finish within {timeout:.0f} s.",
+                    hint=f"Follow it with 'vmshift task watch {task_id}'.",
+                )
+            time.sleep(interval)
