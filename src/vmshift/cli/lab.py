@@ -1,0 +1,172 @@
+"""`vmshift lab ...`: a local lab of network-namespace hosts with a server and agents."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vmshift.errors import VmshiftError
+
+lab_app = typer.Typer(help="A local lab: network namespaces as hosts, one server, one agent per host.")
+console = Console()
+err_console = Console(stderr=True)
+
+NameOpt = Annotated[str, typer.Option("--name", help="Lab name.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _emit(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def _errors(as_json: bool) -> Iterator[None]:
+    """Show a VmshiftError as one sentence (+ hint), or as a JSON error body, and exit 1."""
+    try:
+        yield
+    except VmshiftError as e:
+        if as_json:
+            _emit({"error": e.to_dict()})
+        else:
+            err_console.print(f"[bold red]Error:[/] {e.message}", highlight=False)
+            if e.hint:
+                err_console.print(f"[yellow]Hint:[/] {e.hint}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@lab_app.command("up")
+def up_cmd(
+    name: NameOpt = "lab",
+    hosts: Annotated[int, typer.Option("--hosts", help="Number of hypervisor hosts.")] = 2,
+    migration_link_rate: Annotated[
+        str | None, typer.Option("--migration-link-rate", help="Shape migration links, e.g. 1gbit.")
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Build the lab network, start a server and agents, register the hosts."""
+    from vmshift.lab import lab
+
+    with _errors(json_):
+        if json_:
+            rec = lab.up(name, hosts, migration_link_rate)
+        else:
+            with console.status("starting lab") as status:
+
+                def step(msg: str) -> None:
+                    console.print(f"[green]•[/] {msg}", highlight=False)
+                    status.update(msg)
+
+                rec = lab.up(name, hosts, migration_link_rate, progress=step)
+        summary = {
+            "name": rec.name,
+            "index": rec.index,
+            "server": rec.server_url,
+            "hosts": [rec.layout.agent_address(k) for k in rec.layout.host_numbers],
+            "client_namespace": rec.layout.client_ns,
+            "vm_network": rec.layout.vm_cidr,
+        }
+        if json_:
+            _emit(summary)
+        else:
+            console.print(f"Lab [bold]{rec.name}[/] is up: server {rec.server_url}, {rec.hosts} hosts.")
+            console.print(f"The vmshift CLI now talks to it; for other shells: vmshift lab env --name {name}")
+
+
+@lab_app.command("down")
+def down_cmd(name: NameOpt = "lab", json_: JsonOpt = False) -> None:
+    """Stop every process of the lab and delete its namespaces, links and state."""
+    from vmshift.lab import lab
+
+    with _errors(json_):
+        problems = lab.down(name)
+        if json_:
+            _emit({"name": name, "problems": problems})
+        elif problems:
+            for p in problems:
+                err_console.print(f"[yellow]Left over:[/] {p}", highlight=False)
+        else:
+            console.print(f"Lab [bold]{name}[/] is down.")
+        if problems:
+            raise typer.Exit(1)
+
+
+@lab_app.command("env")
+def env_cmd(name: NameOpt = "lab", json_: JsonOpt = False) -> None:
+    """Print `export` lines that point the CLI at this lab (eval "$(vmshift lab env)")."""
+    from vmshift.lab import lab
+
+    with _errors(json_):
+        if json_:
+            rec = lab.get(name)
+            _emit({"VMSHIFT_SERVER": rec.server_url, "VMSHIFT_TOKEN": rec.token})
+        else:
+            sys.stdout.write(lab.env(name))
+
+
+@lab_app.command("list")
+def list_cmd(json_: JsonOpt = False) -> None:
+    """List the labs on this machine."""
+    from vmshift.lab import lab, topology
+
+    with _errors(json_):
+        rows = [
+            {
+                "name": r.name,
+                "index": r.index,
+                "state": r.state,
+                "hosts": r.hosts,
+                "server": r.server_url,
+                "namespaces": len(topology.existing_namespaces(r.layout)),
+                "migration_link_rate": r.migration_link_rate,
+            }
+            for r in lab.labs()
+        ]
+        if json_:
+            _emit(rows)
+            return
+        t = Table(title="Labs", title_justify="left")
+        for col in ("name", "index", "state", "hosts", "server", "namespaces", "migration link"):
+            t.add_column(col)
+        for row in rows:
+            t.add_row(*("" if v is None else str(v) for v in row.values()))
+        console.print(t)
+
+
+def _run_probe(json_: bool, fn: Callable[[], dict[str, Any]], ok: Callable[[dict[str, Any]], bool]) -> None:
+    with _errors(json_):
+        result = fn()
+    if json_:
+        _emit(result)
+    else:
+        for k, v in result.items():
+            console.print(f"[bold]{k}[/]: {json.dumps(v)}", highlight=False)
+    if not ok(result):
+        raise typer.Exit(1)
+
+
+@lab_app.command("check")
+def check_cmd(vm: str, name: NameOpt = "lab", json_: JsonOpt = False) -> None:
+    """Echo over TCP and read the guest's memtest/disklog status, from the lab's client namespace."""
+    from vmshift.lab import lab
+
+    _run_probe(json_, lambda: lab.check(name, vm), lambda r: bool(r.get("echo")) and "error" not in r)
+
+
+@lab_app.command("probe")
+def probe_cmd(
+    vm: str,
+    name: NameOpt = "lab",
+    seconds: Annotated[float, typer.Option("--seconds", help="How long to probe.")] = 5.0,
+    json_: JsonOpt = False,
+) -> None:
+    """1 ms UDP echo probe from the client namespace: sent, lost, longest gap between replies."""
+    from vmshift.lab import lab
+
+    _run_probe(json_, lambda: lab.probe(name, vm, seconds), lambda r: int(r.get("received", 0)) > 0)

@@ -1,0 +1,241 @@
+"""Bring a lab up and down: topology, guest image, server, agents, registration, CLI context.
+
+`up` records every step in lab.json before taking it, so `down` (also called by `up` itself on
+any failure) finds and removes whatever exists, whichever step failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from vmshift.errors import ConflictError, LabError, VmshiftError
+from vmshift.lab import context, processes, topology
+from vmshift.lab.layout import LabRecord, list_records, load_record, validate_name
+
+Progress = Callable[[str], None]
+PROBE_TIMEOUT_S = 60.0
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("vmshift lab needs root: run it with sudo.", hint="Example: sudo vmshift lab up")
+
+
+def get(name: str) -> LabRecord:
+    rec = load_record(validate_name(name))
+    if rec is None:
+        raise LabError(f"There is no lab named {name!r}.", hint="Start one with 'sudo vmshift lab up'.")
+    return rec
+
+
+def labs() -> list[LabRecord]:
+    return list_records()
+
+
+# ---------------------------------------------------------------- up
+
+
+def up(
+    name: str = "lab", hosts: int = 2, migration_link_rate: str | None = None, progress: Progress = _quiet
+) -> LabRecord:
+    """Build the lab and start everything; on failure tear it all down again and raise."""
+    require_root()
+    validate_name(name)
+    if migration_link_rate:
+        topology.rate_bits_per_second(migration_link_rate)  # reject a bad rate before building anything
+    if load_record(name) is not None:
+        raise ConflictError(
+            f"A lab named {name!r} is already up.", hint=f"Run 'vmshift lab down --name {name}'."
+        )
+    rec = topology.reserve(name, hosts)
+    rec.migration_link_rate = migration_link_rate
+    try:
+        _bring_up(rec, progress)
+    except BaseException as e:
+        progress("failed: tearing down what was built")
+        down(name)
+        if isinstance(e, VmshiftError) or not isinstance(e, Exception):
+            raise
+        raise LabError(f"Bringing up lab {name!r} failed: {e}.") from e
+    return rec
+
+
+def _bring_up(rec: LabRecord, progress: Progress) -> None:
+    lay = rec.layout
+    progress(f"network: namespaces, bridges and veths (lab index {lay.index})")
+    topology.build(lay, rec.migration_link_rate)
+    progress("datastores, tokens and agent configs")
+    processes.prepare_files(rec)
+    progress("guest image")
+    from vmshift.lab import image  # lazily: building the image pulls in a toolchain
+
+    images_dir = image.build_image()
+    image.install_image(images_dir, lay.shared_datastore)
+    progress("server")
+    processes.start_server(rec)
+    for k in lay.host_numbers:
+        progress(f"agent of host-{k}")
+        processes.start_agent(rec, k)
+    progress("registering hosts and the VM network's IP pool")
+    _register(rec)
+    rec.state = "up"
+    rec.save()
+    context.save_context(rec.server_url or "", rec.token or "", rec.name)
+
+
+def _register(rec: LabRecord) -> None:
+    lay = rec.layout
+    headers = {"Authorization": f"Bearer {rec.token}"}
+    with httpx.Client(
+        base_url=f"{rec.server_url}/api/v1", headers=headers, trust_env=False, timeout=60
+    ) as http:
+        for k in lay.host_numbers:
+            r = http.post("/hosts", json={"address": lay.agent_address(k)})
+            _expect(r, f"Registering host-{k} ({lay.agent_address(k)})")
+            rec.host_names[str(k)] = str(r.json().get("name", f"host-{k}"))
+        pool = {"cidr": lay.vm_cidr, "first": lay.pool_first, "last": lay.pool_last}
+        r = http.put(f"/networks/{quote('VM Network', safe='')}/ip-pool", json=pool)
+        _expect(r, "Setting the IP pool of 'VM Network'")
+    rec.save()
+
+
+def _expect(r: httpx.Response, what: str) -> None:
+    if r.status_code < 300:
+        return
+    try:
+        err = r.json()["error"]
+        detail = f"{err.get('message')} {err.get('hint') or ''}".strip()
+    except (ValueError, KeyError, TypeError):
+        detail = r.text[:300]
+    raise LabError(f"{what} failed with HTTP {r.status_code}: {detail}")
+
+
+# ---------------------------------------------------------------- down
+
+
+def down(name: str = "lab") -> list[str]:
+    """Stop every process of the lab, delete its network and state; returns what could not be removed."""
+    require_root()
+    validate_name(name)
+    rec = load_record(name)
+    owns_root_link = True
+    if rec is None:
+        hosts = _guess_hosts(name)
+        index = _guess_index(name)
+        # With an unknown index, deleting the switch namespace still removes our root leg (veth peer).
+        owns_root_link = index is not None
+        rec = LabRecord(name=name, index=index or 0, hosts=hosts) if hosts else None
+    problems: list[str] = []
+    if rec is not None:
+        lay = rec.layout
+        processes.stop_all(rec)
+        problems += topology.teardown(lay, remove_root_link=owns_root_link)
+        for k in lay.host_numbers:
+            shutil.rmtree(lay.agent_state_dir(k), ignore_errors=True)
+        shutil.rmtree(lay.lab_dir, ignore_errors=True)
+        if lay.lab_dir.exists():
+            problems.append(f"Could not remove {lay.lab_dir}.")
+    context.clear_context(name)
+    return problems
+
+
+def _guess_hosts(name: str) -> int:
+    """Hosts of a lab whose lab.json is gone, from its leftover namespaces (0 if none)."""
+    prefix = f"vms-{name}-host-"
+    ks = [
+        int(p.name[len(prefix) :])
+        for p in topology.NETNS_DIR.glob(f"{prefix}*")
+        if p.name[len(prefix) :].isdigit()
+    ]
+    switch = (topology.NETNS_DIR / f"vms-{name}-switch").exists()
+    return max(ks, default=1 if switch else 0)
+
+
+def _guess_index(name: str) -> int | None:
+    """Index of a recordless lab, from the root leg its switch namespace holds (None if unknown)."""
+    ns = f"vms-{name}-switch"
+    if not topology.ns_exists(ns):
+        return None
+    out = topology.run(["ip", "-n", ns, "-j", "link", "show", "root-mgmt"], check=False)
+    try:
+        peer_ifindex = json.loads(out)[0]["link_index"]
+    except (ValueError, LookupError, TypeError):
+        return None
+    for i in range(64):
+        idx = Path(f"/sys/class/net/vmslab{i}-mgmt/ifindex")
+        if idx.exists() and int(idx.read_text()) == peer_ifindex:
+            return i
+    return None
+
+
+# ---------------------------------------------------------------- env, check, probe
+
+
+def env(name: str = "lab") -> str:
+    rec = get(name)
+    return f"export VMSHIFT_SERVER={rec.server_url}\nexport VMSHIFT_TOKEN={rec.token}\n"
+
+
+def vm_ip(rec: LabRecord, vm: str) -> str:
+    """The VM's IP address, as the lab's server knows it."""
+    headers = {"Authorization": f"Bearer {rec.token}"}
+    try:
+        r = httpx.get(
+            f"{rec.server_url}/api/v1/vms/{quote(vm, safe='')}", headers=headers, trust_env=False, timeout=10
+        )
+    except httpx.HTTPError as e:
+        raise LabError(
+            f"The server of lab {rec.name!r} did not answer: {e}.",
+            hint=f"See {rec.layout.log_file('server')}.",
+        ) from e
+    _expect(r, f"Looking up VM {vm!r}")
+    ip = r.json().get("ip")
+    if not ip:
+        raise LabError(
+            f"VM {vm!r} has no IP address.", hint="Create it on 'VM Network' in a lab (the pool sets one)."
+        )
+    return str(ip)
+
+
+def run_probe(rec: LabRecord, args: list[str], timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
+    """Run `python -m vmshift.lab.probe ARGS` inside the lab's client namespace and parse its JSON."""
+    cmd = ["ip", "netns", "exec", rec.layout.client_ns, sys.executable, "-m", "vmshift.lab.probe", *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as e:
+        raise LabError(f"The probe '{' '.join(args)}' did not finish within {timeout:.0f} s.") from e
+    try:
+        result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError) as e:
+        raise LabError(f"The probe '{' '.join(args)}' failed: {proc.stderr.strip()[-500:]}") from e
+    return result
+
+
+def check(name: str, vm: str) -> dict[str, Any]:
+    """Echo + guest integrity status of vm, seen from the lab's client namespace."""
+    require_root()
+    rec = get(name)
+    return run_probe(rec, ["check", vm_ip(rec, vm)])
+
+
+def probe(name: str, vm: str, seconds: float = 5.0) -> dict[str, Any]:
+    """A 1 ms UDP echo probe of vm for `seconds`: sent, lost, longest gap between replies."""
+    require_root()
+    rec = get(name)
+    return run_probe(
+        rec, ["udp", vm_ip(rec, vm), "--seconds", str(seconds)], timeout=seconds + PROBE_TIMEOUT_S
+    )

@@ -1,0 +1,268 @@
+"""Client-side probes of a lab guest; run inside the lab's client namespace.
+
+    python -m vmshift.lab.probe check IP          -> {"echo": true, "memtest": {...}, "disklog": {...}}
+    python -m vmshift.lab.probe udp IP --seconds S -> {"sent": N, "received": N, "lost": N, "max_gap_ms": X}
+    python -m vmshift.lab.probe hold IP [--seconds S] [--interval-ms MS]
+        -> one long-lived TCP connection echoing until S elapse, stdin closes or SIGTERM/SIGINT;
+           prints {"survived": bool, "echoes": N, "max_gap_ms": X, "error": str|null}
+
+The guest (src/vmshift/lab/guest) echoes bytes on TCP 7000 and datagrams on UDP 7001, and writes one
+JSON status line to every connection on TCP 7002.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from vmshift.errors import LabError
+
+ECHO_PORT = 7000
+UDP_PORT = 7001
+STATUS_PORT = 7002
+_UDP_FMT = "!Qd"  # sequence number, send time (monotonic)
+
+
+def _recv_line(sock: socket.socket, limit: int = 65536) -> bytes:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+        if len(buf) > limit:
+            break
+    return buf
+
+
+def tcp_echo(ip: str, timeout: float = 5.0) -> bool:
+    """Send a random line to the guest's echo port and check it comes back unchanged."""
+    line = f"vmshift-probe {secrets.token_hex(16)}\n".encode()
+    with socket.create_connection((ip, ECHO_PORT), timeout=timeout) as s:
+        s.sendall(line)
+        return _recv_line(s) == line
+
+
+def guest_status(ip: str, timeout: float = 5.0) -> dict[str, Any]:
+    with socket.create_connection((ip, STATUS_PORT), timeout=timeout) as s:
+        data = json.loads(_recv_line(s))
+    if not isinstance(data, dict):
+        raise ValueError("the guest status is not a JSON object")
+    return data
+
+
+def check(ip: str, timeout: float = 5.0) -> dict[str, Any]:
+    result: dict[str, Any] = {"echo": False, "memtest": None, "disklog": None}
+    try:
+        result["echo"] = tcp_echo(ip, timeout)
+        status = guest_status(ip, timeout)
+        result["memtest"] = status.get("memtest")
+        result["disklog"] = status.get("disklog")
+    except (OSError, ValueError) as e:
+        result["error"] = f"{type(e).__name__}: {e}"
+    return result
+
+
+def udp_probe(ip: str, seconds: float, interval_s: float = 0.001, grace_s: float = 0.3) -> dict[str, Any]:
+    """Send a numbered datagram every interval_s; count replies and the longest silence between them.
+
+    The silence before the first reply and after the last one (up to the last send) counts too, so a
+    guest that stops answering for good shows a large gap, not just losses.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.connect((ip, UDP_PORT))
+    sock.setblocking(False)
+    seen: set[int] = set()
+    sent = 0
+    start = time.monotonic()
+    last_reply = start
+    max_gap = 0.0
+    end_send = start + seconds
+    deadline = end_send + grace_s
+    last_send = start
+    next_send = start
+    try:
+        while True:
+            now = time.monotonic()
+            if now < end_send and now >= next_send:
+                try:
+                    sock.send(struct.pack(_UDP_FMT, sent, now))
+                    last_send = now
+                except OSError:
+                    pass  # e.g. no ARP answer yet: counts as lost
+                sent += 1
+                # Keep the 1 ms pace without bursting to catch up after the probe itself stalled.
+                next_send = max(next_send + interval_s, now)
+                continue
+            if now >= deadline:
+                break
+            wait = (min(next_send, end_send) if now < end_send else deadline) - now
+            ready, _, _ = select.select([sock], [], [], max(wait, 0))
+            if not ready:
+                continue
+            while True:
+                try:
+                    data = sock.recv(64)
+                except (BlockingIOError, ConnectionRefusedError):
+                    break
+                if len(data) < struct.calcsize(_UDP_FMT):
+                    continue
+                seq, _ = struct.unpack_from(_UDP_FMT, data)
+                if seq in seen or seq >= sent:
+                    continue
+                seen.add(seq)
+                t = time.monotonic()
+                max_gap = max(max_gap, t - last_reply)
+                last_reply = t
+    finally:
+        sock.close()
+    max_gap = max(max_gap, last_send - last_reply)
+    return {
+        "sent": sent,
+        "received": len(seen),
+        "lost": sent - len(seen),
+        "max_gap_ms": round(max_gap * 1000, 2),
+    }
+
+
+class TcpHold:
+    """One TCP connection to the guest's echo port, echoing every interval; did it survive?"""
+
+    def __init__(self, ip: str, interval_s: float = 0.1, io_timeout_s: float = 30.0) -> None:
+        self.ip = ip
+        self.interval_s = interval_s
+        self.io_timeout_s = io_timeout_s
+        self.echoes = 0
+        self.max_gap_s = 0.0
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run(self, seconds: float | None = None) -> dict[str, Any]:
+        """Echo until seconds elapse or stop() is called (blocking); returns the report."""
+        end = None if seconds is None else time.monotonic() + seconds
+        try:
+            with socket.create_connection((self.ip, ECHO_PORT), timeout=self.io_timeout_s) as s:
+                last_ok = time.monotonic()
+                while not self._stop.is_set() and (end is None or time.monotonic() < end):
+                    line = f"hold {self.echoes} {secrets.token_hex(8)}\n".encode()
+                    s.sendall(line)
+                    if _recv_line(s) != line:
+                        raise ConnectionError("the echo came back different or the connection closed")
+                    now = time.monotonic()
+                    self.max_gap_s = max(self.max_gap_s, now - last_ok)
+                    last_ok = now
+                    self.echoes += 1
+                    self._stop.wait(self.interval_s)
+        except OSError as e:
+            self.error = f"{type(e).__name__}: {e}"
+        return self.report()
+
+    def request_stop(self) -> None:
+        """Ask run() to finish after the current echo (safe from signal handlers and threads)."""
+        self._stop.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name=f"tcp-hold-{self.ip}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.io_timeout_s + 5)
+        return self.report()
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "survived": self.error is None and self.echoes > 0,
+            "echoes": self.echoes,
+            "max_gap_ms": round(self.max_gap_s * 1000, 2),
+            "error": self.error,
+        }
+
+
+@dataclass
+class TcpHoldProcess:
+    """A TcpHold running in a lab's client namespace, in a subprocess a test starts and stops."""
+
+    proc: subprocess.Popen[str]
+
+    @classmethod
+    def start(cls, client_ns: str, ip: str, interval_ms: float = 100) -> TcpHoldProcess:
+        cmd = ["ip", "netns", "exec", client_ns, sys.executable, "-m", "vmshift.lab.probe",
+               "hold", ip, "--interval-ms", str(interval_ms)]  # fmt: skip
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        return cls(proc)
+
+    def stop(self, timeout: float = 40.0) -> dict[str, Any]:
+        """Close its stdin (the signal to stop) and return its report."""
+        try:
+            out, err = self.proc.communicate(input="", timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            self.proc.kill()
+            self.proc.communicate()
+            raise LabError("The TCP hold probe did not stop in time.") from e
+        try:
+            report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError) as e:
+            raise LabError(f"The TCP hold probe failed: {err.strip()[-500:]}") from e
+        return report
+
+
+def _hold_main(ip: str, seconds: float | None, interval_ms: float) -> dict[str, Any]:
+    hold = TcpHold(ip, interval_s=interval_ms / 1000)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: hold.request_stop())
+
+    def wait_stdin_closed() -> None:  # closing stdin is the test's way to stop the probe
+        sys.stdin.read()
+        hold.request_stop()
+
+    threading.Thread(target=wait_stdin_closed, daemon=True).start()
+    return hold.run(seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vmshift.lab.probe")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_check = sub.add_parser("check")
+    p_check.add_argument("ip")
+    p_udp = sub.add_parser("udp")
+    p_udp.add_argument("ip")
+    p_udp.add_argument("--seconds", type=float, default=5.0)
+    p_hold = sub.add_parser("hold")
+    p_hold.add_argument("ip")
+    p_hold.add_argument("--seconds", type=float, default=None)
+    p_hold.add_argument("--interval-ms", type=float, default=100.0)
+    args = parser.parse_args(argv)
+    if args.cmd == "check":
+        result = check(args.ip)
+        ok = bool(result["echo"]) and "error" not in result
+    elif args.cmd == "udp":
+        result = udp_probe(args.ip, args.seconds)
+        ok = result["received"] > 0
+    else:
+        result = _hold_main(args.ip, args.seconds, args.interval_ms)
+        ok = bool(result["survived"])
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Start, watch and stop a lab's server (root namespace) and agents (one per host namespace).
+
+Processes run detached in their own session with logs under the lab dir; their pids are kept in
+lab.json. Helpers to kill and restart them exist for fault-injection tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psutil
+
+from vmshift.errors import LabError
+from vmshift.lab import topology
+from vmshift.lab.layout import LabLayout, LabRecord, load_record
+
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+DATASTORE_MARKER = ".vmshift-datastore.json"
+
+
+def bin_dir() -> Path:
+    """The directory of the running interpreter's console scripts (the virtualenv's bin)."""
+    return Path(sys.executable).parent
+
+
+def _resolve(lab: LabRecord | str) -> LabRecord:
+    if isinstance(lab, LabRecord):
+        return lab
+    rec = load_record(lab)
+    if rec is None:
+        raise LabError(f"There is no lab named {lab!r}.", hint="Start one with 'sudo vmshift lab up'.")
+    return rec
+
+
+def token_files(lay: LabLayout) -> tuple[Path, Path]:
+    """(user token file, agent token file)."""
+    return lay.lab_dir / "user-token", lay.lab_dir / "agent-token"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _write_secret(path: Path, content: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(content)
+
+
+def _make_datastore(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    marker = path / DATASTORE_MARKER
+    if not marker.exists():
+        marker.write_text(json.dumps({"uuid": str(uuid.uuid4()), "name": path.name}) + "\n")
+
+
+def prepare_files(rec: LabRecord) -> None:
+    """Tokens, datastores (with their UUID markers) and one agent config per host."""
+    lay = rec.layout
+    (lay.lab_dir / "logs").mkdir(parents=True, exist_ok=True)
+    user_tok, agent_tok = token_files(lay)
+    for path in (user_tok, agent_tok):
+        if not path.exists():
+            _write_secret(path, secrets.token_urlsafe(32))
+    rec.token = user_tok.read_text().strip()
+    _make_datastore(lay.shared_datastore)
+    for k in lay.host_numbers:
+        _make_datastore(lay.local_datastore(k))
+        config = {
+            "name": f"host-{k}",
+            "listen": lay.agent_address(k),
+            "token_file": str(agent_tok),
+            "state_dir": str(lay.agent_state_dir(k)),
+            "datastores": [str(lay.shared_datastore), str(lay.local_datastore(k))],
+            "networks": {"VM Network": "br0"},
+            "management_address": lay.host_mgmt_address(k),
+            "migration_address": lay.host_mig_address(k),
+            "accelerator": "auto",
+        }
+        lay.agent_config(k).write_text(json.dumps(config, indent=2) + "\n")
+    rec.save()
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "ab") as out:
+        try:
+            return subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True, env=env,
+            )  # fmt: skip
+        except OSError as e:
+            raise LabError(
+                f"Could not start {args[0]}: {e}.", hint="Is vmshift installed in this venv?"
+            ) from e
+
+
+def _log_tail(log: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_http(
+    url: str, token: str, proc: subprocess.Popen[bytes] | None, log: Path, what: str,
+    timeout: float = START_TIMEOUT_S,
+) -> None:  # fmt: skip
+    """Poll url until it answers 200; fail early if the process exits, clearly if the time runs out."""
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    with httpx.Client(trust_env=False, timeout=2.0) as http:
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise LabError(
+                    f"The {what} exited with status {proc.returncode} while starting.",
+                    hint=f"See its log {log}:\n{_log_tail(log)}",
+                )
+            try:
+                r = http.get(url, headers={"Authorization": f"Bearer {token}"})
+                if r.status_code == 200:
+                    return
+                last = f"HTTP {r.status_code}"
+            except httpx.HTTPError as e:
+                last = type(e).__name__
+            if time.monotonic() > deadline:
+                raise LabError(
+                    f"The {what} did not answer {url} within {timeout:.0f} s ({last}).",
+                    hint=f"See its log {log}:\n{_log_tail(log)}",
+                )
+            time.sleep(0.2)
+
+
+# ---------------------------------------------------------------- server
+
+
+def start_server(lab: LabRecord | str, timeout: float = START_TIMEOUT_S) -> None:
+    rec = _resolve(lab)
+    lay = rec.layout
+    user_tok, agent_tok = token_files(lay)
+    if rec.server_url is None:
+        rec.server_url = f"http://127.0.0.1:{free_port()}"
+    listen = rec.server_url.removeprefix("http://")
+    lay.server_dir.mkdir(parents=True, exist_ok=True)
+    log = lay.log_file("server")
+    proc = _spawn(
+        [str(bin_dir() / "vmshift-server"), "--listen", listen, "--state-dir", str(lay.server_dir),
+         "--token-file", str(user_tok), "--agent-token-file", str(agent_tok)],
+        log,
+    )  # fmt: skip
+    rec.pids["server"] = proc.pid
+    rec.save()
+    wait_http(f"{rec.server_url}/api/v1/about", rec.token or "", proc, log, "vmshift server", timeout)
+
+
+def stop_server(lab: LabRecord | str) -> None:
+    rec = _resolve(lab)
+    stop_pid(rec.pids.pop("server", None), marker=str(rec.layout.server_dir))
+    rec.save()
+
+
+def restart_server(lab: LabRecord | str) -> None:
+    rec = _resolve(lab)
+    stop_server(rec)
+    start_server(rec)
+
+
+# ---------------------------------------------------------------- agents
+
+
+def start_agent(lab: LabRecord | str, host: int, timeout: float = START_TIMEOUT_S) -> None:
+    rec = _resolve(lab)
+    lay = rec.layout
+    log = lay.log_file(f"host-{host}")
+    config = lay.agent_config(host)
+    proc = _spawn(
+        ["ip", "netns", "exec", lay.host_ns(host), str(bin_dir() / "vmshift-agent"), "--config", str(config)],
+        log,
+    )
+    rec.pids[f"host-{host}"] = proc.pid
+    rec.save()
+    agent_token = token_files(lay)[1].read_text().strip()
+    url = f"http://{lay.agent_address(host)}/api/v1/health"
+    wait_http(url, agent_token, proc, log, f"agent of host-{host}", timeout)
+
+
+def kill_agent(lab: LabRecord | str, host: int, sig: int = signal.SIGKILL) -> None:
+    """Send sig to host's agent (its QEMU processes live on: they run in their own session)."""
+    rec = _resolve(lab)
+    pid = rec.pids.get(f"host-{host}")
+    if pid is None or not _is_ours(pid, str(rec.layout.agent_config(host))):
+        raise LabError(f"The agent of host-{host} in lab {rec.name!r} is not running.")
+    os.kill(pid, sig)
+    if sig in (signal.SIGKILL, signal.SIGTERM):
+        psutil.wait_procs([psutil.Process(pid)], timeout=STOP_TIMEOUT_S)
+
+
+def stop_agent(lab: LabRecord | str, host: int) -> None:
+    rec = _resolve(lab)
+    stop_pid(rec.pids.pop(f"host-{host}", None), marker=str(rec.layout.agent_config(host)))
+    rec.save()
+
+
+def restart_agent(lab: LabRecord | str, host: int) -> None:
+    rec = _resolve(lab)
+    stop_agent(rec, host)
+    start_agent(rec, host)
+
+
+# ---------------------------------------------------------------- stopping
+
+
+def _is_ours(pid: int, marker: str) -> bool:
+    """True if pid is alive and its command line mentions marker (guards against pid reuse)."""
+    try:
+        return any(marker in part for part in psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return False
+
+
+def stop_pid(pid: int | None, marker: str) -> None:
+    if pid is not None and _is_ours(pid, marker):
+        terminate([pid])
+
+
+def terminate(pids: list[int], timeout: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM, wait, then SIGKILL whatever is left."""
+    procs = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            p.terminate()
+            procs.append(p)
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            continue
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+def qemu_pids(lay: LabLayout) -> list[int]:
+    """QEMU processes of the lab: by pid files in the agents' state dirs and by host namespace."""
+    pids: set[int] = set()
+    for k in lay.host_numbers:
+        state = lay.agent_state_dir(k)
+        if state.is_dir():
+            for f in state.glob("vms/*/*pid*"):
+                try:
+                    pids.add(int(f.read_text().split()[0]))
+                except (OSError, ValueError, IndexError):
+                    continue
+        pids.update(topology.namespace_pids(lay.host_ns(k)))
+    found = []
+    for pid in pids:
+        try:
+            if "qemu" in psutil.Process(pid).name():
+                found.append(pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def stop_all(rec: LabRecord) -> None:
+    """Stop the server (so nothing reacts to the rest), agents, QEMU, then anything left in the namespaces."""
+    lay = rec.layout
+    stop_pid(rec.pids.pop("server", None), marker=str(lay.server_dir))
+    for k in lay.host_numbers:
+        stop_pid(rec.pids.pop(f"host-{k}", None), marker=str(lay.agent_config(k)))
+    terminate(qemu_pids(lay))
+    leftovers = [pid for ns in lay.namespaces for pid in topology.namespace_pids(ns)]
+    terminate([p for p in leftovers if p != os.getpid()])
