@@ -1,0 +1,160 @@
+"""Build the QEMU command line for a VM (pure: no I/O, every path is passed in).
+
+Device and node names are derived from the disk/NIC index only (``disk0``, ``drive-disk0``,
+``nic0``...), so the source and the destination of a live migration get identical device trees
+from the same spec.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vmshift.model.enums import Accelerator, BootKind
+from vmshift.model.vm import VmSpec
+
+QEMU_BINARY = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class KernelBoot:
+    """Direct kernel boot files (absolute paths) and the image's own kernel command line."""
+
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = ""
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    """Where a VM's files are on this host.
+
+    ``vm_dir`` is ``DATASTORE/NAME/`` on the home datastore (serial log lives there);
+    ``run_dir`` is ``state_dir/vms/NAME/`` (QMP socket, pid file); ``disks`` holds one absolute
+    path per ``spec.disks`` entry, in the same order.
+    """
+
+    vm_dir: Path
+    run_dir: Path
+    disks: list[Path] = field(default_factory=list)
+
+    @property
+    def serial_log(self) -> Path:
+        return self.vm_dir / "serial.log"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "qemu.pid"
+
+
+def disk_node_name(index: int) -> str:
+    """The qcow2 format node of disk ``index`` (what block jobs and NBD exports refer to)."""
+    return f"drive-disk{index}"
+
+
+def disk_device_id(index: int) -> str:
+    return f"disk{index}"
+
+
+def nic_device_id(index: int) -> str:
+    return f"nic{index}"
+
+
+def tap_name(vm_uuid: str, index: int) -> str:
+    """Host tap device of NIC ``index``: ``vt-<8 hex of uuid>-<index>`` (Linux allows 15 chars)."""
+    short = vm_uuid.replace("-", "")[:8]
+    name = f"vt-{short}-{index}"
+    if len(name) > 15:
+        raise ValueError(f"tap name {name!r} is longer than 15 characters")
+    return name
+
+
+def _opt_value(value: str) -> str:
+    """Escape a value for QEMU's ``key=value,...`` option syntax (a comma is written twice)."""
+    return value.replace(",", ",,")
+
+
+def _json_arg(obj: dict[str, object]) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=False)
+
+
+def build_qemu_argv(
+    spec: VmSpec,
+    paths: VmPaths,
+    *,
+    accelerator: Accelerator,
+    taps: list[str],
+    kernel_boot: KernelBoot | None = None,
+    incoming: str | None = None,
+    qemu_binary: str = QEMU_BINARY,
+) -> list[str]:
+    """Return the argv that runs ``spec``; ``taps[i]`` is the host tap of ``spec.nics[i]``.
+
+    ``incoming`` (for example ``"defer"``) starts QEMU waiting for a migration stream.
+    """
+    if len(paths.disks) != len(spec.disks):
+        raise ValueError(f"{len(spec.disks)} disks in the spec but {len(paths.disks)} disk paths given")
+    if len(taps) != len(spec.nics):
+        raise ValueError(f"{len(spec.nics)} NICs in the spec but {len(taps)} tap devices given")
+    if spec.boot.kind is BootKind.KERNEL and kernel_boot is None:
+        raise ValueError("the spec boots a kernel but no kernel files were given")
+
+    argv: list[str] = [
+        qemu_binary,
+        "-name", f"guest={_opt_value(spec.name)}",
+        "-uuid", spec.uuid,
+        "-machine", spec.machine_type,
+        "-accel", accelerator.value,
+        "-cpu", spec.cpu_model,
+        "-smp", str(spec.cpus),
+        "-m", f"{spec.memory_mib}M",
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-msg", "timestamp=on",
+        "-chardev", f"file,id=serial0,path={_opt_value(str(paths.serial_log))},append=on",
+        "-serial", "chardev:serial0",
+        "-chardev", f"socket,id=qmp0,path={_opt_value(str(paths.qmp_socket))},server=on,wait=off",
+        "-mon", "chardev=qmp0,mode=control",
+        "-pidfile", str(paths.pidfile),
+    ]
+
+    for index, disk_path in enumerate(paths.disks):
+        file_node = f"file-disk{index}"
+        argv += ["-blockdev", _json_arg({
+            "driver": "file", "node-name": file_node, "filename": str(disk_path),
+        })]
+        argv += ["-blockdev", _json_arg({
+            "driver": "qcow2", "node-name": disk_node_name(index), "file": file_node,
+        })]
+        device: dict[str, object] = {
+            "driver": "virtio-blk-pci", "id": disk_device_id(index), "drive": disk_node_name(index),
+        }
+        if spec.boot.kind is BootKind.DISK and index == 0:
+            device["bootindex"] = 0
+        argv += ["-device", _json_arg(device)]
+
+    for index, (nic, tap) in enumerate(zip(spec.nics, taps, strict=True)):
+        netdev = f"net{index}"
+        argv += ["-netdev", f"tap,id={netdev},ifname={tap},script=no,downscript=no"]
+        argv += ["-device", _json_arg({
+            "driver": "virtio-net-pci", "id": nic_device_id(index), "netdev": netdev, "mac": nic.mac,
+        })]
+
+    if spec.boot.kind is BootKind.KERNEL:
+        assert kernel_boot is not None
+        argv += ["-kernel", str(kernel_boot.kernel)]
+        if kernel_boot.initrd is not None:
+            argv += ["-initrd", str(kernel_boot.initrd)]
+        append = " ".join(part for part in (kernel_boot.cmdline, spec.boot.cmdline) if part)
+        if append:
+            argv += ["-append", append]
+
+    if incoming is not None:
+        argv += ["-incoming", incoming]
+    return argv
