@@ -20,7 +20,7 @@ import httpx
 
 from vmshift.errors import ConflictError, LabError, VmshiftError
 from vmshift.lab import context, processes, topology
-from vmshift.lab.layout import LabRecord, list_records, load_record, validate_name
+from vmshift.lab.layout import LABS_ROOT, LabRecord, list_records, load_record, validate_name
 
 Progress = Callable[[str], None]
 PROBE_TIMEOUT_S = 60.0
@@ -67,11 +67,26 @@ def up(
         _bring_up(rec, progress)
     except BaseException as e:
         progress("failed: tearing down what was built")
+        kept = _keep_logs(rec)
         down(name)
-        if isinstance(e, VmshiftError) or not isinstance(e, Exception):
+        if isinstance(e, VmshiftError):
+            hint = (e.hint or "").replace(str(rec.layout.lab_dir / "logs"), str(kept))
+            raise type(e)(e.message, hint=hint or None) from e
+        if not isinstance(e, Exception):
             raise
-        raise LabError(f"Bringing up lab {name!r} failed: {e}.") from e
+        raise LabError(f"Bringing up lab {name!r} failed: {e}.", hint=f"Logs are kept in {kept}.") from e
     return rec
+
+
+def _keep_logs(rec: LabRecord) -> Path:
+    """Move the logs of a failed `up` out of the lab dir (which `down` deletes)."""
+    kept = LABS_ROOT.parent / "failed-lab-logs" / rec.name
+    shutil.rmtree(kept, ignore_errors=True)
+    logs = rec.layout.lab_dir / "logs"
+    if logs.is_dir():
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(logs, kept)
+    return kept
 
 
 def _bring_up(rec: LabRecord, progress: Progress) -> None:
@@ -83,7 +98,7 @@ def _bring_up(rec: LabRecord, progress: Progress) -> None:
     progress("guest image")
     from vmshift.lab import image  # lazily: building the image pulls in a toolchain
 
-    images_dir = image.build_image()
+    images_dir = image.build_image(progress=lambda msg: progress(f"guest image: {msg}"))
     image.install_image(images_dir, lay.shared_datastore)
     progress("server")
     processes.start_server(rec)

@@ -43,6 +43,14 @@ def _resolve(lab: LabRecord | str) -> LabRecord:
     return rec
 
 
+def host_number(host: int | str) -> int:
+    """1 for 1, "1" or "host-1"."""
+    text = str(host).removeprefix("host-")
+    if not text.isdigit():
+        raise LabError(f"{host!r} is not a lab host.", hint="Name hosts host-1, host-2, ... or 1, 2, ...")
+    return int(text)
+
+
 def token_files(lay: LabLayout) -> tuple[Path, Path]:
     """(user token file, agent token file)."""
     return lay.lab_dir / "user-token", lay.lab_dir / "agent-token"
@@ -134,7 +142,7 @@ def wait_http(
                 r = http.get(url, headers={"Authorization": f"Bearer {token}"})
                 if r.status_code == 200:
                     return
-                last = f"HTTP {r.status_code}"
+                last = f"HTTP {r.status_code}: {r.text[:200]}"
             except httpx.HTTPError as e:
                 last = type(e).__name__
             if time.monotonic() > deadline:
@@ -182,9 +190,10 @@ def restart_server(lab: LabRecord | str) -> None:
 # ---------------------------------------------------------------- agents
 
 
-def start_agent(lab: LabRecord | str, host: int, timeout: float = START_TIMEOUT_S) -> None:
+def start_agent(lab: LabRecord | str, host: int | str, timeout: float = START_TIMEOUT_S) -> None:
     rec = _resolve(lab)
     lay = rec.layout
+    host = host_number(host)
     log = lay.log_file(f"host-{host}")
     config = lay.agent_config(host)
     proc = _spawn(
@@ -198,9 +207,10 @@ def start_agent(lab: LabRecord | str, host: int, timeout: float = START_TIMEOUT_
     wait_http(url, agent_token, proc, log, f"agent of host-{host}", timeout)
 
 
-def kill_agent(lab: LabRecord | str, host: int, sig: int = signal.SIGKILL) -> None:
+def kill_agent(lab: LabRecord | str, host: int | str, sig: int = signal.SIGKILL) -> None:
     """Send sig to host's agent (its QEMU processes live on: they run in their own session)."""
     rec = _resolve(lab)
+    host = host_number(host)
     pid = rec.pids.get(f"host-{host}")
     if pid is None or not _is_ours(pid, str(rec.layout.agent_config(host))):
         raise LabError(f"The agent of host-{host} in lab {rec.name!r} is not running.")
@@ -209,13 +219,14 @@ def kill_agent(lab: LabRecord | str, host: int, sig: int = signal.SIGKILL) -> No
         psutil.wait_procs([psutil.Process(pid)], timeout=STOP_TIMEOUT_S)
 
 
-def stop_agent(lab: LabRecord | str, host: int) -> None:
+def stop_agent(lab: LabRecord | str, host: int | str) -> None:
     rec = _resolve(lab)
+    host = host_number(host)
     stop_pid(rec.pids.pop(f"host-{host}", None), marker=str(rec.layout.agent_config(host)))
     rec.save()
 
 
-def restart_agent(lab: LabRecord | str, host: int) -> None:
+def restart_agent(lab: LabRecord | str, host: int | str) -> None:
     rec = _resolve(lab)
     stop_agent(rec, host)
     start_agent(rec, host)
