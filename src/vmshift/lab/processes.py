@@ -142,7 +142,12 @@ def wait_http(
                 r = http.get(url, headers={"Authorization": f"Bearer {token}"})
                 if r.status_code == 200:
                     return
-                last = f"HTTP {r.status_code}: {r.text[:200]}"
+                last = f"HTTP {r.status_code}: {r.text[:300]}"
+                if 400 <= r.status_code < 500:  # a wrong token or a broken route does not heal by waiting
+                    raise LabError(
+                        f"The {what} answered {url} with {last}.",
+                        hint=f"See its log {log}:\n{_log_tail(log)}",
+                    )
             except httpx.HTTPError as e:
                 last = type(e).__name__
             if time.monotonic() > deadline:
