@@ -33,13 +33,14 @@ DEFAULT_IMAGES_DIR = Path("/var/lib/vmshift/images")
 DEFAULT_CACHE_DIR = Path("/var/cache/vmshift")
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")
+APT_LISTS = Path("/var/lib/apt/lists")
 GUEST_SOURCES = Path(__file__).with_name("guest")
 # Dependencies first; button + evdev give acpid the power button's input events.
 MODULE_LOAD_ORDER = (
     "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
     "failover", "net_failover", "virtio_net", "virtio_blk", "button", "evdev",
 )  # fmt: skip
-BASE_CMDLINE = "console=ttyS0 quiet panic=-1 8250.nr_uarts=1 i8042.noaux"
+BASE_CMDLINE = "console=ttyS0 quiet panic=-1 8250.nr_uarts=1 i8042.noaux cryptomgr.notests"
 FINGERPRINT_FILE = ".build-fingerprint"
 BUILDER_VERSION = "1"
 
@@ -159,8 +160,7 @@ def _kernel_deb(cache: Path, say: Progress) -> Path:
     """The cached .deb of the kernel the cloud meta-package depends on; downloaded when missing."""
     cache.mkdir(parents=True, exist_ok=True)
     try:
-        package = _kernel_package()
-        version = _apt_field(package, "Version")
+        package, version = _resolve_kernel(cache / "resolved.json")
     except ImageError:
         cached = sorted(cache.glob("linux-image-*-cloud-amd64_*.deb"))
         if cached:  # offline, or apt lists gone: reuse the newest download
@@ -178,24 +178,40 @@ def _kernel_deb(cache: Path, say: Progress) -> Path:
     return deb
 
 
-def _kernel_package() -> str:
-    out = _run(["apt-cache", "depends", KERNEL_META_PACKAGE], what=f"resolve {KERNEL_META_PACKAGE}")
-    for line in out.splitlines():
-        key, _, value = line.strip().partition(":")
-        if key == "Depends" and value.strip().startswith("linux-image-"):
-            return value.strip()
-    raise ImageError(
-        f"{KERNEL_META_PACKAGE} depends on no linux-image package in the apt lists.",
-        hint="Run `apt-get update` and check the Debian sources.",
-    )
+def _resolve_kernel(memo: Path) -> tuple[str, str]:
+    """(package, version) the meta-package depends on, remembered until the apt lists change.
 
-
-def _apt_field(package: str, field: str) -> str:
-    out = _run(["apt-cache", "show", "--no-all-versions", package], what=f"look up {package}")
-    for line in out.splitlines():
-        if line.startswith(f"{field}:"):
-            return line.split(":", 1)[1].strip()
-    raise ImageError(f"apt-cache shows no {field} for {package}.")
+    apt-cache takes seconds per call without a package cache, so the answer is kept in ``memo``.
+    """
+    try:
+        lists_stamp = str(APT_LISTS.stat().st_mtime_ns)
+    except OSError:
+        lists_stamp = ""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        saved = json.loads(memo.read_text())
+        if lists_stamp and saved["lists"] == lists_stamp:
+            return str(saved["package"]), str(saved["version"])
+    what = f"look up {KERNEL_META_PACKAGE}"
+    out = _run(["apt-cache", "show", "--no-all-versions", KERNEL_META_PACKAGE], what=what)
+    depends = next((ln.split(":", 1)[1] for ln in out.splitlines() if ln.startswith("Depends:")), "")
+    first = next((d.strip() for d in depends.split(",") if d.strip().startswith("linux-image-")), "")
+    if not first:
+        raise ImageError(
+            f"{KERNEL_META_PACKAGE} depends on no linux-image package in the apt lists.",
+            hint="Run `apt-get update` and check the Debian sources.",
+        )
+    package, _, constraint = first.partition(" ")
+    version = constraint.strip("()").removeprefix("=").strip()
+    if not version:
+        out = _run(["apt-cache", "show", "--no-all-versions", package], what=f"look up {package}")
+        version = next(
+            (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Version:")), ""
+        )
+        if not version:
+            raise ImageError(f"apt-cache shows no version of {package}.")
+    with contextlib.suppress(OSError):
+        memo.write_text(json.dumps({"lists": lists_stamp, "package": package, "version": version}) + "\n")
+    return package, version
 
 
 def _extract(deb: Path, cache: Path, say: Progress) -> Path:
