@@ -1,0 +1,72 @@
+"""VMs: list, create (task), power (task), delete (task)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from sqlalchemy import select
+
+from vmshift.errors import ConflictError
+from vmshift.model.api import PowerRequest, Task, TaskKind, Vm, VmCreate
+from vmshift.model.enums import ConnectionState, PowerState
+from vmshift.server.api.deps import core_of
+from vmshift.server.core import ServerCore
+from vmshift.server.db.schema import VmRow
+from vmshift.server.inventory import get_vm
+from vmshift.server.tasks import TaskEngine
+from vmshift.server.views import task_view, vm_view
+from vmshift.server.vm_create import create_vm_row
+from vmshift.server.vm_tasks import create_body, delete_body, power_body
+
+router = APIRouter()
+
+
+@router.get("/vms")
+async def list_vms(core: ServerCore = Depends(core_of)) -> list[Vm]:
+    with core.sessions() as s:
+        return [vm_view(v) for v in s.scalars(select(VmRow).order_by(VmRow.name))]
+
+
+@router.get("/vms/{name}")
+async def get_vm_route(name: str, core: ServerCore = Depends(core_of)) -> Vm:
+    with core.sessions() as s:
+        return vm_view(get_vm(s, name))
+
+
+@router.post("/vms", status_code=202)
+async def create_vm(body: VmCreate, core: ServerCore = Depends(core_of)) -> Task:
+    with core.sessions.begin() as s:
+        create_vm_row(s, body)
+        task = TaskEngine.create(s, TaskKind.VM_CREATE, body.name, {"start": body.start})
+        view = task_view(task)
+    core.tasks.start(view.id, body.name, create_body(core.sessions, core.agents, body.name, body.start))
+    return view
+
+
+@router.post("/vms/{name}/power", status_code=202)
+async def power_vm(name: str, body: PowerRequest, core: ServerCore = Depends(core_of)) -> Task:
+    with core.sessions.begin() as s:
+        vm = get_vm(s, name)
+        if vm.host.connection_state is not ConnectionState.CONNECTED:
+            raise ConflictError(
+                f"Host {vm.host.name} of VM {name} is disconnected.",
+                hint="Wait until the host is connected again.",
+            )
+        task = TaskEngine.create(s, TaskKind.VM_POWER, name, {"action": body.action.value})
+        view = task_view(task)
+    core.tasks.start(view.id, name, power_body(core.sessions, core.agents, name, body.action))
+    return view
+
+
+@router.delete("/vms/{name}", status_code=202)
+async def delete_vm(name: str, core: ServerCore = Depends(core_of)) -> Task:
+    with core.sessions.begin() as s:
+        vm = get_vm(s, name)
+        if vm.power_state in (PowerState.POWERED_ON, PowerState.PAUSED):
+            raise ConflictError(
+                f"VM {name} is {vm.power_state.value}; it cannot be deleted while running.",
+                hint="Power it off first (action 'stop' or 'shutdown').",
+            )
+        task = TaskEngine.create(s, TaskKind.VM_DELETE, name)
+        view = task_view(task)
+    core.tasks.start(view.id, name, delete_body(core.sessions, core.agents, name))
+    return view

@@ -1,0 +1,62 @@
+"""The server's long-lived parts, built at start-up and closed at shutdown."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from vmshift.model.api import EventKind
+from vmshift.server.agent_client import AgentPool
+from vmshift.server.db.setup import make_engine, seed_defaults, upgrade_schema
+from vmshift.server.events import record_event
+from vmshift.server.heartbeat import Heartbeat
+from vmshift.server.settings import ServerSettings
+from vmshift.server.tasks import TaskEngine
+
+log = logging.getLogger("vmshift.server")
+
+
+@dataclass
+class ServerCore:
+    settings: ServerSettings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    agents: AgentPool
+    tasks: TaskEngine
+    heartbeat: Heartbeat
+
+    @classmethod
+    def open(cls, settings: ServerSettings) -> ServerCore:
+        """Connect, upgrade the schema, seed defaults, fail over tasks of a dead server (no loop needed)."""
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(settings.database_url())
+        upgrade_schema(engine)
+        sessions = sessionmaker(engine, expire_on_commit=False)
+        seed_defaults(sessions)
+        tasks = TaskEngine(sessions)
+        failed = tasks.recover()
+        with sessions.begin() as s:
+            record_event(
+                s,
+                EventKind.SERVER_STARTED,
+                "server",
+                f"Server started ({settings.database_kind().value} database"
+                f"{f', {failed} interrupted task(s) marked failed' if failed else ''}).",
+            )
+        agents = AgentPool(settings.agent_token, settings.agent_timeout_s)
+        heartbeat = Heartbeat(
+            sessions, agents, tasks, settings.heartbeat_interval_s, settings.missed_heartbeats
+        )
+        return cls(settings, engine, sessions, agents, tasks, heartbeat)
+
+    def start(self) -> None:
+        self.heartbeat.start()
+
+    async def close(self) -> None:
+        await self.heartbeat.stop()
+        await self.tasks.shutdown()
+        await self.agents.aclose()
+        self.engine.dispose()

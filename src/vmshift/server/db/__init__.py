@@ -1,0 +1,1 @@
+"""Inventory database: schema, engine, migrations."""

@@ -1,0 +1,199 @@
+"""The inventory schema (SQLAlchemy 2 typed ORM). Alembic's revisions in server/alembic/ create it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Dialect, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import Enum as SaEnum
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from vmshift.model.enums import ConnectionState, EventSeverity, PowerState, TaskState
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend (SQLite drops the zone; this puts it back)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+def _enum(cls: type[Any]) -> SaEnum:
+    return SaEnum(cls, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e])
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class DatacenterRow(Base):
+    __tablename__ = "datacenter"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    clusters: Mapped[list[ClusterRow]] = relationship(back_populates="datacenter")
+
+
+class ClusterRow(Base):
+    __tablename__ = "cluster"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    datacenter_id: Mapped[int] = mapped_column(ForeignKey("datacenter.id"))
+    datacenter: Mapped[DatacenterRow] = relationship(back_populates="clusters")
+    hosts: Mapped[list[HostRow]] = relationship(back_populates="cluster")
+
+
+class HostRow(Base):
+    __tablename__ = "host"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    address: Mapped[str] = mapped_column(String(255), unique=True)
+    cluster_id: Mapped[int] = mapped_column(ForeignKey("cluster.id"))
+    connection_state: Mapped[ConnectionState] = mapped_column(_enum(ConnectionState))
+    maintenance: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_heartbeat: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    facts: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    cluster: Mapped[ClusterRow] = relationship(back_populates="hosts")
+    datastores: Mapped[list[HostDatastoreRow]] = relationship(
+        back_populates="host", cascade="all, delete-orphan"
+    )
+    networks: Mapped[list[HostNetworkRow]] = relationship(back_populates="host", cascade="all, delete-orphan")
+    vms: Mapped[list[VmRow]] = relationship(back_populates="host")
+
+
+class DatastoreRow(Base):
+    __tablename__ = "datastore"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    capacity_mib: Mapped[int] = mapped_column(Integer, default=0)
+    free_mib: Mapped[int] = mapped_column(Integer, default=0)
+    hosts: Mapped[list[HostDatastoreRow]] = relationship(
+        back_populates="datastore", cascade="all, delete-orphan"
+    )
+
+
+class HostDatastoreRow(Base):
+    """A host sees a datastore at a path; a datastore seen by several hosts is shared."""
+
+    __tablename__ = "host_datastore"
+    host_id: Mapped[int] = mapped_column(ForeignKey("host.id", ondelete="CASCADE"), primary_key=True)
+    datastore_id: Mapped[int] = mapped_column(
+        ForeignKey("datastore.id", ondelete="CASCADE"), primary_key=True
+    )
+    path: Mapped[str] = mapped_column(String(1024))
+    images: Mapped[list[str]] = mapped_column(JSON, default=list)
+    host: Mapped[HostRow] = relationship(back_populates="datastores")
+    datastore: Mapped[DatastoreRow] = relationship(back_populates="hosts")
+
+
+class NetworkRow(Base):
+    __tablename__ = "network"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    pool_cidr: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    pool_first: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    pool_last: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    hosts: Mapped[list[HostNetworkRow]] = relationship(back_populates="network", cascade="all, delete-orphan")
+
+
+class HostNetworkRow(Base):
+    __tablename__ = "host_network"
+    host_id: Mapped[int] = mapped_column(ForeignKey("host.id", ondelete="CASCADE"), primary_key=True)
+    network_id: Mapped[int] = mapped_column(ForeignKey("network.id", ondelete="CASCADE"), primary_key=True)
+    bridge: Mapped[str] = mapped_column(String(64))
+    host: Mapped[HostRow] = relationship(back_populates="networks")
+    network: Mapped[NetworkRow] = relationship(back_populates="hosts")
+
+
+class VmRow(Base):
+    __tablename__ = "vm"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    uuid: Mapped[str] = mapped_column(String(64), unique=True)
+    host_id: Mapped[int] = mapped_column(ForeignKey("host.id"))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON, doc="model.vm.VmSpec as JSON")
+    power_state: Mapped[PowerState] = mapped_column(_enum(PowerState))
+    ip: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    image: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    kernel_args: Mapped[str] = mapped_column(Text, default="")
+    stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    host: Mapped[HostRow] = relationship(back_populates="vms")
+    macs: Mapped[list[MacAllocationRow]] = relationship(cascade="all, delete-orphan")
+    ips: Mapped[list[IpAllocationRow]] = relationship(cascade="all, delete-orphan")
+
+
+class MacAllocationRow(Base):
+    __tablename__ = "mac_allocation"
+    mac: Mapped[str] = mapped_column(String(17), primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vm.id", ondelete="CASCADE"))
+
+
+class IpAllocationRow(Base):
+    __tablename__ = "ip_allocation"
+    __table_args__ = (UniqueConstraint("network_id", "address", name="uq_ip_allocation_network_address"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    network_id: Mapped[int] = mapped_column(ForeignKey("network.id"))
+    address: Mapped[str] = mapped_column(String(64))
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vm.id", ondelete="CASCADE"))
+
+
+class TaskRow(Base):
+    __tablename__ = "task"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(128))
+    state: Mapped[TaskState] = mapped_column(_enum(TaskState))
+    phase: Mapped[str] = mapped_column(String(128), default="")
+    percent: Mapped[int] = mapped_column(Integer, default=0)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class EventRow(Base):
+    __tablename__ = "event"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, index=True)
+    severity: Mapped[EventSeverity] = mapped_column(_enum(EventSeverity))
+    kind: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(128), index=True)
+    message: Mapped[str] = mapped_column(Text)
+
+
+__all__ = [
+    "Base",
+    "ClusterRow",
+    "DatacenterRow",
+    "DatastoreRow",
+    "EventRow",
+    "HostDatastoreRow",
+    "HostNetworkRow",
+    "HostRow",
+    "IpAllocationRow",
+    "MacAllocationRow",
+    "NetworkRow",
+    "TaskRow",
+    "VmRow",
+    "utcnow",
+]

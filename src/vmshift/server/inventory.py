@@ -1,0 +1,180 @@
+"""Hosts, datastores and networks in the inventory, kept in step with what agents report."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from vmshift.errors import ConflictError, NotFoundError
+from vmshift.model.api import EventKind
+from vmshift.model.baseline import choose_baseline
+from vmshift.model.enums import ConnectionState
+from vmshift.model.host import HostFacts
+from vmshift.server.db.schema import (
+    ClusterRow,
+    DatacenterRow,
+    DatastoreRow,
+    HostDatastoreRow,
+    HostNetworkRow,
+    HostRow,
+    NetworkRow,
+    VmRow,
+    utcnow,
+)
+from vmshift.server.events import record_event
+
+
+def names_hint(what: str, names: list[str]) -> str:
+    if not names:
+        return f"There are no {what} yet."
+    return f"Known {what}: {', '.join(sorted(names))}."
+
+
+def get_host(s: Session, name: str) -> HostRow:
+    row = s.scalar(select(HostRow).where(HostRow.name == name))
+    if row is None:
+        raise NotFoundError(
+            f"Host {name!r} does not exist.", hint=names_hint("hosts", list(s.scalars(select(HostRow.name))))
+        )
+    return row
+
+
+def get_cluster(s: Session, name: str) -> ClusterRow:
+    row = s.scalar(select(ClusterRow).where(ClusterRow.name == name))
+    if row is None:
+        raise NotFoundError(
+            f"Cluster {name!r} does not exist.",
+            hint=names_hint("clusters", list(s.scalars(select(ClusterRow.name)))),
+        )
+    return row
+
+
+def get_datacenter(s: Session, name: str) -> DatacenterRow:
+    row = s.scalar(select(DatacenterRow).where(DatacenterRow.name == name))
+    if row is None:
+        raise NotFoundError(
+            f"Datacenter {name!r} does not exist.",
+            hint=names_hint("datacenters", list(s.scalars(select(DatacenterRow.name)))),
+        )
+    return row
+
+
+def get_vm(s: Session, name: str) -> VmRow:
+    row = s.scalar(select(VmRow).where(VmRow.name == name))
+    if row is None:
+        raise NotFoundError(
+            f"VM {name!r} does not exist.", hint=names_hint("VMs", list(s.scalars(select(VmRow.name))))
+        )
+    return row
+
+
+def get_network(s: Session, name: str) -> NetworkRow:
+    row = s.scalar(select(NetworkRow).where(NetworkRow.name == name))
+    if row is None:
+        raise NotFoundError(
+            f"Network {name!r} does not exist.",
+            hint=names_hint("networks", list(s.scalars(select(NetworkRow.name)))),
+        )
+    return row
+
+
+def host_facts(host: HostRow) -> HostFacts:
+    return HostFacts.model_validate(host.facts)
+
+
+def add_host(s: Session, address: str, cluster: ClusterRow, facts: HostFacts) -> HostRow:
+    """Insert a host with its datastores and networks; 409 if its name or address is taken."""
+    if s.scalar(select(HostRow).where(HostRow.name == facts.name)) is not None:
+        raise ConflictError(
+            f"A host named {facts.name!r} is already in the inventory.",
+            hint="Remove it first, or give the agent another name.",
+        )
+    if s.scalar(select(HostRow).where(HostRow.address == address)) is not None:
+        raise ConflictError(
+            f"A host with address {address} is already in the inventory.", hint="Each agent is added once."
+        )
+    for ds in facts.datastores:
+        other = s.scalar(
+            select(DatastoreRow).where(DatastoreRow.name == ds.name, DatastoreRow.uuid != ds.uuid)
+        )
+        if other is not None:
+            raise ConflictError(
+                f"Datastore name {ds.name!r} is already used by another datastore ({other.uuid}).",
+                hint="Give the datastore a unique name in its .vmshift-datastore.json marker.",
+            )
+    host = HostRow(
+        name=facts.name,
+        address=address,
+        cluster=cluster,
+        connection_state=ConnectionState.CONNECTED,
+        maintenance=False,
+        last_heartbeat=utcnow(),
+        facts=facts.model_dump(mode="json"),
+    )
+    s.add(host)
+    s.flush()
+    record_event(
+        s, EventKind.HOST_ADDED, host.name, f"Host {host.name} ({address}) added to cluster {cluster.name}."
+    )
+    apply_facts(s, host, facts)
+    return host
+
+
+def apply_facts(s: Session, host: HostRow, facts: HostFacts) -> None:
+    """Refresh a host's facts, datastores (by marker UUID; shared when seen by several hosts) and networks."""
+    host.facts = facts.model_dump(mode="json")
+    seen_ds: set[int] = set()
+    for ds in facts.datastores:
+        row = s.scalar(select(DatastoreRow).where(DatastoreRow.uuid == ds.uuid))
+        if row is None:
+            if s.scalar(select(DatastoreRow).where(DatastoreRow.name == ds.name)) is not None:
+                continue  # name taken by another UUID: add_host refuses this; a refresh skips it
+            row = DatastoreRow(uuid=ds.uuid, name=ds.name)
+            s.add(row)
+            s.flush()
+            record_event(
+                s, EventKind.DATASTORE_ADDED, ds.name, f"Datastore {ds.name} ({ds.uuid}) discovered."
+            )
+        row.capacity_mib, row.free_mib = ds.capacity_mib, ds.free_mib
+        seen_ds.add(row.id)
+        link = s.get(HostDatastoreRow, (host.id, row.id))
+        if link is None:
+            s.add(
+                HostDatastoreRow(host_id=host.id, datastore_id=row.id, path=ds.path, images=list(ds.images))
+            )
+        else:
+            link.path, link.images = ds.path, list(ds.images)
+    for link in list(host.datastores):
+        if link.datastore_id not in seen_ds:
+            s.delete(link)
+    seen_net: set[int] = set()
+    for label, bridge in facts.networks.items():
+        net = s.scalar(select(NetworkRow).where(NetworkRow.name == label))
+        if net is None:
+            net = NetworkRow(name=label)
+            s.add(net)
+            s.flush()
+            record_event(
+                s, EventKind.NETWORK_ADDED, label, f"Network {label} discovered on host {host.name}."
+            )
+        seen_net.add(net.id)
+        nlink = s.get(HostNetworkRow, (host.id, net.id))
+        if nlink is None:
+            s.add(HostNetworkRow(host_id=host.id, network_id=net.id, bridge=bridge))
+        else:
+            nlink.bridge = bridge
+    for nlink in list(host.networks):
+        if nlink.network_id not in seen_net:
+            s.delete(nlink)
+
+
+def cluster_baseline(s: Session, cluster: ClusterRow) -> str | None:
+    """The cluster's CPU baseline over its connected hosts (None when there is none)."""
+    hosts = [h for h in cluster.hosts if h.connection_state is ConnectionState.CONNECTED]
+    if not hosts:
+        return None
+    facts = [host_facts(h) for h in hosts]
+    try:
+        return choose_baseline([f.cpu_models for f in facts], [f.cpu_vendor for f in facts])
+    except Exception:
+        return None

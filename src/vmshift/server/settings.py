@@ -1,0 +1,55 @@
+"""Server settings: a dataclass passed in, never a global."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmshift.errors import InvalidInputError
+from vmshift.model.api import DatabaseKind
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    state_dir: Path
+    token: str
+    agent_token: str
+    db_url: str | None = None
+    listen: str = "127.0.0.1:8100"
+    heartbeat_interval_s: float = 2.0
+    missed_heartbeats: int = 3
+    agent_timeout_s: float = 10.0
+
+    def database_url(self) -> str:
+        """``--db-url``, else ``VMSHIFT_DB_URL``, else SQLite ``STATE_DIR/vmshift.db``."""
+        url = self.db_url or os.environ.get("VMSHIFT_DB_URL")
+        return url or f"sqlite:///{self.state_dir / 'vmshift.db'}"
+
+    def database_kind(self) -> DatabaseKind:
+        return database_kind(self.database_url())
+
+
+def database_kind(url: str) -> DatabaseKind:
+    scheme = url.split(":", 1)[0].split("+", 1)[0]
+    if scheme == "sqlite":
+        return DatabaseKind.SQLITE
+    if scheme in ("postgresql", "postgres"):
+        return DatabaseKind.POSTGRESQL
+    raise InvalidInputError(
+        f"Database URL scheme {scheme!r} is not supported.",
+        hint="Use sqlite:///PATH or postgresql+psycopg://USER:PASS@HOST/DB.",
+    )
+
+
+def read_token(path: Path, what: str) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        raise InvalidInputError(
+            f"The {what} file {path} cannot be read: {e.strerror}.",
+            hint="Create it with a random secret (e.g. openssl rand -hex 32).",
+        ) from e
+    if not token:
+        raise InvalidInputError(f"The {what} file {path} is empty.", hint="Write a random secret into it.")
+    return token

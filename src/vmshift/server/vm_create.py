@@ -1,0 +1,191 @@
+"""VM creation: every check happens before anything is written, so a 4xx changes nothing."""
+
+from __future__ import annotations
+
+import random
+import uuid
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from vmshift.errors import CapacityError, ConflictError, InvalidInputError, NotFoundError
+from vmshift.model.addressing import allocate_ip, generate_mac, ip_kernel_arg
+from vmshift.model.api import EventKind, VmCreate
+from vmshift.model.baseline import NOT_A_BASELINE, choose_baseline, resolve_machine_type
+from vmshift.model.enums import BootKind, ConnectionState, PowerState
+from vmshift.model.host import HostFacts
+from vmshift.model.vm import BootSpec, DiskSpec, NicSpec, VmSpec
+from vmshift.server.db.schema import (
+    DatastoreRow,
+    HostRow,
+    IpAllocationRow,
+    MacAllocationRow,
+    NetworkRow,
+    VmRow,
+)
+from vmshift.server.events import record_event
+from vmshift.server.inventory import get_host, host_facts, names_hint
+
+
+def _check_host_usable(host: HostRow) -> None:
+    if host.connection_state is not ConnectionState.CONNECTED:
+        raise ConflictError(
+            f"Host {host.name} is disconnected.",
+            hint="Wait until its agent answers again, or choose another host.",
+        )
+    if host.maintenance:
+        raise ConflictError(
+            f"Host {host.name} is in maintenance mode.", hint="Exit maintenance mode or choose another host."
+        )
+
+
+def _check_datastore(s: Session, host: HostRow, name: str) -> DatastoreRow:
+    ds = s.scalar(select(DatastoreRow).where(DatastoreRow.name == name))
+    if ds is None:
+        raise NotFoundError(
+            f"Datastore {name!r} does not exist.",
+            hint=names_hint("datastores", list(s.scalars(select(DatastoreRow.name)))),
+        )
+    if all(link.host_id != host.id for link in ds.hosts):
+        seen = [link.datastore.name for link in host.datastores]
+        raise InvalidInputError(
+            f"Host {host.name} does not see datastore {name!r}.",
+            hint=names_hint(f"datastores of {host.name}", seen),
+        )
+    return ds
+
+
+def _check_networks(s: Session, host: HostRow, names: list[str]) -> list[NetworkRow]:
+    if len(set(names)) != len(names):
+        raise InvalidInputError("The networks list names a network twice.", hint="List each network once.")
+    nets = []
+    for name in names:
+        net = s.scalar(select(NetworkRow).where(NetworkRow.name == name))
+        if net is None:
+            raise NotFoundError(
+                f"Network {name!r} does not exist.",
+                hint=names_hint("networks", list(s.scalars(select(NetworkRow.name)))),
+            )
+        if all(link.host_id != host.id for link in net.hosts):
+            raise InvalidInputError(
+                f"Host {host.name} has no bridge for network {name!r}.",
+                hint=names_hint(f"networks of {host.name}", [n.network.name for n in host.networks]),
+            )
+        nets.append(net)
+    return nets
+
+
+def _check_image(host: HostRow, ds: DatastoreRow, image: str) -> None:
+    images = next((link.images for link in host.datastores if link.datastore_id == ds.id), [])
+    if image not in images:
+        raise NotFoundError(
+            f"Image {image!r} is not on datastore {ds.name}.",
+            hint=names_hint(f"images on {ds.name}", list(images)),
+        )
+
+
+def choose_cpu_model(host: HostRow, facts: HostFacts, requested: str | None) -> str:
+    """The requested model if this host runs it, else the cluster baseline over connected hosts."""
+    if requested is not None:
+        info = next((m for m in facts.cpu_models if m.name == requested), None)
+        if info is None and requested not in NOT_A_BASELINE:
+            raise NotFoundError(
+                f"CPU model {requested!r} is not known to host {host.name}.",
+                hint="Leave cpu_model empty to use the cluster baseline.",
+            )
+        if info is not None and not info.runnable:
+            raise CapacityError(
+                f"Host {host.name} cannot run CPU model {requested!r}: it lacks "
+                f"{', '.join(info.unavailable_features[:6])}.",
+                hint="Leave cpu_model empty to use the cluster baseline.",
+            )
+        return requested
+    peers = [
+        h for h in host.cluster.hosts if h.connection_state is ConnectionState.CONNECTED or h.id == host.id
+    ]
+    peer_facts = [host_facts(h) for h in peers]
+    return choose_baseline([f.cpu_models for f in peer_facts], [f.cpu_vendor for f in peer_facts])
+
+
+def create_vm_row(s: Session, req: VmCreate, rng: random.Random | None = None) -> VmRow:
+    """Validate ``req`` and add the VM with its MAC/IP allocations to the caller's transaction."""
+    if s.scalar(select(VmRow).where(VmRow.name == req.name)) is not None:
+        raise ConflictError(f"A VM named {req.name!r} already exists.", hint="Choose another name.")
+    host = get_host(s, req.host)
+    _check_host_usable(host)
+    ds = _check_datastore(s, host, req.datastore)
+    nets = _check_networks(s, host, req.networks)
+    _check_image(host, ds, req.image)
+    facts = host_facts(host)
+    if req.memory_mib > facts.memory_total_mib:
+        raise CapacityError(
+            f"VM memory {req.memory_mib} MiB is more than host {host.name}'s total of "
+            f"{facts.memory_total_mib} MiB.",
+            hint="Ask for less memory or choose a larger host.",
+        )
+    if req.cpus > facts.cpus:
+        raise CapacityError(
+            f"VM needs {req.cpus} vCPUs but host {host.name} has {facts.cpus} CPUs.",
+            hint="Ask for fewer vCPUs.",
+        )
+    cpu_model = choose_cpu_model(host, facts, req.cpu_model)
+    machine = resolve_machine_type(req.machine_type, facts.machine_types, facts.default_machine_type)
+
+    used_macs = set(s.scalars(select(MacAllocationRow.mac)))
+    nics: list[NicSpec] = []
+    ips: list[tuple[NetworkRow, str]] = []
+    for net in nets:
+        mac = generate_mac(used_macs, rng)
+        used_macs.add(mac)
+        nics.append(NicSpec(network=net.name, mac=mac))
+        if net.pool_cidr and net.pool_first and net.pool_last:
+            used_ips = list(
+                s.scalars(select(IpAllocationRow.address).where(IpAllocationRow.network_id == net.id))
+            )
+            ips.append((net, allocate_ip(net.pool_cidr, net.pool_first, net.pool_last, used_ips)))
+    cmdline = req.kernel_args.strip()
+    if ips:
+        net0, addr0 = ips[0]
+        cmdline = f"{cmdline} {ip_kernel_arg(addr0, net0.pool_cidr or '')}".strip()
+    disks = [
+        DiskSpec(datastore=ds.name, file=f"disk{i}.qcow2", size_mib=size)
+        for i, size in enumerate(req.disks_mib)
+    ]
+    spec = VmSpec(
+        name=req.name,
+        uuid=str(uuid.uuid4()),
+        cpus=req.cpus,
+        memory_mib=req.memory_mib,
+        cpu_model=cpu_model,
+        machine_type=machine,
+        datastore=ds.name,
+        disks=disks,
+        nics=nics,
+        boot=BootSpec(kind=BootKind.KERNEL, image=req.image, cmdline=cmdline),
+    )
+    vm = VmRow(
+        name=spec.name,
+        uuid=spec.uuid,
+        host_id=host.id,
+        spec=spec.model_dump(mode="json"),
+        power_state=PowerState.POWERED_OFF,
+        ip=ips[0][1] if ips else None,
+        image=req.image,
+        kernel_args=req.kernel_args,
+        stats={},
+    )
+    s.add(vm)
+    s.flush()
+    for nic in nics:
+        s.add(MacAllocationRow(mac=nic.mac, vm_id=vm.id))
+    for net, addr in ips:
+        s.add(IpAllocationRow(network_id=net.id, address=addr, vm_id=vm.id))
+    s.flush()
+    record_event(
+        s,
+        EventKind.VM_CREATED,
+        vm.name,
+        f"VM {vm.name} registered on host {host.name} (CPU {cpu_model}, machine {machine}"
+        f"{', IP ' + vm.ip if vm.ip else ''}).",
+    )
+    return vm

@@ -1,0 +1,106 @@
+"""Bodies of the VM tasks (vm.create, vm.power, vm.delete): agent calls plus inventory updates."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from vmshift.errors import ApiError, NotFoundError
+from vmshift.model.api import EventKind
+from vmshift.model.enums import EventSeverity, PowerAction
+from vmshift.model.vm import VmRuntime, VmSpec
+from vmshift.server.agent_client import AgentPool
+from vmshift.server.db.schema import VmRow
+from vmshift.server.events import record_event
+from vmshift.server.tasks import TaskBody, TaskContext
+
+
+def _load(sessions: sessionmaker[Session], name: str) -> tuple[VmSpec, str, str]:
+    with sessions() as s:
+        vm = s.scalar(select(VmRow).where(VmRow.name == name))
+        if vm is None:
+            raise NotFoundError(f"VM {name!r} no longer exists.", hint="It was deleted meanwhile.")
+        return VmSpec.model_validate(vm.spec), vm.host.address, vm.host.name
+
+
+def _store_runtime(sessions: sessionmaker[Session], name: str, rt: VmRuntime) -> None:
+    with sessions.begin() as s:
+        vm = s.scalar(select(VmRow).where(VmRow.name == name))
+        if vm is None:
+            return
+        if vm.power_state is not rt.power_state:
+            record_event(
+                s,
+                EventKind.VM_POWER_CHANGED,
+                name,
+                f"VM {name} is now {rt.power_state.value} (was {vm.power_state.value}).",
+            )
+        vm.power_state = rt.power_state
+        vm.stats = {"cpu_seconds": rt.cpu_seconds, "rss_mib": rt.rss_mib}
+
+
+def _forget(sessions: sessionmaker[Session], name: str, why: str, severity: EventSeverity) -> None:
+    """Remove a VM from the inventory; its MAC and IP allocations go with it (cascade)."""
+    with sessions.begin() as s:
+        vm = s.scalar(select(VmRow).where(VmRow.name == name))
+        if vm is not None:
+            s.delete(vm)
+            record_event(s, EventKind.VM_DELETED, name, why, severity)
+
+
+def create_body(sessions: sessionmaker[Session], agents: AgentPool, name: str, start: bool) -> TaskBody:
+    async def body(ctx: TaskContext) -> dict[str, Any]:
+        spec, address, host = _load(sessions, name)
+        ctx.progress("define on host", 10)
+        try:
+            rt = await agents.get(address).define_vm(spec)
+        except asyncio.CancelledError:
+            if not ctx.server_stopping:
+                _forget(
+                    sessions, name, f"VM {name} removed: its creation was cancelled.", EventSeverity.WARNING
+                )
+            raise
+        except Exception as e:
+            _forget(
+                sessions, name, f"VM {name} removed: the host could not define it ({e}).", EventSeverity.ERROR
+            )
+            raise
+        _store_runtime(sessions, name, rt)
+        if start:
+            ctx.progress("power on", 60)
+            rt = await agents.get(address).power(name, PowerAction.START)
+            _store_runtime(sessions, name, rt)
+        return {"vm": name, "host": host, "power_state": rt.power_state.value}
+
+    return body
+
+
+def power_body(
+    sessions: sessionmaker[Session], agents: AgentPool, name: str, action: PowerAction
+) -> TaskBody:
+    async def body(ctx: TaskContext) -> dict[str, Any]:
+        _spec, address, _host = _load(sessions, name)
+        ctx.progress(f"power {action.value}", 20)
+        rt = await agents.get(address).power(name, action)
+        _store_runtime(sessions, name, rt)
+        return {"vm": name, "power_state": rt.power_state.value}
+
+    return body
+
+
+def delete_body(sessions: sessionmaker[Session], agents: AgentPool, name: str) -> TaskBody:
+    async def body(ctx: TaskContext) -> dict[str, Any]:
+        _spec, address, host = _load(sessions, name)
+        ctx.progress("delete on host", 20)
+        try:
+            await agents.get(address).delete_vm(name)
+        except ApiError as e:
+            if e.status != 404:  # already gone from the host is fine
+                raise
+        _forget(sessions, name, f"VM {name} deleted from host {host}.", EventSeverity.INFO)
+        return {"vm": name}
+
+    return body

@@ -1,0 +1,140 @@
+"""Fixtures: a real vmshift server (uvicorn on loopback) with a real database, and fake agents.
+
+The database is $VMSHIFT_TEST_DB_URL when set (CI: PostgreSQL; each test starts from an empty
+schema), else a fresh SQLite file per test.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.engine import make_url
+from vmshift_fake_agent import FakeAgent, UvicornThread, make_facts
+
+from vmshift.model.host import HostFacts
+from vmshift.server.api.app import create_app
+from vmshift.server.db.schema import IpAllocationRow, MacAllocationRow, TaskRow, VmRow
+from vmshift.server.settings import ServerSettings
+
+TOKEN = "test-server-token"
+AGENT_TOKEN = "test-agent-token"
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    url = os.environ.get("VMSHIFT_TEST_DB_URL")
+    if not url:
+        return f"sqlite:///{tmp_path / 'vmshift.db'}"
+    if make_url(url).get_backend_name() == "postgresql":
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+            conn.execute(text("CREATE SCHEMA public"))
+        engine.dispose()
+    return url
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)
+
+
+class ServerHarness:
+    def __init__(self, state_dir: Path, db_url: str, heartbeat_interval_s: float = 0.2) -> None:
+        self.settings = ServerSettings(
+            state_dir=state_dir,
+            token=TOKEN,
+            agent_token=AGENT_TOKEN,
+            db_url=db_url,
+            heartbeat_interval_s=heartbeat_interval_s,
+            missed_heartbeats=3,
+            agent_timeout_s=5.0,
+        )
+        self.port = 0
+        self._thread: UvicornThread | None = None
+        self.client = httpx.Client()
+        self._db = create_engine(db_url)
+
+    def start(self) -> ServerHarness:
+        self._thread = UvicornThread(create_app(self.settings), self.port).start()
+        self.port = self._thread.port
+        self.client = httpx.Client(
+            base_url=f"http://127.0.0.1:{self.port}/api/v1",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=30,
+        )
+        return self
+
+    def stop(self) -> None:
+        self.client.close()
+        if self._thread is not None:
+            self._thread.stop()
+            self._thread = None
+
+    def close(self) -> None:
+        self.stop()
+        self._db.dispose()
+
+    def wait_task(self, task_id: int, timeout_s: float = 20) -> dict[str, Any]:
+        def finished() -> dict[str, Any] | None:
+            t: dict[str, Any] = self.client.get(f"/tasks/{task_id}").json()
+            return t if t["state"] in ("success", "error", "cancelled") else None
+
+        result: dict[str, Any] = wait_for(finished, timeout_s, f"task {task_id} to finish")
+        return result
+
+    def counts(self) -> dict[str, int]:
+        """Row counts straight from the database (not through the API)."""
+        with self._db.connect() as conn:
+            return {
+                t.__tablename__: conn.scalar(select(func.count()).select_from(t)) or 0
+                for t in (VmRow, MacAllocationRow, IpAllocationRow, TaskRow)
+            }
+
+    def add_host(self, agent: UvicornThread) -> dict[str, Any]:
+        r = self.client.post("/hosts", json={"address": agent.address})
+        assert r.status_code == 201, r.text
+        body: dict[str, Any] = r.json()
+        return body
+
+
+@pytest.fixture
+def server(tmp_path: Path, db_url: str) -> Iterator[ServerHarness]:
+    harness = ServerHarness(tmp_path / "state", db_url).start()
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+AgentFactory = Callable[..., tuple[FakeAgent, UvicornThread]]
+
+
+@pytest.fixture
+def agents() -> Iterator[AgentFactory]:
+    running: list[UvicornThread] = []
+
+    def start(
+        name: str = "host-1", facts: HostFacts | None = None, **kw: Any
+    ) -> tuple[FakeAgent, UvicornThread]:
+        agent = FakeAgent(facts=facts or make_facts(name, **kw), token=AGENT_TOKEN)
+        thread = UvicornThread(agent.app()).start()
+        running.append(thread)
+        return agent, thread
+
+    yield start
+    for t in running:
+        t.stop(force=True)

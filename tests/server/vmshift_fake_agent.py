@@ -1,0 +1,195 @@
+"""A small fake host agent (real HTTP on loopback) for server-only tests, plus a uvicorn-in-a-thread runner.
+
+It speaks the agent API of docs/design/contracts.md with canned facts and an in-memory VM table, and
+records every mutating request so tests can assert that a refused request never reached the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from vmshift.model.enums import Accelerator, PowerState
+from vmshift.model.host import CpuModelInfo, DatastoreInfo, HostFacts
+from vmshift.model.vm import VmRuntime, VmSpec
+
+SHARED_DS_UUID = "11111111-0000-4000-8000-000000000001"
+
+CPU_MODELS = [
+    CpuModelInfo(name="qemu64"),
+    CpuModelInfo(name="Opteron_G1-v1"),
+    CpuModelInfo(name="Opteron_G2-v1"),
+    CpuModelInfo(name="EPYC-v4", unavailable_features=["avx2", "sha-ni"]),
+    CpuModelInfo(name="max"),
+    CpuModelInfo(name="Haswell-v1", unavailable_features=["avx2"]),
+]
+
+
+def make_facts(
+    name: str, *, memory_mib: int = 2048, shared: bool = True, cpu_models: list[CpuModelInfo] | None = None
+) -> HostFacts:
+    stores = [
+        DatastoreInfo(
+            uuid=f"22222222-0000-4000-8000-{zlib.crc32(name.encode()):012d}",
+            name=f"local-{name}",
+            path=f"/srv/{name}/local",
+            capacity_mib=10_000,
+            free_mib=9_000,
+            images=["lab-guest"],
+        )
+    ]
+    if shared:
+        stores.insert(
+            0,
+            DatastoreInfo(
+                uuid=SHARED_DS_UUID,
+                name="shared-1",
+                path="/srv/shared-1",
+                capacity_mib=50_000,
+                free_mib=40_000,
+                images=["lab-guest"],
+            ),
+        )
+    return HostFacts(
+        name=name,
+        cpu_vendor="AuthenticAMD",
+        cpu_model="fake",
+        cpus=2,
+        qemu_version="10.0.2",
+        machine_types=["pc-i440fx-9.2", "pc-i440fx-10.0", "pc-q35-9.2", "pc-q35-10.0", "microvm"],
+        default_machine_type="pc-q35-10.0",
+        cpu_models=cpu_models or list(CPU_MODELS),
+        accelerator=Accelerator.TCG,
+        memory_total_mib=memory_mib,
+        memory_free_mib=memory_mib // 2,
+        datastores=stores,
+        networks={"VM Network": "br0"},
+        management_address="127.0.0.1",
+        migration_address="127.0.0.1",
+    )
+
+
+@dataclass
+class FakeAgent:
+    facts: HostFacts
+    token: str
+    vms: dict[str, VmRuntime] = field(default_factory=dict)
+    specs: dict[str, VmSpec] = field(default_factory=dict)
+    mutations: list[tuple[str, str]] = field(default_factory=list)
+    define_delay_s: float = 0.0
+    fail_define: bool = False
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.middleware("http")
+        async def auth(request: Request, call_next: Any) -> Any:
+            if request.headers.get("authorization") != f"Bearer {self.token}":
+                return JSONResponse(
+                    {"error": {"code": "unauthorized", "message": "bad token", "hint": None}}, 401
+                )
+            if request.method != "GET":
+                self.mutations.append((request.method, request.url.path))
+            return await call_next(request)
+
+        @app.get("/api/v1/health")
+        async def health() -> dict[str, Any]:
+            return {"name": self.facts.name, "time": time.time()}
+
+        @app.get("/api/v1/facts")
+        async def facts() -> dict[str, Any]:
+            return self.facts.model_dump(mode="json")
+
+        @app.get("/api/v1/vms")
+        async def vms() -> list[dict[str, Any]]:
+            return [rt.model_dump(mode="json") for rt in self.vms.values()]
+
+        @app.put("/api/v1/vms/{name}")
+        async def define(name: str, spec: VmSpec) -> Any:
+            if self.define_delay_s:
+                await asyncio.sleep(self.define_delay_s)  # models a slow host, not used for synchronisation
+            if self.fail_define:
+                return JSONResponse(
+                    {"error": {"code": "qemu_error", "message": "qemu-img failed.", "hint": None}}, 500
+                )
+            self.specs[name] = spec
+            rt = self.vms.get(name) or VmRuntime(
+                name=name, uuid=spec.uuid, power_state=PowerState.POWERED_OFF
+            )
+            self.vms[name] = rt
+            return rt.model_dump(mode="json")
+
+        @app.post("/api/v1/vms/{name}/power")
+        async def power(name: str, body: dict[str, Any]) -> Any:
+            rt = self.vms.get(name)
+            if rt is None:
+                return JSONResponse({"error": {"code": "not_found", "message": "no VM", "hint": None}}, 404)
+            on = body["action"] in ("start", "reset")
+            rt.power_state = PowerState.POWERED_ON if on else PowerState.POWERED_OFF
+            rt.died, rt.pid = False, 4242 if on else None
+            return rt.model_dump(mode="json")
+
+        @app.delete("/api/v1/vms/{name}")
+        async def delete(name: str) -> Any:
+            rt = self.vms.get(name)
+            if rt is None:
+                return JSONResponse({"error": {"code": "not_found", "message": "no VM", "hint": None}}, 404)
+            if rt.power_state is PowerState.POWERED_ON:
+                return JSONResponse({"error": {"code": "conflict", "message": "running", "hint": None}}, 409)
+            del self.vms[name]
+            self.specs.pop(name, None)
+            return JSONResponse({}, 200)
+
+        return app
+
+
+class UvicornThread:
+    """Serve an ASGI app on 127.0.0.1 in a thread; ``port`` 0 picks a free one (kept across restarts)."""
+
+    def __init__(self, app: Any, port: int = 0) -> None:
+        self.app = app
+        self.port = port
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._sock = socket.socket()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> UvicornThread:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="auto")
+        self._server = server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the server thread exited during start-up")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the server did not start in time")
+            time.sleep(0.02)
+        self._sock = sock
+        return self
+
+    def stop(self, force: bool = False) -> None:
+        """Graceful stop; ``force`` does not wait for requests in flight (a hung fake agent)."""
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._server.force_exit = force
+            self._thread.join(timeout=30)
+            self._server = self._thread = None
+            self._sock.close()
