@@ -1,0 +1,247 @@
+"""A live migration as the API returns it: status, phase, checks, prediction, policy actions, metrics.
+
+Pure pydantic types. The pure logic that fills them lives in ``vmshift.migration`` (checks,
+estimator, convergence policy); this module only says what a record looks like on the wire.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import BaseModel, Field, computed_field
+
+from vmshift.model.api import ErrorInfo
+
+
+class MigrationStatus(StrEnum):
+    """Where the migration stands as a whole (the phase says which step runs)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED)
+
+
+class MigrationPhase(StrEnum):
+    """Steps of a live migration (ARCHITECTURE.md "A live migration, phase by phase").
+
+    Allowed transitions are in ``vmshift.migration.phases``.
+    """
+
+    QUEUED = "queued"
+    CHECK = "check"
+    ESTIMATE = "estimate"
+    PREPARE = "prepare"
+    PRECOPY = "precopy"
+    POSTCOPY = "postcopy"
+    SWITCHOVER = "switchover"
+    FINISH = "finish"
+    ROLLBACK = "rollback"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class ActionKind(StrEnum):
+    """A decision of the convergence policy that the control loop applies through QMP."""
+
+    SET_DOWNTIME_LIMIT = "set_downtime_limit"  # value: seconds -> migrate-set-parameters downtime-limit
+    SET_THROTTLE = "set_throttle"  # value: percent of vCPU time taken away (1-99)
+    START_POSTCOPY = "start_postcopy"  # migrate-start-postcopy
+    ABORT = "abort"  # migrate_cancel, then roll back
+
+
+class CheckSeverity(StrEnum):
+    OK = "ok"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class CheckId(StrEnum):
+    """One pre-migration check each (issue 3, item 2)."""
+
+    POWER_STATE = "power_state"
+    DIFFERENT_HOST = "different_host"
+    SOURCE_CONNECTED = "source_connected"
+    TARGET_CONNECTED = "target_connected"
+    TARGET_MAINTENANCE = "target_maintenance"
+    DATACENTER = "datacenter"
+    CPU_MODEL = "cpu_model"
+    ACCELERATOR = "accelerator"
+    MACHINE_TYPE = "machine_type"
+    MEMORY = "memory"
+    DATASTORES = "datastores"
+    NETWORKS = "networks"
+    MIGRATION_ADDRESS = "migration_address"
+    REACHABILITY = "reachability"
+    HOST_BOUND_DEVICES = "host_bound_devices"
+    CONCURRENCY = "concurrency"
+
+
+class CheckResult(BaseModel):
+    check: CheckId
+    severity: CheckSeverity
+    message: str = Field(description="one sentence saying what was found")
+    hint: str | None = Field(default=None, description="what to do about it")
+
+
+class CheckReport(BaseModel):
+    results: list[CheckResult] = Field(default_factory=list)
+
+    @property
+    def errors(self) -> list[CheckResult]:
+        return [r for r in self.results if r.severity is CheckSeverity.ERROR]
+
+    @property
+    def warnings(self) -> list[CheckResult]:
+        return [r for r in self.results if r.severity is CheckSeverity.WARNING]
+
+    @property
+    def ok(self) -> bool:
+        """No error (warnings allowed)."""
+        return not self.errors
+
+    @property
+    def must_queue(self) -> bool:
+        """A host is at its concurrent-migration limit: the migration waits in the queue."""
+        return any(
+            r.check is CheckId.CONCURRENCY and r.severity is CheckSeverity.WARNING for r in self.results
+        )
+
+    def result(self, check: CheckId) -> CheckResult | None:
+        return next((r for r in self.results if r.check is check), None)
+
+
+class SampleRecord(BaseModel):
+    """The parts of one ``query-migrate`` answer that explain a policy action."""
+
+    time_s: float
+    qemu_status: str
+    round: int
+    transferred_bytes: int
+    remaining_bytes: int
+    total_bytes: int
+    dirty_rate_bps: float
+    throughput_bps: float
+    throttle_percent: int
+    expected_downtime_ms: int | None = None
+
+
+class MigrationAction(BaseModel):
+    """One recorded policy decision with the sample that caused it."""
+
+    kind: ActionKind
+    value: float | None = Field(default=None, description="seconds for downtime, percent for throttle")
+    reason: str
+    time_s: float = Field(description="seconds since the migration started")
+    sample: SampleRecord
+
+
+class MigrationPrediction(BaseModel):
+    """What the estimator predicted before the migration started."""
+
+    memory_bytes: int
+    dirty_rate_bps: float
+    bandwidth_bps: float
+    downtime_limit_ms: int
+    total_ms: int
+    downtime_ms: int
+    rounds: int
+    converges_unaided: bool
+    throttle_percent: int = Field(description="throttle the policy is expected to apply (0 = none)")
+    bytes_sent: int
+
+
+class MigrationMetrics(BaseModel):
+    """What happened (QEMU's numbers plus what the control loop observed)."""
+
+    total_ms: int | None = None
+    setup_ms: int | None = None
+    downtime_ms: int | None = None
+    bytes_sent: int = 0
+    zero_pages: int = 0
+    normal_pages: int = 0
+    rounds: int = 0
+    mean_throughput_bps: float = 0.0
+    peak_throughput_bps: float = 0.0
+    mean_dirty_rate_bps: float = 0.0
+    peak_dirty_rate_bps: float = 0.0
+    max_throttle_percent: int = 0
+    postcopy: bool = False
+
+
+class MigrationSettings(BaseModel):
+    """Per-migration knobs (defaults from the VM and the hosts)."""
+
+    max_downtime_ms: int = Field(default=500, gt=0)
+    allow_postcopy: bool = False
+    bandwidth_limit_bps: float | None = Field(default=None, gt=0, description="None = unlimited")
+    timeout_s_per_gib: float = Field(default=60.0, gt=0)
+    timeout_min_s: float = Field(default=30.0, gt=0)
+
+
+class MigrationCreate(BaseModel):
+    """Body of a migrate request."""
+
+    host: str = Field(description="target host name")
+    check_only: bool = False
+    dry_run: bool = False
+    max_downtime_ms: int | None = Field(default=None, gt=0)
+    allow_postcopy: bool | None = None
+    bandwidth_limit_bps: float | None = Field(default=None, gt=0)
+
+
+class Migration(BaseModel):
+    id: int
+    vm: str
+    source_host: str
+    target_host: str
+    status: MigrationStatus
+    phase: MigrationPhase
+    task_id: int | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    settings: MigrationSettings = Field(default_factory=MigrationSettings)
+    checks: CheckReport | None = None
+    prediction: MigrationPrediction | None = None
+    metrics: MigrationMetrics = Field(default_factory=MigrationMetrics)
+    actions: list[MigrationAction] = Field(default_factory=list)
+    error: ErrorInfo | None = None
+
+    # Flat fields for `vmshift vm migrate --json` (issue 3, item 7).
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def total_ms(self) -> int | None:
+        return self.metrics.total_ms
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def downtime_ms(self) -> int | None:
+        return self.metrics.downtime_ms
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def bytes_sent(self) -> int:
+        return self.metrics.bytes_sent
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def rounds(self) -> int:
+        return self.metrics.rounds
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def predicted_total_ms(self) -> int | None:
+        return self.prediction.total_ms if self.prediction else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def predicted_downtime_ms(self) -> int | None:
+        return self.prediction.downtime_ms if self.prediction else None
