@@ -164,3 +164,27 @@ def test_down_cleans_up_after_a_partial_build() -> None:
         assert lab.down(name) == []
     finally:
         lab.down(name)
+
+
+def test_context_points_at_the_last_lab_and_is_cleared_only_by_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmshift.lab import context
+
+    monkeypatch.setenv("VMSHIFT_CONFIG_DIR", str(tmp_path))
+    assert context.load_context() is None
+    path = context.save_context("http://127.0.0.1:1234", "tok", "a")
+    assert path.stat().st_mode & 0o077 == 0, "the context holds a token: owner-only"
+    assert context.load_context() == {"server": "http://127.0.0.1:1234", "token": "tok", "lab": "a"}
+    assert not context.clear_context("b")
+    assert context.load_context() is not None
+    assert context.clear_context("a")
+    assert context.load_context() is None
+
+
+def test_host_names_and_numbers_both_work() -> None:
+    from vmshift.lab.processes import host_number
+
+    assert host_number(2) == host_number("2") == host_number("host-2") == 2
+    with pytest.raises(LabError):
+        host_number("vm-1")
