@@ -73,8 +73,8 @@ class VmshiftClient:
         return resp.json()
 
     @staticmethod
-    def _q(name: str) -> str:
-        return quote(name, safe="")
+    def _q(name: str | int) -> str:
+        return quote(str(name), safe="")
 
     # -- inventory --------------------------------------------------------------------------
     def about(self) -> Json:
@@ -125,10 +125,10 @@ class VmshiftClient:
     def list_tasks(self, limit: int = 50) -> list[Json]:
         return list(self.request("GET", "/tasks", params={"limit": limit}))
 
-    def get_task(self, task_id: str) -> Json:
+    def get_task(self, task_id: str | int) -> Json:
         return dict(self.request("GET", f"/tasks/{self._q(task_id)}"))
 
-    def cancel_task(self, task_id: str) -> Json:
+    def cancel_task(self, task_id: str | int) -> Json:
         return dict(self.request("POST", f"/tasks/{self._q(task_id)}/cancel"))
 
     def list_events(self, limit: int = 50, target: str | None = None) -> list[Json]:
@@ -139,7 +139,7 @@ class VmshiftClient:
 
     def wait_task(
         self,
-        task_id: str,
+        task_id: str | int,
         *,
         timeout: float = 600.0,
         interval: float = 0.25,
