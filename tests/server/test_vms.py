@@ -43,7 +43,8 @@ def create(server: ServerHarness, **kw: Any) -> dict[str, Any]:
     assert r.status_code == 202, r.text
     task: dict[str, Any] = r.json()
     assert task["kind"] == "vm.create" and task["state"] in ("queued", "running", "success")
-    return server.wait_task(task["id"])
+    done: dict[str, Any] = server.wait_task(task["id"])
+    return done
 
 
 def test_create_builds_the_spec_and_allocates_addresses(server: ServerHarness, cluster: Any) -> None:
