@@ -168,7 +168,7 @@ async def kvm_boots(kernel: KernelBoot, *, qemu_binary: str = QEMU_BINARY, timeo
     Merely opening /dev/kvm proves little: under broken nested virtualization firmware runs and
     then the guest kernel hangs, so only a kernel that gets to run init counts.
     """
-    argv = [qemu_binary, "-machine", "q35", "-accel", "kvm", "-cpu", "host", "-m", "128M", "-smp", "1",
+    argv = [qemu_binary, "-machine", "q35", "-accel", "kvm", "-cpu", "qemu64", "-m", "128M", "-smp", "1",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
             "-kernel", str(kernel.kernel), "-append", "console=ttyS0 panic=-1 quiet loglevel=7"]
     if kernel.initrd is not None:
@@ -197,10 +197,21 @@ async def kvm_boots(kernel: KernelBoot, *, qemu_binary: str = QEMU_BINARY, timeo
         await proc.wait()
 
 
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 async def choose_accelerator(
-    wanted: str, probe_kernel: KernelBoot | None, *, qemu_binary: str = QEMU_BINARY, timeout_s: float = 6.0
+    wanted: str, probe_kernel: KernelBoot | None, *, qemu_binary: str = QEMU_BINARY, timeout_s: float = 6.0,
+    cache_dir: Path | None = None,
 ) -> Accelerator:
-    """``wanted`` is "kvm", "tcg" or "auto"; "auto" means KVM only if a probe guest really boots."""
+    """``wanted`` is "kvm", "tcg" or "auto"; "auto" means KVM only if a probe guest really boots.
+
+    The verdict of a probe boot is cached in ``cache_dir`` for this host boot and QEMU binary.
+    """
     if wanted in (Accelerator.KVM.value, Accelerator.TCG.value):
         return Accelerator(wanted)
     if not kvm_device_usable():
@@ -209,8 +220,20 @@ async def choose_accelerator(
     if probe_kernel is None:
         log.warning("accelerator: no kernel image on any datastore to prove KVM works, using TCG")
         return Accelerator.TCG
+    binary = _find_binary(qemu_binary)
+    stamp = {"boot_id": _boot_id(), "binary": str(binary.resolve()), "mtime": binary.stat().st_mtime}
+    cache = cache_dir / "accelerator.json" if cache_dir else None
+    if cache is not None and cache.exists():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            data = json.loads(cache.read_text())
+            if data.get("stamp") == stamp:
+                return Accelerator(data["accelerator"])
     started = time.monotonic()
     ok = await kvm_boots(probe_kernel, qemu_binary=qemu_binary, timeout_s=timeout_s)
     log.info("accelerator: KVM probe guest %s after %.1f s", "booted" if ok else "did not boot",
              time.monotonic() - started)
-    return Accelerator.KVM if ok else Accelerator.TCG
+    accel = Accelerator.KVM if ok else Accelerator.TCG
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"stamp": stamp, "accelerator": accel.value}))
+    return accel

@@ -1,0 +1,169 @@
+"""The agent's HTTP API (FastAPI). See docs/design/contracts.md, section "Agent"."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vmshift.agent.config import AgentConfig
+from vmshift.agent.datastores import Datastores
+from vmshift.agent.facts import HostProbe, host_facts, probe_host
+from vmshift.agent.supervisor import Supervisor
+from vmshift.agent.vmfiles import VmFiles
+from vmshift.errors import AuthError, InvalidInputError, VmshiftError
+from vmshift.model.enums import PowerAction
+from vmshift.model.host import HostFacts
+from vmshift.model.vm import VmRuntime, VmSpec
+
+log = logging.getLogger(__name__)
+REFRESH_INTERVAL_S = 1.0
+
+
+class AgentPowerRequest(BaseModel):
+    action: PowerAction
+    timeout_s: float = Field(default=30.0, gt=0, le=3600)
+
+
+class AgentState:
+    """Everything the request handlers use; built in the app's lifespan."""
+
+    def __init__(self, config: AgentConfig, probe: HostProbe, datastores: Datastores,
+                 supervisor: Supervisor) -> None:
+        self.config = config
+        self.probe = probe
+        self.datastores = datastores
+        self.supervisor = supervisor
+
+
+def _state(request: Request) -> AgentState:
+    agent: AgentState = request.app.state.agent
+    return agent
+
+
+State = Annotated[AgentState, Depends(_state)]
+
+
+def _error(status: int, code: str, message: str, hint: str | None = None) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "hint": hint}}
+    return JSONResponse(status_code=status, content=body)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
+    errors = exc.errors()
+    if not errors:
+        return 422, "The request is not valid."
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return 400, "The request body is not valid JSON."
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return 422, f"Field {where or '(body)'!r} is not valid: {first.get('msg', 'invalid value')}."
+
+
+async def _refresh_loop(supervisor: Supervisor) -> None:
+    while True:
+        await asyncio.sleep(REFRESH_INTERVAL_S)
+        try:
+            await supervisor.refresh()
+        except Exception:
+            log.exception("refreshing VM states failed")
+
+
+def create_app(config: AgentConfig) -> FastAPI:
+    token = config.read_token()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        datastores = Datastores(config.datastores)
+        probe = await probe_host(config, datastores)
+        supervisor = Supervisor(config, VmFiles(datastores, config.state_dir, config.qemu_img),
+                                probe.accelerator)
+        await supervisor.attach_all()
+        app.state.agent = AgentState(config, probe, datastores, supervisor)
+        refresher = asyncio.create_task(_refresh_loop(supervisor), name="agent-refresh")
+        log.info("agent %s ready on %s", config.name, config.listen)
+        try:
+            yield
+        finally:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+            await supervisor.close()
+            log.info("agent %s stopped; its VMs keep running", config.name)
+
+    def require_token(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise AuthError("This request has no bearer token.",
+                            hint="Send 'Authorization: Bearer <agent token>'.")
+        if not secrets.compare_digest(given.strip().encode(), token.encode()):
+            raise AuthError("The bearer token is wrong.", hint="Use the agent token the server was given.")
+
+    app = FastAPI(title="vmshift agent", version="1", lifespan=lifespan,
+                  dependencies=[Depends(require_token)])
+
+    @app.exception_handler(VmshiftError)
+    async def _vmshift_error(request: Request, exc: VmshiftError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message, exc.hint)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, message = _validation_message(exc)
+        return _error(status, "invalid_input", message, "Check the request against the agent API.")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else "http_error"
+        return _error(exc.status_code, code, f"{exc.detail}.", None)
+
+    @app.get("/api/v1/health")
+    async def health(agent: State) -> dict[str, Any]:
+        return {"name": agent.config.name, "time": time.time()}
+
+    @app.get("/api/v1/facts")
+    async def facts(agent: State) -> HostFacts:
+        return await asyncio.to_thread(host_facts, agent.config, agent.probe, agent.datastores)
+
+    @app.get("/api/v1/vms")
+    async def list_vms(agent: State) -> list[VmRuntime]:
+        return await agent.supervisor.list_vms()
+
+    @app.put("/api/v1/vms/{name}")
+    async def define_vm(name: str, spec: VmSpec, agent: State) -> VmRuntime:
+        if spec.name != name:
+            raise InvalidInputError(f"The URL names VM {name!r} but the body names {spec.name!r}.",
+                                    hint="Use the same name in both.")
+        return await agent.supervisor.define(spec)
+
+    @app.get("/api/v1/vms/{name}")
+    async def get_vm(name: str, agent: State) -> VmRuntime:
+        return await agent.supervisor.runtime(name)
+
+    @app.post("/api/v1/vms/{name}/power")
+    async def power_vm(name: str, body: AgentPowerRequest, agent: State) -> VmRuntime:
+        return await agent.supervisor.power(name, body.action, body.timeout_s)
+
+    @app.delete("/api/v1/vms/{name}")
+    async def delete_vm(name: str, agent: State) -> dict[str, str]:
+        await agent.supervisor.delete(name)
+        return {"deleted": name}
+
+    @app.get("/api/v1/vms/{name}/serial", response_class=PlainTextResponse)
+    async def serial(name: str, agent: State,
+                     tail_bytes: Annotated[int, Query(ge=0, le=16 << 20)] = 65536) -> str:
+        return agent.supervisor.serial_tail(name, tail_bytes)
+
+    return app

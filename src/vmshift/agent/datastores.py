@@ -1,0 +1,119 @@
+"""Datastores (directories with a UUID marker) and the images stored on them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmshift.errors import NotFoundError
+from vmshift.model.enums import BootKind
+from vmshift.model.host import DatastoreInfo
+from vmshift.qemu.cmdline import KernelBoot
+
+log = logging.getLogger(__name__)
+
+MARKER_FILE = ".vmshift-datastore.json"
+IMAGES_DIR = "images"
+
+
+@dataclass(frozen=True)
+class Image:
+    """``DATASTORE/images/NAME/image.json``; file names in it are relative to its folder."""
+
+    name: str
+    kind: BootKind
+    folder: Path
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str = ""
+    disk: Path | None = None
+
+    def kernel_boot(self) -> KernelBoot:
+        if self.kernel is None:
+            raise NotFoundError(f"Image {self.name!r} has no kernel to boot.",
+                                hint="Use a kernel image, or boot the VM from its disk.")
+        return KernelBoot(kernel=self.kernel, initrd=self.initrd, cmdline=self.cmdline)
+
+
+@dataclass(frozen=True)
+class Datastore:
+    uuid: str
+    name: str
+    path: Path
+
+    def images(self) -> list[Image]:
+        found: list[Image] = []
+        for meta in sorted((self.path / IMAGES_DIR).glob("*/image.json")):
+            try:
+                found.append(read_image(meta))
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("ignoring image %s: %s", meta, exc)
+        return found
+
+    def image(self, name: str) -> Image:
+        meta = self.path / IMAGES_DIR / name / "image.json"
+        if not meta.is_file():
+            raise NotFoundError(f"Image {name!r} is not on datastore {self.name!r}.",
+                                hint=f"Put it in {meta.parent} (see docs/agent.md).")
+        try:
+            return read_image(meta)
+        except (OSError, ValueError, KeyError) as exc:
+            raise NotFoundError(f"Image {name!r} on datastore {self.name!r} is unreadable ({exc}).",
+                                hint=f"Fix {meta}.") from exc
+
+    def info(self) -> DatastoreInfo:
+        usage = shutil.disk_usage(self.path)
+        return DatastoreInfo(uuid=self.uuid, name=self.name, path=str(self.path),
+                             capacity_mib=usage.total >> 20, free_mib=usage.free >> 20,
+                             images=[i.name for i in self.images()])
+
+
+def read_image(meta: Path) -> Image:
+    data = json.loads(meta.read_text())
+    folder = meta.parent
+
+    def rel(key: str) -> Path | None:
+        value = data.get(key)
+        return folder / value if value else None
+
+    return Image(name=str(data.get("name") or folder.name), kind=BootKind(data.get("kind", "kernel")),
+                 folder=folder, kernel=rel("kernel"), initrd=rel("initrd"),
+                 cmdline=str(data.get("cmdline", "")), disk=rel("disk"))
+
+
+def read_datastore(path: Path) -> Datastore | None:
+    marker = path / MARKER_FILE
+    try:
+        data = json.loads(marker.read_text())
+        return Datastore(uuid=str(data["uuid"]), name=str(data["name"]), path=path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("%s is not a datastore (no readable %s: %s)", path, MARKER_FILE, exc)
+        return None
+
+
+class Datastores:
+    """The datastores of this host, rescanned on demand (markers can appear after start)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self._paths = list(paths)
+
+    def all(self) -> list[Datastore]:
+        found = [read_datastore(p) for p in self._paths]
+        return [d for d in found if d is not None]
+
+    def get(self, name: str) -> Datastore:
+        for ds in self.all():
+            if ds.name == name:
+                return ds
+        raise NotFoundError(f"Datastore {name!r} is not mounted on this host.",
+                            hint="Add its directory to the agent's 'datastores' and create its marker.")
+
+    def first_kernel(self) -> KernelBoot | None:
+        for ds in self.all():
+            for image in ds.images():
+                if image.kernel is not None and image.kernel.exists():
+                    return image.kernel_boot()
+        return None

@@ -1,0 +1,325 @@
+"""Owns the QEMU processes of this host: start, stop, shutdown, reset, re-attach, death detection.
+
+QEMU runs in its own session so it outlives the agent. ``run_dir/running.json`` records a VM the
+agent started (pid); when the process is found gone without the agent having stopped it, the
+record is replaced by ``exit.json`` with ``died: true``, which survives agent restarts until the
+next start or delete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from vmshift.agent.config import AgentConfig
+from vmshift.agent.taps import create_tap, delete_tap
+from vmshift.agent.vmfiles import VmFiles
+from vmshift.errors import ConflictError, NotFoundError, QemuError
+from vmshift.model.enums import Accelerator, PowerAction, PowerState
+from vmshift.model.vm import VmRuntime, VmSpec
+from vmshift.qemu.cmdline import VmPaths, build_qemu_argv, tap_name
+from vmshift.qemu.qmp import QmpSession
+
+log = logging.getLogger(__name__)
+
+RUNNING_FILE = "running.json"
+EXIT_FILE = "exit.json"
+QEMU_LOG = "qemu.log"
+START_TIMEOUT_S = 15.0
+QUIT_TIMEOUT_S = 5.0
+
+
+@dataclass
+class VmProcess:
+    """What the agent holds for one VM it runs (or ran)."""
+
+    spec: VmSpec
+    paths: VmPaths
+    pid: int | None = None
+    popen: subprocess.Popen[bytes] | None = None
+    qmp: QmpSession | None = None
+    taps: list[str] = field(default_factory=list)
+    died: bool = False
+    exit_reason: str | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def process_is_qemu_of(pid: int, vm_uuid: str) -> bool:
+    """True if ``pid`` is alive (not a zombie) and its command line carries the VM's uuid."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and vm_uuid in proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+class Supervisor:
+    def __init__(self, config: AgentConfig, files: VmFiles, accelerator: Accelerator) -> None:
+        self.config = config
+        self.files = files
+        self.accelerator = accelerator
+        self._vms: dict[str, VmProcess] = {}
+
+    # ----- bookkeeping -------------------------------------------------------------------------
+    def _entry(self, name: str) -> VmProcess:
+        entry = self._vms.get(name)
+        spec = self.files.load_spec(name)
+        if entry is None or entry.spec.uuid != spec.uuid:
+            entry = VmProcess(spec=spec, paths=self.files.paths(spec))
+            self._vms[name] = entry
+        else:
+            entry.spec, entry.paths = spec, self.files.paths(spec)
+        return entry
+
+    def _alive(self, vm: VmProcess) -> bool:
+        if vm.pid is None:
+            return False
+        if vm.popen is not None and vm.popen.poll() is not None:
+            return False
+        return process_is_qemu_of(vm.pid, vm.spec.uuid)
+
+    async def attach_all(self) -> None:
+        """At agent start: re-attach to live QEMUs, mark dead ones, clean their taps."""
+        for name in self.files.registered_names():
+            try:
+                vm = self._entry(name)
+            except NotFoundError as exc:
+                log.warning("skipping VM %s: %s", name, exc)
+                continue
+            running = vm.paths.run_dir / RUNNING_FILE
+            exited = vm.paths.run_dir / EXIT_FILE
+            if exited.exists():
+                with contextlib.suppress(OSError, ValueError):
+                    data = json.loads(exited.read_text())
+                    vm.died, vm.exit_reason = bool(data.get("died")), data.get("exit_reason")
+            if not running.exists():
+                continue
+            data = json.loads(running.read_text())
+            vm.pid, vm.taps = int(data["pid"]), list(data.get("taps", []))
+            if self._alive(vm):
+                try:
+                    vm.qmp = await QmpSession.connect(vm.paths.qmp_socket, timeout_s=5.0)
+                    log.info("re-attached to VM %s (pid %d)", name, vm.pid)
+                except QemuError as exc:
+                    log.warning("VM %s runs (pid %d) but QMP is unreachable: %s", name, vm.pid, exc)
+            else:
+                await self._handle_exit(vm)
+
+    async def _handle_exit(
+        self, vm: VmProcess, *, stopped_by_us: bool = False, override_reason: str | None = None
+    ) -> None:
+        """The process is gone: decide whether it died, release taps and QMP, persist the outcome."""
+        reason = None
+        if vm.qmp is not None:
+            shutdowns = vm.qmp.events_named("SHUTDOWN")
+            if shutdowns:
+                reason = str(shutdowns[-1].data.get("reason", "shutdown"))
+            await vm.qmp.close()
+            vm.qmp = None
+        vm.died = not stopped_by_us and reason != "guest-shutdown"
+        vm.exit_reason = override_reason or reason or ("stopped" if stopped_by_us else "process vanished")
+        for tap in vm.taps:
+            await delete_tap(tap)
+        vm.pid, vm.popen, vm.taps = None, None, []
+        (vm.paths.run_dir / RUNNING_FILE).unlink(missing_ok=True)
+        outcome = {"died": vm.died, "exit_reason": vm.exit_reason}
+        (vm.paths.run_dir / EXIT_FILE).write_text(json.dumps(outcome))
+        if vm.died:
+            log.warning("VM %s died (%s)", vm.spec.name, vm.exit_reason)
+
+    async def refresh(self) -> None:
+        """Notice processes that exited since the last look (called periodically)."""
+        for vm in list(self._vms.values()):
+            if vm.pid is not None and not vm.lock.locked() and not self._alive(vm):
+                async with vm.lock:
+                    if vm.pid is not None and not self._alive(vm):
+                        await self._handle_exit(vm)
+
+    # ----- views -------------------------------------------------------------------------------
+    async def runtime(self, name: str) -> VmRuntime:
+        vm = self._entry(name)
+        if vm.pid is not None and not vm.lock.locked() and not self._alive(vm):
+            async with vm.lock:
+                await self._handle_exit(vm)
+        return await self._view(vm)
+
+    async def _view(self, vm: VmProcess) -> VmRuntime:
+        rt = VmRuntime(name=vm.spec.name, uuid=vm.spec.uuid, power_state=PowerState.POWERED_OFF,
+                       died=vm.died, exit_reason=vm.exit_reason)
+        if vm.pid is None:
+            return rt
+        rt.pid, rt.died, rt.exit_reason = vm.pid, False, None
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(vm.pid)
+            times = proc.cpu_times()
+            rt.cpu_seconds = round(times.user + times.system, 3)
+            rt.rss_mib = round(proc.memory_info().rss / (1 << 20), 1)
+        rt.power_state = PowerState.UNKNOWN
+        if vm.qmp is not None:
+            try:
+                status = await asyncio.wait_for(vm.qmp.query_status(), timeout=3.0)
+                rt.qemu_status = status.status
+                rt.power_state = PowerState.POWERED_ON if status.running else PowerState.PAUSED
+            except (QemuError, TimeoutError) as exc:
+                log.warning("query-status of VM %s failed: %s", vm.spec.name, exc)
+        return rt
+
+    async def list_vms(self) -> list[VmRuntime]:
+        out = []
+        for name in self.files.registered_names():
+            with contextlib.suppress(NotFoundError):
+                out.append(await self.runtime(name))
+        return out
+
+    def serial_tail(self, name: str, tail_bytes: int) -> str:
+        path = self._entry(name).paths.serial_log
+        if not path.exists():
+            return ""
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - max(0, tail_bytes)))
+            return f.read().decode(errors="replace")
+
+    # ----- define / delete ---------------------------------------------------------------------
+    async def define(self, spec: VmSpec) -> VmRuntime:
+        current = self._vms.get(spec.name)
+        if current is not None and self._alive(current) and current.spec != spec:
+            raise ConflictError(f"VM {spec.name!r} is running; its definition cannot change now.",
+                                hint="Power it off first.")
+        await self.files.define(spec, self.config.networks)
+        return await self.runtime(spec.name)
+
+    async def delete(self, name: str) -> None:
+        vm = self._entry(name)
+        async with vm.lock:
+            if self._alive(vm):
+                raise ConflictError(f"VM {name!r} is running and cannot be deleted.",
+                                    hint="Stop or shut it down first.")
+            if vm.pid is not None:
+                await self._handle_exit(vm)
+            self.files.remove(vm.spec)
+            self._vms.pop(name, None)
+
+    # ----- power -------------------------------------------------------------------------------
+    async def power(self, name: str, action: PowerAction, timeout_s: float = 30.0) -> VmRuntime:
+        vm = self._entry(name)
+        async with vm.lock:
+            running = self._alive(vm)
+            if vm.pid is not None and not running:
+                await self._handle_exit(vm)
+            if action is PowerAction.START:
+                if not running:
+                    await self._start(vm)
+            elif action is PowerAction.STOP:
+                if running:
+                    await self._hard_stop(vm)
+            elif action is PowerAction.SHUTDOWN:
+                if running:
+                    await self._shutdown(vm, timeout_s)
+            elif action is PowerAction.RESET:
+                if not running:
+                    raise ConflictError(f"VM {name!r} is not running, so it cannot be reset.",
+                                        hint="Start it instead.")
+                await self._qmp(vm).system_reset()
+            return await self._view(vm)
+
+    def _qmp(self, vm: VmProcess) -> QmpSession:
+        if vm.qmp is None:
+            raise QemuError(f"VM {vm.spec.name!r} runs but the agent has no QMP connection to it.",
+                            hint="Stop it (hard) and start it again.")
+        return vm.qmp
+
+    async def _start(self, vm: VmProcess, incoming: str | None = None) -> None:
+        spec, paths = vm.spec, vm.paths
+        kernel = self.files.kernel_boot(spec)
+        taps = [tap_name(spec.uuid, i) for i in range(len(spec.nics))]
+        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        paths.vm_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (paths.qmp_socket, paths.pidfile, paths.run_dir / EXIT_FILE):
+            stale.unlink(missing_ok=True)
+        vm.died, vm.exit_reason = False, None
+        argv = build_qemu_argv(spec, paths, accelerator=self.accelerator, taps=taps, kernel_boot=kernel,
+                               incoming=incoming, qemu_binary=self.config.qemu_binary)
+        vm.taps = []
+        try:
+            for nic, tap in zip(spec.nics, taps, strict=True):
+                await create_tap(tap, self.config.networks[nic.network])
+                vm.taps.append(tap)
+            qemu_log = paths.run_dir / QEMU_LOG
+            with qemu_log.open("ab") as logf:
+                logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
+                logf.flush()
+                vm.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                            cwd=paths.run_dir, start_new_session=True, close_fds=True)
+            vm.pid = vm.popen.pid
+            (paths.run_dir / RUNNING_FILE).write_text(json.dumps({"pid": vm.pid, "taps": vm.taps}))
+            vm.qmp = await self._connect_while_alive(vm, qemu_log)
+            status = await vm.qmp.query_status()
+            if incoming is None and not status.running:
+                raise QemuError(f"VM {spec.name!r} started but QEMU reports status {status.status!r}.",
+                                hint=f"See {qemu_log}.")
+        except BaseException:
+            await self._kill(vm)
+            await self._handle_exit(vm, stopped_by_us=True)
+            raise
+        log.info("started VM %s (pid %d)", spec.name, vm.pid)
+
+    async def _connect_while_alive(self, vm: VmProcess, qemu_log: Path) -> QmpSession:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if not self._alive(vm) and vm.popen is not None and vm.popen.poll() is not None:
+                tail = qemu_log.read_text(errors="replace").strip().splitlines()[-3:]
+                raise QemuError(f"QEMU for VM {vm.spec.name!r} exited at start: {' / '.join(tail)}",
+                                hint=f"See {qemu_log}.")
+            try:
+                return await QmpSession.connect(vm.paths.qmp_socket, timeout_s=0.5)
+            except QemuError:
+                continue
+        raise QemuError(f"QEMU for VM {vm.spec.name!r} did not answer on QMP within {START_TIMEOUT_S:g} s.",
+                        hint=f"See {qemu_log}.")
+
+    async def _wait_exit(self, vm: VmProcess, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while self._alive(vm):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    async def _kill(self, vm: VmProcess) -> None:
+        if vm.pid is not None and self._alive(vm):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(vm.pid, signal.SIGKILL)
+            await self._wait_exit(vm, 5.0)
+
+    async def _hard_stop(self, vm: VmProcess, reason: str = "stopped") -> None:
+        if vm.qmp is not None:
+            with contextlib.suppress(QemuError, TimeoutError):
+                await asyncio.wait_for(vm.qmp.quit(), timeout=QUIT_TIMEOUT_S)
+        if not await self._wait_exit(vm, QUIT_TIMEOUT_S):
+            await self._kill(vm)
+        await self._handle_exit(vm, stopped_by_us=True, override_reason=reason)
+
+    async def _shutdown(self, vm: VmProcess, timeout_s: float) -> None:
+        await self._qmp(vm).system_powerdown()
+        if await self._wait_exit(vm, timeout_s):
+            await self._handle_exit(vm, stopped_by_us=True)
+        else:
+            log.info("VM %s did not shut down within %g s; stopping it hard", vm.spec.name, timeout_s)
+            await self._hard_stop(vm, reason=f"shutdown timed out after {timeout_s:g} s; stopped hard")
+
+    async def close(self) -> None:
+        """Agent exit: drop QMP sessions, leave the VMs running."""
+        for vm in self._vms.values():
+            if vm.qmp is not None:
+                await vm.qmp.close()
+                vm.qmp = None

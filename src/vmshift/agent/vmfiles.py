@@ -1,0 +1,145 @@
+"""A VM's files: its folder on the home datastore, qcow2 disks, vm.json, and its run directory.
+
+A VM is *defined on this host* when ``state_dir/vms/NAME/`` exists (the registration) and its
+``DATASTORE/NAME/vm.json`` is readable. Shared datastores are seen by several hosts, so the
+folder alone does not say which host owns the VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from vmshift.agent.datastores import Datastores
+from vmshift.errors import ConflictError, ImageError, InvalidInputError, NotFoundError, QemuError
+from vmshift.model.enums import BootKind
+from vmshift.model.vm import VmSpec
+from vmshift.qemu.cmdline import KernelBoot, VmPaths
+
+SPEC_FILE = "vm.json"
+HOME_FILE = "home.json"  # in the run dir: {"datastore": NAME}
+MAX_SOCKET_PATH = 107
+
+
+class VmFiles:
+    def __init__(self, datastores: Datastores, state_dir: Path, qemu_img: str = "qemu-img") -> None:
+        self.datastores = datastores
+        self.vms_dir = state_dir / "vms"
+        self.qemu_img = qemu_img
+
+    def run_dir(self, name: str) -> Path:
+        return self.vms_dir / name
+
+    def paths(self, spec: VmSpec) -> VmPaths:
+        home = self.datastores.get(spec.datastore)
+        disks = [self.datastores.get(d.datastore).path / spec.name / d.file for d in spec.disks]
+        return VmPaths(vm_dir=home.path / spec.name, run_dir=self.run_dir(spec.name), disks=disks)
+
+    def kernel_boot(self, spec: VmSpec) -> KernelBoot | None:
+        if spec.boot.kind is not BootKind.KERNEL:
+            return None
+        if not spec.boot.image:
+            raise InvalidInputError(f"VM {spec.name!r} boots a kernel but names no image.",
+                                    hint="Set boot.image to an image on the VM's datastore.")
+        return self.datastores.get(spec.datastore).image(spec.boot.image).kernel_boot()
+
+    def registered_names(self) -> list[str]:
+        if not self.vms_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.vms_dir.iterdir() if (p / HOME_FILE).is_file())
+
+    def load_spec(self, name: str) -> VmSpec:
+        """The spec of a VM registered here (NotFoundError if unregistered or its folder is gone)."""
+        home_file = self.run_dir(name) / HOME_FILE
+        try:
+            home = json.loads(home_file.read_text())["datastore"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise NotFoundError(f"VM {name!r} is not defined on this host.",
+                                hint="Define it first with PUT /api/v1/vms/NAME.") from exc
+        spec_file = self.datastores.get(home).path / name / SPEC_FILE
+        try:
+            return VmSpec.model_validate_json(spec_file.read_text())
+        except (OSError, ValidationError) as exc:
+            raise NotFoundError(f"VM {name!r} is registered but {spec_file} is missing or invalid.",
+                                hint="Restore the VM's folder or delete the VM.") from exc
+
+    def _check(self, spec: VmSpec, networks: dict[str, str]) -> VmPaths:
+        paths = self.paths(spec)
+        if len(str(paths.qmp_socket)) > MAX_SOCKET_PATH:
+            raise InvalidInputError(f"The QMP socket path {paths.qmp_socket} is too long for a unix socket.",
+                                    hint="Use a shorter VM name or agent state_dir.")
+        for nic in spec.nics:
+            if nic.network not in networks:
+                raise NotFoundError(f"Network {nic.network!r} does not exist on this host.",
+                                    hint=f"Known networks: {', '.join(sorted(networks)) or 'none'}.")
+        files = [d.file for d in spec.disks]
+        if len(set(files)) != len(files) or any("/" in f or f in ("", ".", "..", SPEC_FILE) for f in files):
+            raise InvalidInputError(f"VM {spec.name!r} has duplicate or invalid disk file names.",
+                                    hint="Use plain names like disk0.qcow2, each once.")
+        self.kernel_boot(spec)
+        return paths
+
+    async def define(self, spec: VmSpec, networks: dict[str, str]) -> None:
+        """Create or adopt the VM's folder, its missing disks, vm.json and the registration."""
+        paths = self._check(spec, networks)
+        spec_file = paths.vm_dir / SPEC_FILE
+        if spec_file.exists():
+            try:
+                existing = VmSpec.model_validate_json(spec_file.read_text())
+            except (OSError, ValidationError):
+                existing = None
+            if existing is not None and existing.uuid != spec.uuid:
+                raise ConflictError(
+                    f"A different VM named {spec.name!r} (uuid {existing.uuid}) already lives on "
+                    f"datastore {spec.datastore!r}.", hint="Pick another name or delete that VM first.")
+        paths.vm_dir.mkdir(parents=True, exist_ok=True)
+        for disk, path in zip(spec.disks, paths.disks, strict=True):
+            if path.exists():
+                continue
+            backing = None
+            if disk.backing_image:
+                image = self.datastores.get(disk.datastore).image(disk.backing_image)
+                if image.disk is None:
+                    raise ImageError(f"Image {disk.backing_image!r} has no disk to back {disk.file!r}.",
+                                     hint="Use an image whose image.json names a 'disk'.")
+                backing = image.disk
+            path.parent.mkdir(parents=True, exist_ok=True)
+            await create_qcow2(self.qemu_img, path, disk.size_mib, backing)
+        tmp = spec_file.with_suffix(".tmp")
+        tmp.write_text(spec.model_dump_json(indent=2))
+        tmp.replace(spec_file)
+        paths.run_dir.mkdir(parents=True, exist_ok=True)
+        (paths.run_dir / HOME_FILE).write_text(json.dumps({"datastore": spec.datastore}))
+
+    def remove(self, spec: VmSpec) -> None:
+        """Delete the VM's folders (home and disk datastores) and its registration."""
+        paths = self.paths(spec)
+        for disk in paths.disks:
+            disk.unlink(missing_ok=True)
+            if disk.parent != paths.vm_dir and disk.parent.is_dir() and not any(disk.parent.iterdir()):
+                disk.parent.rmdir()
+        shutil.rmtree(paths.vm_dir, ignore_errors=True)
+        shutil.rmtree(paths.run_dir, ignore_errors=True)
+
+
+async def _run(*argv: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    text = out.decode(errors="replace").strip()
+    if proc.returncode != 0:
+        raise QemuError(f"{Path(argv[0]).name} failed: {text[:300]}.",
+                        hint="Check the datastore's free space and permissions.")
+    return text
+
+
+async def create_qcow2(qemu_img: str, path: Path, size_mib: int, backing: Path | None) -> None:
+    argv = [qemu_img, "create", "-q", "-f", "qcow2"]
+    if backing is not None:
+        info = json.loads(await _run(qemu_img, "info", "--output=json", "-U", str(backing)))
+        argv += ["-b", str(backing), "-F", str(info.get("format", "qcow2"))]
+    await _run(*argv, str(path), f"{size_mib}M")
