@@ -232,6 +232,24 @@ class Supervisor:
                 await self._qmp(vm).system_reset()
             return await self._view(vm)
 
+    async def start(self, name: str, *, incoming: str | None = None) -> VmRuntime:
+        """Start a VM; with ``incoming`` (e.g. "defer") QEMU waits paused for a migration stream."""
+        vm = self._entry(name)
+        async with vm.lock:
+            if self._alive(vm):
+                raise ConflictError(f"VM {name!r} is already running.", hint="Stop it first.")
+            if vm.pid is not None:
+                await self._handle_exit(vm)
+            await self._start(vm, incoming=incoming)
+            return await self._view(vm)
+
+    def qmp_session(self, name: str) -> QmpSession:
+        """The live QMP session of a running VM (for migration roles); QemuError if there is none."""
+        vm = self._entry(name)
+        if not self._alive(vm):
+            raise ConflictError(f"VM {name!r} is not running.", hint="Start it first.")
+        return self._qmp(vm)
+
     def _qmp(self, vm: VmProcess) -> QmpSession:
         if vm.qmp is None:
             raise QemuError(f"VM {vm.spec.name!r} runs but the agent has no QMP connection to it.",
