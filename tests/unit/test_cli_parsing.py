@@ -6,7 +6,9 @@ from vmshift.cli.vms import parse_size_mib
 from vmshift.errors import InvalidInputError
 
 
-@pytest.mark.parametrize(("text", "mib"), [("64M", 64), ("64", 64), ("2G", 2048), ("1GiB", 1024), ("512MiB", 512)])
+@pytest.mark.parametrize(
+    ("text", "mib"), [("64M", 64), ("64", 64), ("2G", 2048), ("1GiB", 1024), ("512MiB", 512)]
+)
 def test_sizes(text: str, mib: int) -> None:
     assert parse_size_mib(text) == mib
 

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class PowerState(str, Enum):
+class PowerState(StrEnum):
     POWERED_OFF = "poweredOff"
     POWERED_ON = "poweredOn"
     PAUSED = "paused"
     UNKNOWN = "unknown"
 
 
-class ConnectionState(str, Enum):
+class ConnectionState(StrEnum):
     CONNECTED = "connected"
     DISCONNECTED = "disconnected"
 
 
-class TaskState(str, Enum):
+class TaskState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
     SUCCESS = "success"
@@ -29,24 +29,24 @@ class TaskState(str, Enum):
         return self in (TaskState.SUCCESS, TaskState.ERROR, TaskState.CANCELLED)
 
 
-class Accelerator(str, Enum):
+class Accelerator(StrEnum):
     KVM = "kvm"
     TCG = "tcg"
 
 
-class BootKind(str, Enum):
+class BootKind(StrEnum):
     KERNEL = "kernel"
     DISK = "disk"
 
 
-class PowerAction(str, Enum):
+class PowerAction(StrEnum):
     START = "start"
     STOP = "stop"
     SHUTDOWN = "shutdown"
     RESET = "reset"
 
 
-class EventSeverity(str, Enum):
+class EventSeverity(StrEnum):
     INFO = "info"
     WARNING = "warning"
     ERROR = "error"
