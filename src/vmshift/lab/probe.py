@@ -70,6 +70,7 @@ def check(ip: str, timeout: float = 5.0) -> dict[str, Any]:
         status = guest_status(ip, timeout)
         result["memtest"] = status.get("memtest")
         result["disklog"] = status.get("disklog")
+        result["uptime_s"] = status.get("uptime_s")
     except (OSError, ValueError) as e:
         result["error"] = f"{type(e).__name__}: {e}"
     return result
