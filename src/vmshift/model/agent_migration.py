@@ -1,0 +1,92 @@
+"""Bodies of the agent's live-migration endpoints (docs/design/contracts.md, "Live migration")."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from vmshift.model.api import ErrorInfo
+from vmshift.model.migration import (
+    MigrationAction,
+    MigrationMetrics,
+    MigrationPhase,
+    MigrationSettings,
+    MigrationStatus,
+)
+from vmshift.model.vm import VmSpec
+
+
+class DirtyRateRequest(BaseModel):
+    seconds: int = Field(default=1, ge=1, le=60)
+
+
+class DirtyRate(BaseModel):
+    dirty_rate_bps: float
+    seconds: int
+
+
+class SinkRequest(BaseModel):
+    seconds: float = Field(default=5.0, gt=0, le=60)
+
+
+class Sink(BaseModel):
+    address: str
+    port: int
+
+
+class MeasureRequest(BaseModel):
+    address: str
+    port: int
+    seconds: float = Field(default=0.5, gt=0, le=10)
+
+
+class Measurement(BaseModel):
+    reachable: bool
+    bandwidth_bps: float | None = None
+    error: str | None = None
+
+
+class IncomingRequest(BaseModel):
+    migration_id: int
+    spec: VmSpec
+
+
+class Incoming(BaseModel):
+    uri: str
+
+
+class AgentRef(BaseModel):
+    """How one agent reaches another (the server hands this to the source agent)."""
+
+    address: str
+    token: str
+
+
+class OutgoingMigration(BaseModel):
+    migration_id: int
+    vm: str
+    uri: str
+    target_agent: AgentRef
+    settings: MigrationSettings = Field(default_factory=MigrationSettings)
+    bandwidth_bps: float | None = None
+    dirty_rate_bps: float | None = None
+
+
+class MigrationProgress(BaseModel):
+    migration_id: int
+    vm: str
+    phase: MigrationPhase
+    status: MigrationStatus
+    round: int = 0
+    remaining_bytes: int = 0
+    total_bytes: int = 0
+    transferred_bytes: int = 0
+    throughput_bps: float = 0.0
+    dirty_rate_bps: float = 0.0
+    throttle_percent: int = 0
+    downtime_limit_ms: int = 0
+    actions: list[MigrationAction] = Field(default_factory=list)
+    metrics: MigrationMetrics = Field(default_factory=MigrationMetrics)
+    error: ErrorInfo | None = None
+    updated_at: datetime | None = None
