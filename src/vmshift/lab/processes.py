@@ -231,6 +231,19 @@ def stop_agent(lab: LabRecord | str, host: int | str) -> None:
     rec.save()
 
 
+def agent_running(lab: LabRecord | str, host: int | str) -> bool:
+    rec = _resolve(lab)
+    host = host_number(host)
+    pid = rec.pids.get(f"host-{host}")
+    return pid is not None and _is_ours(pid, str(rec.layout.agent_config(host)))
+
+
+def ensure_agent(lab: LabRecord | str, host: int | str) -> None:
+    """Start host's agent unless it already runs (tests use it to undo injected faults)."""
+    if not agent_running(lab, host):
+        start_agent(lab, host)
+
+
 def restart_agent(lab: LabRecord | str, host: int | str) -> None:
     rec = _resolve(lab)
     stop_agent(rec, host)
