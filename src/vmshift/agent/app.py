@@ -20,6 +20,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vmshift.agent.config import AgentConfig
 from vmshift.agent.datastores import Datastores
 from vmshift.agent.facts import HostProbe, host_facts, probe_host
+from vmshift.agent.migration_source import OutgoingMigrations
+from vmshift.agent.migration_store import MigrationStore
+from vmshift.agent.migration_target import IncomingMigrations
+from vmshift.agent.netperf import NetperfSinks
+from vmshift.agent.routes_migration import MigrationRoles
+from vmshift.agent.routes_migration import router as migration_router
 from vmshift.agent.supervisor import Supervisor
 from vmshift.agent.vmfiles import VmFiles
 from vmshift.errors import AuthError, InvalidInputError, VmshiftError
@@ -92,6 +98,13 @@ def create_app(config: AgentConfig) -> FastAPI:
                                 probe.accelerator)
         await supervisor.attach_all()
         app.state.agent = AgentState(config, probe, datastores, supervisor)
+        store = MigrationStore(config.state_dir)
+        roles = MigrationRoles(supervisor, OutgoingMigrations(supervisor, store),
+                               IncomingMigrations(supervisor, store, config.migration_address),
+                               NetperfSinks(config.migration_address), config.migration_address)
+        app.state.migration = roles
+        await roles.incoming.resume_all()
+        await roles.outgoing.resume_all()
         refresher = asyncio.create_task(_refresh_loop(supervisor), name="agent-refresh")
         log.info("agent %s ready on %s", config.name, config.listen)
         try:
@@ -100,6 +113,7 @@ def create_app(config: AgentConfig) -> FastAPI:
             refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
+            await roles.close()
             await supervisor.close()
             log.info("agent %s stopped; its VMs keep running", config.name)
 
@@ -166,4 +180,5 @@ def create_app(config: AgentConfig) -> FastAPI:
                      tail_bytes: Annotated[int, Query(ge=0, le=16 << 20)] = 65536) -> str:
         return agent.supervisor.serial_tail(name, tail_bytes)
 
+    app.include_router(migration_router)
     return app

@@ -175,8 +175,11 @@ class Supervisor:
         return rt
 
     async def list_vms(self) -> list[VmRuntime]:
+        """The VMs of this host; a VM that only receives a live migration is left out until activated."""
         out = []
         for name in self.files.registered_names():
+            if self.files.is_incoming(name):
+                continue
             with contextlib.suppress(NotFoundError):
                 out.append(await self.runtime(name))
         return out
@@ -208,6 +211,32 @@ class Supervisor:
                 await self._handle_exit(vm)
             self.files.remove(vm.spec)
             self._vms.pop(name, None)
+
+    async def stop_and_unregister(self, name: str) -> None:
+        """Migration roles: stop the VM's QEMU (if any) and forget the VM here, keeping its files.
+
+        Used by the source after a completed migration and by the target on rollback; the VM's
+        folder and disks are on shared storage and belong to whichever host runs the VM now.
+        """
+        try:
+            vm = self._entry(name)
+        except NotFoundError:
+            self.files.unregister(name)
+            self._vms.pop(name, None)
+            return
+        async with vm.lock:
+            if self._alive(vm):
+                await self._hard_stop(vm, reason="migrated away or rolled back")
+            elif vm.pid is not None:
+                await self._handle_exit(vm, stopped_by_us=True)
+            self.files.unregister(name)
+            self._vms.pop(name, None)
+
+    def is_alive(self, name: str) -> bool:
+        try:
+            return self._alive(self._entry(name))
+        except NotFoundError:
+            return False
 
     # ----- power -------------------------------------------------------------------------------
     async def power(self, name: str, action: PowerAction, timeout_s: float = 30.0) -> VmRuntime:

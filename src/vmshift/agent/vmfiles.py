@@ -22,6 +22,7 @@ from vmshift.qemu.cmdline import KernelBoot, VmPaths
 
 SPEC_FILE = "vm.json"
 HOME_FILE = "home.json"  # in the run dir: {"datastore": NAME}
+INCOMING_FILE = "incoming.json"  # in the run dir while the VM is the target of a live migration
 MAX_SOCKET_PATH = 107
 
 
@@ -51,6 +52,20 @@ class VmFiles:
         if not self.vms_dir.is_dir():
             return []
         return sorted(p.name for p in self.vms_dir.iterdir() if (p / HOME_FILE).is_file())
+
+    def mark_incoming(self, name: str, migration_id: int) -> None:
+        """The VM here only receives a live migration: not a normal VM of this host yet."""
+        (self.run_dir(name) / INCOMING_FILE).write_text(json.dumps({"migration_id": migration_id}))
+
+    def clear_incoming(self, name: str) -> None:
+        (self.run_dir(name) / INCOMING_FILE).unlink(missing_ok=True)
+
+    def is_incoming(self, name: str) -> bool:
+        return (self.run_dir(name) / INCOMING_FILE).is_file()
+
+    def unregister(self, name: str) -> None:
+        """Forget the VM on this host (run dir and registration) but keep its folder and disks."""
+        shutil.rmtree(self.run_dir(name), ignore_errors=True)
 
     def load_spec(self, name: str) -> VmSpec:
         """The spec of a VM registered here (NotFoundError if unregistered or its folder is gone)."""

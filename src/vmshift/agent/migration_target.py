@@ -1,0 +1,147 @@
+"""Target role of a live migration: receive the VM, activate it after the stream, or roll back.
+
+The VM's folder lives on shared storage and already holds the VM (same uuid): the target adopts it
+(registration + run dir) and never creates, moves or deletes disks. While it only receives, the VM
+carries an "incoming" mark and is left out of ``GET /vms``; ``activate`` removes the mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from vmshift.agent.migration_store import MigrationRole, MigrationStore, StoredMigration, TargetState
+from vmshift.agent.supervisor import Supervisor
+from vmshift.errors import ConflictError, InvalidInputError, NotFoundError, QemuError, VmshiftError
+from vmshift.model.agent_migration import Incoming, IncomingRequest
+from vmshift.model.vm import VmRuntime
+from vmshift.qemu import migration_qmp as mq
+
+log = logging.getLogger(__name__)
+ACTIVATE_TIMEOUT_S = 30.0
+
+
+class IncomingMigrations:
+    def __init__(self, supervisor: Supervisor, store: MigrationStore, migration_address: str) -> None:
+        self.supervisor = supervisor
+        self.store = store
+        self.address = migration_address
+        self._lock = asyncio.Lock()
+
+    def _record(self, migration_id: int) -> StoredMigration:
+        rec = self.store.load(migration_id)
+        if rec is None or rec.role is not MigrationRole.TARGET:
+            raise NotFoundError(f"This host receives no migration {migration_id}.",
+                                hint="Prepare it first with POST /api/v1/migrations/incoming.")
+        return rec
+
+    async def prepare(self, req: IncomingRequest) -> Incoming:
+        """Adopt the VM, start QEMU with ``-incoming defer`` and listen on the migration address."""
+        if not self.address:
+            raise InvalidInputError("This host has no migration address, so it cannot receive a VM.",
+                                    hint="Set 'migration_address' in the agent config.")
+        spec = req.spec
+        async with self._lock:
+            old = self.store.load(req.migration_id)
+            if (old is not None and old.role is MigrationRole.TARGET and old.uri
+                    and old.target_state is TargetState.LISTENING and self.supervisor.is_alive(spec.name)):
+                return Incoming(uri=old.uri)  # the same request again: idempotent
+            files = self.supervisor.files
+            if spec.name in files.registered_names() and not files.is_incoming(spec.name):
+                raise ConflictError(f"VM {spec.name!r} is already defined on this host.",
+                                    hint="Migrate it to a host that does not run it.")
+            paths = files.paths(spec)
+            missing = [str(p) for p in paths.disks if not p.exists()]
+            if missing:
+                raise NotFoundError(f"The disks of VM {spec.name!r} are not visible on this host: "
+                                    f"{', '.join(missing)}.",
+                                    hint="Live migration needs the VM's datastores shared with this host.")
+            rec = StoredMigration(role=MigrationRole.TARGET, migration_id=req.migration_id, vm=spec.name,
+                                  spec=spec, target_state=TargetState.LISTENING)
+            self.store.save(rec)
+            try:
+                await self.supervisor.files.define(spec, self.supervisor.config.networks)
+                files.mark_incoming(spec.name, req.migration_id)
+                await self.supervisor.start(spec.name, incoming="defer")
+                qmp = self.supervisor.qmp_session(spec.name)
+                caps = await mq.query_capabilities(qmp)
+                # postcopy-ram must be set on both sides before the stream starts; harmless if unused.
+                await mq.set_capabilities(qmp, {"events": True, "postcopy-ram": "postcopy-ram" in caps})
+                await mq.migrate_incoming(qmp, f"tcp:{self.address}:0")
+                port = await mq.listening_port(qmp)
+            except BaseException:
+                await self._cleanup(rec)
+                raise
+            rec.uri = f"tcp:{self.address}:{port}"
+            self.store.save(rec)
+            log.info("migration %d: VM %s waits for its stream on %s", rec.migration_id, spec.name, rec.uri)
+            return Incoming(uri=rec.uri)
+
+    async def activate(self, migration_id: int) -> VmRuntime:
+        """After the source completed: wait for QEMU to run, announce the MACs, make it a normal VM."""
+        rec = self._record(migration_id)
+        if rec.target_state is TargetState.ACTIVATED:
+            return await self.supervisor.runtime(rec.vm)
+        if rec.target_state is TargetState.ROLLED_BACK:
+            raise ConflictError(f"Migration {migration_id} was rolled back on this host.",
+                                hint="Start the migration again.")
+        deadline = time.monotonic() + ACTIVATE_TIMEOUT_S
+        while True:
+            if not self.supervisor.is_alive(rec.vm):
+                raise QemuError(f"The receiving QEMU of VM {rec.vm!r} is gone; the stream did not arrive.",
+                                hint="Roll the migration back; the VM still exists on the source.")
+            qmp = self.supervisor.qmp_session(rec.vm)
+            status = await qmp.query_status()
+            if status.running:
+                break
+            incoming = await mq.query_migrate(qmp)
+            if incoming.get("status") == "failed":
+                raise QemuError(f"The incoming migration of VM {rec.vm!r} failed on this host: "
+                                f"{incoming.get('error-desc', 'no reason given')}.",
+                                hint="Roll the migration back; the VM still exists on the source.")
+            if time.monotonic() > deadline:
+                raise QemuError(f"VM {rec.vm!r} did not start running here within {ACTIVATE_TIMEOUT_S:g} s "
+                                f"(QEMU status {status.status!r}).",
+                                hint="Check that the source reports the migration completed.")
+            await asyncio.sleep(0.1)
+        try:
+            await mq.announce_self(qmp)
+        except QemuError as exc:  # the VM runs; a missed announcement only delays the switches
+            log.warning("migration %d: announce-self failed: %s", migration_id, exc)
+        self.supervisor.files.clear_incoming(rec.vm)
+        rec.target_state = TargetState.ACTIVATED
+        self.store.save(rec)
+        log.info("migration %d: VM %s is active on this host", migration_id, rec.vm)
+        return await self.supervisor.runtime(rec.vm)
+
+    async def rollback(self, migration_id: int) -> None:
+        """Kill the receiving QEMU and forget the VM here (idempotent; never touches shared files)."""
+        rec = self.store.load(migration_id)
+        if rec is None or rec.role is not MigrationRole.TARGET:
+            return
+        if rec.target_state is TargetState.ACTIVATED:
+            raise ConflictError(f"Migration {migration_id} is complete: VM {rec.vm!r} runs on this host now.",
+                                hint="Migrate it back instead of rolling back.")
+        async with self._lock:
+            await self._cleanup(rec)
+
+    async def _cleanup(self, rec: StoredMigration) -> None:
+        try:
+            files = self.supervisor.files
+            if files.is_incoming(rec.vm) or rec.vm not in files.registered_names():
+                await self.supervisor.stop_and_unregister(rec.vm)
+        except VmshiftError as exc:
+            log.warning("migration %d: cleaning up VM %s failed: %s", rec.migration_id, rec.vm, exc)
+        rec.target_state = TargetState.ROLLED_BACK
+        self.store.save(rec)
+        log.info("migration %d: incoming VM %s rolled back", rec.migration_id, rec.vm)
+
+    async def resume_all(self) -> None:
+        """At agent start: an incoming QEMU that died while the agent was down is cleaned up."""
+        for rec in self.store.all():
+            if (rec.role is MigrationRole.TARGET and rec.target_state is TargetState.LISTENING
+                    and not self.supervisor.is_alive(rec.vm)):
+                log.warning("migration %d: the receiving QEMU of %s is gone; rolling back",
+                            rec.migration_id, rec.vm)
+                await self._cleanup(rec)

@@ -1,0 +1,200 @@
+"""Agent side of live migration (issue 3, items 4-6), driven through the agent APIs only.
+
+One lab of two hosts for the module (its server only creates the VM and gives it an IP); the
+migrations themselves go: incoming on the target agent -> outgoing on the source agent -> progress.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.lab.helpers import qemu_pids, wait_for
+from vmshift.lab import lab as labmod
+from vmshift.lab import processes
+from vmshift.lab.layout import LabRecord
+
+pytestmark = pytest.mark.lab
+VM = "mig-1"
+MIB = 1 << 20
+
+
+class Lab:
+    def __init__(self, rec: LabRecord) -> None:
+        self.rec = rec
+        self.agent_token = processes.token_files(rec.layout)[1].read_text().strip()
+
+    def addr(self, k: int) -> str:
+        return self.rec.layout.agent_address(k)
+
+    def agent(self, k: int) -> httpx.Client:
+        return httpx.Client(base_url=f"http://{self.addr(k)}/api/v1", trust_env=False, timeout=60,
+                            headers={"Authorization": f"Bearer {self.agent_token}"})
+
+    def server(self) -> httpx.Client:
+        return httpx.Client(base_url=f"{self.rec.server_url}/api/v1", trust_env=False, timeout=60,
+                            headers={"Authorization": f"Bearer {self.rec.token}"})
+
+    def spec(self, vm: str) -> dict[str, Any]:
+        path = self.rec.layout.lab_dir / "datastores" / "shared-1" / vm / "vm.json"
+        return dict(json.loads(path.read_text()))
+
+    def check(self, vm: str) -> dict[str, Any]:
+        return labmod.check(self.rec.name, vm)
+
+
+@pytest.fixture(scope="module")
+def mlab() -> Iterator[Lab]:
+    name = f"m{secrets.token_hex(3)}"
+    rec = labmod.up(name=name, hosts=2)
+    try:
+        yield Lab(rec)
+    finally:
+        labmod.down(name)
+
+
+def _healthy(lab: Lab, vm: str) -> dict[str, Any] | None:
+    c = lab.check(vm)
+    return c if c.get("echo") and c.get("memtest") and c.get("disklog") else None
+
+
+@pytest.fixture(scope="module")
+def vm(mlab: Lab) -> dict[str, Any]:
+    body = {"name": VM, "host": "host-1", "cpus": 1, "memory_mib": 192, "datastore": "shared-1",
+            "disks_mib": [64], "kernel_args": "vmshift.memtest=32,20 vmshift.disklog=1", "start": True}
+    with mlab.server() as s:
+        r = s.post("/vms", json=body)
+        assert r.status_code < 300, r.text
+    with mlab.agent(1) as a:
+        wait_for("the VM to run on host-1",
+                 lambda: a.get(f"/vms/{VM}").json().get("power_state") == "poweredOn", timeout=120)
+    wait_for("the guest to answer", lambda: _healthy(mlab, VM), timeout=120, interval=1)
+    return mlab.spec(VM)
+
+
+def start_migration(lab: Lab, src: int, dst: int, mid: int, settings: dict[str, Any] | None = None) -> str:
+    with lab.agent(dst) as a:
+        r = a.post("/migrations/incoming", json={"migration_id": mid, "spec": lab.spec(VM)})
+        assert r.status_code == 200, r.text
+        uri = str(r.json()["uri"])
+        assert uri.startswith(f"tcp:{lab.rec.layout.host_mig_address(dst)}:")
+        assert VM not in [v["name"] for v in a.get("/vms").json()], "an incoming VM is not a VM of the host yet"
+    body = {"migration_id": mid, "vm": VM, "uri": uri, "settings": settings or {},
+            "target_agent": {"address": lab.addr(dst), "token": lab.agent_token}}
+    with lab.agent(src) as a:
+        r = a.post("/migrations", json=body)
+        assert r.status_code == 200, r.text
+    return uri
+
+
+def wait_finished(lab: Lab, src: int, mid: int, timeout: float = 180) -> dict[str, Any]:
+    with lab.agent(src) as a:
+        def done() -> dict[str, Any] | None:
+            p: dict[str, Any] = a.get(f"/migrations/{mid}").json()
+            return p if p["status"] in ("completed", "failed", "cancelled") else None
+        return wait_for(f"migration {mid} to finish", done, timeout=timeout, interval=0.5)
+
+
+def runs_unpaused_on(lab: Lab, k: int) -> dict[str, Any]:
+    with lab.agent(k) as a:
+        rt: dict[str, Any] = a.get(f"/vms/{VM}").json()
+    assert rt["power_state"] == "poweredOn" and rt["qemu_status"] == "running", rt
+    return rt
+
+
+def assert_gone_from(lab: Lab, k: int) -> None:
+    with lab.agent(k) as a:
+        assert VM not in [v["name"] for v in a.get("/vms").json()]
+        assert a.get(f"/vms/{VM}").status_code == 404
+    assert (lab.rec.layout.lab_dir / "datastores" / "shared-1" / VM / "vm.json").is_file(), \
+        "the shared VM folder must survive"
+
+
+def guest_intact_after(lab: Lab, before: dict[str, Any]) -> dict[str, Any]:
+    """Echo works, memtest clean after 2 more passes, disklog's durable sequence continued."""
+    def judged() -> dict[str, Any] | None:
+        c = _healthy(lab, VM)
+        return c if c and c["memtest"]["passes"] >= before["memtest"]["passes"] + 2 else None
+    after = wait_for("memtest to complete 2 more passes", judged, timeout=120, interval=1)
+    assert after["memtest"]["mismatches"] == 0, after
+    assert after["disklog"]["durable_seq"] > before["disklog"]["durable_seq"], after
+    assert not after["disklog"].get("error"), after
+    return after
+
+
+def test_netperf_and_dirty_rate(mlab: Lab, vm: dict[str, Any]) -> None:
+    with mlab.agent(2) as t, mlab.agent(1) as s:
+        sink = t.post("/netperf/sink", json={"seconds": 3}).json()
+        assert sink["address"] == mlab.rec.layout.host_mig_address(2)
+        m = s.post("/netperf/measure", json={**sink, "seconds": 0.5}).json()
+        assert m["reachable"] is True and m["bandwidth_bps"] > MIB, m
+        bad = s.post("/netperf/measure", json={"address": sink["address"], "port": 9, "seconds": 0.5}).json()
+        assert bad["reachable"] is False and bad["error"], bad
+        rate = s.post(f"/vms/{VM}/dirty-rate", json={"seconds": 1}).json()
+        assert rate["seconds"] == 1 and rate["dirty_rate_bps"] > MIB, rate  # memtest rewrites 20 MiB/s
+
+
+def test_live_migration_completes_and_guest_is_intact(mlab: Lab, vm: dict[str, Any]) -> None:
+    before = wait_for("the guest", lambda: _healthy(mlab, VM), timeout=60)
+    start_migration(mlab, 1, 2, 101)
+    p = wait_finished(mlab, 1, 101)
+    assert p["status"] == "completed", p
+    met = p["metrics"]
+    print("migration 101 metrics:", json.dumps(met), "actions:", [a["kind"] for a in p["actions"]])
+    assert met["total_ms"] and met["total_ms"] > 0 and met["downtime_ms"] is not None
+    assert met["bytes_sent"] > 0 and met["rounds"] >= 1
+    assert p["downtime_limit_ms"] == 300  # the policy's initial limit, set before `migrate`
+    rt = runs_unpaused_on(mlab, 2)
+    assert_gone_from(mlab, 1)
+    assert qemu_pids(vm["uuid"]) == [rt["pid"]], "exactly one QEMU: the target's"
+    guest_intact_after(mlab, before)
+
+
+def test_target_qemu_killed_in_precopy_rolls_back(mlab: Lab, vm: dict[str, Any]) -> None:
+    src, dst, mid = 2, 1, 102
+    running = runs_unpaused_on(mlab, src)
+    before = wait_for("the guest", lambda: _healthy(mlab, VM), timeout=60)
+    start_migration(mlab, src, dst, mid, {"bandwidth_limit_bps": 4 * MIB})
+    with mlab.agent(src) as a:
+        wait_for("pre-copy to move data", lambda: a.get(f"/migrations/{mid}").json()["transferred_bytes"] > MIB,
+                 timeout=60, interval=0.25)
+    target = [pid for pid in qemu_pids(vm["uuid"]) if pid != running["pid"]]
+    assert len(target) == 1
+    psutil.Process(target[0]).send_signal(signal.SIGKILL)
+    p = wait_finished(mlab, src, mid, timeout=60)
+    assert p["status"] == "failed" and p["phase"] == "failed", p
+    assert p["error"] and p["error"]["message"], p
+    print("rollback reason:", p["error"]["message"])
+    assert runs_unpaused_on(mlab, src)["pid"] == running["pid"]
+    with mlab.agent(dst) as a:
+        wait_for("the target to be cleaned up", lambda: a.get(f"/vms/{VM}").status_code == 404, timeout=30)
+    assert_gone_from(mlab, dst)
+    assert qemu_pids(vm["uuid"]) == [running["pid"]]
+    guest_intact_after(mlab, before)
+
+
+def test_user_cancel_rolls_back(mlab: Lab, vm: dict[str, Any]) -> None:
+    src, dst, mid = 2, 1, 103
+    running = runs_unpaused_on(mlab, src)
+    start_migration(mlab, src, dst, mid, {"bandwidth_limit_bps": 4 * MIB})
+    with mlab.agent(src) as a:
+        wait_for("pre-copy to move data", lambda: a.get(f"/migrations/{mid}").json()["transferred_bytes"] > MIB,
+                 timeout=60, interval=0.25)
+        t0 = time.monotonic()
+        p = a.post(f"/migrations/{mid}/cancel").json()
+        if p["status"] not in ("cancelled", "failed"):
+            p = wait_finished(mlab, src, mid, timeout=30)
+    assert p["status"] == "cancelled" and p["error"]["code"] == "cancelled", p
+    print(f"cancel took {time.monotonic() - t0:.2f} s")
+    assert runs_unpaused_on(mlab, src)["pid"] == running["pid"]
+    assert_gone_from(mlab, dst)
+    assert qemu_pids(vm["uuid"]) == [running["pid"]]
+    assert wait_for("the guest", lambda: _healthy(mlab, VM), timeout=60)["memtest"]["mismatches"] == 0
