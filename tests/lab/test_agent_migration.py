@@ -198,3 +198,20 @@ def test_user_cancel_rolls_back(mlab: Lab, vm: dict[str, Any]) -> None:
     assert_gone_from(mlab, dst)
     assert qemu_pids(vm["uuid"]) == [running["pid"]]
     assert wait_for("the guest", lambda: _healthy(mlab, VM), timeout=60)["memtest"]["mismatches"] == 0
+
+
+def test_source_agent_restart_mid_migration_resumes(mlab: Lab, vm: dict[str, Any]) -> None:
+    """SIGKILL the source agent in pre-copy: QEMU keeps migrating; the restarted agent finishes the job."""
+    src, dst, mid = 2, 1, 104
+    before = wait_for("the guest", lambda: _healthy(mlab, VM), timeout=60)
+    start_migration(mlab, src, dst, mid, {"bandwidth_limit_bps": 40 * MIB})
+    with mlab.agent(src) as a:
+        wait_for("pre-copy to move data", lambda: a.get(f"/migrations/{mid}").json()["transferred_bytes"] > MIB,
+                 timeout=60, interval=0.1)
+    processes.kill_agent(mlab.rec.name, src)
+    processes.ensure_agent(mlab.rec.name, src)
+    p = wait_finished(mlab, src, mid, timeout=120)
+    assert p["status"] == "completed", p
+    runs_unpaused_on(mlab, dst)
+    assert_gone_from(mlab, src)
+    guest_intact_after(mlab, before)
