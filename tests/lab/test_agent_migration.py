@@ -86,13 +86,20 @@ def start_migration(lab: Lab, src: int, dst: int, mid: int, settings: dict[str, 
         assert r.status_code == 200, r.text
         uri = str(r.json()["uri"])
         assert uri.startswith(f"tcp:{lab.rec.layout.host_mig_address(dst)}:")
-        assert VM not in [v["name"] for v in a.get("/vms").json()], "an incoming VM is not a VM of the host yet"
+        names = [v["name"] for v in a.get("/vms").json()]
+        assert VM not in names, "an incoming VM is not a VM of the host yet"
     body = {"migration_id": mid, "vm": VM, "uri": uri, "settings": settings or {},
             "target_agent": {"address": lab.addr(dst), "token": lab.agent_token}}
     with lab.agent(src) as a:
         r = a.post("/migrations", json=body)
         assert r.status_code == 200, r.text
     return uri
+
+
+def moving(agent: httpx.Client, mid: int) -> None:
+    wait_for("pre-copy to move data",
+             lambda: agent.get(f"/migrations/{mid}").json()["transferred_bytes"] > MIB,
+             timeout=60, interval=0.1)
 
 
 def wait_finished(lab: Lab, src: int, mid: int, timeout: float = 180) -> dict[str, Any]:
@@ -164,8 +171,7 @@ def test_target_qemu_killed_in_precopy_rolls_back(mlab: Lab, vm: dict[str, Any])
     before = wait_for("the guest", lambda: _healthy(mlab, VM), timeout=60)
     start_migration(mlab, src, dst, mid, {"bandwidth_limit_bps": 4 * MIB})
     with mlab.agent(src) as a:
-        wait_for("pre-copy to move data", lambda: a.get(f"/migrations/{mid}").json()["transferred_bytes"] > MIB,
-                 timeout=60, interval=0.25)
+        moving(a, mid)
     target = [pid for pid in qemu_pids(vm["uuid"]) if pid != running["pid"]]
     assert len(target) == 1
     psutil.Process(target[0]).send_signal(signal.SIGKILL)
@@ -186,8 +192,7 @@ def test_user_cancel_rolls_back(mlab: Lab, vm: dict[str, Any]) -> None:
     running = runs_unpaused_on(mlab, src)
     start_migration(mlab, src, dst, mid, {"bandwidth_limit_bps": 4 * MIB})
     with mlab.agent(src) as a:
-        wait_for("pre-copy to move data", lambda: a.get(f"/migrations/{mid}").json()["transferred_bytes"] > MIB,
-                 timeout=60, interval=0.25)
+        moving(a, mid)
         t0 = time.monotonic()
         p = a.post(f"/migrations/{mid}/cancel").json()
         if p["status"] not in ("cancelled", "failed"):
@@ -206,8 +211,7 @@ def test_source_agent_restart_mid_migration_resumes(mlab: Lab, vm: dict[str, Any
     before = wait_for("the guest", lambda: _healthy(mlab, VM), timeout=60)
     start_migration(mlab, src, dst, mid, {"bandwidth_limit_bps": 40 * MIB})
     with mlab.agent(src) as a:
-        wait_for("pre-copy to move data", lambda: a.get(f"/migrations/{mid}").json()["transferred_bytes"] > MIB,
-                 timeout=60, interval=0.1)
+        moving(a, mid)
     processes.kill_agent(mlab.rec.name, src)
     processes.ensure_agent(mlab.rec.name, src)
     p = wait_finished(mlab, src, mid, timeout=120)
