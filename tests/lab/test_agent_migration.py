@@ -219,3 +219,26 @@ def test_source_agent_restart_mid_migration_resumes(mlab: Lab, vm: dict[str, Any
     runs_unpaused_on(mlab, dst)
     assert_gone_from(mlab, src)
     guest_intact_after(mlab, before)
+
+
+def test_cut_migration_link_rolls_back(mlab: Lab, vm: dict[str, Any]) -> None:
+    from vmshift.lab import topology
+
+    mid = 105
+    with mlab.agent(1) as a:
+        src = 1 if a.get(f"/vms/{VM}").status_code == 200 else 2
+    dst = 3 - src
+    running = runs_unpaused_on(mlab, src)
+    start_migration(mlab, src, dst, mid, {"bandwidth_limit_bps": 4 * MIB})
+    with mlab.agent(src) as a:
+        moving(a, mid)
+    topology.set_migration_link(mlab.rec.layout, dst, up=False)
+    try:
+        p = wait_finished(mlab, src, mid, timeout=60)
+    finally:
+        topology.set_migration_link(mlab.rec.layout, dst, up=True)
+    assert p["status"] == "failed", p
+    print("link cut:", p["error"])
+    assert runs_unpaused_on(mlab, src)["pid"] == running["pid"]
+    assert_gone_from(mlab, dst)
+    assert qemu_pids(vm["uuid"]) == [running["pid"]]
