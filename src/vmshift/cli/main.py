@@ -10,6 +10,7 @@ import typer
 from vmshift.cli import context
 from vmshift.cli.hosts import datastore_app, host_app, network_app
 from vmshift.cli.image import image_app
+from vmshift.cli.migrate import migration_app
 from vmshift.cli.output import show_error
 from vmshift.cli.tasks import event_app, task_app
 from vmshift.cli.vms import vm_app
@@ -24,6 +25,7 @@ app.add_typer(host_app, name="host")
 app.add_typer(datastore_app, name="datastore")
 app.add_typer(network_app, name="network")
 app.add_typer(vm_app, name="vm")
+app.add_typer(migration_app, name="migration")
 app.add_typer(task_app, name="task")
 app.add_typer(event_app, name="event")
 app.add_typer(image_app, name="image")

@@ -121,6 +121,59 @@ class VmshiftClient:
     def delete_vm(self, name: str) -> Json:
         return dict(self.request("DELETE", f"/vms/{self._q(name)}"))
 
+    # -- live migration ---------------------------------------------------------------------
+    def migrate_vm(
+        self,
+        name: str,
+        host: str,
+        *,
+        check_only: bool = False,
+        dry_run: bool = False,
+        max_downtime_ms: int | None = None,
+        allow_postcopy: bool | None = None,
+        bandwidth_limit_bps: float | None = None,
+    ) -> Json:
+        """POST /vms/{name}/migrate: a CheckReport (check_only), a preview (dry_run), or the task (202).
+
+        Failed checks raise ApiError (409/422) with the first error's message and hint.
+        """
+        body: Json = {"host": host, "check_only": check_only, "dry_run": dry_run}
+        for key, value in (
+            ("max_downtime_ms", max_downtime_ms),
+            ("allow_postcopy", allow_postcopy),
+            ("bandwidth_limit_bps", bandwidth_limit_bps),
+        ):
+            if value is not None:
+                body[key] = value
+        return dict(self.request("POST", f"/vms/{self._q(name)}/migrate", json=body))
+
+    def list_migrations(self, limit: int = 50, vm: str | None = None) -> list[Json]:
+        params: Json = {"limit": limit}
+        if vm:
+            params["vm"] = vm
+        return list(self.request("GET", "/migrations", params=params))
+
+    def get_migration(self, migration_id: str | int) -> Json:
+        return dict(self.request("GET", f"/migrations/{self._q(migration_id)}"))
+
+    def set_vm_migration_settings(self, name: str, **settings: Any) -> Json:
+        """PATCH max_downtime_ms / allow_postcopy of a VM."""
+        return dict(self.request("PATCH", f"/vms/{self._q(name)}/migration-settings", json=settings))
+
+    def set_host_migration_settings(self, name: str, **settings: Any) -> Json:
+        """PATCH bandwidth_limit_bps / link_rate_bps / migration_limit of a host (None clears a rate)."""
+        return dict(self.request("PATCH", f"/hosts/{self._q(name)}/migration-settings", json=settings))
+
+    def metrics_text(self) -> str:
+        """The Prometheus text of GET /metrics (same token as the API)."""
+        try:
+            resp = self._http.get(self.server + "/metrics")
+        except httpx.TransportError as exc:
+            raise HostUnreachableError(f"Cannot reach the vmshift server at {self.server}.") from exc
+        if resp.status_code >= 400:
+            raise _error_from_response(resp)
+        return resp.text
+
     # -- tasks and events -------------------------------------------------------------------
     def list_tasks(self, limit: int = 50) -> list[Json]:
         return list(self.request("GET", "/tasks", params={"limit": limit}))

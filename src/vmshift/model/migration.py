@@ -197,6 +197,19 @@ class MigrationCreate(BaseModel):
     bandwidth_limit_bps: float | None = Field(default=None, gt=0)
 
 
+class MigrationLive(BaseModel):
+    """The source agent's latest sample of a running migration (for progress displays)."""
+
+    round: int = 0
+    remaining_bytes: int = 0
+    total_bytes: int = 0
+    transferred_bytes: int = 0
+    throughput_bps: float = 0.0
+    dirty_rate_bps: float = 0.0
+    throttle_percent: int = 0
+    downtime_limit_ms: int = 0
+
+
 class Migration(BaseModel):
     id: int
     vm: str
@@ -214,6 +227,7 @@ class Migration(BaseModel):
     metrics: MigrationMetrics = Field(default_factory=MigrationMetrics)
     actions: list[MigrationAction] = Field(default_factory=list)
     error: ErrorInfo | None = None
+    progress: MigrationLive | None = None
 
     # Flat fields for `vmshift vm migrate --json` (issue 3, item 7).
     @computed_field  # type: ignore[prop-decorator]

@@ -8,6 +8,18 @@ import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from vmshift.errors import ApiError, HostUnreachableError
+from vmshift.model.agent_migration import (
+    DirtyRate,
+    DirtyRateRequest,
+    Incoming,
+    IncomingRequest,
+    Measurement,
+    MeasureRequest,
+    MigrationProgress,
+    OutgoingMigration,
+    Sink,
+    SinkRequest,
+)
 from vmshift.model.enums import PowerAction
 from vmshift.model.host import HostFacts
 from vmshift.model.vm import VmRuntime, VmSpec
@@ -126,6 +138,60 @@ class AgentClient:
 
     async def delete_vm(self, name: str) -> None:
         await self._request("DELETE", f"/vms/{name}", timeout_s=60)
+
+    # -- live migration (docs/design/contracts.md, "Live migration") -------------------------
+    async def dirty_rate(self, name: str, seconds: int = 1) -> DirtyRate:
+        """Source role: the guest's dirty rate (QMP calc-dirty-rate over ``seconds``)."""
+        body = DirtyRateRequest(seconds=seconds).model_dump(mode="json")
+        resp = await self._request("POST", f"/vms/{name}/dirty-rate", json=body, timeout_s=seconds + 15)
+        result: DirtyRate = self._parse(resp, DirtyRate)
+        return result
+
+    async def netperf_sink(self, req: SinkRequest) -> Sink:
+        """Target role: open a TCP sink on the migration address for ``req.seconds``."""
+        resp = await self._request("POST", "/netperf/sink", json=req.model_dump(mode="json"))
+        result: Sink = self._parse(resp, Sink)
+        return result
+
+    async def netperf_measure(self, req: MeasureRequest) -> Measurement:
+        """Source role: send to a sink from the migration address; reachability and bandwidth."""
+        resp = await self._request(
+            "POST", "/netperf/measure", json=req.model_dump(mode="json"), timeout_s=req.seconds + 15
+        )
+        result: Measurement = self._parse(resp, Measurement)
+        return result
+
+    async def migration_incoming(self, req: IncomingRequest) -> Incoming:
+        """Target role: start the receiving QEMU (``-incoming defer``) and listen."""
+        resp = await self._request(
+            "POST", "/migrations/incoming", json=req.model_dump(mode="json"), timeout_s=120
+        )
+        result: Incoming = self._parse(resp, Incoming)
+        return result
+
+    async def migration_rollback(self, migration_id: int) -> None:
+        """Target role: discard the incoming QEMU of a migration (idempotent)."""
+        await self._request("DELETE", f"/migrations/{migration_id}", timeout_s=60)
+
+    async def migration_start(self, req: OutgoingMigration) -> MigrationProgress:
+        """Source role: start the control loop of an outgoing migration."""
+        resp = await self._request("POST", "/migrations", json=req.model_dump(mode="json"), timeout_s=60)
+        result: MigrationProgress = self._parse(resp, MigrationProgress)
+        return result
+
+    async def migration_progress(
+        self, migration_id: int, timeout_s: float | None = None
+    ) -> MigrationProgress:
+        """Source role: the control loop's latest sample."""
+        resp = await self._request("GET", f"/migrations/{migration_id}", timeout_s=timeout_s)
+        result: MigrationProgress = self._parse(resp, MigrationProgress)
+        return result
+
+    async def migration_cancel(self, migration_id: int) -> MigrationProgress:
+        """Source role: cancel; the VM keeps running on the source and the target is rolled back."""
+        resp = await self._request("POST", f"/migrations/{migration_id}/cancel", timeout_s=60)
+        result: MigrationProgress = self._parse(resp, MigrationProgress)
+        return result
 
 
 def _error_from(resp: httpx.Response, address: str) -> ApiError:

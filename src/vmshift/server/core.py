@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from vmshift.model.api import EventKind
+from vmshift.model.api import EventKind, TaskKind
 from vmshift.server.agent_client import AgentPool
 from vmshift.server.db.setup import make_engine, seed_defaults, upgrade_schema
 from vmshift.server.events import record_event
 from vmshift.server.heartbeat import Heartbeat
+from vmshift.server.migrations import MigrationOrchestrator
 from vmshift.server.settings import ServerSettings
 from vmshift.server.tasks import TaskEngine
 
@@ -27,6 +28,7 @@ class ServerCore:
     agents: AgentPool
     tasks: TaskEngine
     heartbeat: Heartbeat
+    migrations: MigrationOrchestrator
 
     @classmethod
     def open(cls, settings: ServerSettings) -> ServerCore:
@@ -37,7 +39,7 @@ class ServerCore:
         sessions = sessionmaker(engine, expire_on_commit=False)
         seed_defaults(sessions)
         tasks = TaskEngine(sessions)
-        failed = tasks.recover()
+        failed = tasks.recover(keep={TaskKind.VM_MIGRATE})  # migrations are resumed in start()
         with sessions.begin() as s:
             record_event(
                 s,
@@ -50,9 +52,12 @@ class ServerCore:
         heartbeat = Heartbeat(
             sessions, agents, tasks, settings.heartbeat_interval_s, settings.missed_heartbeats
         )
-        return cls(settings, engine, sessions, agents, tasks, heartbeat)
+        migrations = MigrationOrchestrator(sessions, agents, tasks, settings)
+        return cls(settings, engine, sessions, agents, tasks, heartbeat, migrations)
 
     def start(self) -> None:
+        # Resume migrations first: the heartbeat then already sees their VMs as busy.
+        self.migrations.resume_all()
         self.heartbeat.start()
 
     async def close(self) -> None:

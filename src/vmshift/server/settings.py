@@ -20,6 +20,8 @@ class ServerSettings:
     heartbeat_interval_s: float = 2.0
     missed_heartbeats: int = 3
     agent_timeout_s: float = 10.0
+    migration_poll_interval_s: float = 0.3  # how often the source agent's migration progress is read
+    migration_agent_grace_s: float = 120.0  # how long an unreachable source agent is waited for
 
     def database_url(self) -> str:
         """``--db-url``, else ``VMSHIFT_DB_URL``, else SQLite ``STATE_DIR/vmshift.db``."""

@@ -1,14 +1,16 @@
 """Task engine: tasks live in the database and run as owned asyncio tasks.
 
 One task at a time per target (a VM or host name): later tasks on the same target wait, queued.
-A task left queued or running by a server that died is marked as failed at start-up.
+A task left queued or running by a server that died is marked as failed at start-up, except
+*resumable* kinds (live migrations): their owner picks them up again with ``start(..., resume=True)``,
+and a server shutdown leaves them running in the database instead of failing them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +56,7 @@ class TaskEngine:
         self._running: dict[int, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._active_targets: dict[str, int] = {}
+        self._claimed: dict[str, int] = {}  # target -> tasks started (running or waiting for the lock)
         self._last_end: dict[str, float] = {}
         self.stopping = False
 
@@ -67,31 +70,55 @@ class TaskEngine:
         s.flush()
         return row
 
-    def start(self, task_id: int, target: str, body: TaskBody) -> None:
-        """Run ``body`` for a committed task row; the engine owns the asyncio task."""
-        t = asyncio.create_task(self._run(task_id, target, body), name=f"vmshift-task-{task_id}")
+    def start(
+        self, task_id: int, target: str, body: TaskBody, *, resumable: bool = False, resume: bool = False
+    ) -> None:
+        """Run ``body`` for a committed task row; the engine owns the asyncio task.
+
+        ``resumable``: a server shutdown leaves the task running in the database (its owner resumes it).
+        ``resume``: the row is already running (picked up again after a server restart).
+        """
+        t = asyncio.create_task(
+            self._run(task_id, target, body, resumable, resume), name=f"vmshift-task-{task_id}"
+        )
         self._running[task_id] = t
-        t.add_done_callback(lambda _t: self._running.pop(task_id, None))
+        self._claimed[target] = self._claimed.get(target, 0) + 1
+
+        def done(_t: asyncio.Task[None]) -> None:
+            self._running.pop(task_id, None)
+            left = self._claimed.get(target, 1) - 1
+            if left > 0:
+                self._claimed[target] = left
+            else:
+                self._claimed.pop(target, None)
+
+        t.add_done_callback(done)
 
     def busy_since(self, target: str, since: float) -> bool:
         """True if a task works on ``target`` now or ended after loop time ``since``.
 
         The heartbeat leaves such VMs alone: an agent report fetched before a task finished is stale.
         """
-        return target in self._active_targets or self._last_end.get(target, float("-inf")) >= since
+        return (
+            target in self._active_targets
+            or target in self._claimed
+            or self._last_end.get(target, float("-inf")) >= since
+        )
 
-    async def _run(self, task_id: int, target: str, body: TaskBody) -> None:
+    async def _run(self, task_id: int, target: str, body: TaskBody, resumable: bool, resume: bool) -> None:
         lock = self._locks.setdefault(target, asyncio.Lock())
         try:
             async with lock:
                 self._active_targets[target] = task_id
                 try:
-                    await self._run_locked(task_id, target, body)
+                    await self._run_locked(task_id, target, body, resume)
                 finally:
                     self._active_targets.pop(target, None)
                     self._last_end[target] = asyncio.get_running_loop().time()
         except asyncio.CancelledError:
-            if self.stopping:
+            if self.stopping and resumable:
+                log.info("task %s left running for the next server start", task_id)
+            elif self.stopping:
                 self._finish(
                     task_id,
                     TaskState.ERROR,
@@ -105,13 +132,18 @@ class TaskEngine:
                 self._finish(task_id, TaskState.CANCELLED)
             raise
 
-    async def _run_locked(self, task_id: int, target: str, body: TaskBody) -> None:
+    async def _run_locked(self, task_id: int, target: str, body: TaskBody, resume: bool) -> None:
         with self._sessions.begin() as s:
             row = s.get(TaskRow, task_id)
-            if row is None or row.state is not TaskState.QUEUED:
+            if row is None or row.state.finished:
                 return
-            row.state, row.started_at, row.phase = TaskState.RUNNING, utcnow(), "running"
-            record_event(s, EventKind.TASK_STARTED, target, f"Task {task_id} ({row.kind}) started.")
+            if row.state is TaskState.RUNNING and not resume:
+                return
+            if row.state is TaskState.QUEUED:
+                row.state, row.started_at, row.phase = TaskState.RUNNING, utcnow(), "running"
+                record_event(s, EventKind.TASK_STARTED, target, f"Task {task_id} ({row.kind}) started.")
+            else:
+                record_event(s, EventKind.TASK_STARTED, target, f"Task {task_id} ({row.kind}) resumed.")
         try:
             result = await body(TaskContext(task_id, target, self._sessions, self))
         except VmshiftError as e:
@@ -188,12 +220,16 @@ class TaskEngine:
         t.cancel()
         await asyncio.wait({t}, timeout=30)
 
-    def recover(self) -> int:
-        """Mark tasks a dead server left queued or running as failed; return how many."""
+    def recover(self, keep: Collection[TaskKind] = ()) -> int:
+        """Mark tasks a dead server left queued or running as failed; return how many.
+
+        Tasks of the ``keep`` kinds are left alone: their owner resumes them.
+        """
         with self._sessions.begin() as s:
-            rows = s.scalars(
-                select(TaskRow).where(TaskRow.state.in_([TaskState.QUEUED, TaskState.RUNNING]))
-            ).all()
+            q = select(TaskRow).where(TaskRow.state.in_([TaskState.QUEUED, TaskState.RUNNING]))
+            if keep:
+                q = q.where(TaskRow.kind.not_in([k.value for k in keep]))
+            rows = s.scalars(q).all()
             for row in rows:
                 row.state, row.finished_at, row.phase = TaskState.ERROR, utcnow(), "error"
                 row.error = {

@@ -10,13 +10,14 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vmshift.errors import AuthError, ConflictError, VmshiftError
-from vmshift.server.api import routes_inventory, routes_tasks, routes_vms
+from vmshift.server.api import routes_inventory, routes_migrations, routes_tasks, routes_vms
 from vmshift.server.core import ServerCore
+from vmshift.server.metrics import render_metrics
 from vmshift.server.settings import ServerSettings
 
 API_PREFIX = "/api/v1"
@@ -119,6 +120,15 @@ def create_app(settings: ServerSettings) -> FastAPI:
     )
     _install_error_handlers(app)
     deps = [Depends(require_token)]
-    for module in (routes_inventory, routes_vms, routes_tasks):
+    for module in (routes_inventory, routes_vms, routes_tasks, routes_migrations):
         app.include_router(module.router, prefix=API_PREFIX, dependencies=deps)
+
+    @app.get("/metrics", dependencies=deps, response_class=PlainTextResponse)
+    async def metrics(request: Request) -> PlainTextResponse:
+        """Prometheus text format; the same bearer token as the API (set it in the scrape config)."""
+        core: ServerCore = request.app.state.core
+        with core.sessions() as s:
+            text = render_metrics(s)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     return app

@@ -5,12 +5,25 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Dialect, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy import Enum as SaEnum
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 from vmshift.model.enums import ConnectionState, EventSeverity, PowerState, TaskState
+from vmshift.model.migration import MigrationPhase, MigrationStatus
 
 
 def utcnow() -> datetime:
@@ -69,6 +82,10 @@ class HostRow(Base):
     last_heartbeat: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     facts: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # live migration (vMotion) settings of this host
+    migration_bandwidth_limit_bps: Mapped[float | None] = mapped_column(Float, nullable=True)
+    migration_link_rate_bps: Mapped[float | None] = mapped_column(Float, nullable=True)
+    migration_limit: Mapped[int] = mapped_column(Integer, default=4, server_default=text("4"))
     cluster: Mapped[ClusterRow] = relationship(back_populates="hosts")
     datastores: Mapped[list[HostDatastoreRow]] = relationship(
         back_populates="host", cascade="all, delete-orphan"
@@ -135,6 +152,9 @@ class VmRow(Base):
     kernel_args: Mapped[str] = mapped_column(Text, default="")
     stats: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # live migration SLA of this VM
+    max_downtime_ms: Mapped[int] = mapped_column(Integer, default=500, server_default=text("500"))
+    allow_postcopy: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     host: Mapped[HostRow] = relationship(back_populates="vms")
     macs: Mapped[list[MacAllocationRow]] = relationship(cascade="all, delete-orphan")
     ips: Mapped[list[IpAllocationRow]] = relationship(cascade="all, delete-orphan")
@@ -181,6 +201,30 @@ class EventRow(Base):
     message: Mapped[str] = mapped_column(Text)
 
 
+class MigrationRow(Base):
+    """One live migration: what was asked, checked, predicted, what happened (JSON of model.migration)."""
+
+    __tablename__ = "migration"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm: Mapped[str] = mapped_column(String(64), index=True)
+    source_host: Mapped[str] = mapped_column(String(64))
+    target_host: Mapped[str] = mapped_column(String(64))
+    status: Mapped[MigrationStatus] = mapped_column(_enum(MigrationStatus), index=True)
+    phase: Mapped[MigrationPhase] = mapped_column(_enum(MigrationPhase))
+    task_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    checks: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    prediction: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    actions: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, doc="last agent sample")
+    measured_bandwidth_bps: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
 __all__ = [
     "Base",
     "ClusterRow",
@@ -192,6 +236,7 @@ __all__ = [
     "HostRow",
     "IpAllocationRow",
     "MacAllocationRow",
+    "MigrationRow",
     "NetworkRow",
     "TaskRow",
     "VmRow",

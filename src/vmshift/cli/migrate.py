@@ -1,0 +1,313 @@
+"""`vmshift vm migrate ...` (live migration) and `vmshift migration list|show`."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+from vmshift.cli import context
+from vmshift.cli.hosts import JsonOpt
+from vmshift.cli.output import console, emit_json, err_console, table
+from vmshift.client import VmshiftClient
+from vmshift.errors import InvalidInputError, VmshiftError
+from vmshift.model.enums import TaskState
+
+migration_app = typer.Typer(
+    help="Live migrations (vMotion): records, metrics, predictions.", no_args_is_help=True
+)
+
+_RATE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(bit|bps|b/s|b|ib/s|ib)?$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+POLL_S = 0.3
+
+
+def parse_rate(text: str) -> float:
+    """A link rate in bytes per second: '1gbit' / '100mbit' (bits), '50MB/s' / '50M' (bytes), '125000000'."""
+    m = _RATE.match(text.strip())
+    if not m or float(m.group(1)) <= 0:
+        raise InvalidInputError(
+            f"Bandwidth {text!r} is not valid.",
+            hint="Use e.g. 1gbit, 300mbit, 50MB/s or a byte count per second.",
+        )
+    value, prefix, unit = float(m.group(1)), m.group(2).lower(), (m.group(3) or "").lower()
+    if unit.startswith("i"):
+        scaled = value * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[prefix]
+    else:
+        scaled = value * _UNITS[prefix]
+    return scaled / 8 if unit in ("bit", "bps") else scaled
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def human_rate(bps: float | None) -> str:
+    return "-" if not bps else f"{bps / 2**20:.1f} MiB/s ({bps * 8 / 1e6:.0f} Mbit/s)"
+
+
+def _ms(v: Any) -> str:
+    return "-" if v is None else f"{v} ms"
+
+
+def show_report(report: dict[str, Any]) -> bool:
+    """Print a check report as a table; True if it has no error."""
+    rows = [[r["check"], r["severity"], r["message"], r.get("hint")] for r in report.get("results", [])]
+    table("Pre-migration checks", ["check", "result", "message", "hint"], rows)
+    return not any(r["severity"] == "error" for r in report.get("results", []))
+
+
+def show_prediction(preview: dict[str, Any]) -> None:
+    p = preview["prediction"]
+    rows = [
+        ["memory", human_bytes(p["memory_bytes"])],
+        ["dirty rate", human_rate(p["dirty_rate_bps"])],
+        ["bandwidth", human_rate(p["bandwidth_bps"])],
+        ["downtime limit", _ms(p["downtime_limit_ms"])],
+        ["predicted total", _ms(p["total_ms"])],
+        ["predicted downtime", _ms(p["downtime_ms"])],
+        ["rounds", p["rounds"]],
+        ["converges unaided", p["converges_unaided"]],
+        ["expected throttle", f"{p['throttle_percent']} %"],
+        ["bytes to send", human_bytes(p["bytes_sent"])],
+    ]
+    table("Prediction (nothing was started)", ["", "value"], rows)
+
+
+def show_migration(m: dict[str, Any]) -> None:
+    """Metrics, predicted vs actual, policy actions."""
+    met, pred = m.get("metrics") or {}, m.get("prediction") or {}
+    err = (m.get("error") or {}).get("message")
+    head = [
+        ["migration", m["id"]],
+        ["vm", m["vm"]],
+        ["from → to", f"{m['source_host']} → {m['target_host']}"],
+        ["status", m["status"]],
+        ["phase", m["phase"]],
+        ["task", m.get("task_id")],
+        ["created", m.get("created_at")],
+        ["finished", m.get("finished_at")],
+        ["error", err],
+    ]
+    table(f"Migration {m['id']}", ["", "value"], head)
+    rows: list[list[Any]] = [
+        ["total", _ms(met.get("total_ms")), _ms(pred.get("total_ms"))],
+        ["downtime", _ms(met.get("downtime_ms")), _ms(pred.get("downtime_ms"))],
+        ["setup", _ms(met.get("setup_ms")), ""],
+        ["bytes sent", human_bytes(met.get("bytes_sent")), human_bytes(pred.get("bytes_sent"))],
+        ["rounds", met.get("rounds"), pred.get("rounds")],
+        ["zero / normal pages", f"{met.get('zero_pages', 0)} / {met.get('normal_pages', 0)}", ""],
+        [
+            "throughput mean / peak",
+            f"{human_rate(met.get('mean_throughput_bps'))} / {human_rate(met.get('peak_throughput_bps'))}",
+            human_rate(pred.get("bandwidth_bps")),
+        ],
+        [
+            "dirty rate mean / peak",
+            f"{human_rate(met.get('mean_dirty_rate_bps'))} / {human_rate(met.get('peak_dirty_rate_bps'))}",
+            human_rate(pred.get("dirty_rate_bps")),
+        ],
+        ["max throttle", f"{met.get('max_throttle_percent', 0)} %", f"{pred.get('throttle_percent', 0)} %"],
+        ["post-copy", met.get("postcopy", False), ""],
+    ]
+    table("Actual vs predicted", ["metric", "actual", "predicted"], rows)
+    actions = m.get("actions") or []
+    if actions:
+        table(
+            "Policy actions",
+            ["t (s)", "action", "value", "round", "reason"],
+            (
+                [f"{a['time_s']:.2f}", a["kind"], a.get("value"), a["sample"]["round"], a["reason"]]
+                for a in actions
+            ),
+        )
+
+
+def _bar_fields(m: dict[str, Any], task: dict[str, Any]) -> dict[str, str]:
+    live = m.get("progress") or {}
+    phase = task.get("phase") or m["phase"]
+    if not live:
+        return {"phase": phase, "detail": ""}
+    detail = (
+        f"left {human_bytes(live.get('remaining_bytes'))} · "
+        f"{human_rate(live.get('throughput_bps'))} · dirty {human_rate(live.get('dirty_rate_bps'))}"
+    )
+    if live.get("throttle_percent"):
+        detail += f" · throttle {live['throttle_percent']} %"
+    return {"phase": phase, "detail": detail}
+
+
+def wait_migration(
+    c: VmshiftClient, task: dict[str, Any], migration_id: int, *, quiet: bool
+) -> dict[str, Any]:
+    """Follow a migration to its end (with a live bar unless quiet); return the migration record."""
+
+    def poll() -> tuple[dict[str, Any], dict[str, Any]]:
+        return c.get_task(task["id"]), c.get_migration(migration_id)
+
+    if quiet:
+        while True:
+            t, m = poll()
+            if TaskState(t["state"]).finished:
+                return c.get_migration(migration_id)
+            time.sleep(POLL_S)
+    with Progress(
+        TextColumn("[bold]{task.fields[vm]}[/] {task.fields[phase]}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+    ) as progress:
+        bar = progress.add_task("migrate", total=100, vm=task.get("target") or "", phase="", detail="")
+        while True:
+            t, m = poll()
+            f = _bar_fields(m, t)
+            progress.update(bar, completed=t.get("percent") or 0, phase=f["phase"], detail=f["detail"])
+            if TaskState(t["state"]).finished:
+                return c.get_migration(migration_id)
+            time.sleep(POLL_S)
+
+
+def vm_migrate(
+    name: str,
+    host: Annotated[str, typer.Option(help="Target host.")],
+    check_only: Annotated[
+        bool, typer.Option("--check-only", help="Run the checks, print them, stop.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Checks and prediction only; start nothing.")
+    ] = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return the task at once.")] = False,
+    max_downtime: Annotated[
+        int | None, typer.Option(help="Downtime budget in ms (default: the VM's).")
+    ] = None,
+    allow_postcopy: Annotated[
+        bool | None,
+        typer.Option("--allow-postcopy/--no-postcopy", help="Allow post-copy (default: the VM's)."),
+    ] = None,
+    bandwidth_limit: Annotated[
+        str | None, typer.Option(help="Cap the migration's bandwidth, e.g. 1gbit or 100MB/s.")
+    ] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Live-migrate a running VM to another host (vMotion)."""
+    limit = parse_rate(bandwidth_limit) if bandwidth_limit else None
+    with context.client() as c:
+        answer = c.migrate_vm(
+            name,
+            host,
+            check_only=check_only,
+            dry_run=dry_run and not check_only,
+            max_downtime_ms=max_downtime,
+            allow_postcopy=allow_postcopy,
+            bandwidth_limit_bps=limit,
+        )
+        if check_only:
+            ok = not any(r["severity"] == "error" for r in answer.get("results", []))
+            if json_:
+                emit_json(answer)
+            else:
+                show_report(answer)
+            raise typer.Exit(0 if ok else 1)
+        if dry_run:
+            if json_:
+                emit_json(answer)
+            else:
+                show_report(answer["checks"])
+                show_prediction(answer)
+            return
+        mid = answer["migration_id"]
+        if no_wait:
+            if json_:
+                emit_json(answer)
+            else:
+                typer.echo(
+                    f"Migration {mid} started as task {answer['id']}; follow it with "
+                    f"'vmshift task watch {answer['id']}' or 'vmshift migration show {mid}'."
+                )
+            return
+        final = wait_migration(c, answer, mid, quiet=json_)
+    if json_:
+        emit_json(final)
+    else:
+        show_migration(final)
+    if final["status"] != "completed":
+        err = final.get("error") or {}
+        raise VmshiftError(
+            f"Migration {mid} of {name} ended {final['status']}: {err.get('message') or 'no reason given'}",
+            hint=err.get("hint"),
+        )
+
+
+@migration_app.command("list")
+def migration_list(
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+    vm: Annotated[str | None, typer.Option(help="Only migrations of this VM.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """List migrations with their outcome and prediction."""
+    with context.client() as c:
+        items = c.list_migrations(limit, vm)
+    if json_:
+        emit_json(items)
+        return
+    table(
+        "Migrations",
+        [
+            "id",
+            "vm",
+            "from",
+            "to",
+            "status",
+            "phase",
+            "total",
+            "downtime",
+            "pred. total",
+            "pred. downtime",
+            "rounds",
+            "sent",
+        ],
+        (
+            [
+                m["id"],
+                m["vm"],
+                m["source_host"],
+                m["target_host"],
+                m["status"],
+                m["phase"],
+                _ms(m["total_ms"]),
+                _ms(m["downtime_ms"]),
+                _ms(m["predicted_total_ms"]),
+                _ms(m["predicted_downtime_ms"]),
+                m["rounds"],
+                human_bytes(m["bytes_sent"]),
+            ]
+            for m in items
+        ),
+    )
+
+
+@migration_app.command("show")
+def migration_show(migration_id: int, json_: JsonOpt = False) -> None:
+    """One migration: metrics, predicted vs actual, policy actions, checks."""
+    with context.client() as c:
+        m = c.get_migration(migration_id)
+    if json_:
+        emit_json(m)
+        return
+    show_migration(m)
+    if m.get("checks"):
+        show_report(m["checks"])
+
+
+__all__ = ["console", "migration_app", "parse_rate", "vm_migrate", "wait_migration"]

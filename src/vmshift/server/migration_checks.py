@@ -1,0 +1,261 @@
+"""Pre-migration checks fed with live facts, and the estimate (issue 3, items 2 and 3).
+
+The pure ``vmshift.migration.checks`` and ``estimator`` decide; this module gathers what they need:
+the host rows, the VM's spec and settings, the migrations already running, and two agent calls
+(a TCP sink on the target, a measurement from the source) that prove the migration link works and
+measure its bandwidth.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from vmshift.errors import ApiError, InvalidInputError, VmshiftError
+from vmshift.migration.checks import HostView, VmView, run_checks
+from vmshift.migration.estimator import estimate
+from vmshift.model.agent_migration import MeasureRequest, SinkRequest
+from vmshift.model.enums import ConnectionState
+from vmshift.model.migration import (
+    CheckId,
+    CheckReport,
+    CheckResult,
+    CheckSeverity,
+    MigrationCreate,
+    MigrationPrediction,
+    MigrationSettings,
+    MigrationStatus,
+)
+from vmshift.model.vm import VmSpec
+from vmshift.server.agent_client import AgentPool
+from vmshift.server.db.schema import HostRow, MigrationRow, VmRow
+from vmshift.server.inventory import get_host, get_vm, host_facts
+
+SINK_SECONDS = 5.0
+MEASURE_SECONDS = 0.5
+DIRTY_RATE_SECONDS = 1
+
+# A failing check answers 422 when the request can never work as asked, 409 when the state may change.
+_UNPROCESSABLE = {
+    CheckId.CPU_MODEL,
+    CheckId.ACCELERATOR,
+    CheckId.MACHINE_TYPE,
+    CheckId.MEMORY,
+    CheckId.DATASTORES,
+    CheckId.NETWORKS,
+    CheckId.MIGRATION_ADDRESS,
+    CheckId.HOST_BOUND_DEVICES,
+}
+
+
+def status_for(result: CheckResult) -> int:
+    return 422 if result.check in _UNPROCESSABLE else 409
+
+
+@dataclass
+class Plan:
+    """Everything the checks found out, for the answer and for the migration row."""
+
+    vm: str
+    spec: VmSpec
+    source: str
+    target: str
+    source_address: str
+    target_address: str
+    settings: MigrationSettings
+    report: CheckReport
+    bandwidth_bps: float | None  # measured on the migration link (None = not measured)
+    link_rate_bps: float | None  # configured on the hosts (the slower one)
+
+
+def running_per_host(s: Session) -> Counter[str]:
+    """Running migrations per host (a migration counts on its source and on its target)."""
+    load: Counter[str] = Counter()
+    for src, dst in s.execute(
+        select(MigrationRow.source_host, MigrationRow.target_host).where(
+            MigrationRow.status == MigrationStatus.RUNNING
+        )
+    ):
+        load[src] += 1
+        load[dst] += 1
+    return load
+
+
+def _host_view(h: HostRow) -> HostView:
+    return HostView(
+        facts=host_facts(h),
+        connection=h.connection_state,
+        maintenance=h.maintenance,
+        datacenter=h.cluster.datacenter.name,
+    )
+
+
+def settings_for(vm: VmRow, src: HostRow, dst: HostRow, body: MigrationCreate) -> MigrationSettings:
+    """The request's knobs, else the VM's SLA and the hosts' bandwidth limit (the lower one)."""
+    limits = [x for x in (src.migration_bandwidth_limit_bps, dst.migration_bandwidth_limit_bps) if x]
+    return MigrationSettings(
+        max_downtime_ms=body.max_downtime_ms or vm.max_downtime_ms,
+        allow_postcopy=vm.allow_postcopy if body.allow_postcopy is None else body.allow_postcopy,
+        bandwidth_limit_bps=body.bandwidth_limit_bps or (min(limits) if limits else None),
+    )
+
+
+def _concurrency(src: HostRow, dst: HostRow, running: Counter[str]) -> CheckResult:
+    busy = [f"{h.name} ({running[h.name]} of {h.migration_limit})" for h in (src, dst)
+            if running[h.name] >= h.migration_limit]  # fmt: skip
+    if not busy:
+        return CheckResult(
+            check=CheckId.CONCURRENCY,
+            severity=CheckSeverity.OK,
+            message="Both hosts are below their limits of concurrent migrations.",
+        )
+    return CheckResult(
+        check=CheckId.CONCURRENCY,
+        severity=CheckSeverity.WARNING,
+        message=f"Host {' and '.join(busy)} is at its limit of concurrent migrations, "
+        "so this one will wait in the queue.",
+        hint="It starts when a running migration ends.",
+    )
+
+
+def _replace(report: CheckReport, result: CheckResult) -> CheckReport:
+    return CheckReport(results=[result if r.check is result.check else r for r in report.results])
+
+
+async def measure_link(
+    agents: AgentPool, source_address: str, target_address: str
+) -> tuple[bool, float | None, CheckResult | None]:
+    """Ask the target for a sink and the source to send to it: (reachable, bandwidth, failure result)."""
+    try:
+        sink = await agents.get(target_address).netperf_sink(SinkRequest(seconds=SINK_SECONDS))
+        m = await agents.get(source_address).netperf_measure(
+            MeasureRequest(address=sink.address, port=sink.port, seconds=MEASURE_SECONDS)
+        )
+    except VmshiftError as e:
+        missing = isinstance(e, ApiError) and e.status in (404, 405)
+        why = "its agent has no netperf endpoint (agent too old?)" if missing else e.message.rstrip(".")
+        return (
+            False,
+            None,
+            CheckResult(
+                check=CheckId.REACHABILITY,
+                severity=CheckSeverity.ERROR,
+                message=f"The migration link could not be tested: {why}.",
+                hint=e.hint or "Check that both agents run and are up to date.",
+            ),
+        )
+    if not m.reachable:
+        return (
+            False,
+            None,
+            CheckResult(
+                check=CheckId.REACHABILITY,
+                severity=CheckSeverity.ERROR,
+                message=f"The source cannot reach {sink.address}:{sink.port} on the migration network"
+                f"{f' ({m.error})' if m.error else ''}.",
+                hint="Check the migration network's links, addresses and firewalls.",
+            ),
+        )
+    return True, m.bandwidth_bps, None
+
+
+def _gather(s: Session, vm_name: str, body: MigrationCreate) -> tuple[Plan, VmView, HostView, HostView, bool]:
+    vm = get_vm(s, vm_name)
+    src, dst = vm.host, get_host(s, body.host)
+    spec = VmSpec.model_validate(vm.spec)
+    src_view, dst_view = _host_view(src), _host_view(dst)
+    vm_view = VmView.from_spec(spec, vm.power_state, src_view.facts.accelerator)
+    running = running_per_host(s)
+    rates = [x for x in (src.migration_link_rate_bps, dst.migration_link_rate_bps) if x]
+    plan = Plan(
+        vm=vm.name,
+        spec=spec,
+        source=src.name,
+        target=dst.name,
+        source_address=src.address,
+        target_address=dst.address,
+        settings=settings_for(vm, src, dst, body),
+        report=CheckReport(results=[_concurrency(src, dst, running)]),
+        bandwidth_bps=None,
+        link_rate_bps=min(rates) if rates else None,
+    )
+    link_testable = (
+        src.name != dst.name
+        and src.connection_state is ConnectionState.CONNECTED
+        and dst.connection_state is ConnectionState.CONNECTED
+        and bool(src_view.facts.migration_address and dst_view.facts.migration_address)
+    )
+    return plan, vm_view, src_view, dst_view, link_testable
+
+
+async def plan_migration(
+    sessions: sessionmaker[Session], agents: AgentPool, vm_name: str, body: MigrationCreate
+) -> Plan:
+    """Run every check with live facts. Raises only for unknown names; check failures are in the report.
+
+    The database is read first and closed before the agents are asked (no transaction spans I/O).
+    """
+    with sessions() as s:
+        plan, vm_view, src_view, dst_view, link_testable = _gather(s, vm_name, body)
+    concurrency = plan.report.results[0]
+    reachable: bool | None = None
+    failure: CheckResult | None = None
+    if link_testable:
+        reachable, plan.bandwidth_bps, failure = await measure_link(
+            agents, plan.source_address, plan.target_address
+        )
+    report = run_checks(vm_view, src_view, dst_view, reachable=reachable)
+    report = _replace(report, concurrency)
+    if failure is not None:
+        report = _replace(report, failure)
+    plan.report = report
+    return plan
+
+
+def effective_bandwidth(
+    measured_bps: float | None, link_rate_bps: float | None, limit_bps: float | None
+) -> float | None:
+    """What the migration can use: measured, else the configured link rate, capped by the limit."""
+    bandwidth = measured_bps or link_rate_bps
+    if limit_bps:
+        bandwidth = min(bandwidth or limit_bps, limit_bps)
+    return bandwidth
+
+
+async def predict(
+    agents: AgentPool,
+    source_address: str,
+    spec: VmSpec,
+    settings: MigrationSettings,
+    bandwidth_bps: float | None,
+    *,
+    source: str = "the source",
+    target: str = "the target",
+) -> MigrationPrediction:
+    """Dirty rate from the source agent + bandwidth + memory size → the estimator's prediction."""
+    if not bandwidth_bps:
+        raise InvalidInputError(
+            f"The bandwidth between {source} and {target} is unknown, so nothing can be predicted.",
+            hint="Let the checks measure the migration link, or configure the hosts' link rate.",
+        )
+    rate = await agents.get(source_address).dirty_rate(spec.name, DIRTY_RATE_SECONDS)
+    memory = spec.memory_mib * 2**20
+    downtime_s = settings.max_downtime_ms / 1000
+    est = estimate(memory, rate.dirty_rate_bps, bandwidth_bps, downtime_s)
+    return est.to_prediction(memory, rate.dirty_rate_bps, bandwidth_bps, downtime_s)
+
+
+async def predict_plan(agents: AgentPool, plan: Plan) -> MigrationPrediction:
+    bandwidth = effective_bandwidth(plan.bandwidth_bps, plan.link_rate_bps, plan.settings.bandwidth_limit_bps)
+    return await predict(
+        agents,
+        plan.source_address,
+        plan.spec,
+        plan.settings,
+        bandwidth,
+        source=plan.source,
+        target=plan.target,
+    )

@@ -1,0 +1,153 @@
+"""Migration rows: create, mirror the agent's progress, finish (the VM moves in the same transaction)."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from vmshift.errors import NotFoundError
+from vmshift.model.agent_migration import MigrationProgress
+from vmshift.model.api import ErrorInfo, EventKind
+from vmshift.model.enums import EventSeverity, PowerState
+from vmshift.model.migration import (
+    CheckReport,
+    Migration,
+    MigrationAction,
+    MigrationLive,
+    MigrationMetrics,
+    MigrationPhase,
+    MigrationPrediction,
+    MigrationSettings,
+    MigrationStatus,
+)
+from vmshift.server.db.schema import HostRow, MigrationRow, VmRow, utcnow
+from vmshift.server.events import record_event
+
+Sessions = sessionmaker[Session]
+
+# Phases in which the source agent owns the migration (its control loop runs).
+AGENT_PHASES = frozenset(
+    {MigrationPhase.PRECOPY, MigrationPhase.POSTCOPY, MigrationPhase.SWITCHOVER, MigrationPhase.FINISH,
+     MigrationPhase.ROLLBACK}
+)  # fmt: skip
+
+
+def migration_view(m: MigrationRow) -> Migration:
+    return Migration(
+        id=m.id,
+        vm=m.vm,
+        source_host=m.source_host,
+        target_host=m.target_host,
+        status=m.status,
+        phase=m.phase,
+        task_id=m.task_id,
+        created_at=m.created_at,
+        started_at=m.started_at,
+        finished_at=m.finished_at,
+        settings=MigrationSettings.model_validate(m.settings or {}),
+        checks=CheckReport.model_validate(m.checks) if m.checks else None,
+        prediction=MigrationPrediction.model_validate(m.prediction) if m.prediction else None,
+        metrics=MigrationMetrics.model_validate(m.metrics or {}),
+        actions=[MigrationAction.model_validate(a) for a in m.actions or []],
+        error=ErrorInfo.model_validate(m.error) if m.error else None,
+        progress=MigrationLive.model_validate(m.progress) if m.progress else None,
+    )
+
+
+def get_migration_row(s: Session, migration_id: int) -> MigrationRow:
+    row = s.get(MigrationRow, migration_id)
+    if row is None:
+        raise NotFoundError(
+            f"Migration {migration_id} does not exist.", hint="List migrations with 'vmshift migration list'."
+        )
+    return row
+
+
+def unfinished_for_vm(s: Session, vm: str) -> MigrationRow | None:
+    return s.scalar(
+        select(MigrationRow).where(
+            MigrationRow.vm == vm,
+            MigrationRow.status.in_([MigrationStatus.QUEUED, MigrationStatus.RUNNING]),
+        )
+    )
+
+
+def set_phase(sessions: Sessions, migration_id: int, phase: MigrationPhase) -> None:
+    with sessions.begin() as s:
+        row = get_migration_row(s, migration_id)
+        row.phase = phase
+
+
+def store_prediction(sessions: Sessions, migration_id: int, prediction: MigrationPrediction) -> None:
+    with sessions.begin() as s:
+        get_migration_row(s, migration_id).prediction = prediction.model_dump(mode="json")
+
+
+def mirror(sessions: Sessions, migration_id: int, p: MigrationProgress) -> None:
+    """Copy an agent sample into the row (phase, metrics, actions, last sample for the CLI's bar)."""
+    with sessions.begin() as s:
+        row = get_migration_row(s, migration_id)
+        if row.status.finished:
+            return
+        if p.phase in AGENT_PHASES:
+            row.phase = p.phase
+        row.metrics = p.metrics.model_dump(mode="json")
+        row.actions = [a.model_dump(mode="json") for a in p.actions]
+        row.progress = p.model_dump(
+            mode="json",
+            include=set(MigrationLive.model_fields),
+        )  # fmt: skip
+
+
+def complete(sessions: Sessions, migration_id: int, p: MigrationProgress) -> None:
+    """The VM now runs on the target: move it in the inventory in the same transaction as the record."""
+    with sessions.begin() as s:
+        row = get_migration_row(s, migration_id)
+        if row.status.finished:
+            return
+        vm = s.scalar(select(VmRow).where(VmRow.name == row.vm))
+        target = s.scalar(select(HostRow).where(HostRow.name == row.target_host))
+        if vm is not None and target is not None:
+            vm.host = target
+            vm.power_state = PowerState.POWERED_ON
+        row.status, row.phase, row.finished_at = MigrationStatus.COMPLETED, MigrationPhase.COMPLETED, utcnow()
+        row.metrics = p.metrics.model_dump(mode="json")
+        row.actions = [a.model_dump(mode="json") for a in p.actions]
+        m = p.metrics
+        record_event(
+            s,
+            EventKind.VM_MIGRATED,
+            row.vm,
+            f"VM {row.vm} migrated from {row.source_host} to {row.target_host} (migration {row.id}: "
+            f"{m.total_ms} ms total, {m.downtime_ms} ms downtime, {m.rounds} rounds).",
+        )
+
+
+def fail(
+    sessions: Sessions,
+    migration_id: int,
+    error: ErrorInfo,
+    *,
+    cancelled: bool = False,
+    progress: MigrationProgress | None = None,
+) -> None:
+    """The migration ended before switchover: the VM stays on the source."""
+    with sessions.begin() as s:
+        row = get_migration_row(s, migration_id)
+        if row.status.finished:
+            return
+        row.status = MigrationStatus.CANCELLED if cancelled else MigrationStatus.FAILED
+        row.phase = MigrationPhase.CANCELLED if cancelled else MigrationPhase.FAILED
+        row.finished_at, row.error = utcnow(), error.model_dump(mode="json")
+        if progress is not None:
+            row.metrics = progress.metrics.model_dump(mode="json")
+            row.actions = [a.model_dump(mode="json") for a in progress.actions]
+        record_event(
+            s,
+            EventKind.MIGRATION_FAILED,
+            row.vm,
+            f"Migration {row.id} of VM {row.vm} to {row.target_host} "
+            f"{'was cancelled' if cancelled else 'failed'}: {error.message} "
+            f"The VM stays on {row.source_host}.",
+            EventSeverity.WARNING if cancelled else EventSeverity.ERROR,
+        )
