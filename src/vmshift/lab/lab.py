@@ -99,7 +99,9 @@ def _bring_up(rec: LabRecord, progress: Progress) -> None:
     from vmshift.lab import image  # lazily: building the image pulls in a toolchain
 
     images_dir = image.build_image(progress=lambda msg: progress(f"guest image: {msg}"))
-    image.install_image(images_dir, lay.shared_datastore)
+    # like a content library: the image is on every datastore, shared or local
+    for datastore in (lay.shared_datastore, *(lay.local_datastore(k) for k in lay.host_numbers)):
+        image.install_image(images_dir, datastore)
     progress("server")
     processes.start_server(rec)
     for k in lay.host_numbers:
