@@ -39,7 +39,8 @@ def wait_migration_phase(
 ) -> dict[str, Any]:
     def reached() -> dict[str, Any] | None:
         m = get_migration(api, mid)
-        if m["phase"] in phases:
+        moving = (m.get("progress") or {}).get("transferred_bytes", 0) > 0
+        if m["phase"] in phases and (m["phase"] != "precopy" or moving):
             return m
         assert m["status"] not in ("failed", "cancelled", "completed"), f"migration ended early: {m}"
         return None

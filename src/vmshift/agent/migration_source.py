@@ -206,9 +206,16 @@ class _Loop:
         """Set up and sample until QEMU's migration finishes; returns COMPLETED or raises _Rollback."""
         if not self.o.supervisor.is_alive(self.rec.vm):
             raise _Rollback(f"The source QEMU of VM {self.rec.vm!r} is not running.", "qemu_error")
-        if not self.rec.migrate_sent:
-            await self._setup()
-        elif QemuMigrationStatus.parse(str((await mq.query_migrate(self.qmp())).get("status"))) is Q.NONE:
+        # a QEMU that never migrated answers query-migrate with {} (no status)
+        current = QemuMigrationStatus.parse(str((await mq.query_migrate(self.qmp())).get("status", "none")))
+        if not self.rec.migrate_sent and current in (Q.NONE, Q.FAILED, Q.CANCELLED):
+            await self._setup()  # fresh, or an earlier attempt's outcome lingers in QEMU
+        elif not self.rec.migrate_sent:
+            # the agent died between `migrate` and saving that it sent it: QEMU is the truth
+            self.rec.migrate_sent = True
+            self.p.phase = P.PRECOPY
+            self.save()
+        elif current is Q.NONE:
             raise _Rollback("The source QEMU has no migration in progress (it was restarted).", "qemu_error")
         last_bytes, last_progress_at = -1, time.monotonic()
         target_ok_at, next_target_check = time.monotonic(), 0.0
