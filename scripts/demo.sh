@@ -31,12 +31,18 @@ for vm in web-1 web-2; do
   $V lab check "$vm" --name "$LAB" --json
 done
 
+echo "== vMotion: web-1 host-1 -> host-2 -> host-1 while a TCP connection and a 1 ms UDP probe run"
+$V lab vmotion-demo web-1 --name "$LAB"
+$V migration list
+
 cat <<MSG
 
 The lab '$LAB' is still up. Try:
   eval "\$(.venv/bin/vmshift lab env --name $LAB)"
   .venv/bin/vmshift vm show web-1
   .venv/bin/vmshift lab probe web-1 --name $LAB --seconds 3 --json
+  .venv/bin/vmshift vm migrate web-1 --host host-2 --dry-run
+  .venv/bin/vmshift vm migrate web-1 --host host-2
 Tear it down with:
   make demo-down        (or: .venv/bin/vmshift lab down --name $LAB)
 MSG

@@ -208,13 +208,13 @@ class _Loop:
             raise _Rollback(f"The source QEMU of VM {self.rec.vm!r} is not running.", "qemu_error")
         # a QEMU that never migrated answers query-migrate with {} (no status)
         current = QemuMigrationStatus.parse(str((await mq.query_migrate(self.qmp())).get("status", "none")))
-        if not self.rec.migrate_sent and current in (Q.NONE, Q.FAILED, Q.CANCELLED):
-            await self._setup()  # fresh, or an earlier attempt's outcome lingers in QEMU
-        elif not self.rec.migrate_sent:
+        if not self.rec.migrate_sent and await self._sent_before_restart(current):
             # the agent died between `migrate` and saving that it sent it: QEMU is the truth
             self.rec.migrate_sent = True
             self.p.phase = P.PRECOPY
             self.save()
+        elif not self.rec.migrate_sent:
+            await self._setup()
         elif current is Q.NONE:
             raise _Rollback("The source QEMU has no migration in progress (it was restarted).", "qemu_error")
         last_bytes, last_progress_at = -1, time.monotonic()
@@ -251,6 +251,16 @@ class _Loop:
                     raise _Rollback(f"The target agent {self.req.target_agent.address} stopped answering.",
                                     "host_unreachable")
             await asyncio.sleep(self.o.sample_interval_s)
+
+    async def _sent_before_restart(self, current: QemuMigrationStatus) -> bool:
+        """Did QEMU already get our `migrate`? A status left from an earlier attempt, or from the
+        migration that brought this VM here (a former target reports that one as completed), is no
+        sign; an outgoing stream in flight is, and so is a completed one that left the VM paused."""
+        if current in (Q.NONE, Q.FAILED, Q.CANCELLED, Q.UNKNOWN):
+            return False
+        if current is Q.COMPLETED:
+            return (await self.qmp().query_status()).status == "postmigrate"
+        return True
 
     async def _setup(self) -> None:
         qmp, s = self.qmp(), self.req.settings

@@ -152,11 +152,16 @@ def _run_probe(json_: bool, fn: Callable[[], dict[str, Any]], ok: Callable[[dict
 
 
 @lab_app.command("check")
-def check_cmd(vm: str, name: NameOpt = "lab", json_: JsonOpt = False) -> None:
+def check_cmd(
+    vm: str,
+    name: NameOpt = "lab",
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for a booting guest.")] = 60.0,
+    json_: JsonOpt = False,
+) -> None:
     """Echo over TCP and read the guest's memtest/disklog status, from the lab's client namespace."""
     from vmshift.lab import lab
 
-    _run_probe(json_, lambda: lab.check(name, vm), lambda r: bool(r.get("echo")) and "error" not in r)
+    _run_probe(json_, lambda: lab.check(name, vm, wait), lambda r: bool(r.get("echo")) and "error" not in r)
 
 
 @lab_app.command("probe")
@@ -170,3 +175,33 @@ def probe_cmd(
     from vmshift.lab import lab
 
     _run_probe(json_, lambda: lab.probe(name, vm, seconds), lambda r: int(r.get("received", 0)) > 0)
+
+
+@lab_app.command("vmotion-demo")
+def vmotion_demo_cmd(vm: str, name: NameOpt = "lab", json_: JsonOpt = False) -> None:
+    """Migrate VM to another host and back while TCP and 1 ms UDP probes run; print what it felt."""
+    from vmshift.lab import showcase
+
+    def progress(msg: str) -> None:
+        if not json_:
+            err_console.print(f"[dim]vmotion:[/] {msg}", highlight=False)
+
+    with _errors(json_):
+        rows = showcase.round_trip(name, vm, progress)
+    if json_:
+        _emit(rows)
+        return
+    table = Table(title=f"vMotion of {vm}, measured from the client namespace", title_justify="left")
+    for col in ("leg", "total ms", "downtime ms", "predicted total / downtime ms", "rounds",
+                "longest UDP gap ms", "UDP lost", "TCP kept", "memtest mismatches"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            f"{r['source']} -> {r['target']}", str(r["total_ms"]), str(r["downtime_ms"]),
+            f"{r['predicted_total_ms']} / {r['predicted_downtime_ms']}", str(r["rounds"]),
+            str(r["udp_max_gap_ms"]), str(r["udp_lost"]), "yes" if r["tcp_kept"] else "NO",
+            str(r["memtest_mismatches"]),
+        )
+    console.print(table)
+    if any(not r["tcp_kept"] or r["memtest_mismatches"] for r in rows):
+        raise typer.Exit(1)

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -242,11 +243,21 @@ def run_probe(rec: LabRecord, args: list[str], timeout: float = PROBE_TIMEOUT_S)
     return result
 
 
-def check(name: str, vm: str) -> dict[str, Any]:
-    """Echo + guest integrity status of vm, seen from the lab's client namespace."""
+def check(name: str, vm: str, wait_s: float = 0.0) -> dict[str, Any]:
+    """Echo + guest integrity status of vm, seen from the lab's client namespace.
+
+    With `wait_s`, a guest that does not answer yet (still booting) is asked again until it does
+    or the time is up; the last answer is returned either way.
+    """
     require_root()
     rec = get(name)
-    return run_probe(rec, ["check", vm_ip(rec, vm)])
+    ip = vm_ip(rec, vm)
+    deadline = time.monotonic() + wait_s
+    while True:
+        result = run_probe(rec, ["check", ip])
+        if (result.get("echo") and "error" not in result) or time.monotonic() >= deadline:
+            return result
+        time.sleep(1.0)
 
 
 def probe(name: str, vm: str, seconds: float = 5.0) -> dict[str, Any]:

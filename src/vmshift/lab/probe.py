@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,8 +77,16 @@ def check(ip: str, timeout: float = 5.0) -> dict[str, Any]:
     return result
 
 
-def udp_probe(ip: str, seconds: float, interval_s: float = 0.001, grace_s: float = 0.3) -> dict[str, Any]:
+def udp_probe(
+    ip: str,
+    seconds: float,
+    interval_s: float = 0.001,
+    grace_s: float = 0.3,
+    stop: threading.Event | None = None,
+) -> dict[str, Any]:
     """Send a numbered datagram every interval_s; count replies and the longest silence between them.
+
+    Sending ends after `seconds`, or earlier once `stop` is set.
 
     The silence before the first reply and after the last one (up to the last send) counts too, so a
     guest that stops answering for good shows a large gap, not just losses.
@@ -97,6 +106,8 @@ def udp_probe(ip: str, seconds: float, interval_s: float = 0.001, grace_s: float
     try:
         while True:
             now = time.monotonic()
+            if stop is not None and stop.is_set() and end_send > now:
+                end_send, deadline = now, now + grace_s
             if now < end_send and now >= next_send:
                 try:
                     sock.send(struct.pack(_UDP_FMT, sent, now))
@@ -195,19 +206,23 @@ class TcpHold:
 
 
 @dataclass
-class TcpHoldProcess:
-    """A TcpHold running in a lab's client namespace, in a subprocess a test starts and stops."""
+class BackgroundProbe:
+    """A probe running in a lab's client namespace, in a subprocess a caller starts and stops.
 
-    proc: subprocess.Popen[str]
+    Closing the subprocess's stdin is the signal to stop; it then prints its JSON report.
+    """
+
+    def __init__(self, proc: subprocess.Popen[str], what: str) -> None:
+        self.proc = proc
+        self.what = what
 
     @classmethod
-    def start(cls, client_ns: str, ip: str, interval_ms: float = 100) -> TcpHoldProcess:
-        cmd = ["ip", "netns", "exec", client_ns, sys.executable, "-m", "vmshift.lab.probe",
-               "hold", ip, "--interval-ms", str(interval_ms)]  # fmt: skip
+    def start(cls, client_ns: str, args: list[str], what: str) -> BackgroundProbe:
+        cmd = ["ip", "netns", "exec", client_ns, sys.executable, "-m", "vmshift.lab.probe", *args]
         proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        return cls(proc)
+        return cls(proc, what)
 
     def stop(self, timeout: float = 40.0) -> dict[str, Any]:
         """Close its stdin (the signal to stop) and return its report."""
@@ -216,12 +231,37 @@ class TcpHoldProcess:
         except subprocess.TimeoutExpired as e:
             self.proc.kill()
             self.proc.communicate()
-            raise LabError("The TCP hold probe did not stop in time.") from e
+            raise LabError(f"The {self.what} probe did not stop in time.") from e
         try:
             report: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
         except (ValueError, IndexError) as e:
-            raise LabError(f"The TCP hold probe failed: {err.strip()[-500:]}") from e
+            raise LabError(f"The {self.what} probe failed: {err.strip()[-500:]}") from e
         return report
+
+
+class TcpHoldProcess(BackgroundProbe):
+    """A TcpHold (one long-lived echoing TCP connection) in the client namespace."""
+
+    @classmethod
+    def start(  # type: ignore[override]
+        cls, client_ns: str, ip: str, interval_ms: float = 100
+    ) -> BackgroundProbe:
+        return BackgroundProbe.start(
+            client_ns, ["hold", ip, "--interval-ms", str(interval_ms)], "TCP hold"
+        )
+
+
+def udp_probe_process(client_ns: str, ip: str) -> BackgroundProbe:
+    """A 1 ms UDP echo probe in the client namespace that runs until stopped."""
+    return BackgroundProbe.start(client_ns, ["udp", ip, "--until-stopped"], "UDP")
+
+
+def _stop_on_stdin_close(stop: Callable[[], None]) -> None:
+    def wait() -> None:  # closing stdin is the caller's way to stop the probe
+        sys.stdin.read()
+        stop()
+
+    threading.Thread(target=wait, daemon=True).start()
 
 
 def _hold_main(ip: str, seconds: float | None, interval_ms: float) -> dict[str, Any]:
@@ -229,12 +269,14 @@ def _hold_main(ip: str, seconds: float | None, interval_ms: float) -> dict[str, 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: hold.request_stop())
 
-    def wait_stdin_closed() -> None:  # closing stdin is the test's way to stop the probe
-        sys.stdin.read()
-        hold.request_stop()
-
-    threading.Thread(target=wait_stdin_closed, daemon=True).start()
+    _stop_on_stdin_close(hold.request_stop)
     return hold.run(seconds)
+
+
+def _udp_until_stopped(ip: str) -> dict[str, Any]:
+    stop = threading.Event()
+    _stop_on_stdin_close(stop.set)
+    return udp_probe(ip, seconds=24 * 3600, stop=stop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p_udp = sub.add_parser("udp")
     p_udp.add_argument("ip")
     p_udp.add_argument("--seconds", type=float, default=5.0)
+    p_udp.add_argument("--until-stopped", action="store_true", help="run until stdin closes")
     p_hold = sub.add_parser("hold")
     p_hold.add_argument("ip")
     p_hold.add_argument("--seconds", type=float, default=None)
@@ -254,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         result = check(args.ip)
         ok = bool(result["echo"]) and "error" not in result
     elif args.cmd == "udp":
-        result = udp_probe(args.ip, args.seconds)
+        result = _udp_until_stopped(args.ip) if args.until_stopped else udp_probe(args.ip, args.seconds)
         ok = result["received"] > 0
     else:
         result = _hold_main(args.ip, args.seconds, args.interval_ms)
