@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 import httpx
 import psutil
 import pytest
+
+from tests.lab.helpers import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -56,20 +58,6 @@ while true; do sleep 1; done
 """
 APPLETS = ("sh", "mount", "insmod", "mkdir", "grep", "sleep", "echo", "printf", "chmod", "acpid", "poweroff",
            "run-parts", "ls")
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60, interval: float = 0.2) -> T:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = probe()
-            if value:
-                return value
-        except Exception as exc:
-            last = exc
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; last error: {last!r}")
 
 
 def gone(pid: int) -> bool:

@@ -5,17 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vmshift.agent.config import AgentConfig
 from vmshift.agent.datastores import Datastores
@@ -28,7 +25,8 @@ from vmshift.agent.routes_migration import MigrationRoles
 from vmshift.agent.routes_migration import router as migration_router
 from vmshift.agent.supervisor import Supervisor
 from vmshift.agent.vmfiles import VmFiles
-from vmshift.errors import AuthError, InvalidInputError, VmshiftError
+from vmshift.errors import InvalidInputError
+from vmshift.http_edge import bearer_auth, install_error_handlers
 from vmshift.model.enums import PowerAction
 from vmshift.model.host import HostFacts
 from vmshift.model.vm import VmRuntime, VmSpec
@@ -59,22 +57,6 @@ def _state(request: Request) -> AgentState:
 
 
 State = Annotated[AgentState, Depends(_state)]
-
-
-def _error(status: int, code: str, message: str, hint: str | None = None) -> JSONResponse:
-    body = {"error": {"code": code, "message": message, "hint": hint}}
-    return JSONResponse(status_code=status, content=body)
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
-    errors = exc.errors()
-    if not errors:
-        return 422, "The request is not valid."
-    first = errors[0]
-    if first.get("type") == "json_invalid":
-        return 400, "The request body is not valid JSON."
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    return 422, f"Field {where or '(body)'!r} is not valid: {first.get('msg', 'invalid value')}."
 
 
 async def _refresh_loop(supervisor: Supervisor) -> None:
@@ -117,31 +99,13 @@ def create_app(config: AgentConfig) -> FastAPI:
             await supervisor.close()
             log.info("agent %s stopped; its VMs keep running", config.name)
 
-    def require_token(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            raise AuthError("This request has no bearer token.",
-                            hint="Send 'Authorization: Bearer <agent token>'.")
-        if not secrets.compare_digest(given.strip().encode(), token.encode()):
-            raise AuthError("The bearer token is wrong.", hint="Use the agent token the server was given.")
+    require_token = bearer_auth(token, hint_missing="Send 'Authorization: Bearer <agent token>'.",
+                                hint_wrong="Use the agent token the server was given.")
 
     app = FastAPI(title="vmshift agent", version="1", lifespan=lifespan,
                   dependencies=[Depends(require_token)])
 
-    @app.exception_handler(VmshiftError)
-    async def _vmshift_error(request: Request, exc: VmshiftError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.message, exc.hint)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        status, message = _validation_message(exc)
-        return _error(status, "invalid_input", message, "Check the request against the agent API.")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = "not_found" if exc.status_code == 404 else "http_error"
-        return _error(exc.status_code, code, f"{exc.detail}.", None)
+    install_error_handlers(app, what="agent", api_doc_hint="See docs/agent.md for the agent API.")
 
     @app.get("/api/v1/health")
     async def health(agent: State) -> dict[str, Any]:
