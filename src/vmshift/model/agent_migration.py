@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 from vmshift.model.api import ErrorInfo
 from vmshift.model.migration import (
     MigrationAction,
+    MigrationLive,
     MigrationMetrics,
     MigrationPhase,
     MigrationSettings,
@@ -73,19 +74,13 @@ class OutgoingMigration(BaseModel):
     dirty_rate_bps: float | None = None
 
 
-class MigrationProgress(BaseModel):
+class MigrationProgress(MigrationLive):
+    """The source agent's view of one migration: the latest sample plus phase, actions and outcome."""
+
     migration_id: int
     vm: str
     phase: MigrationPhase
     status: MigrationStatus
-    round: int = 0
-    remaining_bytes: int = 0
-    total_bytes: int = 0
-    transferred_bytes: int = 0
-    throughput_bps: float = 0.0
-    dirty_rate_bps: float = 0.0
-    throttle_percent: int = 0
-    downtime_limit_ms: int = 0
     actions: list[MigrationAction] = Field(default_factory=list)
     metrics: MigrationMetrics = Field(default_factory=MigrationMetrics)
     error: ErrorInfo | None = None
