@@ -231,7 +231,7 @@ def test_guest_serves_echo_and_reports_workload(image: Path, guests: list[Guest]
     )
     assert second["memtest"]["mismatches"] == 0
     assert second["disklog"]["errors"] == 0
-    assert second["uptime_s"] > first["uptime_s"]
+    assert second["uptime_s"] >= first["uptime_s"]  # 0.1 s resolution: two quick reads may match
 
 
 @pytest.mark.timeout(400)
