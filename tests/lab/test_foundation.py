@@ -171,15 +171,18 @@ def test_power_cycle_and_delete(lab: LabHandle, api: VmshiftClient) -> None:
     vm = create_vm(lab, "life-1", "host-2")
     assert vm["host"] == "host-2" and vm["power_state"] == "poweredOn"
     booted = guest_check(lab, "life-1")
-    def uptime_past_5s() -> float | None:
-        up = float(guest_check(lab, "life-1")["uptime_s"])
-        return up if up > 5 else None
+    assert booted["disklog"]["records_verified_at_boot"] == 0, "a fresh disk has no records yet"
 
-    uptime = wait_for("guest uptime to pass 5 s", uptime_past_5s, timeout=60)
-
+    # After a reset the guest boots again and finds the records of its first boot on the disk.
+    wait_for("a first durable disklog record",
+             lambda: guest_check(lab, "life-1")["disklog"]["durable_seq"] > 0, timeout=60)
     vmshift(lab, "vm", "reset", "life-1")
-    wait_for("guest to reboot after reset",
-             lambda: guest_check(lab, "life-1")["uptime_s"] < uptime, timeout=120)
+    rebooted = wait_for(
+        "guest to reboot after reset",
+        lambda: c if (c := guest_check(lab, "life-1"))["disklog"]["records_verified_at_boot"] > 0 else None,
+        timeout=180,
+    )
+    assert rebooted["disklog"]["corrupt_at_boot"] == 0
 
     shut = vmshift_json(lab, "vm", "shutdown", "life-1", timeout=300)
     assert shut["power_state"] == "poweredOff"
