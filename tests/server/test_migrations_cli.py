@@ -60,3 +60,27 @@ def test_parse_rate(text: str, bps: float) -> None:
 def test_parse_rate_rejects_garbage() -> None:
     with pytest.raises(InvalidInputError, match="not valid"):
         parse_rate("fast")
+
+
+def test_migration_settings_of_vm_and_host(server: ServerHarness, pair: Pair) -> None:
+    code, out = cli(server, "vm", "migration-settings", "vm-1", "--max-downtime", "800", "--allow-postcopy",
+                    "--json")  # fmt: skip
+    assert code == 0, out
+    assert json.loads(out) == {"max_downtime_ms": 800, "allow_postcopy": True}
+    code, out = cli(server, "vm", "migration-settings", "vm-1", "--json")  # no option: show, change nothing
+    assert code == 0 and json.loads(out) == {"max_downtime_ms": 800, "allow_postcopy": True}
+
+    code, out = cli(server, "host", "migration-settings", "host-1", "--bandwidth-limit", "1gbit",
+                    "--limit", "2", "--json")  # fmt: skip
+    assert code == 0, out
+    host = json.loads(out)
+    assert host["bandwidth_limit_bps"] == pytest.approx(125e6) and host["migration_limit"] == 2
+    code, out = cli(server, "host", "migration-settings", "host-1", "--bandwidth-limit", "none", "--json")
+    cleared = json.loads(out)
+    assert code == 0 and cleared["bandwidth_limit_bps"] is None and cleared["migration_limit"] == 2
+
+    # a bad value is refused and changes nothing
+    code, _ = cli(server, "vm", "migration-settings", "vm-1", "--max-downtime", "0")
+    assert code != 0
+    code, out = cli(server, "vm", "migration-settings", "vm-1", "--json")
+    assert json.loads(out)["max_downtime_ms"] == 800

@@ -11,6 +11,7 @@ from vmshift.cli import context
 from vmshift.cli.hosts import datastore_app, host_app, network_app
 from vmshift.cli.image import image_app
 from vmshift.cli.migrate import migration_app
+from vmshift.cli.migration_settings import host_migration_settings
 from vmshift.cli.output import show_error
 from vmshift.cli.tasks import event_app, task_app
 from vmshift.cli.vms import vm_app
@@ -21,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+host_app.command("migration-settings")(host_migration_settings)
 app.add_typer(host_app, name="host")
 app.add_typer(datastore_app, name="datastore")
 app.add_typer(network_app, name="network")

@@ -10,12 +10,14 @@ import typer
 from vmshift.cli import context
 from vmshift.cli.hosts import JsonOpt
 from vmshift.cli.migrate import vm_migrate
+from vmshift.cli.migration_settings import vm_migration_settings
 from vmshift.cli.output import emit_json, fields, table, wait_with_progress
 from vmshift.errors import InvalidInputError
 from vmshift.model.enums import PowerAction
 
 vm_app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
 vm_app.command("migrate")(vm_migrate)
+vm_app.command("migration-settings")(vm_migration_settings)
 
 NoWait = Annotated[bool, typer.Option("--no-wait", help="Return the task id at once.")]
 _SIZE = re.compile(r"^(\d+)\s*([MGmg]i?[Bb]?)?$")
