@@ -66,6 +66,6 @@ def host_migration_settings(
     bandwidth, link = result.get("bandwidth_limit_bps"), result.get("link_rate_bps")
     fields(f"Migration settings of host {name}", {
         "bandwidth limit": human_rate(bandwidth) if bandwidth else "unlimited",
-        "configured link rate": human_rate(link) if link else "measured before each migration",
+        "configured link rate": human_rate(link) if link else "none (measured before each migration)",
         "concurrent migrations": result.get("migration_limit"),
     })
