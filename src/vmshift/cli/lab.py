@@ -9,21 +9,15 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from vmshift.cli.output import console, emit_json, err_console, show_error
 from vmshift.errors import VmshiftError
 
 lab_app = typer.Typer(help="A local lab: network namespaces as hosts, one server, one agent per host.")
-console = Console()
-err_console = Console(stderr=True)
 
 NameOpt = Annotated[str, typer.Option("--name", help="Lab name.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-
-
-def _emit(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 @contextmanager
@@ -33,11 +27,9 @@ def _errors(as_json: bool) -> Iterator[None]:
         yield
     except VmshiftError as e:
         if as_json:
-            _emit({"error": e.to_dict()})
+            emit_json({"error": e.to_dict()})
         else:
-            err_console.print(f"[bold red]Error:[/] {e.message}", highlight=False)
-            if e.hint:
-                err_console.print(f"[yellow]Hint:[/] {e.hint}", highlight=False)
+            show_error(e)
         raise typer.Exit(1) from None
 
 
@@ -73,7 +65,7 @@ def up_cmd(
             "vm_network": rec.layout.vm_cidr,
         }
         if json_:
-            _emit(summary)
+            emit_json(summary)
         else:
             console.print(f"Lab [bold]{rec.name}[/] is up: server {rec.server_url}, {rec.hosts} hosts.")
             console.print(f"The vmshift CLI now talks to it; for other shells: vmshift lab env --name {name}")
@@ -87,7 +79,7 @@ def down_cmd(name: NameOpt = "lab", json_: JsonOpt = False) -> None:
     with _errors(json_):
         problems = lab.down(name)
         if json_:
-            _emit({"name": name, "problems": problems})
+            emit_json({"name": name, "problems": problems})
         elif problems:
             for p in problems:
                 err_console.print(f"[yellow]Left over:[/] {p}", highlight=False)
@@ -105,7 +97,7 @@ def env_cmd(name: NameOpt = "lab", json_: JsonOpt = False) -> None:
     with _errors(json_):
         if json_:
             rec = lab.get(name)
-            _emit({"VMSHIFT_SERVER": rec.server_url, "VMSHIFT_TOKEN": rec.token})
+            emit_json({"VMSHIFT_SERVER": rec.server_url, "VMSHIFT_TOKEN": rec.token})
         else:
             sys.stdout.write(lab.env(name))
 
@@ -129,7 +121,7 @@ def list_cmd(json_: JsonOpt = False) -> None:
             for r in lab.labs()
         ]
         if json_:
-            _emit(rows)
+            emit_json(rows)
             return
         t = Table(title="Labs", title_justify="left")
         for col in ("name", "index", "state", "hosts", "server", "namespaces", "migration link"):
@@ -143,7 +135,7 @@ def _run_probe(json_: bool, fn: Callable[[], dict[str, Any]], ok: Callable[[dict
     with _errors(json_):
         result = fn()
     if json_:
-        _emit(result)
+        emit_json(result)
     else:
         for k, v in result.items():
             console.print(f"[bold]{k}[/]: {json.dumps(v)}", highlight=False)
@@ -189,7 +181,7 @@ def vmotion_demo_cmd(vm: str, name: NameOpt = "lab", json_: JsonOpt = False) -> 
     with _errors(json_):
         rows = showcase.round_trip(name, vm, progress)
     if json_:
-        _emit(rows)
+        emit_json(rows)
         return
     table = Table(title=f"vMotion of {vm}, measured from the client namespace", title_justify="left")
     for col in ("leg", "total ms", "downtime ms", "predicted total / downtime ms", "rounds",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -30,52 +32,36 @@ def names_hint(what: str, names: list[str]) -> str:
     return f"Known {what}: {', '.join(sorted(names))}."
 
 
-def get_host(s: Session, name: str) -> HostRow:
-    row = s.scalar(select(HostRow).where(HostRow.name == name))
+_Named = TypeVar("_Named", HostRow, ClusterRow, DatacenterRow, VmRow, NetworkRow)
+
+
+def _by_name(s: Session, row_type: type[_Named], name: str, what: str, plural: str) -> _Named:
+    """The row called `name`, or NotFoundError listing the names that do exist."""
+    row = s.scalar(select(row_type).where(row_type.name == name))
     if row is None:
-        raise NotFoundError(
-            f"Host {name!r} does not exist.", hint=names_hint("hosts", list(s.scalars(select(HostRow.name))))
-        )
+        known = list(s.scalars(select(row_type.name)))
+        raise NotFoundError(f"{what} {name!r} does not exist.", hint=names_hint(plural, known))
     return row
+
+
+def get_host(s: Session, name: str) -> HostRow:
+    return _by_name(s, HostRow, name, "Host", "hosts")
 
 
 def get_cluster(s: Session, name: str) -> ClusterRow:
-    row = s.scalar(select(ClusterRow).where(ClusterRow.name == name))
-    if row is None:
-        raise NotFoundError(
-            f"Cluster {name!r} does not exist.",
-            hint=names_hint("clusters", list(s.scalars(select(ClusterRow.name)))),
-        )
-    return row
+    return _by_name(s, ClusterRow, name, "Cluster", "clusters")
 
 
 def get_datacenter(s: Session, name: str) -> DatacenterRow:
-    row = s.scalar(select(DatacenterRow).where(DatacenterRow.name == name))
-    if row is None:
-        raise NotFoundError(
-            f"Datacenter {name!r} does not exist.",
-            hint=names_hint("datacenters", list(s.scalars(select(DatacenterRow.name)))),
-        )
-    return row
+    return _by_name(s, DatacenterRow, name, "Datacenter", "datacenters")
 
 
 def get_vm(s: Session, name: str) -> VmRow:
-    row = s.scalar(select(VmRow).where(VmRow.name == name))
-    if row is None:
-        raise NotFoundError(
-            f"VM {name!r} does not exist.", hint=names_hint("VMs", list(s.scalars(select(VmRow.name))))
-        )
-    return row
+    return _by_name(s, VmRow, name, "VM", "VMs")
 
 
 def get_network(s: Session, name: str) -> NetworkRow:
-    row = s.scalar(select(NetworkRow).where(NetworkRow.name == name))
-    if row is None:
-        raise NotFoundError(
-            f"Network {name!r} does not exist.",
-            hint=names_hint("networks", list(s.scalars(select(NetworkRow.name)))),
-        )
-    return row
+    return _by_name(s, NetworkRow, name, "Network", "networks")
 
 
 def host_facts(host: HostRow) -> HostFacts:
