@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.lab.helpers import wait_for
 from vmshift.errors import InvalidInputError, LabError
 from vmshift.lab import lab, topology
 from vmshift.lab.layout import LabLayout, free_index, validate_name
@@ -129,7 +130,13 @@ def test_topology_connects_hosts_and_tears_down_completely(built: LabLayout) -> 
     # A process living in a host namespace (as QEMU would) must be killed by down.
     sleeper = subprocess.Popen(["ip", "netns", "exec", h2, "sleep", "300"], start_new_session=True)
     try:
-        assert topology.namespace_pids(h2)
+        # `ip netns exec` enters the namespace and then execs sleep under the same pid.
+        wait_for(
+            "the sleeper to enter host-2's namespace",
+            lambda: sleeper.pid in topology.namespace_pids(h2),
+            10,
+            0.05,
+        )
         assert lab.down(lay.name) == []
         assert sleeper.wait(timeout=30) is not None
     finally:
