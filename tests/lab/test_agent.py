@@ -46,6 +46,8 @@ exec </dev/console >/dev/console 2>&1
 echo "vmsa-guest: booted"
 if grep -q 'vmsa.acpi=1' /proc/cmdline; then
     insmod /lib/button.ko; insmod /lib/evdev.ko
+    # busybox acpid opens the event devices only when it starts.
+    n=0; while [ ! -e /dev/input/event0 ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
     mkdir -p /etc/acpi/PWRF
     printf '#!/bin/sh\\necho "vmsa-guest: power button" >/dev/console\\npoweroff -f\\n' \\
         >/etc/acpi/PWRF/00000080
@@ -232,7 +234,8 @@ def serial(c: httpx.Client) -> str:
 
 
 def power(c: httpx.Client, action: str, timeout_s: float = 30) -> dict[str, Any]:
-    r = c.post(f"/vms/{VM}/power", json={"action": action, "timeout_s": timeout_s})
+    # Wait longer than the agent: a shutdown that times out still answers (after its hard stop).
+    r = c.post(f"/vms/{VM}/power", json={"action": action, "timeout_s": timeout_s}, timeout=timeout_s + 30)
     assert r.status_code == 200, r.text
     data: dict[str, Any] = r.json()
     return data

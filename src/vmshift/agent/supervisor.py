@@ -37,6 +37,7 @@ EXIT_FILE = "exit.json"
 QEMU_LOG = "qemu.log"
 START_TIMEOUT_S = 15.0
 QUIT_TIMEOUT_S = 5.0
+POWER_BUTTON_REPEAT_S = 5.0
 
 
 @dataclass
@@ -357,8 +358,16 @@ class Supervisor:
         await self._handle_exit(vm, stopped_by_us=True, override_reason=reason)
 
     async def _shutdown(self, vm: VmProcess, timeout_s: float) -> None:
+        """Press the ACPI power button, again every few seconds (a guest still booting may miss the
+        first press), and stop hard when the guest has not powered off within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
         await self._qmp(vm).system_powerdown()
-        if await self._wait_exit(vm, timeout_s):
+        exited = await self._wait_exit(vm, min(POWER_BUTTON_REPEAT_S, timeout_s))
+        while not exited and (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(QemuError):  # QEMU may be on its way out already
+                await self._qmp(vm).system_powerdown()
+            exited = await self._wait_exit(vm, min(POWER_BUTTON_REPEAT_S, left))
+        if exited:
             await self._handle_exit(vm, stopped_by_us=True)
         else:
             log.info("VM %s did not shut down within %g s; stopping it hard", vm.spec.name, timeout_s)
