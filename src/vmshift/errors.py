@@ -55,6 +55,12 @@ class ConflictError(VmshiftError):
     code = "conflict"
 
 
+class IncomingFailedError(ConflictError):
+    """The target could not load the migration stream: the VM never ran there and is gone from it."""
+
+    code = "incoming_failed"
+
+
 class CapacityError(VmshiftError):
     """The target lacks the resources (memory, CPU features) the request needs."""
 

@@ -66,29 +66,35 @@ def _healthy(lab: Lab, vm: str) -> dict[str, Any] | None:
     return c if c.get("echo") and c.get("memtest") and c.get("disklog") else None
 
 
-@pytest.fixture(scope="module")
-def vm(mlab: Lab) -> dict[str, Any]:
-    body = {"name": VM, "host": "host-1", "cpus": 1, "memory_mib": 192, "datastore": "shared-1",
+def create_vm(lab: Lab, name: str, cpus: int = 1, memory_mib: int = 192) -> dict[str, Any]:
+    """A lab guest on host-1 through the server (which gives it a NIC and an IP), booted and answering."""
+    body = {"name": name, "host": "host-1", "cpus": cpus, "memory_mib": memory_mib, "datastore": "shared-1",
             "disks_mib": [64], "kernel_args": "vmshift.memtest=32,20 vmshift.disklog=1", "start": True}
-    with mlab.server() as s:
+    with lab.server() as s:
         r = s.post("/vms", json=body)
         assert r.status_code < 300, r.text
-    with mlab.agent(1) as a:
-        wait_for("the VM to run on host-1",
-                 lambda: a.get(f"/vms/{VM}").json().get("power_state") == "poweredOn", timeout=120)
-    wait_for("the guest to answer", lambda: _healthy(mlab, VM), timeout=120, interval=1)
-    return mlab.spec(VM)
+    with lab.agent(1) as a:
+        wait_for(f"{name} to run on host-1",
+                 lambda: a.get(f"/vms/{name}").json().get("power_state") == "poweredOn", timeout=120)
+    wait_for(f"{name} to answer", lambda: _healthy(lab, name), timeout=120, interval=1)
+    return lab.spec(name)
 
 
-def start_migration(lab: Lab, src: int, dst: int, mid: int, settings: dict[str, Any] | None = None) -> str:
+@pytest.fixture(scope="module")
+def vm(mlab: Lab) -> dict[str, Any]:
+    return create_vm(mlab, VM)
+
+
+def start_migration(lab: Lab, src: int, dst: int, mid: int, settings: dict[str, Any] | None = None,
+                    target_spec: dict[str, Any] | None = None, vm: str = VM) -> str:
     with lab.agent(dst) as a:
-        r = a.post("/migrations/incoming", json={"migration_id": mid, "spec": lab.spec(VM)})
+        r = a.post("/migrations/incoming", json={"migration_id": mid, "spec": target_spec or lab.spec(vm)})
         assert r.status_code == 200, r.text
         uri = str(r.json()["uri"])
         assert uri.startswith(f"tcp:{lab.rec.layout.host_mig_address(dst)}:")
         names = [v["name"] for v in a.get("/vms").json()]
-        assert VM not in names, "an incoming VM is not a VM of the host yet"
-    body = {"migration_id": mid, "vm": VM, "uri": uri, "settings": settings or {},
+        assert vm not in names, "an incoming VM is not a VM of the host yet"
+    body = {"migration_id": mid, "vm": vm, "uri": uri, "settings": settings or {},
             "target_agent": {"address": lab.addr(dst), "token": lab.agent_token}}
     with lab.agent(src) as a:
         r = a.post("/migrations", json=body)
@@ -110,25 +116,30 @@ def wait_finished(lab: Lab, src: int, mid: int, timeout: float = 180) -> dict[st
         return wait_for(f"migration {mid} to finish", done, timeout=timeout, interval=0.5)
 
 
-def runs_unpaused_on(lab: Lab, k: int) -> dict[str, Any]:
+def runs_unpaused_on(lab: Lab, k: int, vm: str = VM) -> dict[str, Any]:
     with lab.agent(k) as a:
-        rt: dict[str, Any] = a.get(f"/vms/{VM}").json()
+        rt: dict[str, Any] = a.get(f"/vms/{vm}").json()
     assert rt["power_state"] == "poweredOn" and rt["qemu_status"] == "running", rt
     return rt
 
 
-def assert_gone_from(lab: Lab, k: int) -> None:
+def host_of_vm(lab: Lab) -> int:
+    with lab.agent(1) as a:
+        return 1 if a.get(f"/vms/{VM}").status_code == 200 else 2
+
+
+def assert_gone_from(lab: Lab, k: int, vm: str = VM) -> None:
     with lab.agent(k) as a:
-        assert VM not in [v["name"] for v in a.get("/vms").json()]
-        assert a.get(f"/vms/{VM}").status_code == 404
-    assert (lab.rec.layout.lab_dir / "datastores" / "shared-1" / VM / "vm.json").is_file(), \
+        assert vm not in [v["name"] for v in a.get("/vms").json()]
+        assert a.get(f"/vms/{vm}").status_code == 404
+    assert (lab.rec.layout.lab_dir / "datastores" / "shared-1" / vm / "vm.json").is_file(), \
         "the shared VM folder must survive"
 
 
-def guest_intact_after(lab: Lab, before: dict[str, Any]) -> dict[str, Any]:
+def guest_intact_after(lab: Lab, before: dict[str, Any], vm: str = VM) -> dict[str, Any]:
     """Echo works, memtest clean after 2 more passes, disklog's durable sequence continued."""
     def judged() -> dict[str, Any] | None:
-        c = _healthy(lab, VM)
+        c = _healthy(lab, vm)
         return c if c and c["memtest"]["passes"] >= before["memtest"]["passes"] + 2 else None
     after = wait_for("memtest to complete 2 more passes", judged, timeout=120, interval=1)
     assert after["memtest"]["mismatches"] == 0, after
@@ -225,8 +236,7 @@ def test_cut_migration_link_rolls_back(mlab: Lab, vm: dict[str, Any]) -> None:
     from vmshift.lab import topology
 
     mid = 105
-    with mlab.agent(1) as a:
-        src = 1 if a.get(f"/vms/{VM}").status_code == 200 else 2
+    src = host_of_vm(mlab)
     dst = 3 - src
     running = runs_unpaused_on(mlab, src)
     start_migration(mlab, src, dst, mid, {"bandwidth_limit_bps": 4 * MIB})
@@ -242,3 +252,32 @@ def test_cut_migration_link_rolls_back(mlab: Lab, vm: dict[str, Any]) -> None:
     assert runs_unpaused_on(mlab, src)["pid"] == running["pid"]
     assert_gone_from(mlab, dst)
     assert qemu_pids(vm["uuid"]) == [running["pid"]]
+
+
+def test_target_that_cannot_load_the_state_gives_the_vm_back(mlab: Lab) -> None:
+    """The source completes the stream but the target cannot load it: the target was prepared with one
+    vCPU for a 2-vCPU VM, so the second vCPU's state, sent only at switchover, is unknown to it. The
+    target proves the VM never ran there, and the source resumes its paused copy."""
+    name, mid = "mig-2", 106
+    spec = create_vm(mlab, name, cpus=2, memory_mib=128)
+    running = runs_unpaused_on(mlab, 1, name)
+    before = wait_for("the guest", lambda: _healthy(mlab, name), timeout=60)
+    spec_file = mlab.rec.layout.lab_dir / "datastores" / "shared-1" / name / "vm.json"
+    original = spec_file.read_text()
+    try:
+        start_migration(mlab, 1, 2, mid, target_spec={**spec, "cpus": 1}, vm=name)
+    finally:
+        spec_file.write_text(original)  # the target adopts the folder and wrote its (wrong) spec there
+    p = wait_finished(mlab, 1, mid, timeout=120)
+    print("failed load:", p["error"])
+    assert p["status"] == "failed" and p["error"]["code"] == "incoming_failed", p
+    assert "never ran" in p["error"]["message"] and "resumed on the source" in p["error"]["message"], p
+    assert runs_unpaused_on(mlab, 1, name)["pid"] == running["pid"]
+    assert_gone_from(mlab, 2, name)
+    with mlab.agent(2) as a:  # asking again gets the same answer, not a second chance
+        again = a.post(f"/migrations/{mid}/activate")
+        assert again.status_code == 409 and again.json()["error"]["code"] == "incoming_failed", again.text
+    assert qemu_pids(spec["uuid"]) == [running["pid"]]
+    guest_intact_after(mlab, before, name)
+    with mlab.server() as s:  # free the lab hosts' CPU for whatever runs next
+        assert s.post(f"/vms/{name}/power", json={"action": "stop"}).status_code < 300

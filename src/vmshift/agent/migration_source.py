@@ -22,7 +22,7 @@ import httpx
 
 from vmshift.agent.migration_store import MigrationRole, MigrationStore, StoredMigration
 from vmshift.agent.supervisor import Supervisor
-from vmshift.errors import ConflictError, NotFoundError, QemuError, VmshiftError
+from vmshift.errors import ConflictError, IncomingFailedError, NotFoundError, QemuError, VmshiftError
 from vmshift.migration.policy import Action, ConvergencePolicy, PolicySettings
 from vmshift.migration.samples import MigrationSample, QemuMigrationStatus, summarize
 from vmshift.model.agent_migration import MigrationProgress, OutgoingMigration
@@ -382,6 +382,9 @@ class _Loop:
                 if r.status_code < 300:
                     error = None
                     break
+                if _error_code(r) == IncomingFailedError.code:
+                    await self._resume_after_failed_load(_error_message(r))
+                    return
                 error = MigrationFailed(f"The target agent refused to activate the VM "
                                         f"(HTTP {r.status_code}): {r.text[:300]}")
                 if r.status_code < 500:
@@ -390,7 +393,8 @@ class _Loop:
                 error = MigrationFailed(f"The target agent did not answer the activation ({exc!r}).")
             await asyncio.sleep(min(8.0, 1.0 * 2**attempt))
         if error is not None:
-            # Never resume the source after the stream completed: it stays paused for an operator.
+            # Never resume the source after the stream completed unless the target proves its copy
+            # never ran: it stays paused for an operator.
             await self._finish(MigrationStatus.FAILED, P.FAILED,
                                f"{error.message} The source VM stays paused (never resumed after the "
                                "stream completed).", "activation_failed")
@@ -400,6 +404,18 @@ class _Loop:
         except VmshiftError as exc:
             log.warning("migration %d: stopping the source QEMU failed: %s", self.rec.migration_id, exc)
         await self._finish(MigrationStatus.COMPLETED, P.COMPLETED, None, None)
+
+    async def _resume_after_failed_load(self, target_says: str) -> None:
+        """The target could not load the stream and removed its QEMU: this copy is the only one."""
+        reason = target_says
+        try:
+            qmp = self.qmp()
+            if not (await qmp.query_status()).running:
+                await qmp.cont()
+            reason += " The VM was resumed on the source."
+        except VmshiftError as exc:
+            reason += f" Resuming the source failed too: {exc.message}"
+        await self._finish(MigrationStatus.FAILED, P.FAILED, reason, IncomingFailedError.code)
 
     async def _finish(self, status: MigrationStatus, phase: MigrationPhase, reason: str | None,
                       code: str | None) -> None:
@@ -417,6 +433,25 @@ class _Loop:
             p.error = ErrorInfo(code=code or "migration_failed", message=reason, hint=hint)
         self.save()
         log.info("migration %d: %s%s", self.rec.migration_id, status.value, f" ({reason})" if reason else "")
+
+
+def _error_body(r: httpx.Response) -> dict[str, object]:
+    try:
+        body = r.json()
+    except ValueError:
+        return {}
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, dict) else {}
+
+
+def _error_code(r: httpx.Response) -> str | None:
+    code = _error_body(r).get("code")
+    return code if isinstance(code, str) else None
+
+
+def _error_message(r: httpx.Response) -> str:
+    message = _error_body(r).get("message")
+    return message if isinstance(message, str) else r.text[:300]
 
 
 class _Rollback(Exception):

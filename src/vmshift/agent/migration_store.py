@@ -30,6 +30,7 @@ class TargetState(StrEnum):
     LISTENING = "listening"  # QEMU waits (-incoming defer + migrate-incoming)
     ACTIVATED = "activated"  # the VM runs here and is a normal VM of this host
     ROLLED_BACK = "rolled_back"  # QEMU killed, registration removed
+    LOAD_FAILED = "load_failed"  # the stream did not load, so the VM never ran here; cleaned up as above
 
 
 class StoredMigration(BaseModel):

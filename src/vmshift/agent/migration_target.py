@@ -13,7 +13,14 @@ import time
 
 from vmshift.agent.migration_store import MigrationRole, MigrationStore, StoredMigration, TargetState
 from vmshift.agent.supervisor import Supervisor
-from vmshift.errors import ConflictError, InvalidInputError, NotFoundError, QemuError, VmshiftError
+from vmshift.errors import (
+    ConflictError,
+    IncomingFailedError,
+    InvalidInputError,
+    NotFoundError,
+    QemuError,
+    VmshiftError,
+)
 from vmshift.model.agent_migration import Incoming, IncomingRequest
 from vmshift.model.vm import VmRuntime
 from vmshift.qemu import migration_qmp as mq
@@ -79,10 +86,17 @@ class IncomingMigrations:
             return Incoming(uri=rec.uri)
 
     async def activate(self, migration_id: int) -> VmRuntime:
-        """After the source completed: wait for QEMU to run, announce the MACs, make it a normal VM."""
+        """After the source completed: wait for QEMU to run, announce the MACs, make it a normal VM.
+
+        If the stream provably did not load here (QEMU reports the incoming migration failed, or is
+        still ``inmigrate`` at the deadline), the VM never ran on this host: clean up and raise
+        ``IncomingFailedError`` so the source may resume its copy. A vanished QEMU proves nothing.
+        """
         rec = self._record(migration_id)
         if rec.target_state is TargetState.ACTIVATED:
             return await self.supervisor.runtime(rec.vm)
+        if rec.target_state is TargetState.LOAD_FAILED:
+            raise self._never_ran(rec, "its incoming migration failed earlier")
         if rec.target_state is TargetState.ROLLED_BACK:
             raise ConflictError(f"Migration {migration_id} was rolled back on this host.",
                                 hint="Start the migration again.")
@@ -97,10 +111,13 @@ class IncomingMigrations:
                 break
             incoming = await mq.query_migrate(qmp)
             if incoming.get("status") == "failed":
-                raise QemuError(f"The incoming migration of VM {rec.vm!r} failed on this host: "
-                                f"{incoming.get('error-desc', 'no reason given')}.",
-                                hint="Roll the migration back; the VM still exists on the source.")
+                await self._load_failed(rec)
+                raise self._never_ran(rec, f"QEMU could not load its state "
+                                           f"({incoming.get('error-desc', 'no reason given')})")
             if time.monotonic() > deadline:
+                if status.status == "inmigrate":
+                    await self._load_failed(rec)
+                    raise self._never_ran(rec, f"its state did not arrive within {ACTIVATE_TIMEOUT_S:g} s")
                 raise QemuError(f"VM {rec.vm!r} did not start running here within {ACTIVATE_TIMEOUT_S:g} s "
                                 f"(QEMU status {status.status!r}).",
                                 hint="Check that the source reports the migration completed.")
@@ -123,19 +140,31 @@ class IncomingMigrations:
         if rec.target_state is TargetState.ACTIVATED:
             raise ConflictError(f"Migration {migration_id} is complete: VM {rec.vm!r} runs on this host now.",
                                 hint="Migrate it back instead of rolling back.")
+        if rec.target_state is TargetState.LOAD_FAILED:
+            return  # already cleaned up; keep the proof that the VM never ran here
         async with self._lock:
             await self._cleanup(rec)
 
-    async def _cleanup(self, rec: StoredMigration) -> None:
+    async def _load_failed(self, rec: StoredMigration) -> None:
+        async with self._lock:
+            await self._cleanup(rec, TargetState.LOAD_FAILED)
+
+    @staticmethod
+    def _never_ran(rec: StoredMigration, why: str) -> IncomingFailedError:
+        return IncomingFailedError(f"VM {rec.vm!r} never ran on the target host: {why}; "
+                                   "the target removed its receiving QEMU.",
+                                   hint="Resume the VM on the source host, which still holds all of it.")
+
+    async def _cleanup(self, rec: StoredMigration, state: TargetState = TargetState.ROLLED_BACK) -> None:
         try:
             files = self.supervisor.files
             if files.is_incoming(rec.vm) or rec.vm not in files.registered_names():
                 await self.supervisor.stop_and_unregister(rec.vm)
         except VmshiftError as exc:
             log.warning("migration %d: cleaning up VM %s failed: %s", rec.migration_id, rec.vm, exc)
-        rec.target_state = TargetState.ROLLED_BACK
+        rec.target_state = state
         self.store.save(rec)
-        log.info("migration %d: incoming VM %s rolled back", rec.migration_id, rec.vm)
+        log.info("migration %d: incoming VM %s rolled back (%s)", rec.migration_id, rec.vm, state.value)
 
     async def resume_all(self) -> None:
         """At agent start: an incoming QEMU that died while the agent was down is cleaned up."""

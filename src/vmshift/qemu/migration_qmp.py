@@ -61,8 +61,12 @@ async def migrate(qmp: QmpSession, uri: str) -> None:
 
 
 async def migrate_incoming(qmp: QmpSession, uri: str) -> None:
-    """Start listening on ``uri`` in a QEMU started with ``-incoming defer``."""
-    await qmp.execute("migrate-incoming", {"uri": uri})
+    """Start listening on ``uri`` in a QEMU started with ``-incoming defer``.
+
+    ``exit-on-error`` off: a stream that fails to load leaves QEMU alive in state ``failed`` (and
+    run state ``inmigrate``), which proves the VM never ran here; QEMU's default would just exit.
+    """
+    await qmp.execute("migrate-incoming", {"uri": uri, "exit-on-error": False})
 
 
 async def query_migrate(qmp: QmpSession, timeout_s: float = 5.0) -> dict[str, Any]:
