@@ -9,11 +9,13 @@ built here (Debian cloud kernel): it prints a line on serial at boot and, when b
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -328,6 +330,62 @@ def test_vm_survives_agent_kill_and_is_reattached(env: AgentEnv) -> None:
         # the new QMP session works
         before = serial(c).count(BOOT_LINE)
         power(c, "reset")
+        wait_for("the guest to boot after reset", lambda: serial(c).count(BOOT_LINE) > before, timeout=90)
+
+
+SYS_PIDFD_GETFD = 438  # x86_64
+
+
+def qmp_client_sockets(qemu_pid: int) -> list[socket.socket]:
+    """Copies (pidfd_getfd) of QEMU's accepted QMP connections; the caller closes them.
+
+    Unix sockets are listed per network namespace, so read QEMU's own view (/proc/PID/net/unix)."""
+    qmp_inodes = set()
+    for line in Path(f"/proc/{qemu_pid}/net/unix").read_text().splitlines()[1:]:
+        cols = line.split()
+        if len(cols) >= 8 and cols[7].endswith("/qmp.sock"):
+            qmp_inodes.add(cols[6])
+    fds = [int(fd.name) for fd in Path(f"/proc/{qemu_pid}/fd").iterdir()
+           if os.readlink(fd).removeprefix("socket:[").removesuffix("]") in qmp_inodes]
+    libc = ctypes.CDLL(None, use_errno=True)
+    found = []
+    pidfd = os.pidfd_open(qemu_pid)
+    try:
+        for target_fd in fds:
+            fd = libc.syscall(SYS_PIDFD_GETFD, pidfd, target_fd, 0)
+            if fd < 0:
+                raise OSError(ctypes.get_errno(), "pidfd_getfd failed")
+            sock = socket.socket(fileno=fd)
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                sock.close()  # the listening socket
+            else:
+                found.append(sock)
+    finally:
+        os.close(pidfd)
+    return found
+
+
+def test_lost_qmp_connection_is_reconnected(env: AgentEnv) -> None:
+    """QEMU's monitor hangs up on the agent while the VM runs on: the agent connects again by itself."""
+    with env.client() as c:
+        rt = c.get(f"/vms/{VM}").json()
+        assert rt["power_state"] == "poweredOn"
+        clients = qmp_client_sockets(rt["pid"])
+        assert len(clients) == 1, "the agent holds QEMU's one QMP connection"
+        clients[0].shutdown(socket.SHUT_RDWR)  # as if the monitor dropped the agent
+        clients[0].close()
+        log = env.workdir / "agent.log"
+        wait_for("the agent to reconnect QMP", lambda: f"reconnected QMP to VM {VM}" in log.read_text(),
+                 timeout=30, interval=0.2)
+        after = c.get(f"/vms/{VM}").json()
+        assert after["pid"] == rt["pid"] and after["power_state"] == "poweredOn", after
+        assert after["qemu_status"] == "running", after
+        again = qmp_client_sockets(rt["pid"])
+        for sock in again:
+            sock.close()
+        assert len(again) == 1, "exactly one QMP connection again: the agent's new one"
+        before = serial(c).count(BOOT_LINE)
+        power(c, "reset")  # a QMP command through the new connection
         wait_for("the guest to boot after reset", lambda: serial(c).count(BOOT_LINE) > before, timeout=90)
 
 

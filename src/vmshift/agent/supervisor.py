@@ -53,6 +53,7 @@ class VmProcess:
     died: bool = False
     exit_reason: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    qmp_lost: bool = False  # a reconnect failed and was logged; log again only after success
 
 
 def process_is_qemu_of(pid: int, vm_uuid: str) -> bool:
@@ -139,12 +140,36 @@ class Supervisor:
             log.warning("VM %s died (%s)", vm.spec.name, vm.exit_reason)
 
     async def refresh(self) -> None:
-        """Notice processes that exited since the last look (called periodically)."""
+        """Called periodically: notice processes that exited since the last look, and reconnect QMP
+        to live QEMUs whose connection broke (or never came up at re-attach)."""
         for vm in list(self._vms.values()):
-            if vm.pid is not None and not vm.lock.locked() and not self._alive(vm):
-                async with vm.lock:
-                    if vm.pid is not None and not self._alive(vm):
-                        await self._handle_exit(vm)
+            if vm.pid is None or vm.lock.locked():
+                continue
+            async with vm.lock:
+                if vm.pid is None:
+                    continue
+                if not self._alive(vm):
+                    await self._handle_exit(vm)
+                elif vm.qmp is None or not vm.qmp.connected:
+                    await self._reconnect_qmp(vm)
+
+    async def _reconnect_qmp(self, vm: VmProcess) -> None:
+        """QEMU's monitor takes one client and listens again once it hangs up: connect anew, keeping
+        the events seen so far (a SHUTDOWN among them still explains a later exit)."""
+        old = vm.qmp
+        try:
+            new = await QmpSession.connect(vm.paths.qmp_socket, timeout_s=1.0)
+        except QemuError as exc:
+            if not vm.qmp_lost:
+                log.warning("VM %s runs (pid %s) but its QMP connection is lost; retrying: %s",
+                            vm.spec.name, vm.pid, exc)
+            vm.qmp_lost = True
+            return
+        if old is not None:
+            new.recent_events.extend(old.recent_events)
+            await old.close()
+        vm.qmp, vm.qmp_lost = new, False
+        log.info("reconnected QMP to VM %s (pid %s)", vm.spec.name, vm.pid)
 
     # ----- views -------------------------------------------------------------------------------
     async def runtime(self, name: str) -> VmRuntime:
