@@ -254,6 +254,26 @@ def test_cut_migration_link_rolls_back(mlab: Lab, vm: dict[str, Any]) -> None:
     assert qemu_pids(vm["uuid"]) == [running["pid"]]
 
 
+def test_postcopy_when_allowed_and_asked_for(mlab: Lab, vm: dict[str, Any]) -> None:
+    """Post-copy allowed and asked for after 1 s, the link held to 16 MiB/s: the target runs the VM
+    while its pages still arrive on demand. memtest, which verifies every page it reads, stays clean."""
+    mid = 107
+    src = host_of_vm(mlab)
+    dst = 3 - src
+    before = wait_for("the guest", lambda: _healthy(mlab, VM), timeout=60)
+    start_migration(mlab, src, dst, mid,
+                    {"allow_postcopy": True, "postcopy_after_s": 1.0, "bandwidth_limit_bps": 16 * MIB})
+    p = wait_finished(mlab, src, mid, timeout=180)
+    print("post-copy:", json.dumps(p["metrics"]), json.dumps(p["actions"]))
+    assert p["status"] == "completed", p
+    assert [a["kind"] for a in p["actions"]].count("start_postcopy") == 1, p["actions"]
+    assert p["metrics"]["postcopy"] is True, p["metrics"]
+    rt = runs_unpaused_on(mlab, dst)
+    assert_gone_from(mlab, src)
+    assert qemu_pids(vm["uuid"]) == [rt["pid"]]
+    guest_intact_after(mlab, before)
+
+
 def test_target_that_cannot_load_the_state_gives_the_vm_back(mlab: Lab) -> None:
     """The source completes the stream but the target cannot load it: the target was prepared with one
     vCPU for a 2-vCPU VM, so the second vCPU's state, sent only at switchover, is unknown to it. The

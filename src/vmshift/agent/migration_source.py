@@ -27,7 +27,7 @@ from vmshift.migration.policy import Action, ConvergencePolicy, PolicySettings
 from vmshift.migration.samples import MigrationSample, QemuMigrationStatus, summarize
 from vmshift.model.agent_migration import MigrationProgress, OutgoingMigration
 from vmshift.model.api import ErrorInfo
-from vmshift.model.migration import ActionKind, MigrationPhase, MigrationStatus
+from vmshift.model.migration import ActionKind, MigrationMetrics, MigrationPhase, MigrationStatus
 from vmshift.qemu import migration_qmp as mq
 from vmshift.qemu.qmp import QmpSession
 
@@ -273,8 +273,10 @@ class _Loop:
         bandwidth = int(s.bandwidth_limit_bps) if s.bandwidth_limit_bps else mq.UNLIMITED_BANDWIDTH
         cfg = self.policy.settings
         initial_ms = round(min(cfg.initial_downtime_s, cfg.max_downtime_s) * 1000)
-        await mq.set_parameters(qmp, {"max-bandwidth": bandwidth, "downtime-limit": initial_ms,
-                                      **mq.NO_THROTTLE})
+        # A limit holds for the whole migration: post-copy has its own cap (0 = unlimited).
+        postcopy_cap = int(s.bandwidth_limit_bps) if s.bandwidth_limit_bps else 0
+        await mq.set_parameters(qmp, {"max-bandwidth": bandwidth, "max-postcopy-bandwidth": postcopy_cap,
+                                      "downtime-limit": initial_ms, **mq.NO_THROTTLE})
         self.p.downtime_limit_ms = initial_ms
         self.rec.started_at = time.time()
         await mq.migrate(qmp, self.req.uri)
@@ -294,8 +296,19 @@ class _Loop:
             p.phase = P.SWITCHOVER
         elif sample.status in (Q.ACTIVE, Q.SETUP) and p.phase is P.PREPARE:
             p.phase = P.PRECOPY
-        p.metrics = summarize(self.samples)
+        p.metrics = self._summary()
         self.save()
+
+    def _summary(self) -> MigrationMetrics:
+        """Metrics from the samples; a post-copy shorter than the sampling interval still shows in
+        QEMU's MIGRATION events."""
+        metrics = summarize(self.samples)
+        if not metrics.postcopy and self.o.supervisor.is_alive(self.rec.vm):
+            with contextlib.suppress(VmshiftError):
+                events = self.qmp().events_named("MIGRATION")
+                metrics.postcopy = any(str(e.data.get("status", "")).startswith("postcopy") for e in events
+                                       if e.time >= (self.rec.started_at or 0) - 1)
+        return metrics
 
     async def _apply(self, action: Action) -> None:
         qmp = self.qmp()
@@ -306,6 +319,9 @@ class _Loop:
             await mq.set_parameters(qmp, mq.throttle_parameters(int(action.value)))
         elif action.kind is ActionKind.START_POSTCOPY:
             await mq.start_postcopy(qmp)
+            # From here QEMU may hand the VM to the target at any moment (it may also finish the
+            # pre-copy first): no more cancel, and never `cont` the source on a failure.
+            self.p.phase = P.POSTCOPY
         self.p.actions.append(action.to_record())
         self.save()
         log.info("migration %d: %s %s — %s", self.rec.migration_id, action.kind.value, action.value,
@@ -373,7 +389,7 @@ class _Loop:
     async def _complete(self) -> None:
         p, vm = self.p, self.rec.vm
         p.phase = P.FINISH
-        p.metrics = summarize(self.samples)
+        p.metrics = self._summary()
         self.save()
         error: VmshiftError | None = None
         for attempt in range(6):
@@ -422,7 +438,7 @@ class _Loop:
         p = self.p
         p.status, p.phase = status, phase
         if self.samples:
-            p.metrics = summarize(self.samples)
+            p.metrics = self._summary()
         if reason is not None:
             if code == "activation_failed":
                 hint = "Check the target host: if its VM runs, stop the paused source QEMU by hand."

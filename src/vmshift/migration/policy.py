@@ -79,6 +79,7 @@ class PolicySettings:
         base = cls(
             max_downtime_s=settings.max_downtime_ms / 1000,
             allow_postcopy=settings.allow_postcopy,
+            postcopy_after_s=settings.postcopy_after_s,
             timeout_s_per_gib=settings.timeout_s_per_gib,
             timeout_min_s=settings.timeout_min_s,
             bandwidth_bps=bandwidth_bps or settings.bandwidth_limit_bps,

@@ -181,6 +181,9 @@ class MigrationSettings(BaseModel):
 
     max_downtime_ms: int = Field(default=500, gt=0)
     allow_postcopy: bool = False
+    postcopy_after_s: float | None = Field(
+        default=None, gt=0, description="with allow_postcopy: switch to post-copy after this long in pre-copy"
+    )
     bandwidth_limit_bps: float | None = Field(default=None, gt=0, description="None = unlimited")
     timeout_s_per_gib: float = Field(default=60.0, gt=0)
     timeout_min_s: float = Field(default=30.0, gt=0)
@@ -194,6 +197,7 @@ class MigrationCreate(BaseModel):
     dry_run: bool = False
     max_downtime_ms: int | None = Field(default=None, gt=0)
     allow_postcopy: bool | None = None
+    postcopy_after_s: float | None = Field(default=None, gt=0)
     bandwidth_limit_bps: float | None = Field(default=None, gt=0)
 
 
