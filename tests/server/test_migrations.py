@@ -80,11 +80,22 @@ def test_happy_path_moves_the_vm_and_stores_metrics(server: ServerHarness, pair:
     back = server.client.get(f"/migrations/{r.json()['migration_id']}").json()
     assert back["settings"]["max_downtime_ms"] == 800
 
+    # a switch to post-copy after some seconds needs post-copy allowed; then it reaches the source agent
+    r = migrate(server, postcopy_after_s=2.5)
+    assert r.status_code == 400 and "post-copy is not allowed for VM 'vm-1'" in r.json()["error"]["message"]
+    assert "--allow-postcopy" in r.json()["error"]["hint"]
+    assert server.client.get("/vms/vm-1").json()["host"] == "host-1"
+    r = migrate(server, postcopy_after_s=2.5, allow_postcopy=True)
+    assert r.status_code == 202, r.text
+    assert server.wait_task(r.json()["id"])["state"] == "success"
+    settings = src.outgoing[r.json()["migration_id"]].settings
+    assert settings.allow_postcopy and settings.postcopy_after_s == 2.5
+
     text = server.client.get(f"http://127.0.0.1:{server.port}/metrics")
     assert text.status_code == 200
-    assert 'vmshift_migrations{status="completed"} 2' in text.text
-    assert "vmshift_migration_downtime_seconds_count 2" in text.text
-    assert 'vmshift_migration_downtime_seconds_bucket{le="0.05"} 2' in text.text
+    assert 'vmshift_migrations{status="completed"} 3' in text.text
+    assert "vmshift_migration_downtime_seconds_count 3" in text.text
+    assert 'vmshift_migration_downtime_seconds_bucket{le="0.05"} 3' in text.text
     assert httpx.get(f"http://127.0.0.1:{server.port}/metrics").status_code == 401  # same token as the API
 
 

@@ -195,6 +195,10 @@ def vm_migrate(
         bool | None,
         typer.Option("--allow-postcopy/--no-postcopy", help="Allow post-copy (default: the VM's)."),
     ] = None,
+    postcopy_after: Annotated[
+        float | None,
+        typer.Option(min=0.1, help="With post-copy allowed: switch to it after this many seconds."),
+    ] = None,
     bandwidth_limit: Annotated[
         str | None, typer.Option(help="Cap the migration's bandwidth, e.g. 1gbit or 100MB/s.")
     ] = None,
@@ -210,6 +214,7 @@ def vm_migrate(
             dry_run=dry_run and not check_only,
             max_downtime_ms=max_downtime,
             allow_postcopy=allow_postcopy,
+            postcopy_after_s=postcopy_after,
             bandwidth_limit_bps=limit,
         )
         if check_only:

@@ -131,6 +131,7 @@ class VmshiftClient:
         dry_run: bool = False,
         max_downtime_ms: int | None = None,
         allow_postcopy: bool | None = None,
+        postcopy_after_s: float | None = None,
         bandwidth_limit_bps: float | None = None,
     ) -> Json:
         """POST /vms/{name}/migrate: a CheckReport (check_only), a preview (dry_run), or the task (202).
@@ -141,6 +142,7 @@ class VmshiftClient:
         for key, value in (
             ("max_downtime_ms", max_downtime_ms),
             ("allow_postcopy", allow_postcopy),
+            ("postcopy_after_s", postcopy_after_s),
             ("bandwidth_limit_bps", bandwidth_limit_bps),
         ):
             if value is not None:

@@ -96,9 +96,16 @@ def _host_view(h: HostRow) -> HostView:
 def settings_for(vm: VmRow, src: HostRow, dst: HostRow, body: MigrationCreate) -> MigrationSettings:
     """The request's knobs, else the VM's SLA and the hosts' bandwidth limit (the lower one)."""
     limits = [x for x in (src.migration_bandwidth_limit_bps, dst.migration_bandwidth_limit_bps) if x]
+    allow_postcopy = vm.allow_postcopy if body.allow_postcopy is None else body.allow_postcopy
+    if body.postcopy_after_s is not None and not allow_postcopy:
+        raise InvalidInputError(f"A switch to post-copy after {body.postcopy_after_s:g} s was asked for, "
+                                f"but post-copy is not allowed for VM {vm.name!r}.",
+                                hint="Add --allow-postcopy, or allow it on the VM with "
+                                     "'vmshift vm migration-settings VM --postcopy'.")
     return MigrationSettings(
         max_downtime_ms=body.max_downtime_ms or vm.max_downtime_ms,
-        allow_postcopy=vm.allow_postcopy if body.allow_postcopy is None else body.allow_postcopy,
+        allow_postcopy=allow_postcopy,
+        postcopy_after_s=body.postcopy_after_s,
         bandwidth_limit_bps=body.bandwidth_limit_bps or (min(limits) if limits else None),
     )
 
