@@ -158,6 +158,7 @@ def test_netperf_and_dirty_rate(mlab: Lab, vm: dict[str, Any]) -> None:
         assert bad["reachable"] is False and bad["error"], bad
         rate = s.post(f"/vms/{VM}/dirty-rate", json={"seconds": 1}).json()
         assert rate["seconds"] == 1 and rate["dirty_rate_bps"] > MIB, rate  # memtest rewrites 20 MiB/s
+        assert rate["resident_bytes"] > 32 * MIB, rate  # at least memtest's 32 MiB are resident
 
 
 def test_live_migration_completes_and_guest_is_intact(mlab: Lab, vm: dict[str, Any]) -> None:

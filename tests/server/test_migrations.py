@@ -52,6 +52,7 @@ def test_happy_path_moves_the_vm_and_stores_metrics(server: ServerHarness, pair:
     assert [a.kind.value for a in m.actions] == ["set_downtime_limit"]
     assert m.prediction is not None and m.predicted_total_ms is not None
     assert m.prediction.bandwidth_bps == BANDWIDTH and m.prediction.dirty_rate_bps == DIRTY_RATE
+    assert m.prediction.zero_fraction == 0.75  # the fake QEMU is resident for a quarter of the guest
     assert m.checks is not None and m.checks.ok and m.finished_at is not None
     assert m.settings.max_downtime_ms == 500 and not m.settings.allow_postcopy
 

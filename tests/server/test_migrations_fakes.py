@@ -112,7 +112,9 @@ class MigratingAgent(FakeAgent):
 
         @app.post("/api/v1/vms/{name}/dirty-rate")
         async def dirty_rate(name: str, body: dict[str, Any]) -> Any:
-            return {"dirty_rate_bps": DIRTY_RATE, "seconds": body.get("seconds", 1)}
+            resident = self.specs[name].memory_mib * MIB // 4 if name in self.specs else None
+            return {"dirty_rate_bps": DIRTY_RATE, "seconds": body.get("seconds", 1),
+                    "resident_bytes": resident}
 
         @app.post("/api/v1/migrations/incoming")
         async def incoming(req: IncomingRequest) -> Any:

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from vmshift.errors import InvalidInputError
-from vmshift.migration.estimator import estimate, throttle_for
+from vmshift.migration.estimator import estimate, throttle_for, zero_fraction_from_resident
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -36,6 +36,12 @@ def test_zero_pages_are_almost_free() -> None:
     full = estimate(1 * GIB, 0, 100 * MIB, 0.3)
     mostly_zero = estimate(1 * GIB, 0, 100 * MIB, 0.3, zero_fraction=0.75)
     assert mostly_zero.total_s == pytest.approx(full.total_s * (0.25 + 0.75 * 9 / 4096))
+
+
+def test_untouched_memory_counts_as_zero_pages() -> None:
+    assert zero_fraction_from_resident(1 * GIB, 256 * MIB) == pytest.approx(0.75)
+    assert zero_fraction_from_resident(1 * GIB, 2 * GIB) == 0.0  # QEMU's own memory on top of a full guest
+    assert zero_fraction_from_resident(1 * GIB, None) == 0.0  # unknown: assume every page is data
 
 
 def test_working_set_caps_each_round() -> None:

@@ -54,7 +54,10 @@ router = APIRouter(prefix="/api/v1")
 @router.post("/vms/{name}/dirty-rate")
 async def dirty_rate(name: str, body: DirtyRateRequest, roles: Roles) -> DirtyRate:
     qmp = roles.supervisor.qmp_session(name)
-    return DirtyRate(dirty_rate_bps=await measure_dirty_rate(qmp, body.seconds), seconds=body.seconds)
+    rate = await measure_dirty_rate(qmp, body.seconds)
+    rss_mib = (await roles.supervisor.runtime(name)).rss_mib
+    return DirtyRate(dirty_rate_bps=rate, seconds=body.seconds,
+                     resident_bytes=round(rss_mib * 2**20) if rss_mib else None)
 
 
 @router.post("/netperf/sink")

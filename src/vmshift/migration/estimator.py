@@ -32,9 +32,15 @@ class Estimate:
     throttle_percent: int  # what the policy is expected to apply; 0 = none
 
     def to_prediction(
-        self, memory_bytes: int, dirty_rate_bps: float, bandwidth_bps: float, downtime_limit_s: float
+        self,
+        memory_bytes: int,
+        dirty_rate_bps: float,
+        bandwidth_bps: float,
+        downtime_limit_s: float,
+        zero_fraction: float = 0.0,
     ) -> MigrationPrediction:
         return MigrationPrediction(
+            zero_fraction=zero_fraction,
             memory_bytes=memory_bytes,
             dirty_rate_bps=dirty_rate_bps,
             bandwidth_bps=bandwidth_bps,
@@ -100,6 +106,14 @@ def _simulate(
         total += duration
         sent += pending
         rounds += 1
+
+
+def zero_fraction_from_resident(memory_bytes: int, resident_bytes: int | None) -> float:
+    """Pages the guest never touched are not resident in QEMU and go out as zero pages. QEMU's own
+    resident memory counts as touched too, so this errs on the side of sending more."""
+    if not resident_bytes or memory_bytes <= 0:
+        return 0.0
+    return max(0.0, 1.0 - resident_bytes / memory_bytes)
 
 
 def estimate(

@@ -25,6 +25,10 @@ class DirtyRateRequest(BaseModel):
 class DirtyRate(BaseModel):
     dirty_rate_bps: float
     seconds: int
+    resident_bytes: int | None = Field(
+        default=None,
+        description="QEMU's resident memory: at least what the guest ever touched; the rest is zero pages",
+    )
 
 
 class SinkRequest(BaseModel):

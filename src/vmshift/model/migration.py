@@ -156,6 +156,9 @@ class MigrationPrediction(BaseModel):
     converges_unaided: bool
     throttle_percent: int = Field(description="throttle the policy is expected to apply (0 = none)")
     bytes_sent: int
+    zero_fraction: float = Field(
+        default=0.0, description="share of memory taken as zero pages (never touched, from QEMU's RSS)"
+    )
 
 
 class MigrationMetrics(BaseModel):

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from vmshift.errors import ApiError, InvalidInputError, VmshiftError
 from vmshift.migration.checks import HostView, VmView, run_checks
-from vmshift.migration.estimator import estimate
+from vmshift.migration.estimator import estimate, zero_fraction_from_resident
 from vmshift.model.agent_migration import MeasureRequest, SinkRequest
 from vmshift.model.enums import ConnectionState
 from vmshift.model.migration import (
@@ -251,8 +251,9 @@ async def predict(
     rate = await agents.get(source_address).dirty_rate(spec.name, DIRTY_RATE_SECONDS)
     memory = spec.memory_mib * 2**20
     downtime_s = settings.max_downtime_ms / 1000
-    est = estimate(memory, rate.dirty_rate_bps, bandwidth_bps, downtime_s)
-    return est.to_prediction(memory, rate.dirty_rate_bps, bandwidth_bps, downtime_s)
+    zeros = zero_fraction_from_resident(memory, rate.resident_bytes)
+    est = estimate(memory, rate.dirty_rate_bps, bandwidth_bps, downtime_s, zero_fraction=zeros)
+    return est.to_prediction(memory, rate.dirty_rate_bps, bandwidth_bps, downtime_s, zero_fraction=zeros)
 
 
 async def predict_plan(agents: AgentPool, plan: Plan) -> MigrationPrediction:
