@@ -55,9 +55,8 @@ router = APIRouter(prefix="/api/v1")
 async def dirty_rate(name: str, body: DirtyRateRequest, roles: Roles) -> DirtyRate:
     qmp = roles.supervisor.qmp_session(name)
     rate = await measure_dirty_rate(qmp, body.seconds)
-    rss_mib = (await roles.supervisor.runtime(name)).rss_mib
     return DirtyRate(dirty_rate_bps=rate, seconds=body.seconds,
-                     resident_bytes=round(rss_mib * 2**20) if rss_mib else None)
+                     resident_bytes=roles.supervisor.guest_ram_resident_bytes(name))
 
 
 @router.post("/netperf/sink")

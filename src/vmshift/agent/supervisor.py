@@ -210,6 +210,23 @@ class Supervisor:
                 out.append(await self.runtime(name))
         return out
 
+    def guest_ram_resident_bytes(self, name: str) -> int | None:
+        """How much of the guest's RAM QEMU holds in memory, i.e. what the guest ever touched: the
+        resident size of QEMU's anonymous mapping as large as the guest's RAM (QEMU's whole RSS,
+        which adds its own memory and TCG's code cache, if that mapping is not found)."""
+        vm = self._entry(name)
+        if vm.pid is None or not self._alive(vm):
+            return None
+        ram_bytes = vm.spec.memory_mib * 2**20
+        try:
+            proc = psutil.Process(vm.pid)
+            for mapping in proc.memory_maps(grouped=False):
+                if mapping.size == ram_bytes and "w" in mapping.perms:
+                    return int(mapping.rss)
+            return int(proc.memory_info().rss)
+        except psutil.Error:
+            return None
+
     def serial_tail(self, name: str, tail_bytes: int) -> str:
         path = self._entry(name).paths.serial_log
         if not path.exists():

@@ -109,8 +109,8 @@ def _simulate(
 
 
 def zero_fraction_from_resident(memory_bytes: int, resident_bytes: int | None) -> float:
-    """Pages the guest never touched are not resident in QEMU and go out as zero pages. QEMU's own
-    resident memory counts as touched too, so this errs on the side of sending more."""
+    """Pages the guest never touched are not resident in QEMU and go out as zero pages (touched
+    pages that hold zeros again are missed, so this errs on the side of sending more)."""
     if not resident_bytes or memory_bytes <= 0:
         return 0.0
     return max(0.0, 1.0 - resident_bytes / memory_bytes)

@@ -27,7 +27,7 @@ class DirtyRate(BaseModel):
     seconds: int
     resident_bytes: int | None = Field(
         default=None,
-        description="QEMU's resident memory: at least what the guest ever touched; the rest is zero pages",
+        description="guest RAM resident in QEMU = what the guest ever touched; the rest is zero pages",
     )
 
 
