@@ -73,7 +73,11 @@ def test_rates_parse_like_tc() -> None:
 
 # ---------------------------------------------------------------- real topology
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+@pytest.fixture
+def needs_root() -> None:
+    """A missing privilege is a failure, not a skip: CI runs these as root."""
+    if os.geteuid() != 0:
+        pytest.fail("The topology tests need root (network namespaces): run them as root.")
 
 
 def _ns(ns: str, *cmd: str) -> subprocess.CompletedProcess[str]:
@@ -99,7 +103,7 @@ def built() -> Iterator[LabLayout]:
 
 
 @pytest.mark.lab
-@needs_root
+@pytest.mark.usefixtures("needs_root")
 def test_topology_connects_hosts_and_tears_down_completely(built: LabLayout) -> None:
     lay = built
     h1, h2 = lay.host_ns(1), lay.host_ns(2)
@@ -153,7 +157,7 @@ def _assert_gone(lay: LabLayout) -> None:
 
 
 @pytest.mark.lab
-@needs_root
+@pytest.mark.usefixtures("needs_root")
 def test_down_cleans_up_after_a_partial_build() -> None:
     name = f"tpart{os.getpid() % 100000}"
     rec = topology.reserve(name, 2)

@@ -170,7 +170,7 @@ def test_argv_is_accepted_by_qemu(tmp_path: Path) -> None:
     import subprocess
 
     if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("QEMU is not installed")
+        pytest.fail("QEMU is not installed: run 'make system' (QEMU 10 from bookworm-backports).")
     spec = make_spec(boot=BootKind.DISK, disks=1, nics=0)
     disk = tmp_path / "disk0.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
