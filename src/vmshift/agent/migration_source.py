@@ -442,8 +442,9 @@ class _Loop:
         if reason is not None:
             if code == "activation_failed":
                 hint = "Check the target host: if its VM runs, stop the paused source QEMU by hand."
-            elif phase is P.FAILED and self.samples and self.samples[-1].status.postcopy:
-                hint = "Post-copy had started, so the VM could not be kept on the source."
+            elif phase is P.FAILED and any(a.kind is ActionKind.START_POSTCOPY for a in p.actions):
+                hint = ("Post-copy had been started, so the source was not resumed; check which host "
+                        "runs the VM before starting it anywhere.")
             else:
                 hint = "The VM keeps running on the source host; retry once the cause is fixed."
             p.error = ErrorInfo(code=code or "migration_failed", message=reason, hint=hint)
