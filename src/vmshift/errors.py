@@ -8,6 +8,11 @@ saying what to do. Boundaries translate foreign exceptions into this tree (QMP e
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import httpx
+
 
 class VmshiftError(Exception):
     """Root of every error vmshift raises on purpose."""
@@ -93,6 +98,21 @@ class ApiError(VmshiftError):
         super().__init__(message, hint=hint)
         self.status = status
         self.code = code
+
+    @classmethod
+    def from_response(cls, resp: httpx.Response, fallback: str) -> ApiError:
+        """A vmshift API's `{"error": {"code", "message", "hint"}}` answer as an ApiError with its
+        status; ``fallback`` is the message when the body carries no such error."""
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        err = body.get("error") if isinstance(body, dict) else None
+        if isinstance(err, dict) and err.get("message"):
+            hint = err.get("hint")
+            return cls(str(err["message"]), status=resp.status_code, code=str(err.get("code") or "api_error"),
+                       hint=hint if isinstance(hint, str) else None)
+        return cls(fallback, status=resp.status_code)
 
 
 class LabError(VmshiftError):

@@ -22,7 +22,14 @@ import httpx
 
 from vmshift.agent.migration_store import MigrationRole, MigrationStore, StoredMigration
 from vmshift.agent.supervisor import Supervisor
-from vmshift.errors import ConflictError, IncomingFailedError, NotFoundError, QemuError, VmshiftError
+from vmshift.errors import (
+    ApiError,
+    ConflictError,
+    IncomingFailedError,
+    NotFoundError,
+    QemuError,
+    VmshiftError,
+)
 from vmshift.migration.policy import Action, ConvergencePolicy, PolicySettings
 from vmshift.migration.samples import MigrationSample, QemuMigrationStatus, summarize
 from vmshift.model.agent_migration import MigrationProgress, OutgoingMigration
@@ -398,8 +405,9 @@ class _Loop:
                 if r.status_code < 300:
                     error = None
                     break
-                if _error_code(r) == IncomingFailedError.code:
-                    await self._resume_after_failed_load(_error_message(r))
+                refusal = ApiError.from_response(r, r.text[:300])
+                if refusal.code == IncomingFailedError.code:
+                    await self._resume_after_failed_load(refusal.message)
                     return
                 error = MigrationFailed(f"The target agent refused to activate the VM "
                                         f"(HTTP {r.status_code}): {r.text[:300]}")
@@ -450,25 +458,6 @@ class _Loop:
             p.error = ErrorInfo(code=code or "migration_failed", message=reason, hint=hint)
         self.save()
         log.info("migration %d: %s%s", self.rec.migration_id, status.value, f" ({reason})" if reason else "")
-
-
-def _error_body(r: httpx.Response) -> dict[str, object]:
-    try:
-        body = r.json()
-    except ValueError:
-        return {}
-    error = body.get("error") if isinstance(body, dict) else None
-    return error if isinstance(error, dict) else {}
-
-
-def _error_code(r: httpx.Response) -> str | None:
-    code = _error_body(r).get("code")
-    return code if isinstance(code, str) else None
-
-
-def _error_message(r: httpx.Response) -> str:
-    message = _error_body(r).get("message")
-    return message if isinstance(message, str) else r.text[:300]
 
 
 class _Rollback(Exception):

@@ -21,20 +21,8 @@ Json = dict[str, Any]
 
 
 def _error_from_response(resp: httpx.Response) -> ApiError:
-    try:
-        body = resp.json()
-    except ValueError:
-        body = None
-    err = body.get("error") if isinstance(body, dict) else None
-    if isinstance(err, dict) and err.get("message"):
-        return ApiError(
-            str(err["message"]),
-            status=resp.status_code,
-            code=str(err.get("code") or "api_error"),
-            hint=err.get("hint"),
-        )
     text = resp.text.strip()[:200] or resp.reason_phrase
-    return ApiError(f"The server answered {resp.status_code}: {text}", status=resp.status_code)
+    return ApiError.from_response(resp, f"The server answered {resp.status_code}: {text}")
 
 
 class VmshiftClient:

@@ -196,12 +196,7 @@ class AgentClient:
 
 def _error_from(resp: httpx.Response, address: str) -> ApiError:
     """Turn an agent's error body into ApiError with the agent's status, code, message and hint."""
-    try:
-        err = resp.json()["error"]
-        message, code, hint = str(err["message"]), str(err.get("code") or "api_error"), err.get("hint")
-    except (ValueError, KeyError, TypeError):
-        message, code, hint = f"The agent at {address} answered HTTP {resp.status_code}.", "api_error", None
-    return ApiError(message, status=resp.status_code, code=code, hint=hint)
+    return ApiError.from_response(resp, f"The agent at {address} answered HTTP {resp.status_code}.")
 
 
 class AgentPool:
