@@ -303,12 +303,12 @@ class _Loop:
             p.phase = P.SWITCHOVER
         elif sample.status in (Q.ACTIVE, Q.SETUP) and p.phase is P.PREPARE:
             p.phase = P.PRECOPY
-        p.metrics = self._summary()
+        p.metrics = summarize(self.samples)
         self.save()
 
     def _summary(self) -> MigrationMetrics:
-        """Metrics from the samples; a post-copy shorter than the sampling interval still shows in
-        QEMU's MIGRATION events."""
+        """Final metrics from the samples; a post-copy shorter than the sampling interval still shows
+        in QEMU's MIGRATION events (read once at the end, not on every sample)."""
         metrics = summarize(self.samples)
         if not metrics.postcopy and self.o.supervisor.is_alive(self.rec.vm):
             with contextlib.suppress(VmshiftError):
