@@ -10,7 +10,7 @@ import pytest
 from tests.lab.helpers import LabHandle, guest_check, vmshift, vmshift_json, wait_for
 from tests.lab.vmotion import fdb_port_of, layout, migrate, verify_guest
 from vmshift.client import VmshiftClient
-from vmshift.lab.probe import TcpHoldProcess
+from vmshift.lab.probe import tcp_hold_process
 from vmshift.lab.topology import set_migration_link_rate
 
 pytestmark = pytest.mark.lab
@@ -54,7 +54,7 @@ def test_migration_keeps_connection_memory_disk_and_mac(
     lay = layout(lab)
     mac = mover["nics"][0]["mac"]
     before = guest_check(lab, "mover")
-    hold = TcpHoldProcess.start(lay.client_ns, mover["ip"])
+    hold = tcp_hold_process(lay.client_ns, mover["ip"])
     try:
         wait_for("the TCP hold to connect", lambda: guest_check(lab, "mover")["echo"], timeout=30)
         m = migrate(lab, "mover", "host-2")

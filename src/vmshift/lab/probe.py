@@ -239,16 +239,9 @@ class BackgroundProbe:
         return report
 
 
-class TcpHoldProcess(BackgroundProbe):
-    """A TcpHold (one long-lived echoing TCP connection) in the client namespace."""
-
-    @classmethod
-    def start(  # type: ignore[override]
-        cls, client_ns: str, ip: str, interval_ms: float = 100
-    ) -> BackgroundProbe:
-        return BackgroundProbe.start(
-            client_ns, ["hold", ip, "--interval-ms", str(interval_ms)], "TCP hold"
-        )
+def tcp_hold_process(client_ns: str, ip: str, interval_ms: float = 100) -> BackgroundProbe:
+    """A TcpHold (one long-lived echoing TCP connection) in the client namespace until stopped."""
+    return BackgroundProbe.start(client_ns, ["hold", ip, "--interval-ms", str(interval_ms)], "TCP hold")
 
 
 def udp_probe_process(client_ns: str, ip: str) -> BackgroundProbe:

@@ -14,7 +14,7 @@ from typing import Any
 from vmshift.client import VmshiftClient
 from vmshift.errors import LabError, VmshiftError
 from vmshift.lab.lab import check, get, require_root, vm_ip
-from vmshift.lab.probe import TcpHoldProcess, udp_probe_process
+from vmshift.lab.probe import tcp_hold_process, udp_probe_process
 from vmshift.model.migration import MigrationStatus
 
 Progress = Callable[[str], None]
@@ -59,7 +59,7 @@ def round_trip(lab: str, vm: str, progress: Progress = lambda _: None) -> list[d
             raise LabError("The demo needs a second host.", hint="Bring the lab up with --hosts 2.")
         for source, target in ((home, away), (away, home)):
             progress(f"{vm}: {source} -> {target}")
-            hold = TcpHoldProcess.start(ns, ip)
+            hold = tcp_hold_process(ns, ip)
             udp = udp_probe_process(ns, ip)
             try:
                 started = api.migrate_vm(vm, target)
