@@ -91,19 +91,6 @@ def create_guest(api: VmshiftClient, s: Scenario) -> Json:
     return api.get_vm(s.vm)
 
 
-def wait_memtest(lab_name: str, vm: str, passes: int, timeout_s: float) -> Json:
-    """Wait until memtest has completed `passes` sweeps; the last check's answer."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        c = lab.check(lab_name, vm, wait_s=60)
-        mt = c.get("memtest") or {}
-        if c.get("echo") and mt.get("passes", 0) >= passes:
-            return c
-        if time.monotonic() > deadline:
-            raise VmshiftError(f"memtest in {vm} did not reach {passes} passes within {timeout_s:.0f} s: {c}")
-        time.sleep(1.0)
-
-
 def remove_guest(api: VmshiftClient, vm: str) -> None:
     with contextlib.suppress(VmshiftError):
         api.wait_task(api.power_vm(vm, PowerAction.STOP)["id"], timeout=120)
@@ -232,10 +219,11 @@ def run_vmshift(rec: LabRecord, api: VmshiftClient, s: Scenario, ip: str) -> Jso
         started = api.migrate_vm(s.vm, "host-2")
         mid = int(started["migration_id"])
         say(f"vmshift: migration {mid} host-1 -> host-2")
-        while not MigrationStatus((m := api.get_migration(mid))["status"]).finished:
-            time.sleep(0.3)
+        api.wait_task(started["id"], timeout=1800)
+        m = api.get_migration(mid)
+        if m["status"] == MigrationStatus.COMPLETED:
+            lab.check(rec.name, s.vm, wait_s=30)  # the guest answers from host-2 before the probe stops
     finally:
-        time.sleep(0.5)  # let the probe see the guest answer again after the switchover
         udp_report = udp.stop()
     say(f"vmshift: migration {mid} {m['status']} in {m.get('total_ms')} ms; verifying the guest")
     result: Json = {
@@ -250,7 +238,7 @@ def run_vmshift(rec: LabRecord, api: VmshiftClient, s: Scenario, ip: str) -> Jso
     }
     if m["status"] == MigrationStatus.COMPLETED:
         result["host_after"] = api.get_vm(s.vm)["host"]
-        after = wait_memtest(rec.name, s.vm, before["memtest"]["passes"] + 2, timeout_s=240)
+        after = lab.wait_memtest_passes(rec.name, s.vm, before["memtest"]["passes"] + 2, timeout_s=240)
         result["guest_after"] = after
         result["verified"] = (after["memtest"]["mismatches"] == 0 and after["echo"] is True
                               and after["disklog"]["durable_seq"] > before["disklog"]["durable_seq"])
@@ -315,7 +303,7 @@ def run_scenario(rec: LabRecord, api: VmshiftClient, s: Scenario, migration_id: 
         topology.set_migration_link_rate(lay, k, s.link)
     say(f"{s.name}: creating {s.vm} ({s.memory_mib} MiB, memtest {s.memtest}), link {s.link or 'unshaped'}")
     vm = create_guest(api, s)
-    wait_memtest(rec.name, s.vm, 1, timeout_s=300)
+    lab.wait_memtest_passes(rec.name, s.vm, 1, timeout_s=300)
     say(f"{s.name}: memtest finished a full pass")
     base = run_baseline(rec, api, s, migration_id, vm["ip"])
     say(f"baseline: {base.get('outcome')} after {base.get('elapsed_s')} s")

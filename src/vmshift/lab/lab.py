@@ -260,6 +260,23 @@ def check(name: str, vm: str, wait_s: float = 0.0) -> dict[str, Any]:
         time.sleep(1.0)
 
 
+def wait_memtest_passes(name: str, vm: str, passes: int, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Ask the guest (as `check` does) until memtest has completed `passes` sweeps; its answer.
+
+    memtest verifies a page only when its sweep reaches it, so judging memory after a migration means
+    waiting for full passes. The guest has no way to push its status, hence the polling.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = check(name, vm, wait_s=60)
+        if answer.get("echo") and (answer.get("memtest") or {}).get("passes", 0) >= passes:
+            return answer
+        if time.monotonic() > deadline:
+            raise LabError(f"memtest in {vm} did not reach {passes} passes within {timeout_s:.0f} s: "
+                           f"{answer}", hint="Is the guest booted with vmshift.memtest=SIZE,RATE?")
+        time.sleep(1.0)
+
+
 def probe(name: str, vm: str, seconds: float = 5.0) -> dict[str, Any]:
     """A 1 ms UDP echo probe of vm for `seconds`: sent, lost, longest gap between replies."""
     require_root()

@@ -7,41 +7,30 @@ mismatch). QEMU's downtime alone hides what users feel (FACTS.md), hence the UDP
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 from vmshift.client import VmshiftClient
 from vmshift.errors import LabError, VmshiftError
-from vmshift.lab.lab import check, get, require_root, vm_ip
+from vmshift.lab.lab import check, get, require_root, vm_ip, wait_memtest_passes
 from vmshift.lab.probe import tcp_hold_process, udp_probe_process
 from vmshift.model.migration import MigrationStatus
 
 Progress = Callable[[str], None]
 
 
-def _wait_migration(api: VmshiftClient, migration_id: int, progress: Progress) -> dict[str, Any]:
+def _phase_lines(progress: Progress) -> Callable[[dict[str, Any]], None]:
+    """A task watcher that reports each new phase of the migration task once."""
     last = ""
-    while True:
-        m = api.get_migration(migration_id)
-        live = m.get("progress") or {}
-        line = f"{m['phase']} round {live.get('round', 0)}"
+
+    def show(task: dict[str, Any]) -> None:
+        nonlocal last
+        line = str(task.get("phase") or task["state"])
         if line != last:
             progress(line)
             last = line
-        if MigrationStatus(m["status"]).finished:
-            return m
-        time.sleep(0.3)
 
-
-def _memtest_after_two_passes(lab: str, vm: str, timeout_s: float = 120.0) -> dict[str, Any]:
-    start = check(lab, vm, wait_s=30)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        now = check(lab, vm, wait_s=30)
-        if now["memtest"]["passes"] >= start["memtest"]["passes"] + 2 or time.monotonic() > deadline:
-            return now
-        time.sleep(1.0)
+    return show
 
 
 def round_trip(lab: str, vm: str, progress: Progress = lambda _: None) -> list[dict[str, Any]]:
@@ -63,14 +52,16 @@ def round_trip(lab: str, vm: str, progress: Progress = lambda _: None) -> list[d
             udp = udp_probe_process(ns, ip)
             try:
                 started = api.migrate_vm(vm, target)
-                m = _wait_migration(api, int(started["migration_id"]), progress)
+                api.wait_task(started["id"], on_update=_phase_lines(progress))
+                m = api.get_migration(int(started["migration_id"]))
+                if m["status"] == MigrationStatus.COMPLETED:  # the guest answers from its new host
+                    arrived = check(lab, vm, wait_s=30)  # before the probes stop
             finally:
-                time.sleep(0.5)  # let the probes see the guest answer again after the switchover
                 tcp_report, udp_report = hold.stop(), udp.stop()
             if m["status"] != MigrationStatus.COMPLETED:
                 err = (m.get("error") or {}).get("message", "no reason given")
                 raise VmshiftError(f"Migration {source} -> {target} of {vm} ended {m['status']}: {err}")
-            guest = _memtest_after_two_passes(lab, vm)
+            guest = wait_memtest_passes(lab, vm, arrived["memtest"]["passes"] + 2)
             rows.append({
                 "vm": vm, "source": source, "target": target, "migration_id": m["id"],
                 "total_ms": m["total_ms"], "downtime_ms": m["downtime_ms"],
