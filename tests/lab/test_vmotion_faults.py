@@ -12,7 +12,6 @@ import pytest
 
 from tests.lab.helpers import LabHandle, guest_check, qemu_pids, vmshift, vmshift_json
 from tests.lab.vmotion import (
-    get_migration,
     host_of_pid,
     layout,
     start_migration,
@@ -127,7 +126,7 @@ def test_server_restarted_mid_migration(lab: LabHandle, api: VmshiftClient, faul
     end = run_fault(lab, api, faulty, restart_server)
     assert end["status"] == "completed", end["error"]
     assert api.get_vm("faulty")["host"] == "host-2"
-    assert get_migration(api, end["id"])["metrics"]["downtime_ms"] is not None
+    assert api.get_migration(end["id"])["metrics"]["downtime_ms"] is not None
 
 
 def test_user_cancel(lab: LabHandle, api: VmshiftClient, faulty: dict[str, Any]) -> None:

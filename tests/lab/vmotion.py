@@ -30,15 +30,11 @@ def start_migration(lab: LabHandle, vm: str, host: str, *extra: str) -> int:
     return int(mid)
 
 
-def get_migration(api: VmshiftClient, mid: int) -> dict[str, Any]:
-    return dict(api.request("GET", f"/migrations/{mid}"))
-
-
 def wait_migration_phase(
     api: VmshiftClient, mid: int, phases: set[str], timeout: float = 120
 ) -> dict[str, Any]:
     def reached() -> dict[str, Any] | None:
-        m = get_migration(api, mid)
+        m = api.get_migration(mid)
         moving = (m.get("progress") or {}).get("transferred_bytes", 0) > 0
         if m["phase"] in phases and (m["phase"] != "precopy" or moving):
             return m
@@ -50,7 +46,7 @@ def wait_migration_phase(
 
 def wait_migration_end(api: VmshiftClient, mid: int, timeout: float = 300) -> dict[str, Any]:
     def ended() -> dict[str, Any] | None:
-        m = get_migration(api, mid)
+        m = api.get_migration(mid)
         return m if m["status"] in ("completed", "failed", "cancelled") else None
 
     return wait_for(f"migration {mid} to end", ended, timeout=timeout, interval=0.3)
@@ -101,5 +97,5 @@ def fdb_port_of(lab: LabHandle, mac: str) -> str | None:
     return None
 
 
-__all__ = ["fdb_port_of", "get_migration", "host_of_pid", "layout", "migrate", "start_migration",
+__all__ = ["fdb_port_of", "host_of_pid", "layout", "migrate", "start_migration",
            "verify_guest", "vmshift", "wait_migration_end", "wait_migration_phase"]

@@ -157,7 +157,7 @@ class MigrationPrediction(BaseModel):
     throttle_percent: int = Field(description="throttle the policy is expected to apply (0 = none)")
     bytes_sent: int
     zero_fraction: float = Field(
-        default=0.0, description="share of memory taken as zero pages (never touched, from QEMU's RSS)"
+        default=0.0, description="share of memory taken as zero pages (never touched: not resident in QEMU)"
     )
 
 

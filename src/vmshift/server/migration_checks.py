@@ -101,7 +101,7 @@ def settings_for(vm: VmRow, src: HostRow, dst: HostRow, body: MigrationCreate) -
         raise InvalidInputError(f"A switch to post-copy after {body.postcopy_after_s:g} s was asked for, "
                                 f"but post-copy is not allowed for VM {vm.name!r}.",
                                 hint="Add --allow-postcopy, or allow it on the VM with "
-                                     "'vmshift vm migration-settings VM --postcopy'.")
+                                     "'vmshift vm migration-settings VM --allow-postcopy'.")
     return MigrationSettings(
         max_downtime_ms=body.max_downtime_ms or vm.max_downtime_ms,
         allow_postcopy=allow_postcopy,
