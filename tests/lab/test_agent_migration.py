@@ -138,10 +138,7 @@ def assert_gone_from(lab: Lab, k: int, vm: str = VM) -> None:
 
 def guest_intact_after(lab: Lab, before: dict[str, Any], vm: str = VM) -> dict[str, Any]:
     """Echo works, memtest clean after 2 more passes, disklog's durable sequence continued."""
-    def judged() -> dict[str, Any] | None:
-        c = _healthy(lab, vm)
-        return c if c and c["memtest"]["passes"] >= before["memtest"]["passes"] + 2 else None
-    after = wait_for("memtest to complete 2 more passes", judged, timeout=120, interval=1)
+    after = labmod.wait_memtest_passes(lab.rec.name, vm, before["memtest"]["passes"] + 2)
     assert after["memtest"]["mismatches"] == 0, after
     assert after["disklog"]["durable_seq"] > before["disklog"]["durable_seq"], after
     assert not after["disklog"].get("error"), after
