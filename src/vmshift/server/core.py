@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from vmshift.client.agent import AgentPool
 from vmshift.model.api import EventKind, TaskKind
-from vmshift.server.agent_client import AgentPool
 from vmshift.server.db.setup import make_engine, seed_defaults, upgrade_schema
 from vmshift.server.events import record_event
 from vmshift.server.heartbeat import Heartbeat

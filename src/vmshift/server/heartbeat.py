@@ -8,12 +8,12 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from vmshift.client.agent import AgentPool
 from vmshift.errors import VmshiftError
 from vmshift.model.api import EventKind
 from vmshift.model.enums import ConnectionState, EventSeverity, PowerState
 from vmshift.model.host import HostFacts
 from vmshift.model.vm import VmRuntime
-from vmshift.server.agent_client import AgentPool
 from vmshift.server.db.schema import HostRow, utcnow
 from vmshift.server.events import record_event
 from vmshift.server.inventory import apply_facts

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from vmshift.client.agent import AgentPool
 from vmshift.errors import ApiError, InvalidInputError, VmshiftError
 from vmshift.migration.checks import HostView, VmView, run_checks
 from vmshift.migration.estimator import estimate, zero_fraction_from_resident
@@ -30,7 +31,6 @@ from vmshift.model.migration import (
     MigrationStatus,
 )
 from vmshift.model.vm import VmSpec
-from vmshift.server.agent_client import AgentPool
 from vmshift.server.db.schema import HostRow, MigrationRow, VmRow
 from vmshift.server.inventory import get_host, get_vm, host_facts
 

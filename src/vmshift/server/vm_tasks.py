@@ -8,11 +8,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from vmshift.client.agent import AgentPool
 from vmshift.errors import ApiError, NotFoundError
 from vmshift.model.api import EventKind
 from vmshift.model.enums import EventSeverity, PowerAction
 from vmshift.model.vm import VmRuntime, VmSpec
-from vmshift.server.agent_client import AgentPool
 from vmshift.server.db.schema import VmRow
 from vmshift.server.events import record_event
 from vmshift.server.tasks import TaskBody, TaskContext

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 from sqlalchemy import select
 
+from vmshift.client.agent import AgentClient
 from vmshift.errors import ConflictError
 from vmshift.model.api import (
     About,
@@ -20,7 +21,6 @@ from vmshift.model.api import (
     MaintenanceRequest,
     Network,
 )
-from vmshift.server.agent_client import AgentClient
 from vmshift.server.api.deps import core_of
 from vmshift.server.core import ServerCore
 from vmshift.server.db.schema import ClusterRow, DatacenterRow, DatastoreRow, HostRow, NetworkRow

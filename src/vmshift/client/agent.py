@@ -1,0 +1,219 @@
+"""HTTP client of one host agent; maps transport failures and error answers into the vmshift error tree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from vmshift.errors import ApiError, HostUnreachableError
+from vmshift.model.agent_migration import (
+    DirtyRate,
+    DirtyRateRequest,
+    Incoming,
+    IncomingRequest,
+    Measurement,
+    MeasureRequest,
+    MigrationProgress,
+    OutgoingMigration,
+    Sink,
+    SinkRequest,
+)
+from vmshift.model.enums import PowerAction
+from vmshift.model.host import HostFacts
+from vmshift.model.vm import VmRuntime, VmSpec
+
+API_PREFIX = "/api/v1"
+_RUNTIMES = TypeAdapter(list[VmRuntime])
+
+
+class AgentHealth(BaseModel):
+    name: str
+    time: float
+
+
+class AgentClient:
+    """One agent at ``address`` (HOST:PORT). Owns an ``httpx.AsyncClient``: call ``aclose``."""
+
+    def __init__(
+        self,
+        address: str,
+        token: str,
+        *,
+        timeout_s: float = 10.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.address = address
+        self._http = httpx.AsyncClient(
+            base_url=f"http://{address}{API_PREFIX}",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 3.0)),
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> httpx.Response:
+        extra: dict[str, Any] = {}
+        if timeout_s is not None:
+            extra["timeout"] = httpx.Timeout(timeout_s, connect=3.0)
+        try:
+            resp = await self._http.request(method, path, json=json, params=params, **extra)
+        except httpx.TimeoutException as e:
+            raise HostUnreachableError(
+                f"The agent at {self.address} did not answer {method} {path} in time.",
+                hint="Check that the host is up and the agent is running.",
+            ) from e
+        except httpx.TransportError as e:
+            raise HostUnreachableError(
+                f"The agent at {self.address} cannot be reached ({type(e).__name__}).",
+                hint="Check the address, that vmshift-agent runs there, and the network.",
+            ) from e
+        if resp.status_code >= 400:
+            raise _error_from(resp, self.address)
+        return resp
+
+    def _parse(self, resp: httpx.Response, model: type[Any]) -> Any:
+        try:
+            return model.model_validate(resp.json())
+        except (ValidationError, ValueError) as e:
+            raise ApiError(
+                f"The agent at {self.address} sent an answer vmshift does not understand.",
+                status=502,
+                code="bad_agent_answer",
+                hint="Check that the agent and server versions match.",
+            ) from e
+
+    async def health(self, timeout_s: float | None = None) -> AgentHealth:
+        result: AgentHealth = self._parse(
+            await self._request("GET", "/health", timeout_s=timeout_s), AgentHealth
+        )
+        return result
+
+    async def facts(self) -> HostFacts:
+        result: HostFacts = self._parse(await self._request("GET", "/facts"), HostFacts)
+        return result
+
+    async def list_vms(self, timeout_s: float | None = None) -> list[VmRuntime]:
+        resp = await self._request("GET", "/vms", timeout_s=timeout_s)
+        try:
+            return _RUNTIMES.validate_python(resp.json())
+        except (ValidationError, ValueError) as e:
+            raise ApiError(
+                f"The agent at {self.address} sent a VM list vmshift does not understand.",
+                status=502,
+                code="bad_agent_answer",
+            ) from e
+
+    async def get_vm(self, name: str) -> VmRuntime:
+        result: VmRuntime = self._parse(await self._request("GET", f"/vms/{name}"), VmRuntime)
+        return result
+
+    async def define_vm(self, spec: VmSpec) -> VmRuntime:
+        resp = await self._request(
+            "PUT", f"/vms/{spec.name}", json=spec.model_dump(mode="json"), timeout_s=120
+        )
+        result: VmRuntime = self._parse(resp, VmRuntime)
+        return result
+
+    async def power(self, name: str, action: PowerAction, timeout_s: int = 30) -> VmRuntime:
+        resp = await self._request(
+            "POST",
+            f"/vms/{name}/power",
+            json={"action": action.value, "timeout_s": timeout_s},
+            timeout_s=timeout_s + 30,
+        )
+        result: VmRuntime = self._parse(resp, VmRuntime)
+        return result
+
+    async def delete_vm(self, name: str) -> None:
+        await self._request("DELETE", f"/vms/{name}", timeout_s=60)
+
+    # -- live migration (docs/design/contracts.md, "Live migration") -------------------------
+    async def dirty_rate(self, name: str, seconds: int = 1) -> DirtyRate:
+        """Source role: the guest's dirty rate (QMP calc-dirty-rate over ``seconds``)."""
+        body = DirtyRateRequest(seconds=seconds).model_dump(mode="json")
+        resp = await self._request("POST", f"/vms/{name}/dirty-rate", json=body, timeout_s=seconds + 15)
+        result: DirtyRate = self._parse(resp, DirtyRate)
+        return result
+
+    async def netperf_sink(self, req: SinkRequest) -> Sink:
+        """Target role: open a TCP sink on the migration address for ``req.seconds``."""
+        resp = await self._request("POST", "/netperf/sink", json=req.model_dump(mode="json"))
+        result: Sink = self._parse(resp, Sink)
+        return result
+
+    async def netperf_measure(self, req: MeasureRequest) -> Measurement:
+        """Source role: send to a sink from the migration address; reachability and bandwidth."""
+        resp = await self._request(
+            "POST", "/netperf/measure", json=req.model_dump(mode="json"), timeout_s=req.seconds + 15
+        )
+        result: Measurement = self._parse(resp, Measurement)
+        return result
+
+    async def migration_incoming(self, req: IncomingRequest) -> Incoming:
+        """Target role: start the receiving QEMU (``-incoming defer``) and listen."""
+        resp = await self._request(
+            "POST", "/migrations/incoming", json=req.model_dump(mode="json"), timeout_s=120
+        )
+        result: Incoming = self._parse(resp, Incoming)
+        return result
+
+    async def migration_rollback(self, migration_id: int) -> None:
+        """Target role: discard the incoming QEMU of a migration (idempotent)."""
+        await self._request("DELETE", f"/migrations/{migration_id}", timeout_s=60)
+
+    async def migration_start(self, req: OutgoingMigration) -> MigrationProgress:
+        """Source role: start the control loop of an outgoing migration."""
+        resp = await self._request("POST", "/migrations", json=req.model_dump(mode="json"), timeout_s=60)
+        result: MigrationProgress = self._parse(resp, MigrationProgress)
+        return result
+
+    async def migration_progress(
+        self, migration_id: int, timeout_s: float | None = None
+    ) -> MigrationProgress:
+        """Source role: the control loop's latest sample."""
+        resp = await self._request("GET", f"/migrations/{migration_id}", timeout_s=timeout_s)
+        result: MigrationProgress = self._parse(resp, MigrationProgress)
+        return result
+
+    async def migration_cancel(self, migration_id: int) -> MigrationProgress:
+        """Source role: cancel; the VM keeps running on the source and the target is rolled back."""
+        resp = await self._request("POST", f"/migrations/{migration_id}/cancel", timeout_s=60)
+        result: MigrationProgress = self._parse(resp, MigrationProgress)
+        return result
+
+
+def _error_from(resp: httpx.Response, address: str) -> ApiError:
+    """Turn an agent's error body into ApiError with the agent's status, code, message and hint."""
+    return ApiError.from_response(resp, f"The agent at {address} answered HTTP {resp.status_code}.")
+
+
+class AgentPool:
+    """One client per agent address, reused by the heartbeat loop and tasks."""
+
+    def __init__(self, token: str, timeout_s: float = 10.0) -> None:
+        self._token = token
+        self._timeout_s = timeout_s
+        self._clients: dict[str, AgentClient] = {}
+
+    def get(self, address: str) -> AgentClient:
+        client = self._clients.get(address)
+        if client is None:
+            client = self._clients[address] = AgentClient(address, self._token, timeout_s=self._timeout_s)
+        return client
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for c in clients:
+            await c.aclose()
