@@ -13,10 +13,15 @@ from rich.table import Table
 
 from vmshift.cli.output import console, emit_json, err_console, show_error
 from vmshift.errors import VmshiftError
+from vmshift.lab.context import lab_name
 
 lab_app = typer.Typer(help="A local lab: network namespaces as hosts, one server, one agent per host.")
 
 NameOpt = Annotated[str, typer.Option("--name", help="Lab name.")]
+CtxNameOpt = Annotated[
+    str | None,
+    typer.Option("--name", help="Lab name; default: the lab of the CLI context (the last 'lab up')."),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
@@ -72,11 +77,12 @@ def up_cmd(
 
 
 @lab_app.command("down")
-def down_cmd(name: NameOpt = "lab", json_: JsonOpt = False) -> None:
+def down_cmd(name: CtxNameOpt = None, json_: JsonOpt = False) -> None:
     """Stop every process of the lab and delete its namespaces, links and state."""
     from vmshift.lab import lab
 
     with _errors(json_):
+        name = lab_name(name)
         problems = lab.down(name)
         if json_:
             emit_json({"name": name, "problems": problems})
@@ -90,11 +96,12 @@ def down_cmd(name: NameOpt = "lab", json_: JsonOpt = False) -> None:
 
 
 @lab_app.command("env")
-def env_cmd(name: NameOpt = "lab", json_: JsonOpt = False) -> None:
+def env_cmd(name: CtxNameOpt = None, json_: JsonOpt = False) -> None:
     """Print `export` lines that point the CLI at this lab (eval "$(vmshift lab env)")."""
     from vmshift.lab import lab
 
     with _errors(json_):
+        name = lab_name(name)
         if json_:
             rec = lab.get(name)
             emit_json({"VMSHIFT_SERVER": rec.server_url, "VMSHIFT_TOKEN": rec.token})
@@ -146,31 +153,33 @@ def _run_probe(json_: bool, fn: Callable[[], dict[str, Any]], ok: Callable[[dict
 @lab_app.command("check")
 def check_cmd(
     vm: str,
-    name: NameOpt = "lab",
+    name: CtxNameOpt = None,
     wait: Annotated[float, typer.Option("--wait", help="Seconds to wait for a booting guest.")] = 60.0,
     json_: JsonOpt = False,
 ) -> None:
     """Echo over TCP and read the guest's memtest/disklog status, from the lab's client namespace."""
     from vmshift.lab import lab
 
-    _run_probe(json_, lambda: lab.check(name, vm, wait), lambda r: bool(r.get("echo")) and "error" not in r)
+    _run_probe(
+        json_, lambda: lab.check(lab_name(name), vm, wait), lambda r: bool(r.get("echo")) and "error" not in r
+    )
 
 
 @lab_app.command("probe")
 def probe_cmd(
     vm: str,
-    name: NameOpt = "lab",
+    name: CtxNameOpt = None,
     seconds: Annotated[float, typer.Option("--seconds", help="How long to probe.")] = 5.0,
     json_: JsonOpt = False,
 ) -> None:
     """1 ms UDP echo probe from the client namespace: sent, lost, longest gap between replies."""
     from vmshift.lab import lab
 
-    _run_probe(json_, lambda: lab.probe(name, vm, seconds), lambda r: int(r.get("received", 0)) > 0)
+    _run_probe(json_, lambda: lab.probe(lab_name(name), vm, seconds), lambda r: int(r.get("received", 0)) > 0)
 
 
 @lab_app.command("vmotion-demo")
-def vmotion_demo_cmd(vm: str, name: NameOpt = "lab", json_: JsonOpt = False) -> None:
+def vmotion_demo_cmd(vm: str, name: CtxNameOpt = None, json_: JsonOpt = False) -> None:
     """Migrate VM to another host and back while TCP and 1 ms UDP probes run; print what it felt."""
     from vmshift.lab import showcase
 
@@ -179,7 +188,7 @@ def vmotion_demo_cmd(vm: str, name: NameOpt = "lab", json_: JsonOpt = False) -> 
             err_console.print(f"[dim]vmotion:[/] {msg}", highlight=False)
 
     with _errors(json_):
-        rows = showcase.round_trip(name, vm, progress)
+        rows = showcase.round_trip(lab_name(name), vm, progress)
     if json_:
         emit_json(rows)
         return

@@ -1,7 +1,8 @@
 """The CLI context file: which server and token the `vmshift` CLI uses when none is given.
 
 `vmshift lab up` points it at the lab it brought up; `vmshift lab down` removes it if it points at
-the lab being torn down.
+the lab being torn down. The lab subcommands that act on an existing lab use its "lab" when no
+`--name` is given (`lab_name`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+from vmshift.errors import InvalidInputError
 
 
 def context_path() -> Path:
@@ -50,3 +53,22 @@ def clear_context(lab: str) -> bool:
         return False
     context_path().unlink(missing_ok=True)
     return True
+
+
+def lab_name(name: str | None) -> str:
+    """`name` when given, else the lab the context points at.
+
+    Guessing a fixed default would let `lab down` or `lab check` act on some other lab than the one
+    the CLI talks to, so without either there is no answer but an error.
+    """
+    if name:
+        return name
+    ctx = load_context() or {}
+    lab = ctx.get("lab")
+    if not lab:
+        raise InvalidInputError(
+            "No lab was named and the CLI context names none.",
+            hint="Pass --name NAME ('vmshift lab list' shows the labs), or bring a lab up with "
+            "'sudo vmshift lab up'.",
+        )
+    return lab
