@@ -1,4 +1,8 @@
-"""HTTP client of one host agent; maps transport failures and error answers into the vmshift error tree."""
+"""HTTP client of one host agent; maps transport failures and error answers into the vmshift error tree.
+
+The server uses it for every host, and a source agent uses it to talk to the target agent of a
+migration: one client per peer, one place where httpx exceptions become vmshift errors.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from vmshift.model.agent_migration import (
     DirtyRateRequest,
     Incoming,
     IncomingRequest,
+    IncomingState,
     Measurement,
     MeasureRequest,
     MigrationProgress,
@@ -34,7 +39,12 @@ class AgentHealth(BaseModel):
 
 
 class AgentClient:
-    """One agent at ``address`` (HOST:PORT). Owns an ``httpx.AsyncClient``: call ``aclose``."""
+    """One agent at ``address`` (HOST:PORT). Owns an ``httpx.AsyncClient``: call ``aclose``.
+
+    The connection is kept alive between calls (httpx's pool), so a source agent's call to the
+    target at the switchover costs no TCP handshake. Proxy variables are ignored (``trust_env``
+    off): agents talk directly on the management or migration network.
+    """
 
     def __init__(
         self,
@@ -42,14 +52,17 @@ class AgentClient:
         token: str,
         *,
         timeout_s: float = 10.0,
+        connect_timeout_s: float = 3.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.address = address
+        self._connect_timeout_s = connect_timeout_s
         self._http = httpx.AsyncClient(
             base_url=f"http://{address}{API_PREFIX}",
             headers={"Authorization": f"Bearer {token}"},
-            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 3.0)),
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, connect_timeout_s)),
             transport=transport,
+            trust_env=False,
         )
 
     async def aclose(self) -> None:
@@ -66,7 +79,7 @@ class AgentClient:
     ) -> httpx.Response:
         extra: dict[str, Any] = {}
         if timeout_s is not None:
-            extra["timeout"] = httpx.Timeout(timeout_s, connect=3.0)
+            extra["timeout"] = httpx.Timeout(timeout_s, connect=self._connect_timeout_s)
         try:
             resp = await self._http.request(method, path, json=json, params=params, **extra)
         except httpx.TimeoutException as e:
@@ -169,6 +182,19 @@ class AgentClient:
         result: Incoming = self._parse(resp, Incoming)
         return result
 
+    async def migration_incoming_state(self, migration_id: int) -> IncomingState:
+        """Target role: what the receiving QEMU itself says (run state, incoming stream status)."""
+        resp = await self._request("GET", f"/migrations/{migration_id}/incoming")
+        result: IncomingState = self._parse(resp, IncomingState)
+        return result
+
+    async def migration_activate(self, migration_id: int, timeout_s: float = 40.0) -> VmRuntime:
+        """Target role: run the received VM (``cont``, then announce); only after the source's
+        QEMU reached ``completed``."""
+        resp = await self._request("POST", f"/migrations/{migration_id}/activate", timeout_s=timeout_s)
+        result: VmRuntime = self._parse(resp, VmRuntime)
+        return result
+
     async def migration_rollback(self, migration_id: int) -> None:
         """Target role: discard the incoming QEMU of a migration (idempotent)."""
         await self._request("DELETE", f"/migrations/{migration_id}", timeout_s=60)
@@ -184,6 +210,15 @@ class AgentClient:
     ) -> MigrationProgress:
         """Source role: the control loop's latest sample."""
         resp = await self._request("GET", f"/migrations/{migration_id}", timeout_s=timeout_s)
+        result: MigrationProgress = self._parse(resp, MigrationProgress)
+        return result
+
+    async def migration_finalize(self, migration_id: int, body: dict[str, Any]) -> MigrationProgress:
+        """Source role: finish a move left paused on both sides (target unreachable after
+        ``completed``)."""
+        resp = await self._request(
+            "POST", f"/migrations/{migration_id}/finalize", json=body, timeout_s=60
+        )
         result: MigrationProgress = self._parse(resp, MigrationProgress)
         return result
 

@@ -61,6 +61,21 @@ class Incoming(BaseModel):
     uri: str
 
 
+class IncomingState(BaseModel):
+    """The target's proof of where an incoming migration stands, read from its QEMU, not only its
+    record: the source decides from it whether the target may run (``stream == "completed"``)."""
+
+    migration_id: int
+    vm: str
+    state: str = Field(description="the target record's state")
+    qemu_alive: bool
+    qemu_status: str | None = Field(default=None, description='QEMU run state: "inmigrate", "paused", ...')
+    stream: str | None = Field(
+        default=None, description="the incoming side's query-migrate status: \"active\", \"completed\", ..."
+    )
+    timeline: dict[str, float] = Field(default_factory=dict)
+
+
 class AgentRef(BaseModel):
     """How one agent reaches another (the server hands this to the source agent)."""
 
