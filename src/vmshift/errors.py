@@ -4,6 +4,11 @@ Every error carries a one-sentence message saying what is wrong and, where it he
 saying what to do. Boundaries translate foreign exceptions into this tree (QMP errors become
 ``QemuError``, HTTP failures become ``ApiError``) and keep the cause in ``__cause__``.
 ``status`` is the HTTP status the REST layers answer with.
+
+Callers decide from the error, not from status numbers (kopf's permanent vs temporary errors):
+``retryable`` says whether the same request may succeed later without anyone changing anything (a
+host that did not answer, a peer that is restarting); ``not_found`` says the named object does not
+exist where it was asked for.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ class VmshiftError(Exception):
 
     status: int = 500
     code: str = "internal"
+    retryable: bool = False
+    not_found: bool = False
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -51,6 +58,7 @@ class NotFoundError(VmshiftError):
 
     status = 404
     code = "not_found"
+    not_found = True
 
 
 class ConflictError(VmshiftError):
@@ -66,6 +74,18 @@ class IncomingFailedError(ConflictError):
     code = "incoming_failed"
 
 
+class StreamCompletedError(ConflictError):
+    """The target received the whole migration stream (or runs the VM): it is never rolled back."""
+
+    code = "stream_completed"
+
+
+class SwitchoverStartedError(ConflictError):
+    """A cancel came once QEMU had started the switchover: it finishes or fails on its own."""
+
+    code = "switchover_started"
+
+
 class CapacityError(VmshiftError):
     """The target lacks the resources (memory, CPU features) the request needs."""
 
@@ -78,6 +98,7 @@ class HostUnreachableError(VmshiftError):
 
     status = 502
     code = "host_unreachable"
+    retryable = True
 
 
 class QemuError(VmshiftError):
@@ -87,8 +108,16 @@ class QemuError(VmshiftError):
     code = "qemu_error"
 
 
+RETRYABLE_STATUSES = frozenset({502, 503, 504})
+"""Gateway and availability answers: the peer (or one behind it) was down or busy, not the request wrong."""
+
+RETRYABLE_CODES = frozenset({HostUnreachableError.code})
+"""Remote error codes of the classes above whose ``retryable`` is true."""
+
+
 class ApiError(VmshiftError):
-    """An HTTP API answered with an error; carries the remote status and code."""
+    """An HTTP API answered with an error; carries the remote status and code, and classifies them
+    as ``retryable`` and ``not_found`` so callers need not know status numbers."""
 
     code = "api_error"
 
@@ -98,6 +127,8 @@ class ApiError(VmshiftError):
         super().__init__(message, hint=hint)
         self.status = status
         self.code = code
+        self.retryable = status in RETRYABLE_STATUSES or code in RETRYABLE_CODES
+        self.not_found = status == 404 or code == NotFoundError.code
 
     @classmethod
     def from_response(cls, resp: httpx.Response, fallback: str) -> ApiError:

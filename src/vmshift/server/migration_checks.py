@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmshift.client.agent import AgentPool
-from vmshift.errors import ApiError, InvalidInputError, VmshiftError
+from vmshift.errors import InvalidInputError, VmshiftError
 from vmshift.migration.checks import HostView, VmView, run_checks
 from vmshift.migration.estimator import estimate, zero_fraction_from_resident
 from vmshift.model.agent_migration import MeasureRequest, SinkRequest
@@ -142,7 +142,8 @@ async def measure_link(
             MeasureRequest(address=sink.address, port=sink.port, seconds=MEASURE_SECONDS)
         )
     except VmshiftError as e:
-        missing = isinstance(e, ApiError) and e.status in (404, 405)
+        # An agent older than the netperf endpoints has no such route, or not for this method.
+        missing = e.not_found or e.code == "method_not_allowed"
         why = "its agent has no netperf endpoint (agent too old?)" if missing else e.message.rstrip(".")
         return (
             False,

@@ -98,7 +98,7 @@ def delete_body(sessions: sessionmaker[Session], agents: AgentPool, name: str) -
         try:
             await agents.get(address).delete_vm(name)
         except ApiError as e:
-            if e.status != 404:  # already gone from the host is fine
+            if not e.not_found:  # already gone from the host is fine
                 raise
         _forget(sessions, name, f"VM {name} deleted from host {host}.", EventSeverity.INFO)
         return {"vm": name}
