@@ -70,7 +70,7 @@ async def test_migration_incoming_state_reads_the_target_proof() -> None:
         await client.aclose()
     assert (rec.requests[0].method, rec.requests[0].url.path) == ("GET", "/api/v1/migrations/7/incoming")
     assert state.qemu_alive and state.qemu_status == "inmigrate" and state.stream == "completed"
-    assert state.timeline == {"target_loaded": 12.25}
+    assert state.model_dump(exclude_none=True)["timeline"] == {"target_loaded": 12.25}
 
 
 async def test_incoming_state_defaults_when_qemu_is_gone() -> None:
@@ -80,7 +80,8 @@ async def test_incoming_state_defaults_when_qemu_is_gone() -> None:
         state = await client.migration_incoming_state(3)
     finally:
         await client.aclose()
-    assert (state.qemu_status, state.stream, state.timeline) == (None, None, {})
+    assert (state.qemu_status, state.stream) == (None, None)
+    assert state.model_dump(exclude_none=True)["timeline"] == {}
 
 
 async def test_migration_finalize_sends_the_body() -> None:
@@ -95,7 +96,7 @@ async def test_migration_finalize_sends_the_body() -> None:
     assert progress.migration_id == 9 and progress.status == "completed"
 
 
-async def test_an_error_body_keeps_the_agent_code() -> None:
+async def test_an_error_body_keeps_the_agent_code_and_says_no_retry() -> None:
     error = {"error": {"code": "incoming_failed", "message": "The stream did not load.", "hint": None}}
     client, _ = make_client(lambda r: httpx.Response(409, json=error))
     try:
@@ -104,18 +105,41 @@ async def test_an_error_body_keeps_the_agent_code() -> None:
     finally:
         await client.aclose()
     assert (info.value.status, info.value.code) == (409, "incoming_failed")
+    assert not info.value.retryable and not info.value.not_found
 
 
-async def test_a_refused_connection_is_host_unreachable() -> None:
+async def test_a_busy_agent_is_worth_a_retry() -> None:
+    client, _ = make_client(lambda r: httpx.Response(503, text="overloaded"))
+    try:
+        with pytest.raises(ApiError) as info:
+            await client.migration_incoming_state(7)
+    finally:
+        await client.aclose()
+    assert info.value.retryable
+
+
+async def test_an_unknown_migration_is_not_found() -> None:
+    error = {"error": {"code": "not_found", "message": "No migration 7 here.", "hint": None}}
+    client, _ = make_client(lambda r: httpx.Response(404, json=error))
+    try:
+        with pytest.raises(ApiError) as info:
+            await client.migration_incoming_state(7)
+    finally:
+        await client.aclose()
+    assert info.value.not_found and not info.value.retryable
+
+
+async def test_a_refused_connection_is_host_unreachable_and_retryable() -> None:
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
     client, _ = make_client(refuse)
     try:
-        with pytest.raises(HostUnreachableError):
+        with pytest.raises(HostUnreachableError) as info:
             await client.migration_activate(7, timeout_s=5)
     finally:
         await client.aclose()
+    assert info.value.retryable
 
 
 async def test_a_garbled_answer_is_bad_agent_answer() -> None:
@@ -147,3 +171,14 @@ async def test_short_connect_timeout_and_no_proxy_variables(monkeypatch: pytest.
     assert rec.requests[0].url.host == "10.0.0.2"  # reached the mock, not a proxy built from the variables
     assert not client._http.trust_env
     assert "close" not in rec.requests[0].headers.get("connection", "")
+
+
+async def test_migration_rollback_takes_a_shorter_timeout() -> None:
+    client, rec = make_client(lambda r: httpx.Response(200, json={"rolled_back": 4}))
+    try:
+        await client.migration_rollback(4, timeout_s=10.0)
+        await client.migration_rollback(4)
+    finally:
+        await client.aclose()
+    assert [(r.method, r.url.path) for r in rec.requests] == [("DELETE", "/api/v1/migrations/4")] * 2
+    assert [r.extensions["timeout"]["read"] for r in rec.requests] == [10.0, 60]

@@ -195,9 +195,9 @@ class AgentClient:
         result: VmRuntime = self._parse(resp, VmRuntime)
         return result
 
-    async def migration_rollback(self, migration_id: int) -> None:
+    async def migration_rollback(self, migration_id: int, timeout_s: float = 60) -> None:
         """Target role: discard the incoming QEMU of a migration (idempotent)."""
-        await self._request("DELETE", f"/migrations/{migration_id}", timeout_s=60)
+        await self._request("DELETE", f"/migrations/{migration_id}", timeout_s=timeout_s)
 
     async def migration_start(self, req: OutgoingMigration) -> MigrationProgress:
         """Source role: start the control loop of an outgoing migration."""
