@@ -1,7 +1,8 @@
 """Client-side probes of a lab guest; run inside the lab's client namespace.
 
     python -m vmshift.lab.probe check IP          -> {"echo": true, "memtest": {...}, "disklog": {...}}
-    python -m vmshift.lab.probe udp IP --seconds S -> {"sent": N, "received": N, "lost": N, "max_gap_ms": X}
+    python -m vmshift.lab.probe udp IP --seconds S -> {"sent": N, "received": N, "lost": N, "max_gap_ms": X,
+                                                       "max_gap_start": T0, "max_gap_end": T1}
     python -m vmshift.lab.probe hold IP [--seconds S] [--interval-ms MS]
         -> one long-lived TCP connection echoing until S elapse, stdin closes or SIGTERM/SIGINT;
            prints {"survived": bool, "echoes": N, "max_gap_ms": X, "error": str|null}
@@ -90,6 +91,11 @@ def udp_probe(
 
     The silence before the first reply and after the last one (up to the last send) counts too, so a
     guest that stops answering for good shows a large gap, not just losses.
+
+    `max_gap_start` / `max_gap_end` are the wall-clock times (epoch seconds, `time.time()`'s clock) of
+    the reply before the longest gap and of the reply that ended it, so the gap can be placed beside
+    timestamps taken by other processes (a migration's timeline). A gap before the first reply starts
+    at the first send; one after the last reply ends at the last send.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.connect((ip, UDP_PORT))
@@ -97,8 +103,11 @@ def udp_probe(
     seen: set[int] = set()
     sent = 0
     start = time.monotonic()
+    # Gaps are timed on the monotonic clock; this offset only places them on the wall clock.
+    wall_offset = time.time() - start
     last_reply = start
     max_gap = 0.0
+    max_gap_at = (start, start)
     end_send = start + seconds
     deadline = end_send + grace_s
     last_send = start
@@ -136,16 +145,20 @@ def udp_probe(
                     continue
                 seen.add(seq)
                 t = time.monotonic()
-                max_gap = max(max_gap, t - last_reply)
+                if t - last_reply > max_gap:
+                    max_gap, max_gap_at = t - last_reply, (last_reply, t)
                 last_reply = t
     finally:
         sock.close()
-    max_gap = max(max_gap, last_send - last_reply)
+    if last_send - last_reply > max_gap:
+        max_gap, max_gap_at = last_send - last_reply, (last_reply, last_send)
     return {
         "sent": sent,
         "received": len(seen),
         "lost": sent - len(seen),
         "max_gap_ms": round(max_gap * 1000, 2),
+        "max_gap_start": round(max_gap_at[0] + wall_offset, 6),
+        "max_gap_end": round(max_gap_at[1] + wall_offset, 6),
     }
 
 
