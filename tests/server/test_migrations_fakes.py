@@ -134,6 +134,7 @@ class MigratingAgent(FakeAgent):
                 migration_id=req.migration_id, vm=req.vm, phase=MigrationPhase.PRECOPY,
                 status=MigrationStatus.RUNNING, round=1, total_bytes=total, remaining_bytes=total,
                 throughput_bps=BANDWIDTH, dirty_rate_bps=DIRTY_RATE, updated_at=datetime.now(UTC),
+                nonce=req.nonce,
             )  # fmt: skip
             self.progress[req.migration_id] = p
             return p.model_dump(mode="json")

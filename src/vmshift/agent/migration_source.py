@@ -1,12 +1,21 @@
 """Source role of a live migration: the control loop next to QEMU (docs/migration.md).
 
-One owned asyncio task per outgoing migration: set up QEMU, ``migrate``, sample ``query-migrate``
-every 250 ms into the pure ``ConvergencePolicy``, apply its actions, and finish with either the
-completion steps (target ``activate``, source QEMU quit, VM unregistered here) or the rollback
-steps (``migrate_cancel``, source running unpaused, target ``DELETE``). The record is persisted in
-``state_dir/migrations/ID.json`` so a restarted agent resumes the loop where QEMU is now.
+One owned asyncio task per outgoing migration: set up QEMU, ``migrate``, then follow QEMU's
+``MIGRATION`` events (the ``events`` capability) and sample ``query-migrate`` every 250 ms for the
+pure ``ConvergencePolicy``. It ends in one of:
 
-Safety rule: once QEMU says the stream completed, the source is never resumed (``cont``).
+- **complete**: QEMU says ``completed`` → at once, over the kept-alive connection, the target is
+  told to run (``activate``, libvirt's confirm); then the source QEMU quits;
+- **rollback**: QEMU failed or was cancelled before completing → the source runs unpaused (QEMU
+  resumes it), the target discards its receiving QEMU (which never ran: it waits with ``-S``);
+- **decided by the target's proof** when the source QEMU vanished: the target holds the whole
+  stream → it is activated; it does not → the VM is ``lost`` (reported, never guessed);
+- **needs finalize**: the stream completed but the target cannot be reached: the VM waits paused
+  on both hosts for ``vmshift migration finalize ID``.
+
+The record is persisted in ``state_dir/migrations/ID.json`` so a restarted agent resumes the loop
+where QEMU is now. Safety rule: once QEMU says the stream completed, the source is never resumed
+unless the target proves its copy never ran. Phases change only through ``migration.phases``.
 """
 
 from __future__ import annotations
@@ -18,33 +27,40 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
-
 from vmshift.agent.migration_store import MigrationRole, MigrationStore, StoredMigration
 from vmshift.agent.supervisor import Supervisor
+from vmshift.client.agent import AgentClient
 from vmshift.errors import (
-    ApiError,
     ConflictError,
     IncomingFailedError,
     NotFoundError,
     QemuError,
+    StreamCompletedError,
+    SwitchoverStartedError,
     VmshiftError,
 )
+from vmshift.migration.phases import check_transition
 from vmshift.migration.policy import Action, ConvergencePolicy, PolicySettings
 from vmshift.migration.samples import MigrationSample, QemuMigrationStatus, summarize
-from vmshift.model.agent_migration import MigrationProgress, OutgoingMigration
+from vmshift.model.agent_migration import FinalizeRequest, MigrationProgress, OutgoingMigration
 from vmshift.model.api import ErrorInfo
-from vmshift.model.migration import ActionKind, MigrationMetrics, MigrationPhase, MigrationStatus
+from vmshift.model.enums import QemuRunState as RunState
+from vmshift.model.migration import (
+    ActionKind,
+    FinalizeResolution,
+    MigrationMetrics,
+    MigrationPhase,
+    MigrationStatus,
+)
 from vmshift.qemu import migration_qmp as mq
 from vmshift.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
 Q = QemuMigrationStatus
 P = MigrationPhase
-
-
-class MigrationFailed(VmshiftError):
-    code = "migration_failed"
+#: QEMU statuses in which the switchover has begun: a cancel is refused from here on.
+SWITCHOVER_STARTED = frozenset({Q.PRE_SWITCHOVER, Q.DEVICE, Q.COMPLETED})
+SWITCHOVER_STARTED_MESSAGE = "The switchover has started; the migration will finish or fail on its own."
 
 
 class OutgoingMigrations:
@@ -52,13 +68,14 @@ class OutgoingMigrations:
 
     def __init__(self, supervisor: Supervisor, store: MigrationStore, *, sample_interval_s: float = 0.25,
                  stall_timeout_s: float = 10.0, target_check_interval_s: float = 2.0,
-                 target_down_after_s: float = 6.0) -> None:
+                 target_down_after_s: float = 6.0, activation_deadline_s: float = 20.0) -> None:
         self.supervisor = supervisor
         self.store = store
         self.sample_interval_s = sample_interval_s
         self.stall_timeout_s = stall_timeout_s
         self.target_check_interval_s = target_check_interval_s
         self.target_down_after_s = target_down_after_s
+        self.activation_deadline_s = activation_deadline_s
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._records: dict[int, StoredMigration] = {}
 
@@ -66,9 +83,16 @@ class OutgoingMigrations:
     async def start(self, req: OutgoingMigration) -> MigrationProgress:
         existing = self._get(req.migration_id)
         if existing is not None:
-            if existing.request is not None and existing.request.vm == req.vm:
+            assert existing.progress is not None
+            same = existing.request is not None and existing.request.vm == req.vm and (
+                existing.request.nonce == req.nonce)
+            if same:
                 return self._progress(existing)  # the same request again
-            raise ConflictError(f"Migration {req.migration_id} already exists on this host.")
+            if not existing.progress.status.finished or req.nonce is None:
+                raise ConflictError(f"Migration {req.migration_id} already exists on this host "
+                                    f"(VM {existing.vm}, from another server or an older database).",
+                                    hint="Let it end, or remove its record from the agent's state directory.")
+            log.info("migration %d: replacing a finished record of another server", req.migration_id)
         if not self.supervisor.is_alive(req.vm):
             raise ConflictError(f"VM {req.vm!r} is not running on this host, so it cannot be live-migrated.",
                                 hint="Start it first, or use a cold migration.")
@@ -78,7 +102,8 @@ class OutgoingMigrations:
                 raise ConflictError(f"VM {req.vm!r} is already migrating (migration {rec.migration_id}).",
                                     hint="Wait for it or cancel it.")
         progress = MigrationProgress(migration_id=req.migration_id, vm=req.vm, phase=P.PREPARE,
-                                     status=MigrationStatus.RUNNING, updated_at=datetime.now(UTC))
+                                     status=MigrationStatus.RUNNING, updated_at=datetime.now(UTC),
+                                     nonce=req.nonce)
         rec = StoredMigration(role=MigrationRole.SOURCE, migration_id=req.migration_id, vm=req.vm,
                               request=req, progress=progress)
         self._save(rec)
@@ -86,23 +111,19 @@ class OutgoingMigrations:
         return self._progress(rec)
 
     def get(self, migration_id: int) -> MigrationProgress:
-        rec = self._get(migration_id)
-        if rec is None:
-            raise NotFoundError(f"This host runs no outgoing migration {migration_id}.",
-                                hint="Check the migration id and the source host.")
-        return self._progress(rec)
+        return self._progress(self._require(migration_id))
 
     async def cancel(self, migration_id: int, wait_s: float = 20.0) -> MigrationProgress:
-        rec = self._get(migration_id)
-        if rec is None:
-            raise NotFoundError(f"This host runs no outgoing migration {migration_id}.")
+        """Cancel before the switchover; refused once QEMU has started it (read from QEMU itself)."""
+        rec = self._require(migration_id)
         progress = self._progress(rec)
         if progress.status.finished:
             return progress
-        if progress.phase in (P.POSTCOPY, P.FINISH, P.SWITCHOVER):
-            raise ConflictError(f"Migration {migration_id} is past the point of no return "
-                                f"({progress.phase}).",
-                                hint="Let it finish.")
+        if progress.phase in (P.POSTCOPY, P.FINISH, P.SWITCHOVER) or await self._qemu_switching(rec):
+            raise SwitchoverStartedError(
+                f"Migration {migration_id} cannot be cancelled: {SWITCHOVER_STARTED_MESSAGE[0].lower()}"
+                f"{SWITCHOVER_STARTED_MESSAGE[1:]}",
+                hint=f"Follow it with 'vmshift migration show {migration_id}'.")
         rec.cancel_requested = True
         self._save(rec)
         with contextlib.suppress(VmshiftError):
@@ -115,13 +136,32 @@ class OutgoingMigrations:
             await asyncio.wait_for(asyncio.shield(task), timeout=wait_s)
         return self._progress(rec)
 
+    async def finalize(self, migration_id: int, req: FinalizeRequest) -> MigrationProgress:
+        """End a migration that waits paused on both hosts (``needs_finalize``)."""
+        rec = self._require(migration_id)
+        assert rec.progress is not None
+        if rec.progress.status.finished:
+            return self._progress(rec)
+        if rec.progress.status is not MigrationStatus.NEEDS_FINALIZE:
+            raise ConflictError(f"Migration {migration_id} is still running; there is nothing to finalize.",
+                                hint=f"Follow it with 'vmshift migration show {migration_id}'.")
+        task = self._tasks.get(migration_id)
+        if task is not None and not task.done():
+            raise ConflictError(f"Migration {migration_id} is being finalized already.", hint="Wait for it.")
+        loop = _Loop(self, rec)
+        try:
+            await loop.finalize(req.resolution)
+        finally:
+            await loop.close()
+        return self._progress(rec)
+
     async def resume_all(self) -> None:
         """At agent start: pick up every unfinished outgoing migration again."""
         for rec in self.store.all():
             if rec.role is not MigrationRole.SOURCE or rec.progress is None:
                 continue
             self._records[rec.migration_id] = rec
-            if not rec.progress.status.finished:
+            if rec.progress.status is MigrationStatus.RUNNING:
                 log.info("migration %d: resuming the control loop of VM %s", rec.migration_id, rec.vm)
                 self._spawn(rec)
 
@@ -144,6 +184,21 @@ class OutgoingMigrations:
             self._records[migration_id] = rec
         return rec
 
+    def _require(self, migration_id: int) -> StoredMigration:
+        rec = self._get(migration_id)
+        if rec is None:
+            raise NotFoundError(f"This host runs no outgoing migration {migration_id}.",
+                                hint="Check the migration id and the source host.")
+        return rec
+
+    async def _qemu_switching(self, rec: StoredMigration) -> bool:
+        try:
+            answer = await mq.query_migrate(self.supervisor.qmp_session(rec.vm))
+        except VmshiftError:
+            return False
+        status = Q.parse(str(answer.get("status", "none")))
+        return status in SWITCHOVER_STARTED or status.postcopy
+
     @staticmethod
     def _progress(rec: StoredMigration) -> MigrationProgress:
         assert rec.progress is not None
@@ -159,14 +214,18 @@ class OutgoingMigrations:
         task = asyncio.create_task(self._run(rec), name=f"migration-{rec.migration_id}")
         self._tasks[rec.migration_id] = task
 
-    # ----- the loop ------------------------------------------------------------------------------
     async def _run(self, rec: StoredMigration) -> None:
+        loop = _Loop(self, rec)
         try:
-            await _Loop(self, rec).run()
+            await loop.run()
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:  # a bug must not leave the record "running" with nobody told
             log.exception("migration %d: the control loop crashed", rec.migration_id)
+            with contextlib.suppress(Exception):
+                await loop.crashed(exc)
+        finally:
+            await loop.close()
 
 
 class _Loop:
@@ -184,9 +243,13 @@ class _Loop:
         if self.p.downtime_limit_ms:  # resumed: remember what is in force in QEMU
             self.policy.state.downtime_limit_s = self.p.downtime_limit_ms / 1000
             self.policy.state.throttle_percent = self.p.throttle_percent
-        self.http = httpx.AsyncClient(base_url=f"http://{self.req.target_agent.address}/api/v1",
-                                      headers={"Authorization": f"Bearer {self.req.target_agent.token}"},
-                                      timeout=httpx.Timeout(10.0, connect=3.0), trust_env=False)
+        # One kept-alive connection to the target for the whole migration: the health checks
+        # during pre-copy keep it warm, so the confirm at the switchover costs no handshake.
+        self.target = AgentClient(self.req.target_agent.address, self.req.target_agent.token,
+                                  timeout_s=10.0, connect_timeout_s=3.0)
+
+    async def close(self) -> None:
+        await self.target.aclose()
 
     def now(self) -> float:
         return time.time() - self.rec.started_at
@@ -197,28 +260,65 @@ class _Loop:
     def qmp(self) -> QmpSession:
         return self.o.supervisor.qmp_session(self.rec.vm)
 
+    def source_alive(self) -> bool:
+        return self.o.supervisor.is_alive(self.rec.vm)
+
+    def set_phase(self, phase: MigrationPhase) -> None:
+        if self.p.phase is not phase:
+            self.p.phase = check_transition(self.p.phase, phase)
+
     async def run(self) -> None:
         try:
-            outcome = await self._drive()
-            if outcome is Q.COMPLETED:
-                await self._complete()
+            await self._drive()
+            await self._complete()
+        except _SourceGone as gone:
+            await self._decide_from_target(gone.reason)
         except _Rollback as rb:
             await self._rollback(rb.reason, rb.code)
         except VmshiftError as exc:
-            await self._rollback(exc.message, exc.code)
-        finally:
-            await self.http.aclose()
+            if self.rec.migrate_sent and not self.source_alive():
+                await self._decide_from_target(f"The source QEMU exited during the migration ({exc.message})")
+            else:
+                await self._rollback(exc.message, exc.code)
 
-    async def _drive(self) -> QemuMigrationStatus:
-        """Set up and sample until QEMU's migration finishes; returns COMPLETED or raises _Rollback."""
-        if not self.o.supervisor.is_alive(self.rec.vm):
+    async def crashed(self, exc: Exception) -> None:
+        """The loop hit a bug: end the record in a state the server reports (never silently running)."""
+        if self.p.status is not MigrationStatus.RUNNING:
+            return
+        reason = f"The source agent's control loop failed ({type(exc).__name__}: {exc})."
+        if self.p.phase in (P.PREPARE, P.PRECOPY) and self.source_alive():
+            await self._rollback(reason, "internal")
+        else:
+            await self._needs_finalize(reason)
+
+    async def finalize(self, resolution: FinalizeResolution) -> None:
+        if resolution is FinalizeResolution.TARGET_ACTIVATED:
+            await self._stop_source_and_complete()
+        elif resolution is FinalizeResolution.RESUME_SOURCE:
+            if not self.source_alive():
+                await self._finish(MigrationStatus.LOST, P.LOST,
+                                   f"VM {self.rec.vm!r} is lost: its source QEMU is gone and the target "
+                                   "never received the whole VM.", "vm_lost")
+                return
+            await self._resume_source("The target never ran the VM.", "resumed_source")
+        elif self.source_alive():
+            await self._complete()
+        else:
+            await self._decide_from_target("The source QEMU is gone")
+
+    # ----- pre-copy ------------------------------------------------------------------------------
+    async def _drive(self) -> None:
+        """Set up, then follow QEMU until the stream completed; raises _Rollback or _SourceGone."""
+        if not self.source_alive():
+            if self.rec.migrate_sent:
+                raise _SourceGone("The source QEMU exited during the migration")
             raise _Rollback(f"The source QEMU of VM {self.rec.vm!r} is not running.", "qemu_error")
         # a QEMU that never migrated answers query-migrate with {} (no status)
-        current = QemuMigrationStatus.parse(str((await mq.query_migrate(self.qmp())).get("status", "none")))
+        current = Q.parse(str((await mq.query_migrate(self.qmp())).get("status", "none")))
         if not self.rec.migrate_sent and await self._sent_before_restart(current):
             # the agent died between `migrate` and saving that it sent it: QEMU is the truth
             self.rec.migrate_sent = True
-            self.p.phase = P.PRECOPY
+            self.set_phase(P.PRECOPY)
             self.save()
         elif not self.rec.migrate_sent:
             await self._setup()
@@ -227,12 +327,21 @@ class _Loop:
         last_bytes, last_progress_at = -1, time.monotonic()
         target_ok_at, next_target_check = time.monotonic(), 0.0
         while True:
-            answer = await mq.query_migrate(self.qmp())
+            if not self.source_alive():
+                raise _SourceGone("The source QEMU exited during the migration")
+            qmp = self.qmp()
+            seen = qmp.last_seq
+            try:
+                answer = await mq.query_migrate(qmp)
+            except QemuError:
+                if not self.source_alive():
+                    raise _SourceGone("The source QEMU exited during the migration") from None
+                raise
             sample = MigrationSample.from_qmp(answer, self.now())
             self.samples.append(sample)
             self._update(sample)
             if sample.status is Q.COMPLETED:
-                return Q.COMPLETED
+                return
             if sample.status in (Q.FAILED, Q.CANCELLED):
                 if self.rec.cancel_requested:
                     raise _Rollback("The migration was cancelled by the user.", "cancelled")
@@ -257,7 +366,8 @@ class _Loop:
                 elif time.monotonic() - target_ok_at > self.o.target_down_after_s:
                     raise _Rollback(f"The target agent {self.req.target_agent.address} stopped answering.",
                                     "host_unreachable")
-            await asyncio.sleep(self.o.sample_interval_s)
+            # QEMU's MIGRATION event (completed, failed, ...) ends the wait at once
+            await qmp.wait_event("MIGRATION", timeout_s=self.o.sample_interval_s, after_seq=seen)
 
     async def _sent_before_restart(self, current: QemuMigrationStatus) -> bool:
         """Did QEMU already get our `migrate`? A status left from an earlier attempt, or from the
@@ -266,7 +376,7 @@ class _Loop:
         if current in (Q.NONE, Q.FAILED, Q.CANCELLED, Q.UNKNOWN):
             return False
         if current is Q.COMPLETED:
-            return (await self.qmp().query_status()).status == "postmigrate"
+            return (await self.qmp().query_status()).state is RunState.POSTMIGRATE
         return True
 
     async def _setup(self) -> None:
@@ -288,7 +398,7 @@ class _Loop:
         self.rec.started_at = time.time()
         await mq.migrate(qmp, self.req.uri)
         self.rec.migrate_sent = True
-        self.p.phase = P.PRECOPY
+        self.set_phase(P.PRECOPY)
         self.save()
         log.info("migration %d: VM %s -> %s started", self.rec.migration_id, self.rec.vm, self.req.uri)
 
@@ -297,25 +407,45 @@ class _Loop:
         p.round, p.remaining_bytes, p.total_bytes = sample.round, sample.remaining_bytes, sample.total_bytes
         p.transferred_bytes, p.throughput_bps = sample.transferred_bytes, sample.throughput_bps
         p.dirty_rate_bps, p.throttle_percent = sample.dirty_rate_bps, sample.throttle_percent
+        if p.phase is P.PREPARE and sample.status is not Q.NONE:
+            self.set_phase(P.PRECOPY)
         if sample.status.postcopy:
-            p.phase = P.POSTCOPY
-        elif sample.status in (Q.PRE_SWITCHOVER, Q.DEVICE):
-            p.phase = P.SWITCHOVER
-        elif sample.status in (Q.ACTIVE, Q.SETUP) and p.phase is P.PREPARE:
-            p.phase = P.PRECOPY
-        p.metrics = summarize(self.samples)
+            self.set_phase(P.POSTCOPY)
+        elif sample.status in (Q.PRE_SWITCHOVER, Q.DEVICE) and p.phase is P.PRECOPY:
+            self.set_phase(P.SWITCHOVER)
+        p.metrics = self._metrics()
         self.save()
+
+    def _metrics(self) -> MigrationMetrics:
+        metrics = summarize(self.samples) if self.samples else self.p.metrics
+        metrics.timeline = self.rec.timeline
+        return metrics
 
     def _summary(self) -> MigrationMetrics:
         """Final metrics from the samples; a post-copy shorter than the sampling interval still shows
         in QEMU's MIGRATION events (read once at the end, not on every sample)."""
-        metrics = summarize(self.samples)
-        if not metrics.postcopy and self.o.supervisor.is_alive(self.rec.vm):
+        metrics = self._metrics()
+        if not metrics.postcopy and self.source_alive():
             with contextlib.suppress(VmshiftError):
                 events = self.qmp().events_named("MIGRATION")
                 metrics.postcopy = any(str(e.data.get("status", "")).startswith("postcopy") for e in events
                                        if e.time >= (self.rec.started_at or 0) - 1)
         return metrics
+
+    def _mark_source_timeline(self) -> None:
+        """Timeline: the source's STOP (vCPUs stopped) and MIGRATION completed events, QEMU's clock."""
+        if not self.source_alive():
+            return
+        with contextlib.suppress(VmshiftError):
+            qmp = self.qmp()
+            since = (self.rec.started_at or 0) - 1
+            stops = [e for e in qmp.events_named("STOP") if e.time >= since]
+            done = [e for e in qmp.events_named("MIGRATION")
+                    if e.time >= since and e.data.get("status") == "completed"]
+            if stops:
+                self.rec.timeline.source_stopped = stops[-1].time
+            if done:
+                self.rec.timeline.last_byte_sent = done[-1].time
 
     async def _apply(self, action: Action) -> None:
         qmp = self.qmp()
@@ -328,7 +458,7 @@ class _Loop:
             await mq.start_postcopy(qmp)
             # From here QEMU may hand the VM to the target at any moment (it may also finish the
             # pre-copy first): no more cancel, and never `cont` the source on a failure.
-            self.p.phase = P.POSTCOPY
+            self.set_phase(P.POSTCOPY)
         self.p.actions.append(action.to_record())
         self.save()
         log.info("migration %d: %s %s — %s", self.rec.migration_id, action.kind.value, action.value,
@@ -343,18 +473,20 @@ class _Loop:
 
     async def _target_alive(self) -> bool:
         try:
-            r = await self.http.get("/health", timeout=2.0)
-            return r.status_code < 500
-        except httpx.HTTPError:
-            return False
+            await self.target.health(timeout_s=2.0)
+            return True
+        except VmshiftError as exc:
+            return not exc.retryable  # an answer that is an error still proves the agent runs
 
     # ----- endings -------------------------------------------------------------------------------
     async def _final_status(self) -> QemuMigrationStatus:
         """Cancel QEMU's migration if it still runs and wait until it settles."""
         deadline = time.monotonic() + 15.0
         while True:
-            answer = await mq.query_migrate(self.qmp())
-            status = QemuMigrationStatus.parse(str(answer.get("status", "none")))
+            qmp = self.qmp()
+            seen = qmp.last_seq
+            answer = await mq.query_migrate(qmp)
+            status = Q.parse(str(answer.get("status", "none")))
             if status.finished or status is Q.NONE:
                 if status is Q.COMPLETED:
                     self.samples.append(MigrationSample.from_qmp(answer, self.now()))
@@ -363,75 +495,133 @@ class _Loop:
                 await self._cancel_qemu()
             if time.monotonic() > deadline:
                 raise QemuError("QEMU's migration did not stop after migrate_cancel within 15 s.")
-            await asyncio.sleep(0.1)
+            await qmp.wait_event("MIGRATION", timeout_s=0.1, after_seq=seen)
 
     async def _rollback(self, reason: str, code: str) -> None:
-        p, vm = self.p, self.rec.vm
+        p = self.p
         log.warning("migration %d: rolling back (%s)", self.rec.migration_id, reason)
         if p.phase is P.POSTCOPY:  # the source no longer holds the whole VM: no rollback, no cont
             await self._finish(MigrationStatus.FAILED, P.FAILED, reason, code)
             return
-        p.phase = P.ROLLBACK
+        self.set_phase(P.ROLLBACK)
         self.save()
-        if self.o.supervisor.is_alive(vm):
+        if not self.source_alive():
+            if self.rec.migrate_sent:
+                await self._decide_from_target(f"{reason} The source QEMU is gone as well")
+                return
+            reason = f"{reason} The source QEMU is gone as well."
+        else:
             try:
                 if await self._final_status() is Q.COMPLETED:
                     log.warning("migration %d: the stream completed before the cancel", self.rec.migration_id)
                     await self._complete()
                     return
                 qmp = self.qmp()
-                status = await qmp.query_status()
-                if not status.running:
+                if not (await qmp.query_status()).running:
                     await qmp.cont()  # QEMU paused the source for the switchover; the stream did not complete
             except VmshiftError as exc:
                 reason = f"{reason} Restoring the source failed too: {exc.message}"
-        else:
-            reason = f"{reason} The source QEMU is gone as well."
-        with contextlib.suppress(httpx.HTTPError):
-            await self.http.delete(f"/migrations/{self.rec.migration_id}", timeout=10.0)
+        try:
+            await self.target.migration_rollback(self.rec.migration_id, timeout_s=10.0)
+        except VmshiftError as exc:
+            if exc.code == StreamCompletedError.code:
+                reason = f"{reason} The target kept its complete, never-run copy: {exc.message}"
+            else:
+                log.warning("migration %d: target rollback failed: %s", self.rec.migration_id, exc)
         cancelled = self.rec.cancel_requested
         await self._finish(MigrationStatus.CANCELLED if cancelled else MigrationStatus.FAILED,
                            P.CANCELLED if cancelled else P.FAILED, reason, "cancelled" if cancelled else code)
 
     async def _complete(self) -> None:
-        p, vm = self.p, self.rec.vm
-        p.phase = P.FINISH
-        p.metrics = self._summary()
+        """The source QEMU completed: tell the target to run, at once; then stop the source."""
+        self._mark_source_timeline()
+        self.set_phase(P.FINISH)
+        self.rec.timeline.confirm_sent = time.time()
+        activated, why = await self._activate_target()
+        self.p.metrics = self._summary()
         self.save()
-        error: VmshiftError | None = None
-        for attempt in range(6):
-            try:
-                r = await self.http.post(f"/migrations/{self.rec.migration_id}/activate", timeout=40.0)
-                if r.status_code < 300:
-                    error = None
-                    break
-                refusal = ApiError.from_response(r, r.text[:300])
-                if refusal.code == IncomingFailedError.code:
-                    await self._resume_after_failed_load(refusal.message)
-                    return
-                error = MigrationFailed(f"The target agent refused to activate the VM "
-                                        f"(HTTP {r.status_code}): {r.text[:300]}")
-                if r.status_code < 500:
-                    break
-            except httpx.HTTPError as exc:
-                error = MigrationFailed(f"The target agent did not answer the activation ({exc!r}).")
-            await asyncio.sleep(min(8.0, 1.0 * 2**attempt))
-        if error is not None:
-            # Never resume the source after the stream completed unless the target proves its copy
-            # never ran: it stays paused for an operator.
-            await self._finish(MigrationStatus.FAILED, P.FAILED,
-                               f"{error.message} The source VM stays paused (never resumed after the "
-                               "stream completed).", "activation_failed")
+        if activated is None:
+            return  # the target proved it never ran: the source was resumed
+        if not activated:
+            await self._needs_finalize(f"The target agent could not be told to run the VM: {why}")
             return
+        await self._fetch_target_timeline()
+        await self._stop_source_and_complete()
+
+    async def _activate_target(self) -> tuple[bool | None, str]:
+        """True: the target runs the VM; False: it could not be reached or refused (why);
+        None: it proved its copy never ran, and the source was resumed."""
+        deadline = time.monotonic() + self.o.activation_deadline_s
+        delay, why = 0.25, ""
+        while True:
+            try:
+                await self.target.migration_activate(self.rec.migration_id, timeout_s=40.0)
+                return True, ""
+            except VmshiftError as exc:
+                if exc.code == IncomingFailedError.code:
+                    await self._resume_source(exc.message, IncomingFailedError.code)
+                    return None, exc.message
+                why = exc.message
+                if not (exc.retryable or exc.status >= 500):  # a 4xx refusal will not change
+                    return False, why
+            if time.monotonic() + delay > deadline:
+                return False, why
+            await asyncio.sleep(delay)
+            delay = min(4.0, delay * 2)
+
+    async def _fetch_target_timeline(self) -> None:
+        with contextlib.suppress(VmshiftError):
+            state = await self.target.migration_incoming_state(self.rec.migration_id)
+            tl = self.rec.timeline
+            tl.target_loaded = state.timeline.target_loaded
+            tl.target_cont = state.timeline.target_cont
+            tl.first_announce = state.timeline.first_announce
+
+    async def _stop_source_and_complete(self) -> None:
         try:
-            await self.o.supervisor.stop_and_unregister(vm)
+            await self.o.supervisor.stop_and_unregister(self.rec.vm)
         except VmshiftError as exc:
             log.warning("migration %d: stopping the source QEMU failed: %s", self.rec.migration_id, exc)
+        if self.p.phase is not P.FINISH:
+            self.set_phase(P.FINISH)
         await self._finish(MigrationStatus.COMPLETED, P.COMPLETED, None, None)
 
-    async def _resume_after_failed_load(self, target_says: str) -> None:
-        """The target could not load the stream and removed its QEMU: this copy is the only one."""
-        reason = target_says
+    async def _decide_from_target(self, reason: str) -> None:
+        """The source QEMU vanished after `migrate`: only the target's QEMU can say where the VM is."""
+        mid, vm = self.rec.migration_id, self.rec.vm
+        reason = reason.rstrip(".")
+        try:
+            state = await self.target.migration_incoming_state(mid)
+        except VmshiftError as exc:
+            await self._needs_finalize(f"{reason}, and the target cannot say whether it received the "
+                                       f"whole VM ({exc.message})")
+            return
+        stream = Q.parse(state.stream or "none")
+        if state.qemu_alive and (stream is Q.COMPLETED or state.qemu_status == RunState.RUNNING.value):
+            log.warning("migration %d: source QEMU gone, the target holds the whole VM: activating it", mid)
+            self.set_phase(P.FINISH)
+            self.rec.timeline.confirm_sent = time.time()
+            activated, why = await self._activate_target()
+            if not activated:
+                await self._needs_finalize(f"{reason}; the target holds the whole VM but could not be "
+                                           f"activated: {why}")
+                return
+            await self._fetch_target_timeline()
+            await self._stop_source_and_complete()
+            return
+        # the target never got all of it (and never ran it: -S): it is useless, the VM is lost
+        with contextlib.suppress(VmshiftError):
+            await self.target.migration_rollback(mid, timeout_s=10.0)
+        paths = self.o.supervisor.files.paths(self.o.supervisor.files.load_spec(vm))
+        await self._finish(
+            MigrationStatus.LOST, P.LOST,
+            f"VM {vm!r} is lost: {reason}, and the target had not received the whole VM "
+            f"(its stream was {stream.value}). Its serial log is kept in {paths.serial_log}.",
+            "vm_lost")
+
+    async def _resume_source(self, why: str, code: str) -> None:
+        """The target proved its copy never ran: this copy is the only one; run it again."""
+        reason = why
         try:
             qmp = self.qmp()
             if not (await qmp.query_status()).running:
@@ -439,23 +629,42 @@ class _Loop:
             reason += " The VM was resumed on the source."
         except VmshiftError as exc:
             reason += f" Resuming the source failed too: {exc.message}"
-        await self._finish(MigrationStatus.FAILED, P.FAILED, reason, IncomingFailedError.code)
+        self.set_phase(P.FINISH)
+        await self._finish(MigrationStatus.FAILED, P.FAILED, reason, code)
+
+    async def _needs_finalize(self, reason: str) -> None:
+        """Never guess: the VM waits paused on both hosts until an operator's finalize decides."""
+        self.p.status = MigrationStatus.NEEDS_FINALIZE
+        if self.p.phase is not P.FINISH:
+            with contextlib.suppress(ConflictError):
+                self.set_phase(P.FINISH)
+        mid = self.rec.migration_id
+        self.p.error = ErrorInfo(
+            code="needs_finalize",
+            message=f"{reason.rstrip('.')}. The VM stays paused on both hosts.",
+            hint=(f"Once the target host answers, run 'vmshift migration finalize {mid}'; if the target "
+                  f"provably never ran the VM, 'vmshift vm resume {self.rec.vm}' resumes the source."))
+        self.p.metrics = self._metrics()
+        self.save()
+        log.error("migration %d: needs finalize (%s)", mid, reason)
 
     async def _finish(self, status: MigrationStatus, phase: MigrationPhase, reason: str | None,
                       code: str | None) -> None:
         p = self.p
-        p.status, p.phase = status, phase
-        if self.samples:
-            p.metrics = self._summary()
+        self.set_phase(phase)
+        p.status = status
+        p.metrics = self._summary() if self.samples else self._metrics()
         if reason is not None:
-            if code == "activation_failed":
-                hint = "Check the target host: if its VM runs, stop the paused source QEMU by hand."
+            if status is MigrationStatus.LOST:
+                hint = "Start the VM again from its disks (a cold boot); check the hosts' QEMU logs first."
             elif phase is P.FAILED and any(a.kind is ActionKind.START_POSTCOPY for a in p.actions):
                 hint = ("Post-copy had been started, so the source was not resumed; check which host "
                         "runs the VM before starting it anywhere.")
             else:
                 hint = "The VM keeps running on the source host; retry once the cause is fixed."
             p.error = ErrorInfo(code=code or "migration_failed", message=reason, hint=hint)
+        else:
+            p.error = None
         self.save()
         log.info("migration %d: %s%s", self.rec.migration_id, status.value, f" ({reason})" if reason else "")
 
@@ -464,3 +673,9 @@ class _Rollback(Exception):
     def __init__(self, reason: str, code: str) -> None:
         super().__init__(reason)
         self.reason, self.code = reason, code
+
+
+class _SourceGone(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

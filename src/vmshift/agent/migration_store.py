@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, ValidationError
 
 from vmshift.model.agent_migration import MigrationProgress, OutgoingMigration
+from vmshift.model.migration import SwitchoverTimeline
 from vmshift.model.vm import VmSpec
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class StoredMigration(BaseModel):
     spec: VmSpec | None = None
     uri: str | None = None
     target_state: TargetState | None = None
+    timeline: SwitchoverTimeline = Field(default_factory=SwitchoverTimeline)
 
 
 class MigrationStore:

@@ -1,13 +1,16 @@
 """Target role of a live migration: receive the VM, activate it after the stream, or roll back.
 
 The VM's folder lives on shared storage and already holds the VM (same uuid): the target adopts it
-(registration + run dir) and never creates, moves or deletes disks. While it only receives, the VM
-carries an "incoming" mark and is left out of ``GET /vms``; ``activate`` removes the mark.
+(registration + run dir) and never creates, moves or deletes disks. The receiving QEMU starts
+paused (``-S``, ``late-block-activate``) and stays paused after the stream loaded: it runs only on
+``activate``, which the source sends once its own QEMU reported ``completed`` (libvirt's confirm
+phase). While it only receives, the VM carries an "incoming" mark; ``activate`` removes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -19,14 +22,19 @@ from vmshift.errors import (
     InvalidInputError,
     NotFoundError,
     QemuError,
+    StreamCompletedError,
     VmshiftError,
 )
-from vmshift.model.agent_migration import Incoming, IncomingRequest
+from vmshift.migration.samples import QemuMigrationStatus
+from vmshift.model.agent_migration import Incoming, IncomingRequest, IncomingState
+from vmshift.model.enums import QemuRunState as RunState
 from vmshift.model.vm import VmRuntime
 from vmshift.qemu import migration_qmp as mq
+from vmshift.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
 ACTIVATE_TIMEOUT_S = 30.0
+ANNOUNCE_INITIAL_MS = 1
 
 
 class IncomingMigrations:
@@ -74,7 +82,12 @@ class IncomingMigrations:
                 qmp = self.supervisor.qmp_session(spec.name)
                 caps = await mq.query_capabilities(qmp)
                 # postcopy-ram must be set on both sides before the stream starts; harmless if unused.
-                await mq.set_capabilities(qmp, {"events": True, "postcopy-ram": "postcopy-ram" in caps})
+                # late-block-activate: with -S, take no write lock on the disks until `cont`.
+                wanted = {"events": True, "postcopy-ram": True, "late-block-activate": True}
+                await mq.set_capabilities(qmp, {k: v for k, v in wanted.items() if k in caps})
+                # QEMU sends its own RARP this long after the stream loaded (default 50 ms): the
+                # switches learn the new port while the confirm travels (measured, docs/migration.md)
+                await mq.set_parameters(qmp, {"announce-initial": ANNOUNCE_INITIAL_MS})
                 await mq.migrate_incoming(qmp, f"tcp:{self.address}:0")
                 port = await mq.listening_port(qmp)
             except BaseException:
@@ -85,16 +98,32 @@ class IncomingMigrations:
             log.info("migration %d: VM %s waits for its stream on %s", rec.migration_id, spec.name, rec.uri)
             return Incoming(uri=rec.uri)
 
-    async def activate(self, migration_id: int) -> VmRuntime:
-        """After the source completed: wait for QEMU to run, announce the MACs, make it a normal VM.
+    async def state(self, migration_id: int) -> IncomingState:
+        """The target's proof, read from its QEMU: has the whole stream arrived, has the VM run here?"""
+        rec = self._record(migration_id)
+        alive = self.supervisor.is_alive(rec.vm)
+        run_state: str | None = None
+        stream: str | None = None
+        if alive:
+            with contextlib.suppress(VmshiftError):
+                qmp = self.supervisor.qmp_session(rec.vm)
+                run_state = (await qmp.query_status()).status
+                stream = str((await mq.query_migrate(qmp)).get("status", "none"))
+        assert rec.target_state is not None
+        return IncomingState(migration_id=migration_id, vm=rec.vm, state=rec.target_state.value,
+                             qemu_alive=alive, qemu_status=run_state, stream=stream,
+                             timeline=rec.timeline)
 
-        If the stream provably did not load here (QEMU reports the incoming migration failed, or is
-        still ``inmigrate`` at the deadline), the VM never ran on this host: clean up and raise
-        ``IncomingFailedError`` so the source may resume its copy. A vanished QEMU proves nothing.
+    async def activate(self, migration_id: int) -> VmRuntime:
+        """The source confirmed its stream completed: run the received VM (``cont``) and announce it.
+
+        QEMU's own state decides, not the record: the VM runs only once QEMU reports the incoming
+        stream ``completed`` (it waits paused, ``-S``). If the stream provably did not load here
+        (QEMU reports it failed, or is still ``inmigrate`` at the deadline), the VM never ran on
+        this host: clean up and raise ``IncomingFailedError`` so the source may resume its copy.
+        A vanished QEMU proves nothing.
         """
         rec = self._record(migration_id)
-        if rec.target_state is TargetState.ACTIVATED:
-            return await self.supervisor.runtime(rec.vm)
         if rec.target_state is TargetState.LOAD_FAILED:
             raise self._never_ran(rec, "its incoming migration failed earlier")
         if rec.target_state is TargetState.ROLLED_BACK:
@@ -106,22 +135,27 @@ class IncomingMigrations:
                 raise QemuError(f"The receiving QEMU of VM {rec.vm!r} is gone; the stream did not arrive.",
                                 hint="Roll the migration back; the VM still exists on the source.")
             qmp = self.supervisor.qmp_session(rec.vm)
+            seen = qmp.last_seq
             status = await qmp.query_status()
             if status.running:
+                break  # activated before (a repeated request)
+            stream = QemuMigrationStatus.parse(str((await mq.query_migrate(qmp)).get("status", "none")))
+            if stream is QemuMigrationStatus.COMPLETED and status.state is RunState.PAUSED:
+                await qmp.cont()
+                self._mark_cont(rec, qmp)
                 break
-            incoming = await mq.query_migrate(qmp)
-            if incoming.get("status") == "failed":
+            if stream is QemuMigrationStatus.FAILED:
                 await self._load_failed(rec)
-                raise self._never_ran(rec, f"QEMU could not load its state "
-                                           f"({incoming.get('error-desc', 'no reason given')})")
+                raise self._never_ran(rec, "QEMU could not load its state")
             if time.monotonic() > deadline:
-                if status.status == "inmigrate":
+                if status.state is RunState.INMIGRATE:
                     await self._load_failed(rec)
                     raise self._never_ran(rec, f"its state did not arrive within {ACTIVATE_TIMEOUT_S:g} s")
                 raise QemuError(f"VM {rec.vm!r} did not start running here within {ACTIVATE_TIMEOUT_S:g} s "
-                                f"(QEMU status {status.status!r}).",
+                                f"(QEMU status {status.status!r}, stream {stream.value!r}).",
                                 hint="Check that the source reports the migration completed.")
-            await asyncio.sleep(0.1)
+            # still loading: the MIGRATION event says when it is done
+            await qmp.wait_event("MIGRATION", timeout_s=0.5, after_seq=seen)
         try:
             await mq.announce_self(qmp)
         except QemuError as exc:  # the VM runs; a missed announcement only delays the switches
@@ -132,17 +166,45 @@ class IncomingMigrations:
         log.info("migration %d: VM %s is active on this host", migration_id, rec.vm)
         return await self.supervisor.runtime(rec.vm)
 
+    def _mark_cont(self, rec: StoredMigration, qmp: QmpSession) -> None:
+        """Timeline: when the stream loaded here, when the vCPUs ran, when QEMU's own RARP went out."""
+        timeline = rec.timeline
+        loaded = [e for e in qmp.events_named("MIGRATION") if e.data.get("status") == "completed"]
+        if loaded:
+            timeline.target_loaded = loaded[-1].time
+            timeline.first_announce = loaded[-1].time + ANNOUNCE_INITIAL_MS / 1000
+        resumed = qmp.events_named("RESUME")
+        timeline.target_cont = resumed[-1].time if resumed else time.time()
+
     async def rollback(self, migration_id: int) -> None:
-        """Kill the receiving QEMU and forget the VM here (idempotent; never touches shared files)."""
+        """Kill the receiving QEMU and forget the VM here (idempotent; never touches shared files).
+
+        Refused once QEMU has received the whole stream or runs the VM, whatever the record says:
+        then this host may hold the only current copy of the VM.
+        """
         rec = self.store.load(migration_id)
         if rec is None or rec.role is not MigrationRole.TARGET:
             return
-        if rec.target_state is TargetState.ACTIVATED:
-            raise ConflictError(f"Migration {migration_id} is complete: VM {rec.vm!r} runs on this host now.",
-                                hint="Migrate it back instead of rolling back.")
-        if rec.target_state is TargetState.LOAD_FAILED:
+        if rec.target_state in (TargetState.LOAD_FAILED, TargetState.ROLLED_BACK):
             return  # already cleaned up; keep the proof that the VM never ran here
         async with self._lock:
+            if rec.target_state is TargetState.ACTIVATED:
+                raise StreamCompletedError(
+                    f"Migration {migration_id} is complete: VM {rec.vm!r} runs on this host now.",
+                    hint="Migrate it back instead of rolling back.")
+            if self.supervisor.is_alive(rec.vm):
+                qmp = self.supervisor.qmp_session(rec.vm)
+                status = await qmp.query_status()
+                stream = str((await mq.query_migrate(qmp)).get("status", "none"))
+                if status.running:
+                    raise StreamCompletedError(
+                        f"VM {rec.vm!r} runs on this host (migration {migration_id}).",
+                        hint="Migrate it back instead of rolling back.")
+                if stream == QemuMigrationStatus.COMPLETED.value:
+                    raise StreamCompletedError(
+                        f"The receiving QEMU of VM {rec.vm!r} holds the whole VM (its stream completed), "
+                        "so it is not discarded.",
+                        hint=f"Finish the move with 'vmshift migration finalize {migration_id}'.")
             await self._cleanup(rec)
 
     async def _load_failed(self, rec: StoredMigration) -> None:

@@ -13,8 +13,10 @@ from vmshift.agent.supervisor import Supervisor
 from vmshift.model.agent_migration import (
     DirtyRate,
     DirtyRateRequest,
+    FinalizeRequest,
     Incoming,
     IncomingRequest,
+    IncomingState,
     Measurement,
     MeasureRequest,
     MigrationProgress,
@@ -74,6 +76,11 @@ async def incoming(body: IncomingRequest, roles: Roles) -> Incoming:
     return await roles.incoming.prepare(body)
 
 
+@router.get("/migrations/{migration_id}/incoming")
+async def incoming_state(migration_id: int, roles: Roles) -> IncomingState:
+    return await roles.incoming.state(migration_id)
+
+
 @router.post("/migrations/{migration_id}/activate")
 async def activate(migration_id: int, roles: Roles) -> VmRuntime:
     return await roles.incoming.activate(migration_id)
@@ -93,6 +100,11 @@ async def outgoing(body: OutgoingMigration, roles: Roles) -> MigrationProgress:
 @router.get("/migrations/{migration_id}")
 async def progress(migration_id: int, roles: Roles) -> MigrationProgress:
     return roles.outgoing.get(migration_id)
+
+
+@router.post("/migrations/{migration_id}/finalize")
+async def finalize(migration_id: int, body: FinalizeRequest, roles: Roles) -> MigrationProgress:
+    return await roles.outgoing.finalize(migration_id, body)
 
 
 @router.post("/migrations/{migration_id}/cancel")

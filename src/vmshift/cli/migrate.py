@@ -120,6 +120,7 @@ def show_migration(m: dict[str, Any]) -> None:
         ["post-copy", met.get("postcopy", False), ""],
     ]
     table("Actual vs predicted", ["metric", "actual", "predicted"], rows)
+    show_timeline(m)
     actions = m.get("actions") or []
     if actions:
         table(
@@ -130,6 +131,30 @@ def show_migration(m: dict[str, Any]) -> None:
                 for a in actions
             ),
         )
+
+
+TIMELINE_LABELS = {
+    "source_stopped": "source vCPUs stopped",
+    "last_byte_sent": "last byte sent (source completed)",
+    "confirm_sent": "source asked the target to run",
+    "target_loaded": "target loaded the stream",
+    "first_announce": "target's first RARP (QEMU)",
+    "target_cont": "target vCPUs running",
+}
+
+
+def show_timeline(m: dict[str, Any]) -> None:
+    """The switchover as milliseconds after the source stopped (docs/migration.md)."""
+    marks = m.get("timeline") or {}
+    origin = marks.get("source_stopped")
+    if origin is None:
+        return
+    ordered = sorted(marks.items(), key=lambda kv: kv[1])
+    table(
+        "Switchover timeline",
+        ["event", "ms after the source stopped"],
+        ([TIMELINE_LABELS.get(k, k), f"{(v - origin) * 1000:.1f}"] for k, v in ordered),
+    )
 
 
 def _bar_fields(m: dict[str, Any], task: dict[str, Any]) -> dict[str, str]:
@@ -300,6 +325,25 @@ def migration_list(
             for m in items
         ),
     )
+
+
+@migration_app.command("finalize")
+def migration_finalize(migration_id: int, json_: JsonOpt = False) -> None:
+    """Finish a migration that left the VM paused on both hosts (status needs_finalize).
+
+    The target's own QEMU decides: if it holds the whole VM, the VM runs there and the source copy
+    stops; if it never got all of it, the source resumes. Nothing is guessed."""
+    from vmshift.cli.output import wait_with_progress
+
+    with context.client() as c:
+        task = c.finalize_migration(migration_id)
+        wait_with_progress(c, task, quiet=json_)
+        m = c.get_migration(migration_id)
+    if json_:
+        emit_json(m)
+        return
+    typer.echo(f"Migration {migration_id}: {m['status']}; VM {m['vm']} runs on "
+               f"{m['target_host'] if m['status'] == 'completed' else m['source_host']}.")
 
 
 @migration_app.command("show")

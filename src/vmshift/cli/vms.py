@@ -112,6 +112,23 @@ def _power(name: str, action: PowerAction, no_wait: bool, json_: bool) -> None:
         _finish(c, task, no_wait=no_wait, json_=json_, vm=name)
 
 
+@vm_app.command("resume")
+def vm_resume(
+    name: str,
+    force: Annotated[bool, typer.Option(
+        "--force",
+        help="For a VM a migration left paused: resume the source although the target host cannot be "
+        "reached. Only when that host is down for good and its QEMU gone.")] = False,
+    no_wait: NoWait = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Resume a paused VM. One that a migration left paused on both hosts is resumed on its source
+    only when the target proves it never ran it (else use 'vmshift migration finalize')."""
+    with context.client() as c:
+        task = c.resume_vm(name, force=force)
+        _finish(c, task, no_wait=no_wait, json_=json_, vm=name)
+
+
 @vm_app.command("start")
 def vm_start(name: str, no_wait: NoWait = False, json_: JsonOpt = False) -> None:
     """Power a VM on."""

@@ -146,6 +146,15 @@ class VmshiftClient:
     def get_migration(self, migration_id: str | int) -> Json:
         return dict(self.request("GET", f"/migrations/{self._q(migration_id)}"))
 
+    def finalize_migration(self, migration_id: str | int) -> Json:
+        """POST /migrations/{id}/finalize: a task that ends a migration waiting paused on both hosts."""
+        return dict(self.request("POST", f"/migrations/{self._q(migration_id)}/finalize"))
+
+    def resume_vm(self, name: str, *, force: bool = False) -> Json:
+        """POST /vms/{name}/resume: a task (for a VM left paused by a migration, only if the target
+        provably never ran it, or with ``force``)."""
+        return dict(self.request("POST", f"/vms/{self._q(name)}/resume", json={"force": force}))
+
     def set_vm_migration_settings(self, name: str, **settings: Any) -> Json:
         """PATCH max_downtime_ms / allow_postcopy of a VM."""
         return dict(self.request("PATCH", f"/vms/{self._q(name)}/migration-settings", json=settings))

@@ -15,6 +15,7 @@ from vmshift.model.migration import MigrationPhase, MigrationStatus
 __all__ = [
     "TRANSITIONS",
     "MigrationPhase",
+    "can_reach",
     "can_transition",
     "check_transition",
     "phase_for_qemu",
@@ -22,21 +23,26 @@ __all__ = [
 ]
 
 P = MigrationPhase
-TERMINAL = frozenset({P.COMPLETED, P.FAILED, P.CANCELLED})
+TERMINAL = frozenset({P.COMPLETED, P.FAILED, P.CANCELLED, P.LOST})
 
+# LOST: the source QEMU vanished and the target proves it never got the whole VM.
 TRANSITIONS: dict[MigrationPhase, frozenset[MigrationPhase]] = {
     P.QUEUED: frozenset({P.CHECK, P.CANCELLED, P.FAILED}),
     P.CHECK: frozenset({P.ESTIMATE, P.QUEUED, P.FAILED, P.CANCELLED}),
     P.ESTIMATE: frozenset({P.PREPARE, P.FAILED, P.CANCELLED}),
-    P.PREPARE: frozenset({P.PRECOPY, P.ROLLBACK}),
-    P.PRECOPY: frozenset({P.SWITCHOVER, P.POSTCOPY, P.ROLLBACK}),
-    P.SWITCHOVER: frozenset({P.FINISH, P.ROLLBACK}),  # QEMU resumes the source if the switch fails
-    P.POSTCOPY: frozenset({P.FINISH, P.FAILED}),
-    P.FINISH: frozenset({P.COMPLETED}),
-    P.ROLLBACK: frozenset({P.FAILED, P.CANCELLED}),
+    P.PREPARE: frozenset({P.PRECOPY, P.ROLLBACK, P.FAILED, P.CANCELLED}),
+    # a switchover shorter than one sample goes from pre-copy straight to finish
+    P.PRECOPY: frozenset({P.SWITCHOVER, P.POSTCOPY, P.FINISH, P.ROLLBACK, P.LOST}),
+    P.SWITCHOVER: frozenset({P.FINISH, P.ROLLBACK, P.LOST}),  # QEMU resumes the source if it fails
+    P.POSTCOPY: frozenset({P.FINISH, P.FAILED, P.LOST}),
+    # FINISH -> FAILED: the target proved it never ran, the source was resumed
+    P.FINISH: frozenset({P.COMPLETED, P.FAILED, P.LOST}),
+    # ROLLBACK -> FINISH: the stream completed before the cancel took hold
+    P.ROLLBACK: frozenset({P.FAILED, P.CANCELLED, P.FINISH, P.LOST}),
     P.COMPLETED: frozenset(),
     P.FAILED: frozenset(),
     P.CANCELLED: frozenset(),
+    P.LOST: frozenset(),
 }
 
 
@@ -53,6 +59,18 @@ def check_transition(current: MigrationPhase, new: MigrationPhase) -> MigrationP
             hint=f"From '{current.value}' it may move to: {allowed}.",
         )
     return new
+
+
+def can_reach(current: MigrationPhase, new: MigrationPhase) -> bool:
+    """True if ``new`` follows ``current`` through zero or more transitions (an observer that polls,
+    like the server, may miss phases in between but never sees one go backwards)."""
+    seen, todo = {current}, [current]
+    while todo:
+        for nxt in TRANSITIONS[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return new in seen
 
 
 def status_for_phase(phase: MigrationPhase) -> MigrationStatus:

@@ -8,12 +8,14 @@ from pydantic import BaseModel, Field
 
 from vmshift.model.api import ErrorInfo
 from vmshift.model.migration import (
+    FinalizeResolution,
     MigrationAction,
     MigrationLive,
     MigrationMetrics,
     MigrationPhase,
     MigrationSettings,
     MigrationStatus,
+    SwitchoverTimeline,
 )
 from vmshift.model.vm import VmSpec
 
@@ -52,7 +54,15 @@ class Measurement(BaseModel):
     error: str | None = None
 
 
-class IncomingRequest(BaseModel):
+class MigrationIdentity(BaseModel):
+    """Which server's which migration a request belongs to: migration ids restart with a new
+    database, so an agent tells records apart by the server's id and a nonce per migration."""
+
+    server_id: str | None = None
+    nonce: str | None = None
+
+
+class IncomingRequest(MigrationIdentity):
     migration_id: int
     spec: VmSpec
 
@@ -73,7 +83,7 @@ class IncomingState(BaseModel):
     stream: str | None = Field(
         default=None, description="the incoming side's query-migrate status: \"active\", \"completed\", ..."
     )
-    timeline: dict[str, float] = Field(default_factory=dict)
+    timeline: SwitchoverTimeline = Field(default_factory=SwitchoverTimeline)
 
 
 class AgentRef(BaseModel):
@@ -83,7 +93,7 @@ class AgentRef(BaseModel):
     token: str
 
 
-class OutgoingMigration(BaseModel):
+class OutgoingMigration(MigrationIdentity):
     migration_id: int
     vm: str
     uri: str
@@ -91,6 +101,10 @@ class OutgoingMigration(BaseModel):
     settings: MigrationSettings = Field(default_factory=MigrationSettings)
     bandwidth_bps: float | None = None
     dirty_rate_bps: float | None = None
+
+
+class FinalizeRequest(BaseModel):
+    resolution: FinalizeResolution = FinalizeResolution.RETRY
 
 
 class MigrationProgress(MigrationLive):
@@ -104,3 +118,4 @@ class MigrationProgress(MigrationLive):
     metrics: MigrationMetrics = Field(default_factory=MigrationMetrics)
     error: ErrorInfo | None = None
     updated_at: datetime | None = None
+    nonce: str | None = None

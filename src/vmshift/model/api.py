@@ -25,6 +25,7 @@ class TaskKind(StrEnum):
     VM_DELETE = "vm.delete"
     VM_MIGRATE = "vm.migrate"
     VM_RELOCATE = "vm.relocate"
+    MIGRATION_FINALIZE = "migration.finalize"
 
 
 class EventKind(StrEnum):
@@ -43,8 +44,17 @@ class EventKind(StrEnum):
     VM_POWER_CHANGED = "vm.power_changed"
     VM_DIED = "vm.died"
     VM_MIGRATED = "vm.migrated"
+    # reconcile findings (server/reconcile.py): critical when they appear, info when they clear
+    VM_RUNNING_ELSEWHERE = "vm.running_elsewhere"
+    VM_MISSING = "vm.missing"
+    VM_DUPLICATE = "vm.duplicate"
+    VM_ORPHAN_QEMU = "vm.orphan_qemu"
+    VM_FINDING_CLEARED = "vm.finding_cleared"
     MIGRATION_STARTED = "migration.started"
     MIGRATION_FAILED = "migration.failed"
+    MIGRATION_NEEDS_FINALIZE = "migration.needs_finalize"
+    MIGRATION_CANCEL_REFUSED = "migration.cancel_refused"
+    VM_LOST = "vm.lost"
     TASK_STARTED = "task.started"
     TASK_FINISHED = "task.finished"
     TASK_FAILED = "task.failed"

@@ -10,6 +10,9 @@ class PowerState(StrEnum):
     POWERED_ON = "poweredOn"
     PAUSED = "paused"
     UNKNOWN = "unknown"
+    # Inventory only, never reported by an agent: the VM should run, but its host runs no QEMU for it
+    # and no other host reports one (see server/reconcile.py).
+    MISSING = "missing"
 
 
 class ConnectionState(StrEnum):
@@ -44,9 +47,40 @@ class PowerAction(StrEnum):
     STOP = "stop"
     SHUTDOWN = "shutdown"
     RESET = "reset"
+    PAUSE = "pause"  # QMP stop: the vCPUs halt, the QEMU process stays
+    RESUME = "resume"  # QMP cont; refused for a QEMU that migrated away or receives a migration
+
+
+class QemuRunState(StrEnum):
+    """The run states QMP ``query-status`` reports (QEMU's ``RunState``, qapi/run-state.json)."""
+
+    DEBUG = "debug"
+    FINISH_MIGRATE = "finish-migrate"
+    GUEST_PANICKED = "guest-panicked"
+    INMIGRATE = "inmigrate"
+    INTERNAL_ERROR = "internal-error"
+    IO_ERROR = "io-error"
+    PAUSED = "paused"
+    POSTMIGRATE = "postmigrate"
+    PRELAUNCH = "prelaunch"
+    RESTORE_VM = "restore-vm"
+    RUNNING = "running"
+    SAVE_VM = "save-vm"
+    SHUTDOWN = "shutdown"
+    SUSPENDED = "suspended"
+    WATCHDOG = "watchdog"
+    COLO = "colo"
+
+
+# A QEMU in one of these states belongs to a live migration: resuming it by hand could run the
+# guest twice (the source after it sent everything, or a target before the source confirmed).
+MIGRATION_RUN_STATES = frozenset(
+    {QemuRunState.INMIGRATE, QemuRunState.POSTMIGRATE, QemuRunState.FINISH_MIGRATE}
+)
 
 
 class EventSeverity(StrEnum):
     INFO = "info"
     WARNING = "warning"
     ERROR = "error"
+    CRITICAL = "critical"  # the inventory cannot say where a VM runs, or it may run twice: act now

@@ -19,13 +19,20 @@ class MigrationStatus(StrEnum):
 
     QUEUED = "queued"
     RUNNING = "running"
+    #: The stream completed but the target could not be activated: the VM waits paused on both
+    #: hosts until ``vmshift migration finalize ID`` (or ``vmshift vm resume VM``) decides.
+    NEEDS_FINALIZE = "needs_finalize"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    #: Neither host holds the whole VM any more (the source QEMU vanished before the target had
+    #: received all of it); the serial logs stay in the VM's folder.
+    LOST = "lost"
 
     @property
     def finished(self) -> bool:
-        return self in (MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED)
+        return self in (MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED,
+                        MigrationStatus.LOST)
 
 
 class MigrationPhase(StrEnum):
@@ -46,6 +53,7 @@ class MigrationPhase(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    LOST = "lost"
 
 
 class ActionKind(StrEnum):
@@ -55,6 +63,14 @@ class ActionKind(StrEnum):
     SET_THROTTLE = "set_throttle"  # value: percent of vCPU time taken away (1-99)
     START_POSTCOPY = "start_postcopy"  # migrate-start-postcopy
     ABORT = "abort"  # migrate_cancel, then roll back
+
+
+class FinalizeResolution(StrEnum):
+    """How ``POST /migrations/{id}/finalize`` ends a migration that waits paused on both hosts."""
+
+    RETRY = "retry"  # the source agent tries to activate the target again itself
+    TARGET_ACTIVATED = "target_activated"  # the server activated the target: stop the source copy
+    RESUME_SOURCE = "resume_source"  # the server proved the target never ran: resume the source
 
 
 class CheckSeverity(StrEnum):
@@ -161,6 +177,28 @@ class MigrationPrediction(BaseModel):
     )
 
 
+class SwitchoverTimeline(BaseModel):
+    """Wall-clock marks (epoch seconds) of one switchover, from QEMU's event timestamps where QEMU
+    has an event (docs/migration.md, "Switchover timeline")."""
+
+    source_stopped: float | None = Field(default=None, description="source vCPUs stopped (STOP event)")
+    last_byte_sent: float | None = Field(default=None, description="source stream completed (MIGRATION)")
+    confirm_sent: float | None = Field(default=None, description="source agent asked the target to run")
+    target_loaded: float | None = Field(default=None, description="target stream loaded (MIGRATION)")
+    target_cont: float | None = Field(default=None, description="target vCPUs running (RESUME event)")
+    first_announce: float | None = Field(
+        default=None, description="first RARP of the target: QEMU's own at load + announce-initial"
+    )
+
+    def offsets_ms(self) -> dict[str, float]:
+        """Each mark as milliseconds after the source stopped (marks before it are negative)."""
+        marks = self.model_dump(exclude_none=True)
+        origin = self.source_stopped
+        if origin is None:
+            return {}
+        return {k: round((v - origin) * 1000, 1) for k, v in marks.items()}
+
+
 class MigrationMetrics(BaseModel):
     """What happened (QEMU's numbers plus what the control loop observed)."""
 
@@ -177,6 +215,7 @@ class MigrationMetrics(BaseModel):
     peak_dirty_rate_bps: float = 0.0
     max_throttle_percent: int = 0
     postcopy: bool = False
+    timeline: SwitchoverTimeline = Field(default_factory=SwitchoverTimeline)
 
 
 class MigrationSettings(BaseModel):
@@ -246,6 +285,11 @@ class Migration(BaseModel):
     @property
     def downtime_ms(self) -> int | None:
         return self.metrics.downtime_ms
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def timeline(self) -> dict[str, float]:
+        return self.metrics.timeline.model_dump(exclude_none=True)
 
     @computed_field  # type: ignore[prop-decorator]
     @property

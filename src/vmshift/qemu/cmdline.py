@@ -95,7 +95,9 @@ def build_qemu_argv(
 ) -> list[str]:
     """Return the argv that runs ``spec``; ``taps[i]`` is the host tap of ``spec.nics[i]``.
 
-    ``incoming`` (for example ``"defer"``) starts QEMU waiting for a migration stream.
+    ``incoming`` (for example ``"defer"``) starts QEMU waiting for a migration stream, with its
+    vCPUs stopped (``-S``): a received VM runs only when the agent sends ``cont`` after the source
+    confirmed the stream completed (docs/migration.md, "Switchover").
     """
     if len(paths.disks) != len(spec.disks):
         raise ValueError(f"{len(spec.disks)} disks in the spec but {len(paths.disks)} disk paths given")
@@ -156,5 +158,5 @@ def build_qemu_argv(
             argv += ["-append", append]
 
     if incoming is not None:
-        argv += ["-incoming", incoming]
+        argv += ["-S", "-incoming", incoming]
     return argv

@@ -19,6 +19,7 @@ from typing import Any
 from qemu.qmp import ExecuteError, QMPClient, QMPError, Runstate
 
 from vmshift.errors import QemuError
+from vmshift.model.enums import QemuRunState
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +28,31 @@ log = logging.getLogger(__name__)
 class QmpEvent:
     name: str
     data: dict[str, Any] = field(default_factory=dict)
-    time: float = 0.0
+    time: float = 0.0  # QEMU's timestamp (epoch seconds, microsecond resolution)
+    seq: int = 0  # 1, 2, ... in the order this session (and the sessions it replaced) received them
 
 
 @dataclass(frozen=True)
 class QmpStatus:
     status: str
     running: bool
+
+    @property
+    def state(self) -> QemuRunState | None:
+        """The run state as an enum (None for a state newer than vmshift's list)."""
+        try:
+            return QemuRunState(self.status)
+        except ValueError:
+            return None
+
+
+def _event_time(stamp: object) -> float:
+    """QMP's ``{"seconds": S, "microseconds": U}`` as epoch seconds (now if absent)."""
+    if isinstance(stamp, dict):
+        seconds, micros = stamp.get("seconds"), stamp.get("microseconds", 0)
+        if isinstance(seconds, int | float) and isinstance(micros, int | float):
+            return float(seconds) + float(micros) / 1e6
+    return time.time()
 
 
 class QmpSession:
@@ -43,6 +62,7 @@ class QmpSession:
         self._client = client
         self.socket_path = socket_path
         self.recent_events: deque[QmpEvent] = deque(maxlen=keep_events)
+        self.last_seq = 0
         self._event_seen = asyncio.Event()
         self._drain_task: asyncio.Task[None] | None = asyncio.create_task(
             self._drain_events(), name=f"qmp-events:{socket_path}"
@@ -77,25 +97,30 @@ class QmpSession:
     async def _drain_events(self) -> None:
         async for msg in self._client.events:
             data = msg.get("data")
-            stamp = msg.get("timestamp")
-            seconds = stamp.get("seconds") if isinstance(stamp, dict) else None
+            self.last_seq += 1
             event = QmpEvent(
                 name=str(msg.get("event", "")),
                 data=dict(data) if isinstance(data, dict) else {},
-                time=float(seconds) if isinstance(seconds, int | float) else time.time(),
+                time=_event_time(msg.get("timestamp")),
+                seq=self.last_seq,
             )
             self.recent_events.append(event)
             self._event_seen.set()
 
+    def adopt_events(self, old: QmpSession) -> None:
+        """Keep the events of the session this one replaces (after a reconnect), numbering on."""
+        self.recent_events.extend(old.recent_events)
+        self.last_seq = max(self.last_seq, old.last_seq)
+
     def events_named(self, *names: str) -> list[QmpEvent]:
         return [e for e in self.recent_events if e.name in names]
 
-    async def wait_event(self, *names: str, timeout_s: float, after: int = 0) -> QmpEvent | None:
-        """Wait until an event in ``names`` arrives (index in ``recent_events`` >= ``after``)."""
+    async def wait_event(self, *names: str, timeout_s: float, after_seq: int = 0) -> QmpEvent | None:
+        """Wait until an event in ``names`` with ``seq > after_seq`` arrives; None at the timeout."""
         deadline = time.monotonic() + timeout_s
         while True:
-            for event in list(self.recent_events)[after:]:
-                if event.name in names:
+            for event in list(self.recent_events):
+                if event.seq > after_seq and event.name in names:
                     return event
             remaining = deadline - time.monotonic()
             if remaining <= 0:

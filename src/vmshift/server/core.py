@@ -13,6 +13,7 @@ from vmshift.model.api import EventKind, TaskKind
 from vmshift.server.db.setup import make_engine, seed_defaults, upgrade_schema
 from vmshift.server.events import record_event
 from vmshift.server.heartbeat import Heartbeat
+from vmshift.server.migration_finalize import Finalizer
 from vmshift.server.migrations import MigrationOrchestrator
 from vmshift.server.settings import ServerSettings
 from vmshift.server.tasks import TaskEngine
@@ -29,6 +30,7 @@ class ServerCore:
     tasks: TaskEngine
     heartbeat: Heartbeat
     migrations: MigrationOrchestrator
+    finalizer: Finalizer
 
     @classmethod
     def open(cls, settings: ServerSettings) -> ServerCore:
@@ -53,7 +55,8 @@ class ServerCore:
             sessions, agents, tasks, settings.heartbeat_interval_s, settings.missed_heartbeats
         )
         migrations = MigrationOrchestrator(sessions, agents, tasks, settings)
-        return cls(settings, engine, sessions, agents, tasks, heartbeat, migrations)
+        finalizer = Finalizer(sessions, agents, tasks)
+        return cls(settings, engine, sessions, agents, tasks, heartbeat, migrations, finalizer)
 
     def start(self) -> None:
         # Resume migrations first: the heartbeat then already sees their VMs as busy.

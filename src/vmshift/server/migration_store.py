@@ -6,6 +6,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmshift.errors import NotFoundError
+from vmshift.migration.phases import can_reach, check_transition
 from vmshift.model.agent_migration import MigrationProgress
 from vmshift.model.api import ErrorInfo, EventKind
 from vmshift.model.enums import EventSeverity, PowerState
@@ -30,6 +31,13 @@ AGENT_PHASES = frozenset(
     {MigrationPhase.PRECOPY, MigrationPhase.POSTCOPY, MigrationPhase.SWITCHOVER, MigrationPhase.FINISH,
      MigrationPhase.ROLLBACK}
 )  # fmt: skip
+
+
+def _end_phase(current: MigrationPhase, new: MigrationPhase) -> MigrationPhase:
+    """The server may have missed phases in between (it polls), but never moves one backwards."""
+    if current is new or can_reach(current, new):
+        return new
+    return check_transition(current, new)  # raises ConflictError naming the allowed phases
 
 
 def migration_view(m: MigrationRow) -> Migration:
@@ -63,19 +71,19 @@ def get_migration_row(s: Session, migration_id: int) -> MigrationRow:
     return row
 
 
+#: Statuses of a migration that still holds its VM (no other move may start).
+UNFINISHED = (MigrationStatus.QUEUED, MigrationStatus.RUNNING, MigrationStatus.NEEDS_FINALIZE)
+
+
 def unfinished_for_vm(s: Session, vm: str) -> MigrationRow | None:
-    return s.scalar(
-        select(MigrationRow).where(
-            MigrationRow.vm == vm,
-            MigrationRow.status.in_([MigrationStatus.QUEUED, MigrationStatus.RUNNING]),
-        )
-    )
+    return s.scalar(select(MigrationRow).where(MigrationRow.vm == vm, MigrationRow.status.in_(UNFINISHED)))
 
 
 def set_phase(sessions: Sessions, migration_id: int, phase: MigrationPhase) -> None:
     with sessions.begin() as s:
         row = get_migration_row(s, migration_id)
-        row.phase = phase
+        if row.phase is not phase:
+            row.phase = check_transition(row.phase, phase)
 
 
 def store_prediction(sessions: Sessions, migration_id: int, prediction: MigrationPrediction) -> None:
@@ -89,7 +97,7 @@ def mirror(sessions: Sessions, migration_id: int, p: MigrationProgress) -> None:
         row = get_migration_row(s, migration_id)
         if row.status.finished:
             return
-        if p.phase in AGENT_PHASES:
+        if p.phase in AGENT_PHASES and p.phase is not row.phase and can_reach(row.phase, p.phase):
             row.phase = p.phase
         row.metrics = p.metrics.model_dump(mode="json")
         row.actions = [a.model_dump(mode="json") for a in p.actions]
@@ -110,7 +118,8 @@ def complete(sessions: Sessions, migration_id: int, p: MigrationProgress) -> Non
         if vm is not None and target is not None:
             vm.host = target
             vm.power_state = PowerState.POWERED_ON
-        row.status, row.phase, row.finished_at = MigrationStatus.COMPLETED, MigrationPhase.COMPLETED, utcnow()
+        row.status, row.finished_at = MigrationStatus.COMPLETED, utcnow()
+        row.phase = _end_phase(row.phase, MigrationPhase.COMPLETED)
         row.metrics = p.metrics.model_dump(mode="json")
         row.actions = [a.model_dump(mode="json") for a in p.actions]
         m = p.metrics
@@ -120,6 +129,56 @@ def complete(sessions: Sessions, migration_id: int, p: MigrationProgress) -> Non
             row.vm,
             f"VM {row.vm} migrated from {row.source_host} to {row.target_host} (migration {row.id}: "
             f"{m.total_ms} ms total, {m.downtime_ms} ms downtime, {m.rounds} rounds).",
+        )
+
+
+def needs_finalize(sessions: Sessions, migration_id: int, p: MigrationProgress) -> None:
+    """The stream completed but the target could not be activated: the VM waits paused on both."""
+    with sessions.begin() as s:
+        row = get_migration_row(s, migration_id)
+        if row.status.finished or row.status is MigrationStatus.NEEDS_FINALIZE:
+            return
+        row.status = MigrationStatus.NEEDS_FINALIZE
+        row.phase = _end_phase(row.phase, MigrationPhase.FINISH)
+        row.metrics = p.metrics.model_dump(mode="json")
+        row.error = p.error.model_dump(mode="json") if p.error else None
+        vm = s.scalar(select(VmRow).where(VmRow.name == row.vm))
+        if vm is not None:
+            vm.power_state = PowerState.PAUSED
+        why = p.error.message if p.error else "the target could not be activated."
+        record_event(
+            s,
+            EventKind.MIGRATION_NEEDS_FINALIZE,
+            row.vm,
+            f"VM {row.vm} is paused on both {row.source_host} and {row.target_host} (migration {row.id}): "
+            f"{why} Run 'vmshift migration finalize {row.id}' to finish the move once "
+            f"{row.target_host} answers, or 'vmshift vm resume {row.vm}' if {row.target_host} provably "
+            "never ran it.",
+            EventSeverity.CRITICAL,
+        )
+
+
+def lost(sessions: Sessions, migration_id: int, p: MigrationProgress) -> None:
+    """Neither host holds the whole VM: report it (the agents proved it), keep its files."""
+    with sessions.begin() as s:
+        row = get_migration_row(s, migration_id)
+        if row.status.finished:
+            return
+        row.status, row.finished_at = MigrationStatus.LOST, utcnow()
+        row.phase = _end_phase(row.phase, MigrationPhase.LOST)
+        row.metrics = p.metrics.model_dump(mode="json")
+        row.error = p.error.model_dump(mode="json") if p.error else None
+        vm = s.scalar(select(VmRow).where(VmRow.name == row.vm))
+        if vm is not None:
+            vm.power_state = PowerState.POWERED_OFF
+        why = p.error.message if p.error else "the source QEMU vanished."
+        record_event(
+            s,
+            EventKind.VM_LOST,
+            row.vm,
+            f"VM {row.vm} was lost in migration {row.id} from {row.source_host} to {row.target_host}: "
+            f"{why} Start it again from its disks with 'vmshift vm start {row.vm}'.",
+            EventSeverity.CRITICAL,
         )
 
 
@@ -137,7 +196,7 @@ def fail(
         if row.status.finished:
             return
         row.status = MigrationStatus.CANCELLED if cancelled else MigrationStatus.FAILED
-        row.phase = MigrationPhase.CANCELLED if cancelled else MigrationPhase.FAILED
+        row.phase = _end_phase(row.phase, MigrationPhase.CANCELLED if cancelled else MigrationPhase.FAILED)
         row.finished_at, row.error = utcnow(), error.model_dump(mode="json")
         if progress is not None:
             row.metrics = progress.metrics.model_dump(mode="json")

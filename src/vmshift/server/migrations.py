@@ -20,10 +20,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from vmshift.errors import ApiError, ConflictError, HostUnreachableError, VmshiftError
+from vmshift.client.agent import AgentPool
+from vmshift.errors import ConflictError, NotFoundError, SwitchoverStartedError, VmshiftError
 from vmshift.model.agent_migration import AgentRef, IncomingRequest, MigrationProgress, OutgoingMigration
-from vmshift.model.api import ErrorInfo, TaskKind
-from vmshift.model.enums import TaskState
+from vmshift.model.api import ErrorInfo, EventKind, TaskKind
+from vmshift.model.enums import EventSeverity, TaskState
 from vmshift.model.migration import (
     CheckReport,
     MigrationCreate,
@@ -33,10 +34,19 @@ from vmshift.model.migration import (
     MigrationStatus,
 )
 from vmshift.model.vm import VmSpec
-from vmshift.server.agent_client import AgentPool
-from vmshift.server.db.schema import HostRow, MigrationRow, TaskRow, VmRow, utcnow
+from vmshift.server.db.schema import HostRow, MigrationRow, ServerIdentityRow, TaskRow, VmRow, utcnow
+from vmshift.server.events import record_event
 from vmshift.server.migration_checks import effective_bandwidth, plan_migration, predict
-from vmshift.server.migration_store import AGENT_PHASES, complete, fail, get_migration_row, mirror, set_phase
+from vmshift.server.migration_store import (
+    AGENT_PHASES,
+    complete,
+    fail,
+    get_migration_row,
+    lost,
+    mirror,
+    needs_finalize,
+    set_phase,
+)
 from vmshift.server.settings import ServerSettings
 from vmshift.server.tasks import TaskBody, TaskContext, TaskEngine
 
@@ -52,6 +62,12 @@ class MigrationFailedError(VmshiftError):
     code = "migration_failed"
 
 
+class MigrationNeedsFinalizeError(MigrationFailedError):
+    """The stream completed but the target could not be told to run: the VM waits paused on both."""
+
+    code = "needs_finalize"
+
+
 class MigrationOrchestrator:
     """Starts, resumes and cancels migration task bodies; hands out per-host migration slots."""
 
@@ -63,10 +79,23 @@ class MigrationOrchestrator:
         self._tasks = tasks
         self._settings = settings
         self._slots = asyncio.Condition()
+        self._server_id: str | None = None
 
     # -- start and resume ------------------------------------------------------------------
     def start(self, migration_id: int, task_id: int, vm: str, *, resume: bool = False) -> None:
-        self._tasks.start(task_id, vm, self.body(migration_id, resume), resumable=True, resume=resume)
+        async def guard() -> None:
+            await self._refuse_late_cancel(migration_id)
+
+        self._tasks.start(task_id, vm, self.body(migration_id, resume), resumable=True, resume=resume,
+                          cancel_guard=guard)
+
+    @property
+    def server_id(self) -> str | None:
+        """This database's identity (made with it); sent with every migration to the agents."""
+        if self._server_id is None:
+            with self._sessions() as s:
+                self._server_id = s.scalar(select(ServerIdentityRow.id))
+        return self._server_id
 
     def resume_all(self) -> int:
         """Pick up every migration a previous server left unfinished; return how many were resumed."""
@@ -147,6 +176,12 @@ class MigrationOrchestrator:
                 late = await self._cancel(mid)
                 if late is not None and late.status is MigrationStatus.COMPLETED:
                     return self._conclude(mid, late)  # too late to cancel: the VM already moved
+                if late is not None and late.status is MigrationStatus.RUNNING:
+                    # the source refused: the switchover had started; follow it to its end
+                    task = asyncio.current_task()
+                    if task is not None:
+                        task.uncancel()
+                    return self._conclude(mid, await self._poll(ctx, mid, late))
                 raise
             except VmshiftError as e:
                 await self._abandon(mid, e)
@@ -228,8 +263,9 @@ class MigrationOrchestrator:
         row, spec, src_addr, dst_addr, bandwidth = self._context(mid)
         set_phase(self._sessions, mid, MigrationPhase.PREPARE)
         ctx.progress("prepare target", 5)
+        identity = {"server_id": self.server_id, "nonce": row.nonce}
         incoming = await self._agents.get(dst_addr).migration_incoming(
-            IncomingRequest(migration_id=mid, spec=spec)
+            IncomingRequest(migration_id=mid, spec=spec, **identity)
         )
         prediction = MigrationPrediction.model_validate(row.prediction) if row.prediction else None
         outgoing = OutgoingMigration(
@@ -240,10 +276,11 @@ class MigrationOrchestrator:
             settings=MigrationSettings.model_validate(row.settings or {}),
             bandwidth_bps=bandwidth,
             dirty_rate_bps=prediction.dirty_rate_bps if prediction else None,
+            **identity,
         )
         progress = await self._agents.get(src_addr).migration_start(outgoing)
-        with self._sessions.begin() as s:
-            get_migration_row(s, mid).phase = MigrationPhase.PRECOPY
+        self._check_identity(row, progress)
+        set_phase(self._sessions, mid, MigrationPhase.PRECOPY)
         mirror(self._sessions, mid, progress)
         return progress
 
@@ -253,9 +290,11 @@ class MigrationOrchestrator:
         if row.phase not in AGENT_PHASES and row.phase is not MigrationPhase.PREPARE:
             return None
         try:
-            return await self._agents.get(src_addr).migration_progress(mid)
-        except ApiError as e:
-            if e.status != 404:
+            progress = await self._agents.get(src_addr).migration_progress(mid)
+            self._check_identity(row, progress)
+            return progress
+        except VmshiftError as e:
+            if not e.not_found:
                 raise
         if row.phase in AGENT_PHASES:
             raise MigrationFailedError(
@@ -266,31 +305,57 @@ class MigrationOrchestrator:
         return None
 
     async def _poll(self, ctx: TaskContext, mid: int, progress: MigrationProgress) -> MigrationProgress:
-        """Mirror the source agent's progress until it ends; wait out a restarting source agent."""
-        _row, _spec, src_addr, _dst, _bw = self._context(mid)
+        """Mirror the source agent's progress until it ends.
+
+        A source agent that stops answering does not fail the migration: only the agents can prove
+        where the VM runs. Past the grace period the target is asked too; if it runs the VM, the
+        move is recorded; otherwise the task keeps waiting for the source (cancel it to stop)."""
+        row, _spec, src_addr, dst_addr, _bw = self._context(mid)
         client = self._agents.get(src_addr)
         lost_since: float | None = None
         loop = asyncio.get_running_loop()
         while True:
             mirror(self._sessions, mid, progress)
             ctx.progress(phase_label(progress), percent_of(progress))
-            if progress.status.finished:
+            if progress.status.finished or progress.status is MigrationStatus.NEEDS_FINALIZE:
                 return progress
             await asyncio.sleep(self._settings.migration_poll_interval_s)
             try:
                 progress = await client.migration_progress(mid, timeout_s=5.0)
+                self._check_identity(row, progress)
                 lost_since = None
-            except (HostUnreachableError, ApiError) as e:
-                if isinstance(e, ApiError) and e.status not in (404, 502, 503, 504):
+            except VmshiftError as e:
+                if not (e.retryable or e.not_found):
                     raise
                 lost_since = lost_since if lost_since is not None else loop.time()
-                if loop.time() - lost_since > self._settings.migration_agent_grace_s:
-                    raise MigrationFailedError(
-                        f"The source agent did not report migration {mid} for "
-                        f"{self._settings.migration_agent_grace_s:.0f} s ({e.message.rstrip('.')}).",
-                        hint="Check the source host's agent and where the VM runs.",
-                    ) from e
-                ctx.progress(f"{phase_label(progress)} (source agent not answering)", percent_of(progress))
+                silent_s = loop.time() - lost_since
+                if silent_s > self._settings.migration_agent_grace_s:
+                    proof = await self._target_runs_vm(dst_addr, mid)
+                    if proof:
+                        progress.status, progress.phase = MigrationStatus.COMPLETED, MigrationPhase.COMPLETED
+                        return progress
+                ctx.progress(
+                    f"{phase_label(progress)} (source agent not answering for {silent_s:.0f} s: "
+                    f"{e.message.rstrip('.')})",
+                    percent_of(progress),
+                )
+
+    async def _target_runs_vm(self, dst_addr: str, mid: int) -> bool:
+        """The target's own proof that it runs the VM of migration ``mid`` (False when unsure)."""
+        try:
+            state = await self._agents.get(dst_addr).migration_incoming_state(mid)
+        except VmshiftError:
+            return False
+        return state.qemu_alive and state.qemu_status == "running"
+
+    def _check_identity(self, row: MigrationRow, p: MigrationProgress) -> None:
+        """An agent's record with this id but another nonce belongs to another server or database."""
+        if row.nonce is not None and p.nonce != row.nonce:
+            raise NotFoundError(
+                f"The source agent's record of migration {row.id} belongs to another server or an older "
+                "database, not to this migration.",
+                hint="Check where the VM runs with 'vmshift vm show'.",
+            )
 
     def _conclude(self, mid: int, p: MigrationProgress) -> dict[str, Any]:
         if p.status is MigrationStatus.COMPLETED:
@@ -304,6 +369,14 @@ class MigrationOrchestrator:
         err = p.error or ErrorInfo(
             code="migration_failed", message="The source agent gave no reason.", hint=None
         )
+        if p.status is MigrationStatus.NEEDS_FINALIZE:
+            needs_finalize(self._sessions, mid, p)
+            raise MigrationNeedsFinalizeError(
+                f"Migration {mid} of VM {p.vm} could not finish: {err.message.rstrip('.')}.", hint=err.hint
+            )
+        if p.status is MigrationStatus.LOST:
+            lost(self._sessions, mid, p)
+            raise MigrationFailedError(f"Migration {mid}: {err.message.rstrip('.')}.", hint=err.hint)
         fail(self._sessions, mid, err, cancelled=p.status is MigrationStatus.CANCELLED, progress=p)
         raise MigrationFailedError(
             f"Migration {mid} of VM {p.vm} {p.status.value}: {err.message.rstrip('.')}; "
@@ -311,8 +384,39 @@ class MigrationOrchestrator:
             hint=err.hint,
         )
 
+    async def _refuse_late_cancel(self, mid: int) -> None:
+        """Before a task cancel: refuse it (409) once the switchover has started, as the source
+        agent reads it from QEMU; the migration then finishes or fails on its own."""
+        with self._sessions() as s:
+            row = get_migration_row(s, mid)
+            phase, status, src = row.phase, row.status, row.source_host
+            host = s.scalar(select(HostRow).where(HostRow.name == src))
+            src_addr = host.address if host is not None else None
+        if status is MigrationStatus.NEEDS_FINALIZE:
+            raise ConflictError(
+                f"Migration {mid} waits for 'vmshift migration finalize {mid}'; it cannot be cancelled.",
+                hint=f"Run 'vmshift migration finalize {mid}' (or 'vmshift vm resume' if the target "
+                "never ran the VM).",
+            )
+        if phase not in AGENT_PHASES or src_addr is None:
+            return
+        try:
+            await self._agents.get(src_addr).migration_cancel(mid)
+        except VmshiftError as e:
+            if e.code == SwitchoverStartedError.code:
+                self._cancel_refused(mid, e)
+                raise SwitchoverStartedError(e.message, hint=e.hint) from e
+            # anything else: the task's own cancel handling decides
+
+    def _cancel_refused(self, mid: int, e: VmshiftError) -> None:
+        with self._sessions.begin() as s:
+            row = get_migration_row(s, mid)
+            record_event(s, EventKind.MIGRATION_CANCEL_REFUSED, row.vm,
+                         f"A cancel of migration {mid} was refused: {e.message}", EventSeverity.WARNING)
+
     async def _cancel(self, mid: int) -> MigrationProgress | None:
-        """A user cancelled: stop the migration wherever it is; None if it never reached the source."""
+        """A user cancelled: stop the migration wherever it is; None if it never reached the source.
+        A progress still RUNNING means the source refused (the switchover had started)."""
         row, _spec, src_addr, dst_addr, _bw = self._context(mid)
         cancelled = ErrorInfo(code="cancelled", message="A user cancelled the migration.", hint=None)
         if row.status.finished:
@@ -334,18 +438,22 @@ class MigrationOrchestrator:
                 await asyncio.sleep(self._settings.migration_poll_interval_s)
                 p = await client.migration_progress(mid, timeout_s=5.0)
         except VmshiftError as e:
-            fail(
-                self._sessions,
-                mid,
-                ErrorInfo(
-                    code="cancel_unconfirmed",
-                    message=f"The cancel could not be confirmed by the source agent: {e.message}",
-                    hint="Check where the VM runs with 'vmshift vm show'.",
-                ),
-                cancelled=True,
+            if e.code == SwitchoverStartedError.code:
+                self._cancel_refused(mid, e)
+                return await client.migration_progress(mid, timeout_s=5.0)
+            # the source cannot be reached: the migration goes on being followed, not guessed
+            log.warning("migration %s: the cancel could not reach the source agent: %s", mid, e)
+            with self._sessions.begin() as s:
+                r = get_migration_row(s, mid)
+                record_event(s, EventKind.MIGRATION_CANCEL_REFUSED, r.vm,
+                             f"A cancel of migration {mid} could not be delivered to {r.source_host}: "
+                             f"{e.message} The migration is followed until its agents report its end.",
+                             EventSeverity.WARNING)
+            p = MigrationProgress.model_validate(
+                {"migration_id": mid, "vm": row.vm, "phase": row.phase, "status": MigrationStatus.RUNNING}
             )
-            return None
-        if p.status is MigrationStatus.COMPLETED:
+            return p
+        if p.status is MigrationStatus.COMPLETED or not p.status.finished:
             return p
         fail(self._sessions, mid, p.error or cancelled, cancelled=True, progress=p)
         return p

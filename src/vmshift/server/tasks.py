@@ -48,12 +48,14 @@ class TaskContext:
 
 
 TaskBody = Callable[[TaskContext], Awaitable[dict[str, Any] | None]]
+CancelGuard = Callable[[], Awaitable[None]]
 
 
 class TaskEngine:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
         self._running: dict[int, asyncio.Task[None]] = {}
+        self._guards: dict[int, CancelGuard] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._active_targets: dict[str, int] = {}
         self._claimed: dict[str, int] = {}  # target -> tasks started (running or waiting for the lock)
@@ -71,13 +73,23 @@ class TaskEngine:
         return row
 
     def start(
-        self, task_id: int, target: str, body: TaskBody, *, resumable: bool = False, resume: bool = False
+        self,
+        task_id: int,
+        target: str,
+        body: TaskBody,
+        *,
+        resumable: bool = False,
+        resume: bool = False,
+        cancel_guard: CancelGuard | None = None,
     ) -> None:
         """Run ``body`` for a committed task row; the engine owns the asyncio task.
 
         ``resumable``: a server shutdown leaves the task running in the database (its owner resumes it).
         ``resume``: the row is already running (picked up again after a server restart).
+        ``cancel_guard``: awaited before a user's cancel; it raises (e.g. ConflictError) to refuse it.
         """
+        if cancel_guard is not None:
+            self._guards[task_id] = cancel_guard
         t = asyncio.create_task(
             self._run(task_id, target, body, resumable, resume), name=f"vmshift-task-{task_id}"
         )
@@ -86,6 +98,7 @@ class TaskEngine:
 
         def done(_t: asyncio.Task[None]) -> None:
             self._running.pop(task_id, None)
+            self._guards.pop(task_id, None)
             left = self._claimed.get(target, 1) - 1
             if left > 0:
                 self._claimed[target] = left
@@ -217,6 +230,9 @@ class TaskEngine:
         if t is None:  # queued with no runner (should not happen): just mark it
             self._finish(task_id, TaskState.CANCELLED)
             return
+        guard = self._guards.get(task_id)
+        if guard is not None:
+            await guard()
         t.cancel()
         await asyncio.wait({t}, timeout=30)
 

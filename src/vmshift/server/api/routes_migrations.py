@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query
@@ -11,6 +12,7 @@ from sqlalchemy import select
 
 from vmshift.errors import ConflictError
 from vmshift.model.api import EventKind, Task, TaskKind
+from vmshift.model.enums import PowerAction
 from vmshift.model.migration import (
     CheckReport,
     Migration,
@@ -26,9 +28,11 @@ from vmshift.server.db.schema import MigrationRow
 from vmshift.server.events import record_event
 from vmshift.server.inventory import get_host, get_vm
 from vmshift.server.migration_checks import plan_migration, predict_plan, status_for
+from vmshift.server.migration_finalize import Intent, waiting_migration
 from vmshift.server.migration_store import get_migration_row, migration_view, unfinished_for_vm
 from vmshift.server.tasks import TaskEngine
 from vmshift.server.views import task_view
+from vmshift.server.vm_tasks import power_body
 
 router = APIRouter()
 
@@ -108,6 +112,7 @@ async def migrate_vm(name: str, body: MigrationCreate, core: ServerCore = Depend
             metrics={},
             actions=[],
             measured_bandwidth_bps=plan.bandwidth_bps,
+            nonce=secrets.token_hex(16),
         )
         s.add(row)
         s.flush()
@@ -142,6 +147,36 @@ async def list_migrations(
 async def get_migration(migration_id: int, core: ServerCore = Depends(core_of)) -> Migration:
     with core.sessions() as s:
         return migration_view(get_migration_row(s, migration_id))
+
+
+@router.post("/migrations/{migration_id}/finalize", status_code=202)
+async def finalize_migration(migration_id: int, core: ServerCore = Depends(core_of)) -> Task:
+    """Finish a migration that waits paused on both hosts, from the target's proof (a task)."""
+    return task_view(core.finalizer.start(migration_id, Intent.FINISH))
+
+
+class ResumeRequest(BaseModel):
+    force: bool = Field(
+        default=False,
+        description="resume the source although the target cannot be reached (only when it is down for good)",
+    )
+
+
+@router.post("/vms/{name}/resume", status_code=202)
+async def resume_vm(name: str, body: ResumeRequest, core: ServerCore = Depends(core_of)) -> Task:
+    """Resume a paused VM; one that waits for a migration's finalize only if the target never ran it."""
+    with core.sessions() as s:
+        get_vm(s, name)
+        waiting = waiting_migration(s, name)
+        waiting_id = waiting.id if waiting is not None else None
+    if waiting_id is not None:
+        return task_view(core.finalizer.start(waiting_id, Intent.RESUME, force=body.force))
+    with core.sessions.begin() as s:
+        task = TaskEngine.create(s, TaskKind.VM_POWER, name, {"action": PowerAction.RESUME.value})
+        s.flush()
+        view = task_view(task)
+    core.tasks.start(view.id, name, power_body(core.sessions, core.agents, name, PowerAction.RESUME))
+    return view
 
 
 @router.patch("/vms/{name}/migration-settings")

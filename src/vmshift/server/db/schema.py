@@ -201,6 +201,14 @@ class EventRow(Base):
     message: Mapped[str] = mapped_column(Text)
 
 
+class ServerIdentityRow(Base):
+    """One row: this database's server id (made by Alembic revision 0003 when the schema is created)."""
+
+    __tablename__ = "server_identity"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
 class MigrationRow(Base):
     """One live migration: what was asked, checked, predicted, what happened (JSON of model.migration)."""
 
@@ -223,6 +231,7 @@ class MigrationRow(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    nonce: Mapped[str | None] = mapped_column(String(32), nullable=True, doc="sent to the agents")
 
 
 __all__ = [
@@ -238,6 +247,7 @@ __all__ = [
     "MacAllocationRow",
     "MigrationRow",
     "NetworkRow",
+    "ServerIdentityRow",
     "TaskRow",
     "VmRow",
     "utcnow",
