@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from vmshift.client.agent import AgentPool
 from vmshift.errors import ConflictError, NotFoundError, SwitchoverStartedError, VmshiftError
+from vmshift.migration.phases import check_transition
 from vmshift.model.agent_migration import AgentRef, IncomingRequest, MigrationProgress, OutgoingMigration
 from vmshift.model.api import ErrorInfo, EventKind, TaskKind
 from vmshift.model.enums import EventSeverity, TaskState
@@ -199,11 +200,8 @@ class MigrationOrchestrator:
                 if row.status is not MigrationStatus.QUEUED:
                     return waited
                 if _slot_free(s, row):
-                    row.status, row.phase, row.started_at = (
-                        MigrationStatus.RUNNING,
-                        MigrationPhase.CHECK,
-                        utcnow(),
-                    )
+                    row.phase = check_transition(row.phase, MigrationPhase.CHECK)
+                    row.status, row.started_at = MigrationStatus.RUNNING, utcnow()
                     return waited
             if not waited:
                 ctx.progress("queued: waiting for a migration slot", 0)
@@ -463,9 +461,10 @@ class MigrationOrchestrator:
         with self._sessions() as s:
             row = get_migration_row(s, mid)
             finished, phase, target = row.status.finished, row.phase, row.target_host
+            waiting = row.status is MigrationStatus.NEEDS_FINALIZE
             dst = s.scalar(select(HostRow).where(HostRow.name == target))
             dst_addr = dst.address if dst is not None else None
-        if finished:
+        if finished or waiting:  # a move that waits for finalize is not failed by the task ending
             return
         if phase is MigrationPhase.PREPARE and dst_addr is not None:
             await self._rollback_target(dst_addr, mid)
