@@ -24,6 +24,7 @@ import pytest
 from tests.lab.helpers import LabHandle, guest_check, qemu_pids, vmshift, vmshift_json, wait_for
 from tests.lab.vmotion import host_of_pid, layout, start_migration, verify_guest, wait_migration_phase
 from vmshift.client import VmshiftClient
+from vmshift.errors import VmshiftError
 from vmshift.lab import processes
 from vmshift.lab.layout import load_record
 from vmshift.lab.topology import set_migration_link_rate
@@ -125,6 +126,29 @@ def test_target_waits_paused_until_the_source_confirms(
     assert marks["source_stopped"] <= marks["last_byte_sent"] <= marks["confirm_sent"] <= marks["target_cont"]
     shown = vmshift(lab, "migration", "show", str(mid)).stdout
     assert "Switchover timeline" in shown and "target vCPUs running" in shown
+
+
+def test_cancel_in_the_switchover_is_refused(lab: LabHandle, api: VmshiftClient, vm: dict[str, Any]) -> None:
+    """The source agent shows the switchover the moment QEMU's event says so; a cancel from then
+    on is refused with a clear message and the migration finishes."""
+    src = api.get_vm(VM)["host"]
+    dst = other(src)
+    before = guest_check(lab, VM)
+    mid = start_migration(lab, VM, dst)
+    task_id = api.get_migration(mid)["task_id"]
+    with agent(lab, src) as c:
+        wait_for("the source agent to report the switchover",
+                 lambda: c.get(f"/migrations/{mid}").json()["phase"] in ("switchover", "finish"),
+                 timeout=120, interval=0.01)
+    with pytest.raises(VmshiftError) as refused:
+        api.cancel_task(task_id)
+    assert "the switchover has started" in str(refused.value).lower(), refused.value
+    end = wait_end(api, mid)
+    assert end["status"] == "completed", end["error"]
+    assert api.get_task(task_id)["state"] == "success"
+    events = api.list_events(limit=50, target=VM)
+    assert any(e["kind"] == "migration.cancel_refused" for e in events), events
+    verify_guest(lab, api, VM, dst, before)
 
 
 def test_source_qemu_killed_after_its_last_byte(

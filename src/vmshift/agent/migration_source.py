@@ -27,6 +27,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
+
 from vmshift.agent.migration_store import MigrationRole, MigrationStore, StoredMigration
 from vmshift.agent.supervisor import Supervisor
 from vmshift.client.agent import AgentClient
@@ -68,7 +70,8 @@ class OutgoingMigrations:
 
     def __init__(self, supervisor: Supervisor, store: MigrationStore, *, sample_interval_s: float = 0.25,
                  stall_timeout_s: float = 10.0, target_check_interval_s: float = 2.0,
-                 target_down_after_s: float = 6.0, activation_deadline_s: float = 20.0) -> None:
+                 target_down_after_s: float = 6.0, activation_deadline_s: float = 20.0,
+                 target_transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.supervisor = supervisor
         self.store = store
         self.sample_interval_s = sample_interval_s
@@ -76,6 +79,7 @@ class OutgoingMigrations:
         self.target_check_interval_s = target_check_interval_s
         self.target_down_after_s = target_down_after_s
         self.activation_deadline_s = activation_deadline_s
+        self.target_transport = target_transport  # None: real HTTP (tests pass a mock target agent)
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._records: dict[int, StoredMigration] = {}
 
@@ -246,7 +250,8 @@ class _Loop:
         # One kept-alive connection to the target for the whole migration: the health checks
         # during pre-copy keep it warm, so the confirm at the switchover costs no handshake.
         self.target = AgentClient(self.req.target_agent.address, self.req.target_agent.token,
-                                  timeout_s=10.0, connect_timeout_s=3.0)
+                                  timeout_s=10.0, connect_timeout_s=3.0,
+                                  transport=self.o.target_transport)
 
     async def close(self) -> None:
         await self.target.aclose()
@@ -367,7 +372,16 @@ class _Loop:
                     raise _Rollback(f"The target agent {self.req.target_agent.address} stopped answering.",
                                     "host_unreachable")
             # QEMU's MIGRATION event (completed, failed, ...) ends the wait at once
-            await qmp.wait_event("MIGRATION", timeout_s=self.o.sample_interval_s, after_seq=seen)
+            event = await qmp.wait_event("MIGRATION", timeout_s=self.o.sample_interval_s, after_seq=seen)
+            if event is not None:
+                self._note_event(Q.parse(str(event.data.get("status", ""))))
+
+    def _note_event(self, status: QemuMigrationStatus) -> None:
+        """QEMU announces the switchover by event while its monitor is busy sending the last pages
+        (query-migrate waits for the big lock then): show the phase at once."""
+        if status in (Q.PRE_SWITCHOVER, Q.DEVICE) and self.p.phase is P.PRECOPY:
+            self.set_phase(P.SWITCHOVER)
+            self.save()
 
     async def _sent_before_restart(self, current: QemuMigrationStatus) -> bool:
         """Did QEMU already get our `migrate`? A status left from an earlier attempt, or from the

@@ -49,6 +49,7 @@ class StoredMigration(BaseModel):
     uri: str | None = None
     target_state: TargetState | None = None
     timeline: SwitchoverTimeline = Field(default_factory=SwitchoverTimeline)
+    nonce: str | None = None  # the server's nonce of this migration (target records)
 
 
 class MigrationStore:

@@ -61,6 +61,11 @@ class IncomingMigrations:
             old = self.store.load(req.migration_id)
             if (old is not None and old.role is MigrationRole.TARGET and old.uri
                     and old.target_state is TargetState.LISTENING and self.supervisor.is_alive(spec.name)):
+                if old.nonce != req.nonce:
+                    mid = req.migration_id
+                    raise ConflictError(f"Migration {mid} of another server or an older database still "
+                                        f"waits for VM {old.vm!r} on this host.",
+                                        hint=f"Roll it back first (DELETE /api/v1/migrations/{mid}).")
                 return Incoming(uri=old.uri)  # the same request again: idempotent
             files = self.supervisor.files
             if spec.name in files.registered_names() and not files.is_incoming(spec.name):
@@ -73,7 +78,7 @@ class IncomingMigrations:
                                     f"{', '.join(missing)}.",
                                     hint="Live migration needs the VM's datastores shared with this host.")
             rec = StoredMigration(role=MigrationRole.TARGET, migration_id=req.migration_id, vm=spec.name,
-                                  spec=spec, target_state=TargetState.LISTENING)
+                                  spec=spec, target_state=TargetState.LISTENING, nonce=req.nonce)
             self.store.save(rec)
             try:
                 await self.supervisor.files.define(spec, self.supervisor.config.networks)
