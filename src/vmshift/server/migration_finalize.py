@@ -113,7 +113,15 @@ class Finalizer:
                 ctx.progress(f"running the VM on {dst_name}", 40)
                 await dst.migration_activate(mid)
             ctx.progress(f"stopping the paused copy on {src_name}", 80)
-            p = await src.migration_finalize(mid, {"resolution": FinalizeResolution.TARGET_ACTIVATED.value})
+            done = {"resolution": FinalizeResolution.TARGET_ACTIVATED.value}
+            try:
+                p = await src.migration_finalize(mid, done)
+            except VmshiftError as e:
+                raise ConflictError(
+                    f"VM runs on {dst_name} now, but {src_name} could not be told to stop its paused copy "
+                    f"({e.message.rstrip('.')}).",
+                    hint=f"Run 'vmshift migration finalize {mid}' again once {src_name} answers.",
+                ) from e
         else:
             if proof is not None:
                 ctx.progress(f"discarding the incomplete copy on {dst_name}", 40)

@@ -319,9 +319,9 @@ class MigrationOrchestrator:
                 return progress
             await asyncio.sleep(self._settings.migration_poll_interval_s)
             try:
-                progress = await client.migration_progress(mid, timeout_s=5.0)
-                self._check_identity(row, progress)
-                lost_since = None
+                answer = await client.migration_progress(mid, timeout_s=5.0)
+                self._check_identity(row, answer)  # a foreign record is never followed
+                progress, lost_since = answer, None
             except VmshiftError as e:
                 if not (e.retryable or e.not_found):
                     raise

@@ -70,6 +70,11 @@ def _busy(core: ServerCore, name: str) -> None:
     with core.sessions() as s:
         get_vm(s, name)
         other = unfinished_for_vm(s, name)
+        if other is not None and other.status is MigrationStatus.NEEDS_FINALIZE:
+            raise ConflictError(
+                f"VM {name} waits paused on two hosts for migration {other.id} to be finalized.",
+                hint=f"Run 'vmshift migration finalize {other.id}' first.",
+            )
         if other is not None:
             raise ConflictError(
                 f"VM {name} is already being migrated (migration {other.id}, {other.status.value}).",
