@@ -129,6 +129,8 @@ class IncomingMigrations:
         A vanished QEMU proves nothing.
         """
         rec = self._record(migration_id)
+        if rec.target_state is TargetState.ACTIVATED:
+            return await self.supervisor.runtime(rec.vm)  # a repeated confirm
         if rec.target_state is TargetState.LOAD_FAILED:
             raise self._never_ran(rec, "its incoming migration failed earlier")
         if rec.target_state is TargetState.ROLLED_BACK:

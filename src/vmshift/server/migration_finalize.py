@@ -95,9 +95,10 @@ class Finalizer:
             proof = await dst.migration_incoming_state(mid)
         except VmshiftError as e:
             if not (intent is Intent.RESUME and force):
+                why = "has no record of it" if e.not_found else f"cannot be reached ({e.message.rstrip('.')})"
                 raise ConflictError(
-                    f"Host {dst_name} cannot be reached ({e.message.rstrip('.')}), so nobody can tell "
-                    "whether it holds the VM; nothing was changed.",
+                    f"Host {dst_name} {why}, so nobody can tell whether it holds the VM; nothing was "
+                    "changed.",
                     hint=f"Fix the connection and run it again; if {dst_name} is down for good and its QEMU "
                     "is gone, 'vmshift vm resume VM --force' resumes the source.",
                 ) from e
