@@ -71,7 +71,7 @@ class OutgoingMigrations:
     def __init__(self, supervisor: Supervisor, store: MigrationStore, *, sample_interval_s: float = 0.25,
                  stall_timeout_s: float = 10.0, target_check_interval_s: float = 2.0,
                  target_down_after_s: float = 6.0, activation_deadline_s: float = 20.0,
-                 target_transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 settle_s: float = 0.2, target_transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.supervisor = supervisor
         self.store = store
         self.sample_interval_s = sample_interval_s
@@ -79,6 +79,7 @@ class OutgoingMigrations:
         self.target_check_interval_s = target_check_interval_s
         self.target_down_after_s = target_down_after_s
         self.activation_deadline_s = activation_deadline_s
+        self.settle_s = settle_s
         self.target_transport = target_transport  # None: real HTTP (tests pass a mock target agent)
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._records: dict[int, StoredMigration] = {}
@@ -374,7 +375,10 @@ class _Loop:
             # QEMU's MIGRATION event (completed, failed, ...) ends the wait at once
             event = await qmp.wait_event("MIGRATION", timeout_s=self.o.sample_interval_s, after_seq=seen)
             if event is not None:
-                self._note_event(Q.parse(str(event.data.get("status", ""))))
+                status = Q.parse(str(event.data.get("status", "")))
+                if status is Q.COMPLETED:
+                    return  # QEMU's own word: confirm now, sample afterwards (one round trip less)
+                self._note_event(status)
 
     def _note_event(self, status: QemuMigrationStatus) -> None:
         """QEMU announces the switchover by event while its monitor is busy sending the last pages
@@ -552,15 +556,29 @@ class _Loop:
         self.set_phase(P.FINISH)
         self.rec.timeline.confirm_sent = time.time()
         activated, why = await self._activate_target()
-        self.p.metrics = self._summary()
-        self.save()
         if activated is None:
             return  # the target proved it never ran: the source was resumed
+        await self._final_sample()
+        self.p.metrics = self._summary()
+        self.save()
         if not activated:
             await self._needs_finalize(f"The target agent could not be told to run the VM: {why}")
             return
+        # The target's vCPU now fills TCG's empty code cache (tens of ms, bench/README.md): leave
+        # it the CPU for a moment before this host's QEMU quits and the timeline is fetched.
+        await asyncio.sleep(self.o.settle_s)
         await self._fetch_target_timeline()
         await self._stop_source_and_complete()
+
+    async def _final_sample(self) -> None:
+        """QEMU's final answer (total time, downtime), read after the confirm went out."""
+        if not self.source_alive():
+            return
+        with contextlib.suppress(VmshiftError):
+            answer = await mq.query_migrate(self.qmp())
+            sample = MigrationSample.from_qmp(answer, self.now())
+            if sample.status is Q.COMPLETED:
+                self.samples.append(sample)
 
     async def _activate_target(self) -> tuple[bool | None, str]:
         """True: the target runs the VM; False: it could not be reached or refused (why);

@@ -187,7 +187,7 @@ class SwitchoverTimeline(BaseModel):
     target_loaded: float | None = Field(default=None, description="target stream loaded (MIGRATION)")
     target_cont: float | None = Field(default=None, description="target vCPUs running (RESUME event)")
     first_announce: float | None = Field(
-        default=None, description="first RARP of the target: QEMU's own at load + announce-initial"
+        default=None, description="first RARP of the target: QEMU holds its own until `cont` sends it"
     )
 
     def offsets_ms(self) -> dict[str, float]:
