@@ -2,6 +2,8 @@
 
 It speaks the agent API of docs/design/contracts.md with canned facts and an in-memory VM table, and
 records every mutating request so tests can assert that a refused request never reached the agent.
+Tests may put any runtime into ``vms`` (a copy of another host's VM, a receiving QEMU): ``GET /vms``
+reports the table as it is, and ``vm_lists`` counts those requests (one per heartbeat).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from vmshift.model.enums import Accelerator, PowerState
+from vmshift.model.enums import MIGRATION_RUN_STATES, Accelerator, PowerAction, PowerState
 from vmshift.model.host import CpuModelInfo, DatastoreInfo, HostFacts
 from vmshift.model.vm import VmRuntime, VmSpec
 
@@ -87,6 +89,8 @@ class FakeAgent:
     mutations: list[tuple[str, str]] = field(default_factory=list)
     define_delay_s: float = 0.0
     fail_define: bool = False
+    vm_lists: int = 0  # GET /vms requests so far
+    power_requests: list[tuple[str, PowerAction, int]] = field(default_factory=list)  # (vm, action, vm_lists)
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -111,6 +115,7 @@ class FakeAgent:
 
         @app.get("/api/v1/vms")
         async def vms() -> list[dict[str, Any]]:
+            self.vm_lists += 1
             return [rt.model_dump(mode="json") for rt in self.vms.values()]
 
         @app.put("/api/v1/vms/{name}")
@@ -131,11 +136,25 @@ class FakeAgent:
         @app.post("/api/v1/vms/{name}/power")
         async def power(name: str, body: dict[str, Any]) -> Any:
             rt = self.vms.get(name)
+            action = PowerAction(body["action"])
+            self.power_requests.append((name, action, self.vm_lists))
             if rt is None:
                 return JSONResponse({"error": {"code": "not_found", "message": "no VM", "hint": None}}, 404)
-            on = body["action"] in ("start", "reset")
+            if action in (PowerAction.PAUSE, PowerAction.RESUME):
+                refused = not rt.has_qemu or (
+                    action is PowerAction.RESUME
+                    and (not rt.is_the_vm or rt.qemu_status in MIGRATION_RUN_STATES)
+                )
+                if refused:
+                    return JSONResponse(
+                        {"error": {"code": "conflict", "message": f"cannot {action}", "hint": None}}, 409
+                    )
+                rt.power_state = PowerState.PAUSED if action is PowerAction.PAUSE else PowerState.POWERED_ON
+                rt.qemu_status = "paused" if action is PowerAction.PAUSE else "running"
+                return rt.model_dump(mode="json")
+            on = action in (PowerAction.START, PowerAction.RESET)
             rt.power_state = PowerState.POWERED_ON if on else PowerState.POWERED_OFF
-            rt.died, rt.pid = False, 4242 if on else None
+            rt.died, rt.pid, rt.qemu_status = False, 4242 if on else None, "running" if on else None
             return rt.model_dump(mode="json")
 
         @app.delete("/api/v1/vms/{name}")
@@ -143,7 +162,7 @@ class FakeAgent:
             rt = self.vms.get(name)
             if rt is None:
                 return JSONResponse({"error": {"code": "not_found", "message": "no VM", "hint": None}}, 404)
-            if rt.power_state is PowerState.POWERED_ON:
+            if rt.has_qemu:
                 return JSONResponse({"error": {"code": "conflict", "message": "running", "hint": None}}, 409)
             del self.vms[name]
             self.specs.pop(name, None)

@@ -23,9 +23,9 @@ import psutil
 
 from vmshift.agent.config import AgentConfig
 from vmshift.agent.taps import create_tap, delete_tap
-from vmshift.agent.vmfiles import VmFiles
+from vmshift.agent.vmfiles import INCOMING_FILE, VmFiles
 from vmshift.errors import ConflictError, NotFoundError, QemuError
-from vmshift.model.enums import Accelerator, PowerAction, PowerState
+from vmshift.model.enums import MIGRATION_RUN_STATES, Accelerator, PowerAction, PowerState, QemuRunState
 from vmshift.model.vm import VmRuntime, VmSpec
 from vmshift.qemu.cmdline import VmPaths, build_qemu_argv, tap_name
 from vmshift.qemu.qmp import QmpSession
@@ -38,6 +38,13 @@ QEMU_LOG = "qemu.log"
 START_TIMEOUT_S = 15.0
 QUIT_TIMEOUT_S = 5.0
 POWER_BUTTON_REPEAT_S = 5.0
+UNREADABLE_INCOMING_ID = 0  # an incoming mark whose id cannot be read (server ids start at 1)
+
+_NO_RESUME_BECAUSE: dict[str, str] = {  # why each of MIGRATION_RUN_STATES forbids a plain resume
+    QemuRunState.INMIGRATE: "waits for or loads an incoming live migration",
+    QemuRunState.FINISH_MIGRATE: "is in the last step of an outgoing live migration",
+    QemuRunState.POSTMIGRATE: "has sent its whole state to another host",
+}
 
 
 @dataclass
@@ -181,7 +188,8 @@ class Supervisor:
 
     async def _view(self, vm: VmProcess) -> VmRuntime:
         rt = VmRuntime(name=vm.spec.name, uuid=vm.spec.uuid, power_state=PowerState.POWERED_OFF,
-                       died=vm.died, exit_reason=vm.exit_reason)
+                       died=vm.died, exit_reason=vm.exit_reason,
+                       incoming_migration=self._incoming_migration(vm.spec.name))
         if vm.pid is None:
             return rt
         rt.pid, rt.died, rt.exit_reason = vm.pid, False, None
@@ -201,14 +209,23 @@ class Supervisor:
         return rt
 
     async def list_vms(self) -> list[VmRuntime]:
-        """The VMs of this host; a VM that only receives a live migration is left out until activated."""
+        """Every VM of this host, including receiving QEMUs of live migrations: the server must see
+        each QEMU to prove that a VM runs once. Those carry ``incoming_migration``."""
         out = []
         for name in self.files.registered_names():
-            if self.files.is_incoming(name):
-                continue
             with contextlib.suppress(NotFoundError):
                 out.append(await self.runtime(name))
         return out
+
+    def _incoming_migration(self, name: str) -> int | None:
+        """The migration id of the VM's incoming mark (``VmFiles.mark_incoming``), None if unmarked."""
+        mark = self.files.run_dir(name) / INCOMING_FILE
+        try:
+            return int(json.loads(mark.read_text())["migration_id"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):  # being written, or damaged: still incoming
+            return UNREADABLE_INCOMING_ID
 
     def guest_ram_resident_bytes(self, name: str) -> int | None:
         """How much of the guest's RAM QEMU holds in memory, i.e. what the guest ever touched: the
@@ -302,7 +319,36 @@ class Supervisor:
                     raise ConflictError(f"VM {name!r} is not running, so it cannot be reset.",
                                         hint="Start it instead.")
                 await self._qmp(vm).system_reset()
+            elif action is PowerAction.PAUSE:
+                if not running:
+                    raise ConflictError(f"VM {name!r} is not running, so it cannot be paused.",
+                                        hint="Nothing to do: it runs no guest code.")
+                # In state inmigrate, QMP stop only clears QEMU's autostart: the loaded guest stays paused.
+                await self._qmp(vm).stop()
+            elif action is PowerAction.RESUME:
+                if not running:
+                    raise ConflictError(f"VM {name!r} is not running, so it cannot be resumed.",
+                                        hint="Start it instead.")
+                await self._refuse_migration_resume(vm)
+                await self._qmp(vm).cont()
             return await self._view(vm)
+
+    async def _refuse_migration_resume(self, vm: VmProcess) -> None:
+        """A plain resume must never run a QEMU that belongs to a live migration: the guest could
+        then run on two hosts (QMP cont in ``inmigrate`` even makes QEMU run once the stream loaded)."""
+        name = vm.spec.name
+        incoming = self._incoming_migration(name)
+        if incoming is not None:
+            raise ConflictError(
+                f"VM {name!r} here is the receiving copy of live migration {incoming}, so it cannot be "
+                "resumed by a power action.",
+                hint="Let the migration finish or roll it back; 'vmshift vm resume' decides which copy runs.")
+        status = (await self._qmp(vm).query_status()).status
+        if status in MIGRATION_RUN_STATES:
+            why = _NO_RESUME_BECAUSE.get(status, "belongs to a live migration")
+            raise ConflictError(
+                f"VM {name!r} {why} (QEMU state {status!r}), so resuming it here could run it twice.",
+                hint="Use 'vmshift vm resume', which checks where the migration left the VM.")
 
     async def start(self, name: str, *, incoming: str | None = None) -> VmRuntime:
         """Start a VM; with ``incoming`` (e.g. "defer") QEMU waits paused for a migration stream."""

@@ -81,3 +81,18 @@ class VmRuntime(BaseModel):
     qemu_status: str | None = Field(default=None, description="QMP query-status 'status'")
     died: bool = Field(default=False, description="the QEMU process vanished without being stopped")
     exit_reason: str | None = None
+    incoming_migration: int | None = Field(
+        default=None,
+        description="id of the live migration this QEMU receives; such a QEMU is not the VM yet, only "
+        "a copy waiting for (or loading) its state",
+    )
+
+    @property
+    def has_qemu(self) -> bool:
+        """A QEMU process of the VM exists on the host (running, paused or in any other run state)."""
+        return self.power_state is not PowerState.POWERED_OFF
+
+    @property
+    def is_the_vm(self) -> bool:
+        """This QEMU is a normal VM of its host, not the receiving end of a live migration."""
+        return self.incoming_migration is None

@@ -9,11 +9,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmshift.client.agent import AgentPool
-from vmshift.errors import ApiError, NotFoundError
+from vmshift.errors import ApiError, ConflictError, NotFoundError, VmshiftError
 from vmshift.model.api import EventKind
-from vmshift.model.enums import EventSeverity, PowerAction
+from vmshift.model.enums import ConnectionState, EventSeverity, PowerAction, PowerState
 from vmshift.model.vm import VmRuntime, VmSpec
-from vmshift.server.db.schema import VmRow
+from vmshift.server.db.schema import HostRow, VmRow
 from vmshift.server.events import record_event
 from vmshift.server.tasks import TaskBody, TaskContext
 
@@ -78,11 +78,20 @@ def create_body(sessions: sessionmaker[Session], agents: AgentPool, name: str, s
     return body
 
 
+def _is_missing(sessions: sessionmaker[Session], name: str) -> bool:
+    with sessions() as s:
+        return s.scalar(select(VmRow.power_state).where(VmRow.name == name)) is PowerState.MISSING
+
+
 def power_body(
     sessions: sessionmaker[Session], agents: AgentPool, name: str, action: PowerAction
 ) -> TaskBody:
     async def body(ctx: TaskContext) -> dict[str, Any]:
-        _spec, address, _host = _load(sessions, name)
+        spec, address, _host = _load(sessions, name)
+        if action is PowerAction.START and _is_missing(sessions, name):
+            # its host forgot the VM (reconcile marked it missing): register its folder there again
+            ctx.progress("define on host", 10)
+            await agents.get(address).define_vm(spec)
         ctx.progress(f"power {action.value}", 20)
         rt = await agents.get(address).power(name, action)
         _store_runtime(sessions, name, rt)
@@ -91,9 +100,49 @@ def power_body(
     return body
 
 
+async def refuse_delete_while_a_qemu_runs(
+    sessions: sessionmaker[Session], agents: AgentPool, name: str, timeout_s: float = 10.0
+) -> None:
+    """ConflictError unless every connected host proves it runs no QEMU of the VM (by uuid, receiving
+    copies included): the VM's files are shared, and a QEMU anywhere may hold them open."""
+    with sessions() as s:
+        uuid = s.scalar(select(VmRow.uuid).where(VmRow.name == name))
+        hosts = [
+            (h.name, h.address)
+            for h in s.scalars(select(HostRow).where(HostRow.connection_state == ConnectionState.CONNECTED))
+        ]
+    if uuid is None:
+        raise NotFoundError(f"VM {name!r} no longer exists.", hint="It was deleted meanwhile.")
+
+    async def ask(address: str) -> list[VmRuntime] | VmshiftError:
+        try:
+            return await agents.get(address).list_vms(timeout_s=timeout_s)
+        except VmshiftError as e:
+            return e
+
+    answers = await asyncio.gather(*(ask(address) for _, address in hosts))
+    for (host, _), answer in zip(hosts, answers, strict=True):
+        if isinstance(answer, VmshiftError):
+            raise ConflictError(
+                f"VM {name} cannot be deleted now: host {host} did not answer, so nothing proves that "
+                "it runs no QEMU of the VM.",
+                hint="Try again once the host answers (or remove the host if it is gone for good).",
+            )
+        for rt in answer:
+            if rt.uuid == uuid and rt.has_qemu:
+                what = "a receiving QEMU" if not rt.is_the_vm else "a QEMU"
+                raise ConflictError(
+                    f"VM {name} cannot be deleted: host {host} runs {what} of it "
+                    f"({rt.qemu_status or rt.power_state.value}) that may hold its files open.",
+                    hint="Stop that QEMU first, then delete again (docs/server.md, 'Reconcile').",
+                )
+
+
 def delete_body(sessions: sessionmaker[Session], agents: AgentPool, name: str) -> TaskBody:
     async def body(ctx: TaskContext) -> dict[str, Any]:
         _spec, address, host = _load(sessions, name)
+        ctx.progress("check hosts", 10)
+        await refuse_delete_while_a_qemu_runs(sessions, agents, name)
         ctx.progress("delete on host", 20)
         try:
             await agents.get(address).delete_vm(name)

@@ -15,7 +15,7 @@ from vmshift.server.inventory import get_vm
 from vmshift.server.tasks import TaskEngine
 from vmshift.server.views import task_view, vm_view
 from vmshift.server.vm_create import create_vm_row
-from vmshift.server.vm_tasks import create_body, delete_body, power_body
+from vmshift.server.vm_tasks import create_body, delete_body, power_body, refuse_delete_while_a_qemu_runs
 
 router = APIRouter()
 
@@ -59,13 +59,17 @@ async def power_vm(name: str, body: PowerRequest, core: ServerCore = Depends(cor
 
 @router.delete("/vms/{name}", status_code=202)
 async def delete_vm(name: str, core: ServerCore = Depends(core_of)) -> Task:
-    with core.sessions.begin() as s:
+    with core.sessions() as s:
         vm = get_vm(s, name)
         if vm.power_state in (PowerState.POWERED_ON, PowerState.PAUSED):
             raise ConflictError(
                 f"VM {name} is {vm.power_state.value}; it cannot be deleted while running.",
                 hint="Power it off first (action 'stop' or 'shutdown').",
             )
+    # Refused before a task exists, so nothing changes; the task checks again before it deletes.
+    await refuse_delete_while_a_qemu_runs(core.sessions, core.agents, name, core.settings.agent_timeout_s)
+    with core.sessions.begin() as s:
+        get_vm(s, name)
         task = TaskEngine.create(s, TaskKind.VM_DELETE, name)
         view = task_view(task)
     core.tasks.start(view.id, name, delete_body(core.sessions, core.agents, name))
