@@ -10,7 +10,6 @@ must be those same phases, in order, so no phase is set behind the phase machine
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -653,10 +652,6 @@ async def test_a_failure_after_postcopy_started_never_resumes_the_source(make_ri
 
 
 # ----- bugs found ---------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="migration_source: _apply sets phase POSTCOPY as soon as QEMU "
-                   "accepts migrate-start-postcopy, which QEMU also accepts after the migration has already "
-                   "failed; the failure is then handled as a post-copy failure: the target is not rolled "
-                   "back and the error says the source was not resumed, though QEMU never entered post-copy")
 async def test_postcopy_requested_after_qemu_already_failed_still_rolls_back(make_rig: RigFactory) -> None:
     trace = load_trace("converging")
     last_active = _last_active(trace)  # the policy asks for post-copy on this sample...
@@ -673,9 +668,6 @@ async def test_postcopy_requested_after_qemu_already_failed_still_rolls_back(mak
     assert "ost-copy" not in progress.error.hint
 
 
-@pytest.mark.xfail(strict=True, reason="migration_source: a cancel accepted while the loop prepares QEMU "
-                   "does not stop the loop from sending `migrate` afterwards (_setup never reads "
-                   "cancel_requested); the stream starts and is cancelled on the next sample")
 async def test_a_cancel_accepted_before_migrate_never_starts_the_stream(make_rig: RigFactory) -> None:
     rig = make_rig(load_trace("converging"))
     rig.qmp.gate("migrate-set-parameters")
@@ -693,11 +685,6 @@ async def test_a_cancel_accepted_before_migrate_never_starts_the_stream(make_rig
     assert not rig.qmp.sent("migrate"), "the user's cancel was accepted before the stream started"
 
 
-@pytest.mark.xfail(sys.version_info < (3, 12), strict=True,
-                   reason="on Python 3.11 asyncio.wait_for (mq.query_migrate, QmpSession.wait_event) "
-                   "swallows a cancel that arrives just as QEMU's answer does: OutgoingMigrations.close() "
-                   "cancels each loop once, so the loop keeps driving the migration and close() waits "
-                   "until it ends")
 async def test_agent_exit_stops_the_loop_even_when_the_cancel_meets_a_qmp_answer(
         make_rig: RigFactory) -> None:
     rig = make_rig(load_trace("converging"), hold_at=3)

@@ -124,7 +124,9 @@ class OutgoingMigrations:
         progress = self._progress(rec)
         if progress.status.finished:
             return progress
-        if progress.phase in (P.POSTCOPY, P.FINISH, P.SWITCHOVER) or await self._qemu_switching(rec):
+        postcopy_asked = any(a.kind is ActionKind.START_POSTCOPY for a in progress.actions)
+        if (progress.phase in (P.POSTCOPY, P.FINISH, P.SWITCHOVER) or postcopy_asked
+                or await self._qemu_switching(rec)):
             raise SwitchoverStartedError(
                 f"Migration {migration_id} cannot be cancelled: {SWITCHOVER_STARTED_MESSAGE[0].lower()}"
                 f"{SWITCHOVER_STARTED_MESSAGE[1:]}",
@@ -353,10 +355,10 @@ class _Loop:
                     raise _Rollback("The migration was cancelled by the user.", "cancelled")
                 raise _Rollback(f"QEMU reports the migration {sample.status.value}: "
                                 f"{sample.error or 'no reason given'}.", "migration_failed")
-            if self.rec.cancel_requested and sample.status is not Q.CANCELLING:
-                await self._cancel_qemu()
-                continue
-            if sample.status is Q.ACTIVE:
+            if self.rec.cancel_requested:
+                if sample.status is not Q.CANCELLING:
+                    await self._cancel_qemu()  # then wait for QEMU's event, not spin
+            elif sample.status is Q.ACTIVE:
                 for action in self.policy.decide(sample):
                     await self._apply(action)
             # a cut link leaves QEMU "active" with nothing moving
@@ -414,6 +416,8 @@ class _Loop:
                                       "downtime-limit": initial_ms, **mq.NO_THROTTLE})
         self.p.downtime_limit_ms = initial_ms
         self.rec.started_at = time.time()
+        if self.rec.cancel_requested:  # accepted while this set-up ran: never start the stream
+            raise _Rollback("The migration was cancelled by the user.", "cancelled")
         await mq.migrate(qmp, self.req.uri)
         self.rec.migrate_sent = True
         self.set_phase(P.PRECOPY)
@@ -450,6 +454,24 @@ class _Loop:
                                        if e.time >= (self.rec.started_at or 0) - 1)
         return metrics
 
+    def _postcopy_requested(self) -> bool:
+        return any(a.kind is ActionKind.START_POSTCOPY for a in self.p.actions)
+
+    def _postcopy_began(self) -> bool:
+        """Did QEMU really enter post-copy? From the samples, or its MIGRATION events for one
+        shorter than a sampling interval; a mere request is no proof."""
+        if self.p.phase is P.POSTCOPY or any(s.status.postcopy for s in self.samples):
+            return True
+        if not self._postcopy_requested():
+            return False
+        if not self.source_alive():
+            return True  # cannot tell, and nothing to resume anyway
+        with contextlib.suppress(VmshiftError):
+            return any(str(e.data.get("status", "")).startswith("postcopy")
+                       for e in self.qmp().events_named("MIGRATION")
+                       if e.time >= (self.rec.started_at or 0) - 1)
+        return True  # cannot tell: keep the safe side (no cont)
+
     def _mark_source_timeline(self) -> None:
         """Timeline: the source's STOP (vCPUs stopped) and MIGRATION completed events, QEMU's clock."""
         if not self.source_alive():
@@ -473,10 +495,10 @@ class _Loop:
         elif action.kind is ActionKind.SET_THROTTLE and action.value is not None:
             await mq.set_parameters(qmp, mq.throttle_parameters(int(action.value)))
         elif action.kind is ActionKind.START_POSTCOPY:
-            await mq.start_postcopy(qmp)
             # From here QEMU may hand the VM to the target at any moment (it may also finish the
-            # pre-copy first): no more cancel, and never `cont` the source on a failure.
-            self.set_phase(P.POSTCOPY)
+            # pre-copy first): no more cancel. The phase follows QEMU's postcopy-active, because
+            # QEMU also accepts this request for a migration that has already failed.
+            await mq.start_postcopy(qmp)
         self.p.actions.append(action.to_record())
         self.save()
         log.info("migration %d: %s %s — %s", self.rec.migration_id, action.kind.value, action.value,
@@ -518,7 +540,8 @@ class _Loop:
     async def _rollback(self, reason: str, code: str) -> None:
         p = self.p
         log.warning("migration %d: rolling back (%s)", self.rec.migration_id, reason)
-        if p.phase is P.POSTCOPY:  # the source no longer holds the whole VM: no rollback, no cont
+        if p.phase is P.POSTCOPY or self._postcopy_began():
+            # the source no longer holds the whole VM: no rollback, no cont
             await self._finish(MigrationStatus.FAILED, P.FAILED, reason, code)
             return
         self.set_phase(P.ROLLBACK)
@@ -689,7 +712,7 @@ class _Loop:
         if reason is not None:
             if status is MigrationStatus.LOST:
                 hint = "Start the VM again from its disks (a cold boot); check the hosts' QEMU logs first."
-            elif phase is P.FAILED and any(a.kind is ActionKind.START_POSTCOPY for a in p.actions):
+            elif phase is P.FAILED and self._postcopy_began():
                 hint = ("Post-copy had been started, so the source was not resumed; check which host "
                         "runs the VM before starting it anywhere.")
             else:

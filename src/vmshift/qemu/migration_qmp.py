@@ -71,7 +71,10 @@ async def migrate_incoming(qmp: QmpSession, uri: str) -> None:
 
 async def query_migrate(qmp: QmpSession, timeout_s: float = 5.0) -> dict[str, Any]:
     try:
-        return await asyncio.wait_for(qmp.execute("query-migrate"), timeout=timeout_s)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that lands
+        # in the same step as the answer, and the control loop would not stop at agent exit
+        async with asyncio.timeout(timeout_s):
+            return await qmp.execute("query-migrate")
     except TimeoutError as exc:
         raise QemuError(f"QEMU did not answer query-migrate within {timeout_s:g} s.",
                         hint="QEMU may be stuck; look at the VM's QEMU log.") from exc

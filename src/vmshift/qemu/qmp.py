@@ -127,7 +127,8 @@ class QmpSession:
                 return None
             self._event_seen.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._event_seen.wait(), timeout=remaining)
+                async with asyncio.timeout(remaining):  # not wait_for: it may swallow a cancel (3.11)
+                    await self._event_seen.wait()
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run one QMP command; a non-dict return value is wrapped as ``{"return": value}``."""
