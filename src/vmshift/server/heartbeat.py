@@ -14,11 +14,11 @@ from vmshift.errors import VmshiftError
 from vmshift.model.api import EventKind
 from vmshift.model.enums import ConnectionState, EventSeverity, PowerAction, PowerState
 from vmshift.model.host import HostFacts
-from vmshift.model.migration import MigrationStatus
 from vmshift.model.vm import VmRuntime
 from vmshift.server.db.schema import HostRow, MigrationRow, VmRow, utcnow
 from vmshift.server.events import record_event
 from vmshift.server.inventory import apply_facts
+from vmshift.server.migration_store import UNFINISHED
 from vmshift.server.reconcile import (
     EVENT_KINDS,
     EXPECTS_QEMU,
@@ -170,10 +170,9 @@ class Heartbeat:
             inventory = [
                 InventoryVm(v.name, v.uuid, v.host.name, v.power_state) for v in s.scalars(select(VmRow))
             ]
-            open_statuses = (MigrationStatus.QUEUED, MigrationStatus.RUNNING)
             migrations = [
                 OpenMigration(m.id, m.vm, m.source_host, m.target_host)
-                for m in s.scalars(select(MigrationRow).where(MigrationRow.status.in_(open_statuses)))
+                for m in s.scalars(select(MigrationRow).where(MigrationRow.status.in_(UNFINISHED)))
             ]
         names = {v.name for v in inventory} | {rt.name for rts in reports.values() for rt in rts}
         busy = {n for n in names if self._tasks.busy_since(n, since)}

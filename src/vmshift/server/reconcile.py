@@ -61,7 +61,7 @@ class InventoryVm:
 
 @dataclass(frozen=True)
 class OpenMigration:
-    """A migration the server has not finished (queued or running)."""
+    """A migration the server has not finished (queued, running, or waiting for finalize)."""
 
     id: int
     vm: str
