@@ -1,4 +1,4 @@
-"""The source agent's control loop (agent/migration_source.py) against fake peers, no QEMU, no network.
+"""The source agent's control loop (agent/source_loop.py, source_endings.py) against fake peers.
 
 QEMU is a :class:`FakeQmp` replaying a recorded ``query-migrate`` trace; the target agent is an
 ``httpx.MockTransport`` handler (:class:`FakeTarget`) whose incoming stream follows the source's
@@ -30,7 +30,7 @@ from tests.unit.fake_qmp import (
     trace_meta,
     vm_spec,
 )
-from vmshift.agent import migration_source
+from vmshift.agent import source_loop
 from vmshift.agent.migration_source import OutgoingMigrations
 from vmshift.agent.migration_store import MigrationRole, MigrationStore, StoredMigration
 from vmshift.agent.supervisor import Supervisor
@@ -137,15 +137,15 @@ RigFactory = Callable[..., Rig]
 @pytest.fixture
 async def make_rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[RigFactory]:
     phase_changes: list[P] = []
-    original = migration_source._Loop.set_phase
+    original = source_loop.SourceLoop.set_phase
 
-    def observed_set_phase(loop: migration_source._Loop, phase: P) -> None:
+    def observed_set_phase(loop: source_loop.SourceLoop, phase: P) -> None:
         before = loop.p.phase
         original(loop, phase)
         if loop.p.phase is not before:
             phase_changes.append(loop.p.phase)
 
-    monkeypatch.setattr(migration_source._Loop, "set_phase", observed_set_phase)
+    monkeypatch.setattr(source_loop.SourceLoop, "set_phase", observed_set_phase)
     rigs: list[Rig] = []
 
     def factory(answers: list[dict[str, Any]], *, hold_at: int | None = None,
@@ -564,10 +564,10 @@ async def test_target_agent_down_during_precopy_rolls_back(make_rig: RigFactory)
 
 async def test_a_crashed_loop_rolls_back_instead_of_staying_running(
         make_rig: RigFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    async def broken(self: migration_source._Loop, action: Any) -> None:
+    async def broken(self: source_loop.SourceLoop, action: Any) -> None:
         raise RuntimeError("a bug in the loop")
 
-    monkeypatch.setattr(migration_source._Loop, "_apply", broken)
+    monkeypatch.setattr(source_loop.SourceLoop, "_apply", broken)
     rig = make_rig(load_trace("converging"))
     await rig.start()
     progress = await rig.settle()
