@@ -173,7 +173,7 @@ class Supervisor:
             vm.qmp_lost = True
             return
         if old is not None:
-            new.recent_events.extend(old.recent_events)
+            new.adopt_events(old)
             await old.close()
         vm.qmp, vm.qmp_lost = new, False
         log.info("reconnected QMP to VM %s (pid %s)", vm.spec.name, vm.pid)
