@@ -158,12 +158,6 @@ def test_second_migrate_of_a_waiting_vm_points_to_finalize(server: ServerHarness
     assert f"vmshift migration finalize {mid}" in hint, hint
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="heartbeat._snapshot passes only queued/running migrations to reconcile, so the target's "
-    "receiving QEMU of a needs_finalize migration is reported as a critical vm.orphan_qemu that says to "
-    "stop it, although it may hold the only complete copy of the VM",
-)
 def test_the_copies_of_a_waiting_migration_are_no_reconcile_finding(
     server: ServerHarness, pair: Pair
 ) -> None:
