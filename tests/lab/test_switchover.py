@@ -244,6 +244,12 @@ def test_confirm_path_cut_after_completed_needs_finalize(
             with agent(lab, host) as c:
                 listed = {v["name"]: v for v in c.get("/vms").json()}
                 assert listed[VM]["qemu_status"] in ("postmigrate", "paused"), listed[VM]
+        with agent(lab, dst) as c:  # the target holds the whole VM: it refuses to discard it
+            refused = c.delete(f"/migrations/{mid}")
+            assert refused.status_code == 409 and refused.json()["error"]["code"] == "stream_completed"
+        refused_resume = vmshift(lab, "vm", "resume", VM, check=False)
+        said = " ".join((refused_resume.stdout + refused_resume.stderr).split())  # rich wraps lines
+        assert refused_resume.returncode != 0 and "could run it twice" in said, said
         done = vmshift_json(lab, "migration", "finalize", str(mid), timeout=180)
         assert done["status"] == "completed", done
     finally:
