@@ -92,8 +92,9 @@ def start_migration(lab: Lab, src: int, dst: int, mid: int, settings: dict[str, 
         assert r.status_code == 200, r.text
         uri = str(r.json()["uri"])
         assert uri.startswith(f"tcp:{lab.rec.layout.host_mig_address(dst)}:")
-        names = [v["name"] for v in a.get("/vms").json()]
-        assert vm not in names, "an incoming VM is not a VM of the host yet"
+        listed = {v["name"]: v for v in a.get("/vms").json()}
+        # the receiving QEMU is reported, marked with its migration: not a normal VM of the host yet
+        assert listed[vm]["incoming_migration"] == mid, listed.get(vm)
     body = {"migration_id": mid, "vm": vm, "uri": uri, "settings": settings or {},
             "target_agent": {"address": lab.addr(dst), "token": lab.agent_token}}
     with lab.agent(src) as a:

@@ -23,7 +23,7 @@ import psutil
 
 from vmshift.agent.config import AgentConfig
 from vmshift.agent.taps import create_tap, delete_tap
-from vmshift.agent.vmfiles import INCOMING_FILE, VmFiles
+from vmshift.agent.vmfiles import VmFiles
 from vmshift.errors import ConflictError, NotFoundError, QemuError
 from vmshift.model.enums import MIGRATION_RUN_STATES, Accelerator, PowerAction, PowerState, QemuRunState
 from vmshift.model.vm import VmRuntime, VmSpec
@@ -38,7 +38,6 @@ QEMU_LOG = "qemu.log"
 START_TIMEOUT_S = 15.0
 QUIT_TIMEOUT_S = 5.0
 POWER_BUTTON_REPEAT_S = 5.0
-UNREADABLE_INCOMING_ID = 0  # an incoming mark whose id cannot be read (server ids start at 1)
 
 _NO_RESUME_BECAUSE: dict[str, str] = {  # why each of MIGRATION_RUN_STATES forbids a plain resume
     QemuRunState.INMIGRATE: "waits for or loads an incoming live migration",
@@ -189,7 +188,7 @@ class Supervisor:
     async def _view(self, vm: VmProcess) -> VmRuntime:
         rt = VmRuntime(name=vm.spec.name, uuid=vm.spec.uuid, power_state=PowerState.POWERED_OFF,
                        died=vm.died, exit_reason=vm.exit_reason,
-                       incoming_migration=self._incoming_migration(vm.spec.name))
+                       incoming_migration=self.files.incoming_migration(vm.spec.name))
         if vm.pid is None:
             return rt
         rt.pid, rt.died, rt.exit_reason = vm.pid, False, None
@@ -216,16 +215,6 @@ class Supervisor:
             with contextlib.suppress(NotFoundError):
                 out.append(await self.runtime(name))
         return out
-
-    def _incoming_migration(self, name: str) -> int | None:
-        """The migration id of the VM's incoming mark (``VmFiles.mark_incoming``), None if unmarked."""
-        mark = self.files.run_dir(name) / INCOMING_FILE
-        try:
-            return int(json.loads(mark.read_text())["migration_id"])
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError):  # being written, or damaged: still incoming
-            return UNREADABLE_INCOMING_ID
 
     def guest_ram_resident_bytes(self, name: str) -> int | None:
         """How much of the guest's RAM QEMU holds in memory, i.e. what the guest ever touched: the
@@ -337,7 +326,7 @@ class Supervisor:
         """A plain resume must never run a QEMU that belongs to a live migration: the guest could
         then run on two hosts (QMP cont in ``inmigrate`` even makes QEMU run once the stream loaded)."""
         name = vm.spec.name
-        incoming = self._incoming_migration(name)
+        incoming = self.files.incoming_migration(name)
         if incoming is not None:
             raise ConflictError(
                 f"VM {name!r} here is the receiving copy of live migration {incoming}, so it cannot be "

@@ -23,6 +23,7 @@ from vmshift.qemu.cmdline import KernelBoot, VmPaths
 SPEC_FILE = "vm.json"
 HOME_FILE = "home.json"  # in the run dir: {"datastore": NAME}
 INCOMING_FILE = "incoming.json"  # in the run dir while the VM is the target of a live migration
+UNREADABLE_INCOMING_ID = 0  # an incoming mark whose id cannot be read (server ids start at 1)
 MAX_SOCKET_PATH = 107
 
 
@@ -62,6 +63,16 @@ class VmFiles:
 
     def is_incoming(self, name: str) -> bool:
         return (self.run_dir(name) / INCOMING_FILE).is_file()
+
+    def incoming_migration(self, name: str) -> int | None:
+        """The migration id of the VM's incoming mark, None if unmarked."""
+        mark = self.run_dir(name) / INCOMING_FILE
+        try:
+            return int(json.loads(mark.read_text())["migration_id"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):  # being written, or damaged: still incoming
+            return UNREADABLE_INCOMING_ID
 
     def unregister(self, name: str) -> None:
         """Forget the VM on this host (run dir and registration) but keep its folder and disks."""
