@@ -332,11 +332,8 @@ class MigrationOrchestrator:
                     if proof:
                         progress.status, progress.phase = MigrationStatus.COMPLETED, MigrationPhase.COMPLETED
                         return progress
-                ctx.progress(
-                    f"{phase_label(progress)} (source agent not answering for {silent_s:.0f} s: "
-                    f"{e.message.rstrip('.')})",
-                    percent_of(progress),
-                )
+                ctx.progress(f"{phase_label(progress)} (source agent silent for {silent_s:.0f} s)",
+                             percent_of(progress))
 
     async def _target_runs_vm(self, dst_addr: str, mid: int) -> bool:
         """The target's own proof that it runs the VM of migration ``mid`` (False when unsure)."""

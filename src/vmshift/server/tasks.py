@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from vmshift.errors import ConflictError, NotFoundError, VmshiftError
 from vmshift.model.api import EventKind, TaskKind
 from vmshift.model.enums import EventSeverity, TaskState
-from vmshift.server.db.schema import TaskRow, utcnow
+from vmshift.server.db.schema import TASK_PHASE_CHARS, TaskRow, utcnow
 from vmshift.server.events import record_event
 
 log = logging.getLogger("vmshift.server.tasks")
@@ -44,7 +44,7 @@ class TaskContext:
         with self.sessions.begin() as s:
             row = s.get(TaskRow, self.task_id)
             if row is not None:
-                row.phase, row.percent = phase, max(0, min(100, percent))
+                row.phase, row.percent = phase[:TASK_PHASE_CHARS], max(0, min(100, percent))
 
 
 TaskBody = Callable[[TaskContext], Awaitable[dict[str, Any] | None]]

@@ -25,6 +25,8 @@ from sqlalchemy.types import TypeDecorator
 from vmshift.model.enums import ConnectionState, EventSeverity, PowerState, TaskState
 from vmshift.model.migration import MigrationPhase, MigrationStatus
 
+TASK_PHASE_CHARS = 128  # a task's phase label; longer labels are cut (PostgreSQL refuses them)
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -181,7 +183,7 @@ class TaskRow(Base):
     kind: Mapped[str] = mapped_column(String(64))
     target: Mapped[str] = mapped_column(String(128))
     state: Mapped[TaskState] = mapped_column(_enum(TaskState))
-    phase: Mapped[str] = mapped_column(String(128), default="")
+    phase: Mapped[str] = mapped_column(String(TASK_PHASE_CHARS), default="")
     percent: Mapped[int] = mapped_column(Integer, default=0)
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
