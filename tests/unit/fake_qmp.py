@@ -350,6 +350,8 @@ def vm_spec(name: str = "web1") -> VmSpec:
 
 # ----- the target agent ---------------------------------------------------------------------------
 ActivateMode = Literal["ok", "unreachable", "incoming_failed"]
+#: as the real target (agent/migration_target.py): the stream completed, or post-copy began
+HANDED_OVER = (Q.COMPLETED, Q.POSTCOPY_ACTIVE)
 
 
 def _error(status: int, code: str, message: str) -> httpx.Response:
@@ -378,6 +380,8 @@ class FakeTarget:
         source = self.source.status
         if source is Q.COMPLETED:
             return Q.COMPLETED
+        if source.postcopy:  # the source handed the VM over; the rest follows on demand
+            return Q.POSTCOPY_ACTIVE
         if source in (Q.FAILED, Q.CANCELLED):
             return Q.FAILED
         return Q.SETUP if source is Q.NONE else Q.ACTIVE
@@ -385,7 +389,7 @@ class FakeTarget:
     def run_state(self) -> RunState:
         if self.activated:
             return RunState.RUNNING
-        return RunState.PAUSED if self.stream() is Q.COMPLETED else RunState.INMIGRATE
+        return RunState.PAUSED if self.stream() in HANDED_OVER else RunState.INMIGRATE
 
     def calls(self, what: str) -> int:
         return self.requests.count(what)
@@ -412,7 +416,7 @@ class FakeTarget:
         if what == self.path("POST", "/activate"):
             return self._activate(request)
         if what == self.path("DELETE"):
-            if self.activated or self.stream() is Q.COMPLETED:
+            if self.activated or self.stream() in HANDED_OVER:
                 return _error(409, "stream_completed",
                               f"The receiving QEMU of VM {self.vm!r} holds the whole VM.")
             self.rolled_back = True
@@ -423,7 +427,7 @@ class FakeTarget:
         self.source_at_activate.append(self.source.status)
         if self.activate_mode == "unreachable":
             raise httpx.ConnectError("[Errno 113] No route to host", request=request)
-        if self.activate_mode == "incoming_failed" or self.rolled_back or self.stream() is not Q.COMPLETED:
+        if self.activate_mode == "incoming_failed" or self.rolled_back or self.stream() not in HANDED_OVER:
             self.rolled_back = True
             return _error(409, "incoming_failed", f"VM {self.vm!r} never ran on the target host: QEMU "
                           "could not load its state; the target removed its receiving QEMU.")

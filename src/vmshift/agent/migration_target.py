@@ -34,6 +34,9 @@ from vmshift.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
 ACTIVATE_TIMEOUT_S = 30.0
+#: Incoming stream statuses in which the source has handed the VM over: the whole stream loaded,
+#: or post-copy began (the source stopped for good; the rest of the memory follows on demand).
+HANDED_OVER = frozenset({QemuMigrationStatus.COMPLETED.value, QemuMigrationStatus.POSTCOPY_ACTIVE.value})
 ANNOUNCE_INITIAL_MS = 1
 
 
@@ -150,7 +153,7 @@ class IncomingMigrations:
             if status.running:
                 break  # activated before (a repeated request)
             stream = QemuMigrationStatus.parse(str((await mq.query_migrate(qmp)).get("status", "none")))
-            if stream is QemuMigrationStatus.COMPLETED and status.state is RunState.PAUSED:
+            if stream.value in HANDED_OVER and status.state is RunState.PAUSED:
                 await qmp.cont()
                 self._mark_cont(rec, qmp)
                 break
@@ -183,8 +186,7 @@ class IncomingMigrations:
         if not self.supervisor.is_alive(rec.vm):
             return False
         qmp = self.supervisor.qmp_session(rec.vm)
-        loaded = any(e.data.get("status") == QemuMigrationStatus.COMPLETED.value
-                     for e in qmp.events_named("MIGRATION"))
+        loaded = any(e.data.get("status") in HANDED_OVER for e in qmp.events_named("MIGRATION"))
         if not loaded or qmp.events_named("RESUME"):
             return False
         try:
@@ -231,7 +233,7 @@ class IncomingMigrations:
                     raise StreamCompletedError(
                         f"VM {rec.vm!r} runs on this host (migration {migration_id}).",
                         hint="Migrate it back instead of rolling back.")
-                if stream == QemuMigrationStatus.COMPLETED.value:
+                if stream in HANDED_OVER:
                     raise StreamCompletedError(
                         f"The receiving QEMU of VM {rec.vm!r} holds the whole VM (its stream completed), "
                         "so it is not discarded.",

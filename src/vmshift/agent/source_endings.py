@@ -22,7 +22,6 @@ from vmshift.migration.phases import check_transition
 from vmshift.migration.policy import ConvergencePolicy, PolicySettings
 from vmshift.migration.samples import MigrationSample, QemuMigrationStatus, summarize
 from vmshift.model.api import ErrorInfo
-from vmshift.model.enums import QemuRunState as RunState
 from vmshift.model.migration import ActionKind, MigrationMetrics, MigrationPhase, MigrationStatus
 from vmshift.qemu import migration_qmp as mq
 from vmshift.qemu.qmp import QmpSession
@@ -42,6 +41,7 @@ class SourceEndings:
         assert rec.request is not None and rec.progress is not None
         self.o, self.rec, self.req, self.p = owner, rec, rec.request, rec.progress
         self.samples: list[MigrationSample] = []
+        self.postcopy_confirmed = False  # the target was told to run once post-copy began
         overrides: dict[str, Any] = {}
         if self.req.dirty_rate_bps:
             overrides["dirty_rate_hint_bps"] = self.req.dirty_rate_bps
@@ -186,8 +186,12 @@ class SourceEndings:
         """The source QEMU completed: tell the target to run, at once; then stop the source."""
         self._mark_source_timeline()
         self.set_phase(P.FINISH)
-        self.rec.timeline.confirm_sent = time.time()
-        activated, why = await self._activate_target()
+        activated: bool | None
+        if self.postcopy_confirmed:  # the target runs since post-copy began
+            activated, why = True, ""
+        else:
+            self.rec.timeline.confirm_sent = time.time()
+            activated, why = await self._activate_target()
         if activated is None:
             return  # the target proved it never ran: the source was resumed
         await self._final_sample()
@@ -212,17 +216,17 @@ class SourceEndings:
             if sample.status is Q.COMPLETED:
                 self.samples.append(sample)
 
-    async def _activate_target(self) -> tuple[bool | None, str]:
+    async def _activate_target(self, deadline_s: float | None = None) -> tuple[bool | None, str]:
         """True: the target runs the VM; False: it could not be reached or refused (why);
         None: it proved its copy never ran, and the source was resumed."""
-        deadline = time.monotonic() + self.o.activation_deadline_s
+        deadline = time.monotonic() + (self.o.activation_deadline_s if deadline_s is None else deadline_s)
         delay, why = 0.25, ""
         while True:
             try:
                 await self.target.migration_activate(self.rec.migration_id, timeout_s=40.0)
                 return True, ""
             except VmshiftError as exc:
-                if exc.code == IncomingFailedError.code:
+                if exc.code == IncomingFailedError.code and not self._postcopy_began():
                     await self._resume_source(exc.message, IncomingFailedError.code)
                     return None, exc.message
                 why = exc.message
@@ -261,7 +265,8 @@ class SourceEndings:
                                        f"whole VM ({exc.message})")
             return
         stream = Q.parse(state.stream or "none")
-        if state.qemu_alive and (stream is Q.COMPLETED or state.qemu_status == RunState.RUNNING.value):
+        # only a completed stream is the whole VM: a target in post-copy still needed the source
+        if state.qemu_alive and stream is Q.COMPLETED:
             log.warning("migration %d: source QEMU gone, the target holds the whole VM: activating it", mid)
             self.set_phase(P.FINISH)
             self.rec.timeline.confirm_sent = time.time()

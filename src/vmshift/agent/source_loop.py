@@ -96,6 +96,8 @@ class SourceLoop(SourceEndings):
             self._update(sample)
             if sample.status is Q.COMPLETED:
                 return
+            if sample.status.postcopy and not self.postcopy_confirmed:
+                await self._confirm_postcopy()
             if sample.status in (Q.FAILED, Q.CANCELLED):
                 if self.rec.cancel_requested:
                     raise Rollback("The migration was cancelled by the user.", "cancelled")
@@ -126,7 +128,20 @@ class SourceLoop(SourceEndings):
                 status = Q.parse(str(event.data.get("status", "")))
                 if status is Q.COMPLETED:
                     return  # QEMU's own word: confirm now, sample afterwards (one round trip less)
+                if status is Q.POSTCOPY_ACTIVE and not self.postcopy_confirmed:
+                    self.set_phase(P.POSTCOPY)
+                    await self._confirm_postcopy()
                 self._note_event(status)
+
+    async def _confirm_postcopy(self) -> None:
+        """QEMU handed the VM over (post-copy: the source stopped for good, pages follow on demand):
+        the target must run now, or nobody runs the guest while the rest of its memory moves."""
+        self.rec.timeline.confirm_sent = time.time()
+        activated, why = await self._activate_target(deadline_s=2.0)
+        self.postcopy_confirmed = bool(activated)
+        if not activated:  # retried on the next sample; the completion confirms again anyway
+            log.warning("migration %d: the target could not be run in post-copy yet: %s",
+                        self.rec.migration_id, why)
 
     def _note_event(self, status: QemuMigrationStatus) -> None:
         """QEMU announces the switchover by event while its monitor is busy sending the last pages

@@ -33,7 +33,8 @@ TRANSITIONS: dict[MigrationPhase, frozenset[MigrationPhase]] = {
     P.PREPARE: frozenset({P.PRECOPY, P.ROLLBACK, P.FAILED, P.CANCELLED}),
     # a switchover shorter than one sample goes from pre-copy straight to finish
     P.PRECOPY: frozenset({P.SWITCHOVER, P.POSTCOPY, P.FINISH, P.ROLLBACK, P.LOST}),
-    P.SWITCHOVER: frozenset({P.FINISH, P.ROLLBACK, P.LOST}),  # QEMU resumes the source if it fails
+    # QEMU resumes the source if it fails; post-copy begins with a switchover of the device state
+    P.SWITCHOVER: frozenset({P.FINISH, P.POSTCOPY, P.ROLLBACK, P.LOST}),
     P.POSTCOPY: frozenset({P.FINISH, P.FAILED, P.LOST}),
     # FINISH -> FAILED: the target proved it never ran, the source was resumed
     P.FINISH: frozenset({P.COMPLETED, P.FAILED, P.LOST}),
