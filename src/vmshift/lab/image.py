@@ -35,6 +35,7 @@ KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = Path("/bin/busybox")
 APT_LISTS = Path("/var/lib/apt/lists")
 GUEST_SOURCES = Path(__file__).with_name("guest")
+HTTP_PAGE = "index.html"  # in GUEST_SOURCES; the guest serves it as / on TCP 80
 # Dependencies first; button + evdev give acpid the power button's input events.
 MODULE_LOAD_ORDER = (
     "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
@@ -42,7 +43,7 @@ MODULE_LOAD_ORDER = (
 )  # fmt: skip
 BASE_CMDLINE = "console=ttyS0 quiet panic=-1 8250.nr_uarts=1 i8042.noaux cryptomgr.notests"
 FINGERPRINT_FILE = ".build-fingerprint"
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 
 Progress = Callable[[str], None]
 
@@ -50,12 +51,14 @@ Progress = Callable[[str], None]
 def kernel_args(
     ip: str | None = None,
     gateway: str | None = None,
-    memtest: tuple[int, int] | None = None,
+    memtest: tuple[int, int] | tuple[int, int, int] | None = None,
     disklog: bool = False,
+    httpd: bool = False,
 ) -> str:
     """The ``vmshift.*`` kernel arguments the guest's init understands (appended to the image cmdline).
 
-    ``ip`` is ``ADDR/PREFIX``; ``memtest`` is ``(size_mib, rate_mibps)`` with rate 0 = flat out.
+    ``ip`` is ``ADDR/PREFIX``; ``memtest`` is ``(size_mib, rate_mibps[, threads])`` with rate 0 = flat
+    out; ``httpd`` serves the static page on TCP 80.
     """
     args = []
     if ip:
@@ -63,9 +66,11 @@ def kernel_args(
     if gateway:
         args.append(f"vmshift.gw={gateway}")
     if memtest:
-        args.append(f"vmshift.memtest={memtest[0]},{memtest[1]}")
+        args.append("vmshift.memtest=" + ",".join(str(n) for n in memtest))
     if disklog:
         args.append("vmshift.disklog=1")
+    if httpd:
+        args.append("vmshift.httpd=1")
     return " ".join(args)
 
 
@@ -276,6 +281,8 @@ def _assemble_root(root: Path, kernel_root: Path, daemon: Path) -> None:
     for name, dest in (("init", "init"), ("udhcpc.script", "etc/udhcpc.script")):
         shutil.copyfile(GUEST_SOURCES / name, root / dest)
         (root / dest).chmod(0o755)
+    (root / "www").mkdir()
+    shutil.copyfile(GUEST_SOURCES / HTTP_PAGE, root / "www" / "index.html")  # served by vmshift.httpd=1
     modules = _find_modules(kernel_root)
     for ko in modules:
         shutil.copyfile(ko, root / "lib" / "modules" / ko.name)

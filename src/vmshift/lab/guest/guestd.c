@@ -1,6 +1,6 @@
 /* vmshift-guestd: entry point, argument parsing and the status service (TCP 7002).
  *
- * Usage: vmshift-guestd [--memtest SIZE_MIB,RATE_MIBPS] [--disklog DEVICE] [--disklog-rate N]
+ * Usage: vmshift-guestd [--memtest SIZE_MIB[,RATE_MIBPS[,THREADS]]] [--disklog DEVICE] [--disklog-rate N]
  *                       [--ready-file PATH]
  * The ready file is created once every port is bound and the disk log has been scanned.
  */
@@ -23,7 +23,7 @@ static struct echo_stats ec;
 static void usage_exit(const char *msg)
 {
     logmsg("%s", msg);
-    fprintf(stderr, "usage: vmshift-guestd [--memtest SIZE_MIB,RATE_MIBPS] [--disklog DEVICE]"
+    fprintf(stderr, "usage: vmshift-guestd [--memtest SIZE_MIB[,RATE_MIBPS[,THREADS]]] [--disklog DEVICE]"
                     " [--disklog-rate N] [--ready-file PATH]\n");
     exit(2);
 }
@@ -56,12 +56,12 @@ static int format_status(char *out, size_t n)
     return snprintf(
         out, n,
         "{\"uptime_s\":%.1f,"
-        "\"memtest\":{\"enabled\":%s,\"size_mib\":%u,\"rate_mibps\":%u,\"pages\":%llu,\"passes\":%llu,"
+        "\"memtest\":{\"enabled\":%s,\"size_mib\":%u,\"rate_mibps\":%u,\"threads\":%u,\"pages\":%llu,\"passes\":%llu,"
         "\"mismatches\":%llu,\"error\":%s},"
         "\"disklog\":{\"enabled\":%s,\"device\":%s,\"durable_seq\":%llu,\"first_seq\":%llu,"
         "\"records_verified_at_boot\":%llu,\"corrupt_at_boot\":%llu,\"errors\":%llu,\"error\":%s},"
         "\"echo\":{\"tcp_active\":%llu,\"tcp_total\":%llu,\"udp_packets\":%llu}}\n",
-        clock_s(CLOCK_BOOTTIME), mt.enabled ? "true" : "false", mt.size_mib, mt.rate_mibps,
+        clock_s(CLOCK_BOOTTIME), mt.enabled ? "true" : "false", mt.size_mib, mt.rate_mibps, mt.threads,
         (unsigned long long)atomic_load(&mt.pages), (unsigned long long)atomic_load(&mt.passes),
         (unsigned long long)atomic_load(&mt.mismatches), mt_err, dl.enabled ? "true" : "false",
         dl.enabled ? dev : "null", (unsigned long long)atomic_load(&dl.durable_seq),
@@ -78,8 +78,10 @@ static void parse_args(int argc, char **argv, const char **ready_file)
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--memtest") && v) {
-            if (sscanf(v, "%u,%u", &mt.size_mib, &mt.rate_mibps) < 1 || mt.size_mib == 0)
-                usage_exit("--memtest wants SIZE_MIB[,RATE_MIBPS] with SIZE_MIB > 0");
+            mt.threads = 1;
+            if (sscanf(v, "%u,%u,%u", &mt.size_mib, &mt.rate_mibps, &mt.threads) < 1 || mt.size_mib == 0 ||
+                mt.threads < 1 || mt.threads > MEMTEST_MAX_THREADS)
+                usage_exit("--memtest wants SIZE_MIB[,RATE_MIBPS[,THREADS]] with SIZE_MIB > 0, THREADS 1..64");
             mt.enabled = 1;
         } else if (!strcmp(a, "--disklog") && v) {
             snprintf(dl.device, sizeof dl.device, "%s", v);

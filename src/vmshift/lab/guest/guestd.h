@@ -14,13 +14,15 @@
 #define ECHO_TCP_PORT 7000
 #define ECHO_UDP_PORT 7001
 #define STATUS_TCP_PORT 7002
+#define MEMTEST_MAX_THREADS 64
 
 struct memtest_stats {
     int enabled;
     unsigned size_mib;
-    unsigned rate_mibps; /* 0 = as fast as the vCPU allows */
-    atomic_ullong pages;      /* pages verified and rewritten since start (monotonic) */
-    atomic_ullong passes;     /* completed sweeps over the whole buffer */
+    unsigned rate_mibps; /* 0 = as fast as the vCPU allows; split evenly between the threads */
+    unsigned threads;    /* each owns a contiguous slice of the buffer (1 = one sweep over all) */
+    atomic_ullong pages;      /* pages verified and rewritten since start, all threads (monotonic) */
+    atomic_ullong passes;     /* sweeps every thread has completed over its slice (min over threads) */
     atomic_ullong mismatches; /* pages whose content was not what was last written */
     char error[128];
 };
