@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 LAB ?= demo
 
-.PHONY: install system venv image demo demo-down test test-unit test-server test-lab lint clean
+.PHONY: install system venv image demo demo-down test test-unit test-server test-lab lint clean \
+	bench-system bench bench-quick soak
 
 install: system venv image
 
@@ -29,8 +30,9 @@ demo-down: venv
 	$(BIN)/vmshift lab down --name $(LAB)
 
 lint: venv
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench/suite
 	$(BIN)/mypy
+	$(BIN)/mypy --strict bench/suite
 
 test-unit: venv
 	$(BIN)/pytest -q tests/unit
@@ -44,6 +46,24 @@ test-lab: venv
 	$(BIN)/pytest -q tests/lab
 
 test: install lint test-unit test-server test-lab
+
+# Benchmarks and the soak (issue 7): never part of `make test`; docs/performance.md explains them.
+N ?= 200
+SEED ?=
+BENCH_OUT ?= bench/results
+
+bench-system:
+	./scripts/install-bench.sh
+
+bench: install bench-system
+	$(BIN)/python -m bench.suite.run --out $(BENCH_OUT)
+
+bench-quick: install bench-system
+	$(BIN)/python -m bench.suite.run --quick --out $(BENCH_OUT)/quick
+
+soak: install
+	$(BIN)/python bench/soak.py --count $(N) $(if $(SEED),--seed $(SEED)) \
+		--json $(BENCH_OUT)/soak-latest.json --markdown $(BENCH_OUT)/soak-latest.md
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
