@@ -12,6 +12,7 @@ from bench.suite.policies import (
     nova_downtime_steps,
     xbzrle_cache_bytes,
 )
+
 from vmshift.migration.samples import MigrationSample, QemuMigrationStatus
 
 A = QemuMigrationStatus.ACTIVE
