@@ -43,7 +43,7 @@ def test_traces_are_recorded_qemu_answers(name: str) -> None:
 
 
 def test_converging_trace_switches_over_with_the_initial_limit_only() -> None:
-    policy, actions, samples = replay("converging")
+    policy, actions, samples = replay("converging", initial_downtime_s=0.3)
     assert kinds(actions) == [ActionKind.SET_DOWNTIME_LIMIT]
     assert actions[0].value == pytest.approx(0.3)
     last_active = [s for s in samples if s.status is QemuMigrationStatus.ACTIVE][-1]
@@ -187,8 +187,14 @@ def test_settings_from_migration_record_and_validation() -> None:
 
 
 def test_initial_limit_is_clamped_to_the_budget() -> None:
-    _, actions, _ = replay("converging", max_downtime_s=0.1)
+    _, actions, _ = replay("converging", max_downtime_s=0.1, initial_downtime_s=0.3)
     assert actions[0].value == pytest.approx(0.1)
+
+
+def test_the_default_first_limit_is_far_below_the_budget() -> None:
+    _, actions, _ = replay("converging")
+    assert actions[0].value == pytest.approx(0.03)
+    assert "budget 500 ms" in actions[0].reason
 
 
 def test_configured_bandwidth_overrides_qemus_measurement() -> None:

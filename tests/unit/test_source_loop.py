@@ -212,7 +212,7 @@ async def test_converging_trace_completes_and_activates_the_target_once_after_qe
     assert rig.qmp.capabilities["events"] and rig.qmp.capabilities["auto-converge"]
     assert not rig.qmp.capabilities["postcopy-ram"]
     assert rig.qmp.sent("migrate")[0].args == {"uri": "tcp:10.0.1.2:49152"}
-    assert rig.qmp.parameters["downtime-limit"] == 300
+    assert rig.qmp.parameters["downtime-limit"] == 30
     assert rig.qmp.parameters["max-bandwidth"] == mq.UNLIMITED_BANDWIDTH
     # QEMU was asked once before `migrate` (no migration yet), then read every recorded sample once
     assert rig.qmp.reported == [Q.NONE, *(status_of(a) for a in rig.qmp.answers)]

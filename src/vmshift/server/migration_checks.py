@@ -18,6 +18,7 @@ from vmshift.client.agent import AgentPool
 from vmshift.errors import InvalidInputError, VmshiftError
 from vmshift.migration.checks import HostView, VmView, run_checks
 from vmshift.migration.estimator import estimate, zero_fraction_from_resident
+from vmshift.migration.policy import PolicySettings
 from vmshift.model.agent_migration import MeasureRequest, SinkRequest
 from vmshift.model.enums import ConnectionState
 from vmshift.model.migration import (
@@ -253,7 +254,9 @@ async def predict(
     memory = spec.memory_mib * 2**20
     downtime_s = settings.max_downtime_ms / 1000
     zeros = zero_fraction_from_resident(memory, rate.resident_bytes)
-    est = estimate(memory, rate.dirty_rate_bps, bandwidth_bps, downtime_s, zero_fraction=zeros)
+    initial_s = PolicySettings.from_migration(settings).initial_downtime_s
+    est = estimate(memory, rate.dirty_rate_bps, bandwidth_bps, downtime_s, zero_fraction=zeros,
+                   initial_limit_s=initial_s)
     return est.to_prediction(memory, rate.dirty_rate_bps, bandwidth_bps, downtime_s, zero_fraction=zeros)
 
 
