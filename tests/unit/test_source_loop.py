@@ -562,6 +562,35 @@ async def test_target_agent_down_during_precopy_rolls_back(make_rig: RigFactory)
     assert rig.target.calls(ACTIVATE) == 0 and rig.supervisor.stopped == []
 
 
+async def test_a_stream_that_completes_while_qemu_hangs_in_the_switchover_needs_finalize(
+        make_rig: RigFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Soak (issue 7): the migration link cut while QEMU is in ``device`` leaves QMP silent; the
+    loop rolls back, cannot read nor restore the source, and the link's return lets the stream
+    complete before the target is asked to discard its copy: the target refuses (it holds the whole
+    VM) and the VM waits paused on both hosts. That is ``needs_finalize``, never ``failed``."""
+    real = mq.query_migrate
+
+    async def quick(qmp: Any, timeout_s: float = 5.0) -> dict[str, Any]:
+        return await real(qmp, timeout_s=0.05)
+
+    monkeypatch.setattr(mq, "query_migrate", quick)
+    trace = insert_before_completed(_short_converging(), Q.DEVICE)
+    device = next(i for i, a in enumerate(trace) if status_of(a) is Q.DEVICE)
+    rig = make_rig(trace, hold_at=device)
+    await rig.start()
+    await asyncio.wait_for(rig.qmp.held.wait(), 5)
+    rig.qmp.gate("query-migrate")  # QEMU's main loop is stuck: nothing answers from now on
+    rig.qmp.gate("query-status")
+    rig.qmp.release(advance=True, emit=False)  # ... and the stream completes unseen
+
+    progress = await rig.settle()
+
+    assert progress.status is S.NEEDS_FINALIZE, progress.error
+    assert progress.error is not None and f"vmshift migration finalize {MID}" in (progress.error.hint or "")
+    assert rig.target.calls(ROLLBACK) == 1 and rig.target.calls(ACTIVATE) == 0
+    assert not rig.target.rolled_back and not rig.qmp.sent("cont") and rig.supervisor.stopped == []
+
+
 async def test_a_crashed_loop_rolls_back_instead_of_staying_running(
         make_rig: RigFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     async def broken(self: source_loop.SourceLoop, action: Any) -> None:

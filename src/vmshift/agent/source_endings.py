@@ -155,6 +155,7 @@ class SourceEndings:
             return
         self.set_phase(P.ROLLBACK)
         self.save()
+        source_unknown = False  # True: the source QEMU could not be read nor restored
         if not self.source_alive():
             if self.rec.migrate_sent:
                 await self._decide_from_target(f"{reason} The source QEMU is gone as well")
@@ -171,9 +172,16 @@ class SourceEndings:
                     await qmp.cont()  # QEMU paused the source for the switchover; the stream did not complete
             except VmshiftError as exc:
                 reason = f"{reason} Restoring the source failed too: {exc.message}"
+                source_unknown = True
         try:
             await self.target.migration_rollback(self.rec.migration_id, timeout_s=10.0)
         except VmshiftError as exc:
+            if exc.code == StreamCompletedError.code and source_unknown:
+                # QEMU did not answer (e.g. stuck in the switchover on a cut link) and its stream
+                # completed meanwhile: the whole VM waits, never run, on the target, and the source
+                # is paused. Only the target's proof may decide: never report this as "failed".
+                await self._needs_finalize(f"{reason} Meanwhile the target received the whole VM")
+                return
             if exc.code == StreamCompletedError.code:
                 reason = f"{reason} The target kept its complete, never-run copy: {exc.message}"
             else:
