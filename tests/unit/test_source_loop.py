@@ -591,6 +591,45 @@ async def test_a_stream_that_completes_while_qemu_hangs_in_the_switchover_needs_
     assert not rig.target.rolled_back and not rig.qmp.sent("cont") and rig.supervisor.stopped == []
 
 
+async def test_a_source_silent_in_the_rollback_runs_again_once_its_target_is_discarded(
+        make_rig: RigFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Soak (issue 7): QMP silent in ``device`` (cut link); the target had not loaded the whole
+    stream and discarded its copy, yet the source QEMU then reported ``completed`` (its last bytes
+    were in its socket) and sat in ``postmigrate``: the only copy of the VM, paused, with the
+    migration reported failed. The loop waits for QEMU to answer again and runs the VM."""
+    real = mq.query_migrate
+
+    async def quick(qmp: Any, timeout_s: float = 5.0) -> dict[str, Any]:
+        return await real(qmp, timeout_s=0.05)
+
+    monkeypatch.setattr(mq, "query_migrate", quick)
+    trace = insert_before_completed(_short_converging(), Q.DEVICE)
+    device = next(i for i, a in enumerate(trace) if status_of(a) is Q.DEVICE)
+    rig = make_rig(trace, hold_at=device)
+    monkeypatch.setattr(rig.target, "stream", lambda: Q.ACTIVE)  # the target never read the end
+    await rig.start()
+    await asyncio.wait_for(rig.qmp.held.wait(), 5)
+    rig.qmp.gate("query-migrate")
+    rig.qmp.gate("query-status")
+    rig.qmp.release(advance=True, emit=False)  # QEMU completed, unseen
+
+    async def link_back() -> None:
+        while not rig.target.rolled_back:
+            await asyncio.sleep(0.005)
+        rig.qmp.open_gate("query-migrate")
+        rig.qmp.open_gate("query-status")
+
+    back = asyncio.create_task(link_back())
+    progress = await rig.settle()
+    await back
+
+    assert progress.status is S.FAILED, progress.error
+    assert progress.error is not None and "the VM runs on the source" in progress.error.message
+    (cont,) = rig.qmp.sent("cont")
+    assert cont.status is Q.COMPLETED and rig.qmp.run_state is RunState.RUNNING
+    assert rig.target.calls(ACTIVATE) == 0 and rig.supervisor.stopped == []
+
+
 async def test_a_crashed_loop_rolls_back_instead_of_staying_running(
         make_rig: RigFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     async def broken(self: source_loop.SourceLoop, action: Any) -> None:

@@ -59,7 +59,8 @@ class OutgoingMigrations:
     def __init__(self, supervisor: Supervisor, store: MigrationStore, *, sample_interval_s: float = 0.25,
                  stall_timeout_s: float = 10.0, target_check_interval_s: float = 2.0,
                  target_down_after_s: float = 6.0, activation_deadline_s: float = 20.0,
-                 settle_s: float = 0.2, target_transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 settle_s: float = 0.2, restore_deadline_s: float = 60.0,
+                 target_transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.supervisor = supervisor
         self.store = store
         self.sample_interval_s = sample_interval_s
@@ -68,6 +69,7 @@ class OutgoingMigrations:
         self.target_down_after_s = target_down_after_s
         self.activation_deadline_s = activation_deadline_s
         self.settle_s = settle_s
+        self.restore_deadline_s = restore_deadline_s  # a silent source QEMU, once its target is gone
         self.target_transport = target_transport  # None: real HTTP (tests pass a mock target agent)
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._records: dict[int, StoredMigration] = {}

@@ -173,8 +173,10 @@ class SourceEndings:
             except VmshiftError as exc:
                 reason = f"{reason} Restoring the source failed too: {exc.message}"
                 source_unknown = True
+        target_discarded = False
         try:
             await self.target.migration_rollback(self.rec.migration_id, timeout_s=10.0)
+            target_discarded = True
         except VmshiftError as exc:
             if exc.code == StreamCompletedError.code and source_unknown:
                 # QEMU did not answer (e.g. stuck in the switchover on a cut link) and its stream
@@ -186,9 +188,31 @@ class SourceEndings:
                 reason = f"{reason} The target kept its complete, never-run copy: {exc.message}"
             else:
                 log.warning("migration %d: target rollback failed: %s", self.rec.migration_id, exc)
+        if source_unknown and target_discarded:
+            reason = await self._restore_source_late(reason)
         cancelled = self.rec.cancel_requested
         await self._finish(MigrationStatus.CANCELLED if cancelled else MigrationStatus.FAILED,
                            P.CANCELLED if cancelled else P.FAILED, reason, "cancelled" if cancelled else code)
+
+    async def _restore_source_late(self, reason: str) -> str:
+        """The source QEMU did not answer in the rollback (stuck writing to a cut link) and the
+        target has discarded its copy since: this copy is the only one, whatever QEMU's stream ends
+        in (QEMU reports ``completed`` once its last bytes are in its socket, which the discarded
+        target may never have read). Wait for QEMU to answer again and run the VM."""
+        deadline = time.monotonic() + self.o.restore_deadline_s
+        while self.source_alive():
+            try:
+                await self._final_status()
+                qmp = self.qmp()
+                if not (await qmp.query_status()).running:
+                    await qmp.cont()
+                return f"{reason} The source QEMU answered again after the target's copy was discarded: " \
+                       "the VM runs on the source."
+            except VmshiftError as exc:
+                if time.monotonic() > deadline:
+                    return f"{reason} The source QEMU still does not answer ({exc.message})."
+                await asyncio.sleep(0.5)
+        return f"{reason} The source QEMU exited."
 
     async def _complete(self) -> None:
         """The source QEMU completed: tell the target to run, at once; then stop the source."""
