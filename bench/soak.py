@@ -63,7 +63,7 @@ from soak_checks import (
     wait_end,
     wait_task,
 )
-from soak_faults import FAULTS, PHASES, Injection, Injector, Lab, other, restore_components, retry
+from soak_faults import FAULTS, PHASES, DualWatch, Injection, Injector, Lab, other, restore_components, retry
 
 from vmshift.client import VmshiftClient
 from vmshift.errors import VmshiftError
@@ -135,12 +135,13 @@ def dirty_mbit(g: Guest) -> float:
     return float(rate) * 8 * 1.048576
 
 
-def plan(rng: random.Random, alive: list[str]) -> tuple[str, str, str | None, str | None]:
+def plan(rng: random.Random, alive: list[str], faults: tuple[str, ...] = FAULTS,
+         phases: tuple[str, ...] = PHASES) -> tuple[str, str, str | None, str | None]:
     vm = rng.choice(alive)
-    fault = rng.choice(FAULTS)
-    phase = None if fault == "none" else rng.choice(PHASES)
+    fault = rng.choice(faults)
+    phase = None if fault == "none" else rng.choice(phases)
     g = next(g for g in GUESTS if g.name == vm)
-    if phase in ("precopy", "switchover"):
+    if phase in ("precopy", "switchover", "confirm"):
         # pre-copy lasts seconds, yet converges without the policy's help (a frozen source agent
         # applies none): the link carries 2.5-5x what the guest dirties
         mbit = max(60.0, dirty_mbit(g) * rng.uniform(2.5, 5.0))
@@ -156,9 +157,10 @@ def set_links(lab: Lab, rate: str | None) -> None:
         topology.set_migration_link_rate(lay, k, rate)
 
 
-def one(lab: Lab, rng: random.Random, i: int, alive: list[str], uuids: dict[str, str], seed: int) -> Run:
+def one(lab: Lab, rng: random.Random, i: int, alive: list[str], uuids: dict[str, str], seed: int,
+        faults: tuple[str, ...] = FAULTS, phases: tuple[str, ...] = PHASES) -> Run:
     t0 = time.monotonic()
-    vm, fault, phase, link = plan(rng, alive)
+    vm, fault, phase, link = plan(rng, alive, faults, phases)
     info = retry("vm", lambda: lab.api.get_vm(vm))
     src = str(info["host"])
     run = Run(i, vm, src, other(src), fault, phase, link)
@@ -174,8 +176,17 @@ def one(lab: Lab, rng: random.Random, i: int, alive: list[str], uuids: dict[str,
         started = retry("migrate", lambda: lab.api.migrate_vm(vm, run.target))
         run.migration_id = mid = int(started["migration_id"])
         injector = Injector(lab, rng, mid, int(started["id"]), uuids[vm], src, run.target)
-        inj = injector.inject(fault, phase)
-        m = wait_end(lab, mid, END_TIMEOUT_S)
+        watch = DualWatch(lab, uuids[vm])
+        watch.start()
+        try:
+            inj = injector.inject(fault, phase)
+            m = wait_end(lab, mid, END_TIMEOUT_S)
+        finally:
+            both = watch.stop()
+        if both:
+            run.duplicated_vm = 1
+            violations.append(Violation("ran_twice", "both agents reported the VM running at once",
+                                        {"seen": both}))
         set_links(lab, None)
         if m is None:
             m = retry("migration", lambda: lab.api.get_migration(mid))
@@ -185,14 +196,12 @@ def one(lab: Lab, rng: random.Random, i: int, alive: list[str], uuids: dict[str,
         run.status = str(m["status"])
         run.error = m.get("error")
         rec = Recovery()
-        m = recover(lab, vm, m, rec, violations)
-        run.outcome = str(m["status"])
         killed_qemu = inj.injected and fault in ("kill_source_qemu", "kill_target_qemu")
+        m = recover(lab, vm, uuids[vm], m, rec, violations, killed_qemu)
+        run.outcome = str(m["status"])
         if rec.rebooted and not (killed_qemu or run.status == "lost"):
             violations.append(Violation("vm_stopped", f"{vm} was off after a {fault} fault and had to be "
                                         "started again", {"migration": m}))
-        if rec.rebooted and run.status != "lost" and fault == "kill_source_qemu":
-            rec.actions.append("(the source QEMU was killed outside the migration's reach)")
         run.recovery = rec.actions
         task = wait_task(lab, int(started["id"]), timeout=30)
         if task["state"] in ("running", "queued", "timeout"):
@@ -200,7 +209,8 @@ def one(lab: Lab, rng: random.Random, i: int, alive: list[str], uuids: dict[str,
                                         "migration ended", {"task": task}))
         p = settle(lab, vm, uuids[vm])
         run.host_after = p.host
-        run.lost_vm, run.duplicated_vm = judge_placement(p, violations)
+        run.lost_vm, dup = judge_placement(p, violations)
+        run.duplicated_vm = max(run.duplicated_vm, dup)
         if p.ok:
             verdict = judge_guest(lab, vm, before, rec.rebooted, violations)
             run.mismatches, run.lost_writes = verdict.mismatches, verdict.lost_writes
@@ -247,7 +257,7 @@ def ensure_running(lab: Lab, vm: str) -> bool:
 
 
 def summarize(runs: list[Run], seed: int, count: int, duration: float, lab_name: str, interrupted: bool,
-              setup_error: str | None) -> Json:
+              setup_error: str | None, selection: str = "") -> Json:
     t = Totals()
     by_fault: Json = {}
     for f in FAULTS:
@@ -274,7 +284,7 @@ def summarize(runs: list[Run], seed: int, count: int, duration: float, lab_name:
         b["violations"] += len(r.violations)
     return {
         "migrations": len(runs), "requested": count, "seed": seed, "lab": lab_name,
-        "command": f".venv/bin/python bench/soak.py --count {count} --seed {seed}",
+        "command": f".venv/bin/python bench/soak.py --count {count} --seed {seed}{selection}",
         "started_at": None, "code": code_version(), "interrupted": interrupted, "setup_error": setup_error,
         "guests": [asdict(g) for g in GUESTS],
         "lost_vms": t.lost_vms, "duplicated_vms": t.duplicated_vms,
@@ -378,7 +388,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "soak-latest.json")
     ap.add_argument("--markdown", type=Path, default=None)
     ap.add_argument("--name", default=f"soak{os.getpid()}", help="lab name")
+    ap.add_argument("--faults", default=",".join(FAULTS),
+                    help="comma-separated subset of: " + ", ".join(FAULTS))
+    ap.add_argument("--phases", default=",".join(PHASES),
+                    help="comma-separated subset of: " + ", ".join(PHASES))
     args = ap.parse_args(argv)
+    faults, phases = tuple(args.faults.split(",")), tuple(args.phases.split(","))
+    if not set(faults) <= set(FAULTS) or not set(phases) <= set(PHASES):
+        ap.error(f"--faults must be among {FAULTS}, --phases among {PHASES}")
+    selection = (f" --faults {args.faults}" if faults != FAULTS else "") + \
+        (f" --phases {args.phases}" if phases != PHASES else "")
     if os.geteuid() != 0:
         print("The soak builds network namespaces: run it as root.", file=sys.stderr)
         return 2
@@ -405,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not alive:
                     setup_error = "every guest is gone"
                     break
-                r = one(lab, rng, i, alive, uuids, seed)
+                r = one(lab, rng, i, alive, uuids, seed, faults, phases)
                 runs.append(r)
                 tot.lost_vms += r.lost_vm
                 tot.duplicated_vms += r.duplicated_vm
@@ -426,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"{r.vm} leaves the soak: it cannot be brought back")
                     alive.remove(r.vm)
                 if i % 10 == 0:
-                    s = summarize(runs, seed, args.count, time.monotonic() - t_start, args.name, False, None)
+                    s = summarize(runs, seed, args.count, time.monotonic() - t_start, args.name, False, None,
+                                  selection)
                     s["started_at"] = started_at
                     write(s, args.json, args.markdown)
         except KeyboardInterrupt:
@@ -444,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 signal.signal(signal.SIGINT, previous)
     summary = summarize(runs, seed, args.count, time.monotonic() - t_start, args.name, interrupted,
-                        setup_error)
+                        setup_error, selection)
     summary["started_at"] = started_at
     write(summary, args.json, args.markdown)
     say(f"seed {seed}: {summary['migrations']} migrations, lost {summary['lost_vms']}, duplicated "

@@ -84,7 +84,8 @@ class Recovery:
     rebooted: bool = False  # the VM was started again from its disks
 
 
-def recover(lab: Lab, vm: str, m: Json, rec: Recovery, violations: list[Violation]) -> Json:
+def recover(lab: Lab, vm: str, uuid: str, m: Json, rec: Recovery, violations: list[Violation],
+            killed_qemu: bool) -> Json:
     """What the status tells the operator to do; returns the migration record afterwards."""
     status = m["status"]
     if status == "needs_finalize":
@@ -106,6 +107,16 @@ def recover(lab: Lab, vm: str, m: Json, rec: Recovery, violations: list[Violatio
         task = retry("resume", lambda: lab.api.resume_vm(vm))
         done = wait_task(lab, int(task["id"]))
         rec.actions.append(f"vm resume {vm}: {done['state']}")
+    if killed_qemu and power == "poweredOn" and not lab.qemus(uuid):
+        # the fault killed the only QEMU outside the migration's reach: the VM crashed, and the
+        # inventory must say so within a few heartbeats
+        got = wait_until(lambda: i if (i := lab.api.get_vm(vm)).get("power_state") != "poweredOn" else None,
+                         timeout=15, interval=0.5)
+        if got is None:
+            violations.append(Violation("inventory_wrong", f"{vm} has no QEMU anywhere but the inventory "
+                                        "still says poweredOn after 15 s", {"vm": info}))
+        power = "poweredOff"
+        rec.actions.append("VM crashed (its QEMU was killed)")
     if power in ("poweredOff", "missing") or status == "lost":
         # the operator starts it again from its disks (vmshift vm power start)
         try:

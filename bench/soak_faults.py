@@ -32,7 +32,10 @@ FAULTS = (
     "none", "kill_target_qemu", "kill_source_qemu", "cut_link", "kill_source_agent", "kill_target_agent",
     "restart_source_agent", "restart_target_agent", "restart_server", "cancel",
 )
-PHASES = ("setup", "precopy", "switchover")
+# switchover: injected the moment the source agent reports QEMU's stop-and-copy (pre-switchover,
+# device) or the completion it follows; confirm: the source agent frozen until the target holds the
+# whole stream (between "last byte sent" and "target told to run").
+PHASES = ("setup", "precopy", "switchover", "confirm")
 ENDED = ("completed", "failed", "cancelled", "lost", "needs_finalize")
 
 
@@ -142,6 +145,7 @@ class Injector:
         self.lab, self.rng, self.mid, self.task_id, self.uuid = lab, rng, mid, task_id, uuid
         self.src, self.dst = src, dst
         self.frozen = False
+        self.live_phase: str | None = None
         self._threads: list[threading.Thread] = []
 
     # -------------------------------------------------------------- observing
@@ -162,7 +166,10 @@ class Injector:
     def classify(self, inj: Injection) -> None:
         """The phase the fault really hit, from what the records said at that moment."""
         if inj.target_stream == "completed" and self.frozen:
-            inj.phase_hit = "switchover"  # the stream is whole on the target, the confirm not sent
+            inj.phase_hit = "confirm"  # the stream is whole on the target, the confirm not sent
+            return
+        if self.live_phase:
+            inj.phase_hit = self.live_phase  # what the source agent said right before the fault
             return
         phase = inj.agent_phase or (inj.server_phase or "").partition("/")[2]
         status = (inj.server_phase or "").partition("/")[0]
@@ -196,6 +203,23 @@ class Injector:
         if phase == "precopy":
             time.sleep(self.rng.uniform(0.0, 0.6))
             return None
+        if phase == "switchover":
+            with self.lab.agent(self.src, timeout=2.0) as c:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    seen: Json = {}
+                    try:
+                        r = c.get(f"/migrations/{self.mid}")
+                        seen = r.json() if r.status_code == 200 else {}
+                    except (httpx.HTTPError, ValueError):
+                        seen = {}
+                    if seen.get("phase") in ("switchover", "finish", "completed"):
+                        self.live_phase = str(seen["phase"])
+                        return None
+                    if seen.get("status") in ENDED:
+                        return f"migration ended ({seen.get('status')}) before the switchover was seen"
+                    time.sleep(0.003)
+            return "the switchover was not seen within 60 s"
         # switchover: freeze the source agent; QEMU finishes the stream on its own, the target
         # holds it paused; the fault then lands between "last byte sent" and "target told to run".
         processes.kill_agent(self.lab.name, self.src, signal.SIGSTOP)
@@ -239,10 +263,16 @@ class Injector:
                     self.snapshot(inj)
                     self.classify(inj)
                     return inj
-            self.snapshot(inj)
-            self.classify(inj)
-            getattr(self, f"_{fault}")(inj)
-            inj.injected = True
+            if self.live_phase:  # no time to lose: inject first, look afterwards
+                getattr(self, f"_{fault}")(inj)
+                inj.injected = True
+                self.snapshot(inj)
+                self.classify(inj)
+            else:
+                self.snapshot(inj)
+                self.classify(inj)
+                getattr(self, f"_{fault}")(inj)
+                inj.injected = True
         finally:
             self.thaw()
         self.undo(inj)
@@ -276,7 +306,11 @@ class Injector:
         processes.kill_agent(self.lab.name, host, signal.SIGKILL)
         if host == self.src:
             self.frozen = False  # a killed process needs no thaw
-        inj.delay_s = round(self.rng.uniform(0.2, 8.0), 2)
+        # mostly short outages; a target agent down at the switchover sometimes outlasts the
+        # source's 20 s of confirm retries (that ends in needs_finalize)
+        long = (host == self.dst and inj.intended_phase in ("switchover", "confirm")
+                and self.rng.random() < 0.5)
+        inj.delay_s = round(self.rng.uniform(22.0, 28.0) if long else self.rng.uniform(0.2, 5.0), 2)
         inj.detail = f"SIGKILL agent of {host}, restarted after {inj.delay_s} s"
 
     def _restart_agent(self, host: str, inj: Injection) -> None:
@@ -336,6 +370,35 @@ class Injector:
         if inj.fault in ("kill_source_agent", "kill_target_agent") and inj.injected:
             time.sleep(inj.delay_s or 0)
         restore_components(self.lab, inj.notes)
+
+
+class DualWatch(threading.Thread):
+    """Polls both agents' /vms during a migration: notes any moment both report the VM running."""
+
+    def __init__(self, lab: Lab, uuid: str) -> None:
+        super().__init__(daemon=True)
+        self.lab, self.uuid = lab, uuid
+        self.stop_event = threading.Event()
+        self.seen: list[Json] = []
+        self.samples = 0
+
+    def run(self) -> None:
+        hosts = [f"host-{k}" for k in self.lab.lay.host_numbers]
+        while not self.stop_event.wait(0.25):
+            states = {}
+            for h in hosts:
+                listed = self.lab.agent_get(h, "/vms", timeout=1.0)
+                vm = (next((v for v in listed if v.get("uuid") == self.uuid), None)
+                      if isinstance(listed, list) else None)
+                states[h] = (vm or {}).get("qemu_status")
+            self.samples += 1
+            if sum(1 for st in states.values() if st == "running") > 1 and len(self.seen) < 5:
+                self.seen.append({"at": time.time(), "states": states})
+
+    def stop(self) -> list[Json]:
+        self.stop_event.set()
+        self.join(timeout=5)
+        return self.seen
 
 
 def restore_components(lab: Lab, notes: list[str]) -> None:
