@@ -212,9 +212,11 @@ def one(lab: Lab, rng: random.Random, i: int, alive: list[str], uuids: dict[str,
         run.lost_vm, dup = judge_placement(p, violations)
         run.duplicated_vm = max(run.duplicated_vm, dup)
         if p.ok:
-            verdict = judge_guest(lab, vm, before, rec.rebooted, violations)
+            g = next(g for g in GUESTS if g.name == vm)
+            size, rate = g.kernel_args.split("vmshift.memtest=")[1].split()[0].split(",")
+            verdict = judge_guest(lab, vm, before, rec.rebooted, violations, float(size) / float(rate))
             run.mismatches, run.lost_writes = verdict.mismatches, verdict.lost_writes
-    except VmshiftError as e:
+    except Exception as e:  # the soak goes on; a step that broke is reported as such
         violations.append(Violation("soak_step_failed", f"{type(e).__name__}: {e}",
                                     {"traceback": traceback.format_exc()[-2000:]}))
     finally:
@@ -244,8 +246,12 @@ def ensure_running(lab: Lab, vm: str) -> bool:
     try:
         info = lab.api.get_vm(vm)
         if info.get("power_state") == "paused":
-            wait_task(lab, int(lab.api.resume_vm(vm, force=True)["id"]))
-        elif info.get("power_state") in ("poweredOff", "missing"):
+            try:
+                wait_task(lab, int(lab.api.resume_vm(vm, force=True)["id"]))
+            except VmshiftError as e:
+                say(f"{vm}: vm resume --force refused ({e}): power stop + start")
+                wait_task(lab, int(lab.api.power_vm(vm, PowerAction.STOP)["id"]))
+        if lab.api.get_vm(vm).get("power_state") in ("poweredOff", "missing"):
             wait_task(lab, int(lab.api.power_vm(vm, PowerAction.START)["id"]))
         return lab.api.get_vm(vm).get("power_state") == "poweredOn"
     except VmshiftError as e:

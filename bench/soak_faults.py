@@ -309,7 +309,7 @@ class Injector:
         # mostly short outages; a target agent down at the switchover sometimes outlasts the
         # source's 20 s of confirm retries (that ends in needs_finalize)
         long = (host == self.dst and inj.intended_phase in ("switchover", "confirm")
-                and self.rng.random() < 0.5)
+                and self.rng.random() < 0.4)
         inj.delay_s = round(self.rng.uniform(22.0, 28.0) if long else self.rng.uniform(0.2, 5.0), 2)
         inj.detail = f"SIGKILL agent of {host}, restarted after {inj.delay_s} s"
 
