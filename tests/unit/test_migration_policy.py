@@ -204,3 +204,40 @@ def test_configured_bandwidth_overrides_qemus_measurement() -> None:
     )
     assert policy.bandwidth_bps() == 340 * MIB
     assert actions[-1].value == pytest.approx(0.04)
+
+
+def _paced(t: float, rnd: int, dirty_mibps: float, throttle: int) -> MigrationSample:
+    return MigrationSample(
+        time_s=t,
+        status=QemuMigrationStatus.ACTIVE,
+        dirty_sync_count=rnd,
+        remaining_bytes=515 * MIB,
+        transferred_bytes=rnd * 515 * MIB,
+        dirty_pages_rate=int(dirty_mibps * MIB / 4096),
+        mbps=1009.0,
+        throttle_percent=throttle,
+    )
+
+
+@pytest.mark.parametrize(("under_throttle_mibps", "paced"), [(117.0, True), (40.0, False)])
+def test_a_throttle_that_does_not_slow_a_paced_writer_is_followed_by_a_much_larger_one(
+    under_throttle_mibps: float, paced: bool
+) -> None:
+    # A guest writing 117 MiB/s at a fixed pace over a 120 MiB/s link (the bench's dirty-100): a 49%
+    # throttle leaves it enough CPU to keep its pace; a CPU-bound guest slows down under it instead.
+    policy = ConvergencePolicy(PolicySettings(bandwidth_bps=120 * MIB))
+    for s in (
+        _paced(0.1, 1, 0, 0),
+        _paced(5.0, 2, 117, 0),
+        _paced(9.0, 3, 117, 49),
+        _paced(13.0, 4, under_throttle_mibps, 49),
+    ):
+        policy.decide(s)
+    throttles = [a for a in policy.actions if a.kind is ActionKind.SET_THROTTLE]
+    assert throttles[0].value == 49 and throttles[0].sample.round == 2
+    if paced:
+        assert len(throttles) == 2 and throttles[1].sample.round == 4
+        # share left 0.51 x (60 / 117)^2 = 0.134 -> 87%, not the proportional 74%
+        assert throttles[1].value == 87 and "did not slow the guest" in throttles[1].reason
+    else:
+        assert len(throttles) == 1, "the throttle worked: nothing more"

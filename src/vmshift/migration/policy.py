@@ -30,6 +30,9 @@ from vmshift.model.migration import ActionKind, MigrationAction, MigrationSettin
 
 GIB = 1 << 30
 MIB = 1 << 20
+#: a throttle "did not bite" when the measured dirty rate under it is still this share of the rate
+#: measured when it was set
+PACED_NO_EFFECT = 0.85
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +119,7 @@ class PolicyState:
     downtime_limit_s: float | None = None
     throttle_percent: int = 0
     throttle_round: int = 0  # round in which the throttle was last set
+    dirty_when_throttled: float = 0.0  # QEMU's measured dirty rate when the throttle was last set
     round: int = 0
     round_peaks: dict[int, int] = field(default_factory=dict)  # round -> data left at its start
     best_peak: int | None = None
@@ -246,14 +250,13 @@ class ConvergencePolicy:
 
         throttle = self._over_link(sample, bw)
         if throttle is not None and needed > cfg.max_downtime_s:
-            pct, dirty = throttle
+            pct, _, cause = throttle
             if pct >= st.throttle_percent + cfg.throttle_hysteresis:
                 out.append(
                     self._throttle(
                         pct,
                         sample,
-                        f"the guest dirties {_mib(dirty)}/s, the link drains "
-                        f"{_mib(bw)}/s ({dirty / bw:.2f}x) and {why}: throttle the vCPUs "
+                        f"{cause} and {why}: throttle the vCPUs "
                         f"to {pct}% at once so dirtying falls to about "
                         f"{cfg.throttle_target_ratio:.0%} of the link",
                     )
@@ -284,24 +287,45 @@ class ConvergencePolicy:
         steps = max(1, math.ceil(needed / cfg.downtime_step_s - 1e-9))
         return min(cfg.max_downtime_s, max(round(steps * cfg.downtime_step_s, 6), limit))
 
-    def _over_link(self, sample: MigrationSample, bw: float) -> tuple[int, float] | None:
-        """(throttle percent, guest dirty rate) when the guest dirties faster than the link drains.
+    def _over_link(self, sample: MigrationSample, bw: float) -> tuple[int, float, str] | None:
+        """(throttle percent, guest dirty rate, why) when the guest dirties faster than the link drains.
 
         QEMU's dirty-pages-rate counts distinct pages per round, so it saturates near the link
         rate when the guest is faster; ``dirty_rate_hint_bps`` (calc-dirty-rate before the start)
-        tells how far over it really is.
+        tells how far over it really is. A throttle is sized for a guest whose dirtying is bound by
+        its CPU; when one has been in force for a round and the measured rate did not fall, the
+        writer is paced by something else (a fixed-rate stream, a disk, the network) and only
+        starts slowing once its CPU share is below what it needs: the next step then cuts the
+        share left by the square of (target / measured) instead of in proportion.
         """
         st, cfg = self.state, self.settings
         if sample.round < st.throttle_round + 2:
             return None  # no full round measured under the last throttle yet
-        unthrottled = sample.dirty_rate_bps / max(0.01, 1 - sample.throttle_percent / 100)
+        measured = sample.dirty_rate_bps
+        unthrottled = measured / max(0.01, 1 - sample.throttle_percent / 100)
         dirty = max(unthrottled, cfg.dirty_rate_hint_bps or 0.0)
         if dirty <= 0 or dirty < cfg.over_link_ratio * bw:
             return None
+        target = cfg.throttle_target_ratio * bw
+        if (
+            st.throttle_percent
+            and sample.throttle_percent >= st.throttle_percent
+            and measured >= PACED_NO_EFFECT * st.dirty_when_throttled
+            and measured > target
+        ):
+            share = (1 - sample.throttle_percent / 100) * (target / measured) ** 2
+            pct = max(1, min(cfg.max_throttle_percent, math.ceil(100 * (1 - share) - 1e-9)))
+            why = (
+                f"the {sample.throttle_percent}% throttle did not slow the guest "
+                f"({_mib(st.dirty_when_throttled)}/s before, {_mib(measured)}/s under it): its dirtying "
+                f"is not bound by its CPU, so its CPU share is cut by (target / measured)²"
+            )
+            return pct, measured, why
         pct = throttle_for(
             dirty, bw, target_ratio=cfg.throttle_target_ratio, max_percent=cfg.max_throttle_percent
         )
-        return pct, dirty
+        why = f"the guest dirties {_mib(dirty)}/s, the link drains {_mib(bw)}/s ({dirty / bw:.2f}x)"
+        return pct, dirty, why
 
     def _escalate(self, sample: MigrationSample, bw: float, limit: float, why: str) -> list[Action]:
         """Stalled with more left than the VM's budget: step the limit, then post-copy or throttle."""
@@ -350,6 +374,7 @@ class ConvergencePolicy:
     def _throttle(self, percent: int, sample: MigrationSample, reason: str) -> Action:
         self.state.throttle_percent = percent
         self.state.throttle_round = sample.round
+        self.state.dirty_when_throttled = sample.dirty_rate_bps
         self.state.rounds_without_progress = 0
         return Action(ActionKind.SET_THROTTLE, float(percent), reason, sample)
 
