@@ -193,6 +193,11 @@ def markdown(doc: Json, plots: bool = False) -> str:
                 f"{lim.get('rate_from')})"
                 if lim.get("bytes")
                 else ""
+            )
+            + (
+                f"; machine load {sc['loadavg_1m_at_start']:.1f} at the start"
+                if sc.get("loadavg_1m_at_start") is not None
+                else ""
             ),
             "",
         ]

@@ -290,6 +290,8 @@ def run_scenario(rec: LabRecord, api: VmshiftClient, s: Scenario, work: Path, lv
         "scenario": s.record(),
         "results": {},
         "errors": [],
+        # other work on the machine skews every figure: the load when the scenario started says how much
+        "loadavg_1m_at_start": os.getloadavg()[0],
     }
     ip = create_guest(api, rec, s)
     try:
