@@ -166,6 +166,7 @@ def vmshift_leg(rec: LabRecord, api: VmshiftClient, s: Scenario, ip: str) -> Jso
         "peak_throughput_bps": metrics.get("peak_throughput_bps"),
         "predicted_total_ms": m.get("predicted_total_ms"),
         "predicted_downtime_ms": m.get("predicted_downtime_ms"),
+        "prediction": m.get("prediction"),
         "postcopy": metrics.get("postcopy"),
         "migration_id": m.get("id"),
         "actions": [
