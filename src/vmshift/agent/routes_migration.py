@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -57,8 +58,9 @@ router = APIRouter(prefix="/api/v1")
 async def dirty_rate(name: str, body: DirtyRateRequest, roles: Roles) -> DirtyRate:
     qmp = roles.supervisor.qmp_session(name)
     rate = await measure_dirty_rate(qmp, body.seconds)
+    zeros = await asyncio.to_thread(roles.supervisor.guest_ram_zero_fraction, name)
     return DirtyRate(dirty_rate_bps=rate, seconds=body.seconds,
-                     resident_bytes=roles.supervisor.guest_ram_resident_bytes(name))
+                     resident_bytes=roles.supervisor.guest_ram_resident_bytes(name), zero_fraction=zeros)
 
 
 @router.post("/netperf/sink")

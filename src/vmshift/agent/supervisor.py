@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 
 from vmshift.agent.config import AgentConfig
+from vmshift.agent.guest_memory import guest_ram_zero_fraction
 from vmshift.agent.taps import create_tap, delete_tap
 from vmshift.agent.vmfiles import VmFiles
 from vmshift.errors import ConflictError, NotFoundError, QemuError
@@ -231,6 +232,18 @@ class Supervisor:
                     return int(mapping.rss)
             return int(proc.memory_info().rss)
         except psutil.Error:
+            return None
+
+    def guest_ram_zero_fraction(self, name: str) -> float | None:
+        """Share of the guest's RAM that holds only zeros, sampled from QEMU's memory (None when
+        the VM does not run or its RAM mapping is not found)."""
+        vm = self._entry(name)
+        if vm.pid is None or not self._alive(vm):
+            return None
+        try:
+            return guest_ram_zero_fraction(vm.pid, vm.spec.memory_mib * 2**20)
+        except OSError as exc:
+            log.warning("sampling the memory of VM %s failed: %s", name, exc)
             return None
 
     def serial_tail(self, name: str, tail_bytes: int) -> str:

@@ -31,6 +31,12 @@ class DirtyRate(BaseModel):
         default=None,
         description="guest RAM resident in QEMU = what the guest ever touched; the rest is zero pages",
     )
+    zero_fraction: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="share of the guest's RAM holding only zeros, sampled from QEMU's memory",
+    )
 
 
 class SinkRequest(BaseModel):

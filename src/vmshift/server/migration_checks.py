@@ -253,7 +253,8 @@ async def predict(
     rate = await agents.get(source_address).dirty_rate(spec.name, DIRTY_RATE_SECONDS)
     memory = spec.memory_mib * 2**20
     downtime_s = settings.max_downtime_ms / 1000
-    zeros = zero_fraction_from_resident(memory, rate.resident_bytes)
+    zeros = (rate.zero_fraction if rate.zero_fraction is not None
+             else zero_fraction_from_resident(memory, rate.resident_bytes))
     initial_s = PolicySettings.from_migration(settings).initial_downtime_s
     est = estimate(memory, rate.dirty_rate_bps, bandwidth_bps, downtime_s, zero_fraction=zeros,
                    initial_limit_s=initial_s)
