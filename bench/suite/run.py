@@ -167,6 +167,7 @@ def vmshift_leg(rec: LabRecord, api: VmshiftClient, s: Scenario, ip: str) -> Jso
         "predicted_total_ms": m.get("predicted_total_ms"),
         "predicted_downtime_ms": m.get("predicted_downtime_ms"),
         "prediction": m.get("prediction"),
+        "timeline": metrics.get("timeline"),
         "postcopy": metrics.get("postcopy"),
         "migration_id": m.get("id"),
         "actions": [
@@ -266,7 +267,7 @@ def physical_limit(s: Scenario, results: dict[str, Json]) -> Json:
             r.get("peak_throughput_bps") or (r.get("metrics") or {}).get("peak_throughput_bps") or 0
             for r in results.values()
         ]
-        rate = max(peaks, default=0) / 8 or None
+        rate = max(peaks, default=0) or None  # QEMU's throughput, already in bytes per second
         how = "the highest throughput any side reached on the unshaped link"
     if not firsts or not rate:
         return {"limit_ms": None, "why": "no first-pass byte count or no link rate was measured"}
