@@ -373,27 +373,42 @@ class Injector:
 
 
 class DualWatch(threading.Thread):
-    """Polls both agents' /vms during a migration: notes any moment both report the VM running."""
+    """Polls both agents' /vms during a migration and notes when both report the VM running.
+
+    The two reads are sequential, so one sample that spans the switchover can show the source
+    before its STOP and the target after its RESUME: only a state seen in two samples in a row
+    (>= 250 ms apart) counts as running twice; a single one is kept as `transient` with its read
+    times, to be compared with the migration's timeline.
+    """
 
     def __init__(self, lab: Lab, uuid: str) -> None:
         super().__init__(daemon=True)
         self.lab, self.uuid = lab, uuid
         self.stop_event = threading.Event()
         self.seen: list[Json] = []
+        self.transient: list[Json] = []
         self.samples = 0
 
     def run(self) -> None:
         hosts = [f"host-{k}" for k in self.lab.lay.host_numbers]
+        previous_dual = False
         while not self.stop_event.wait(0.25):
-            states = {}
+            states, reads = {}, {}
             for h in hosts:
+                t0 = time.time()
                 listed = self.lab.agent_get(h, "/vms", timeout=1.0)
                 vm = (next((v for v in listed if v.get("uuid") == self.uuid), None)
                       if isinstance(listed, list) else None)
                 states[h] = (vm or {}).get("qemu_status")
+                reads[h] = [round(t0, 4), round(time.time(), 4)]
             self.samples += 1
-            if sum(1 for st in states.values() if st == "running") > 1 and len(self.seen) < 5:
-                self.seen.append({"at": time.time(), "states": states})
+            dual = sum(1 for st in states.values() if st == "running") > 1
+            sample = {"at": time.time(), "states": states, "reads": reads}
+            if dual and previous_dual and len(self.seen) < 5:
+                self.seen.append(sample)
+            elif dual and len(self.transient) < 5:
+                self.transient.append(sample)
+            previous_dual = dual
 
     def stop(self) -> list[Json]:
         self.stop_event.set()
