@@ -12,7 +12,7 @@ The control loop (source agent) samples QEMU every few hundred ms, calls
 5. Over link speed: the guest dirties at least ``over_link_ratio`` x what the link drains and the
    data left does not fit the budget: throttle the vCPUs at once to the percent that brings
    dirtying down to ``throttle_target_ratio`` x bandwidth (not QEMU's +10% per round).
-6. Stalled over budget: raise the limit one step at a time up to the VM's maximum; at the maximum,
+6. Stalled over budget: raise the limit to the VM's maximum at once and, in the same decision,
    post-copy if the VM allows it, else throttle in proportion (each further stall halves the target).
 """
 
@@ -56,7 +56,7 @@ class PolicySettings:
     allow_postcopy: bool = False
     postcopy_after_s: float | None = None  # if allowed: switch to post-copy at this age anyway
     timeout_s_per_gib: float = 60.0
-    timeout_min_s: float = 30.0
+    timeout_min_s: float = 60.0
     bandwidth_window: int = 5  # samples in the throughput median
 
     def __post_init__(self) -> None:
@@ -120,6 +120,7 @@ class PolicyState:
     throttle_percent: int = 0
     throttle_round: int = 0  # round in which the throttle was last set
     dirty_when_throttled: float = 0.0  # QEMU's measured dirty rate when the throttle was last set
+    paced_steps: int = 0  # throttles that followed one which did not slow the guest
     round: int = 0
     round_peaks: dict[int, int] = field(default_factory=dict)  # round -> data left at its start
     best_peak: int | None = None
@@ -296,7 +297,8 @@ class ConvergencePolicy:
         its CPU; when one has been in force for a round and the measured rate did not fall, the
         writer is paced by something else (a fixed-rate stream, a disk, the network) and only
         starts slowing once its CPU share is below what it needs: the next step then cuts the
-        share left by the square of (target / measured) instead of in proportion.
+        share left by the square of (target / measured) instead of in proportion, and a second
+        such step goes to the cap (every step waits two rounds for QEMU to apply it).
         """
         st, cfg = self.state, self.settings
         if sample.round < st.throttle_round + 2:
@@ -315,10 +317,15 @@ class ConvergencePolicy:
         ):
             share = (1 - sample.throttle_percent / 100) * (target / measured) ** 2
             pct = max(1, min(cfg.max_throttle_percent, math.ceil(100 * (1 - share) - 1e-9)))
+            how = "its CPU share is cut by (target / measured)²"
+            if st.paced_steps:  # that did not bite either: each step costs two rounds, go to the cap
+                pct = cfg.max_throttle_percent
+                how = "the step before did not bite either: straight to the cap"
+            st.paced_steps += 1
             why = (
                 f"the {sample.throttle_percent}% throttle did not slow the guest "
                 f"({_mib(st.dirty_when_throttled)}/s before, {_mib(measured)}/s under it): its dirtying "
-                f"is not bound by its CPU, so its CPU share is cut by (target / measured)²"
+                f"is not bound by its CPU, so {how}"
             )
             return pct, measured, why
         pct = throttle_for(
@@ -328,21 +335,28 @@ class ConvergencePolicy:
         return pct, dirty, why
 
     def _escalate(self, sample: MigrationSample, bw: float, limit: float, why: str) -> list[Action]:
-        """Stalled with more left than the VM's budget: step the limit, then post-copy or throttle."""
+        """Stalled with more left than the VM's budget: the limit straight to the budget (a step
+        below it cannot make QEMU switch over, and each step would cost two more rounds) and, in
+        the same decision, post-copy or a throttle."""
         st, cfg = self.state, self.settings
         why = f"{why}, not shrinking for {cfg.stall_rounds} rounds"
+        out: list[Action] = []
         if limit < cfg.max_downtime_s - 1e-9:
-            new = self._step_covering(limit, limit + cfg.downtime_step_s)
-            return [
-                self._set_limit(new, sample, f"{why}: raise the downtime limit {_ms(limit)} -> {_ms(new)}")
-            ]
+            out.append(
+                self._set_limit(
+                    cfg.max_downtime_s,
+                    sample,
+                    f"{why}: raise the downtime limit {_ms(limit)} -> {_ms(cfg.max_downtime_s)} (the budget)",
+                )
+            )
         if cfg.allow_postcopy:
             return [
+                *out,
                 self._postcopy(
                     sample,
                     f"{why}, over the VM's {_ms(cfg.max_downtime_s)} budget even at the "
                     "maximum limit: switch to post-copy",
-                )
+                ),
             ]
         st.stall_escalations += 1
         target = cfg.throttle_target_ratio / 2 ** (st.stall_escalations - 1)
@@ -354,7 +368,7 @@ class ConvergencePolicy:
             max_percent=cfg.max_throttle_percent,
         )
         if pct >= st.throttle_percent + cfg.throttle_hysteresis:
-            return [
+            out.append(
                 self._throttle(
                     pct,
                     sample,
@@ -362,8 +376,8 @@ class ConvergencePolicy:
                     f"the maximum limit: throttle the vCPUs to {pct}% (dirtying at about "
                     f"{target:.0%} of the link)",
                 )
-            ]
-        return []
+            )
+        return out
 
     # --- action builders (they also update what the policy believes is in force) -----------
     def _set_limit(self, seconds: float, sample: MigrationSample, reason: str) -> Action:

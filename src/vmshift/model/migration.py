@@ -228,7 +228,9 @@ class MigrationSettings(BaseModel):
     )
     bandwidth_limit_bps: float | None = Field(default=None, gt=0, description="None = unlimited")
     timeout_s_per_gib: float = Field(default=60.0, gt=0)
-    timeout_min_s: float = Field(default=30.0, gt=0)
+    # at least a minute: each throttle step needs two of QEMU's bitmap syncs (rounds) to take effect,
+    # and a guest on a slow link needs several steps (make soak: 192 MiB over 100 Mbit/s took ~25 s)
+    timeout_min_s: float = Field(default=60.0, gt=0)
 
 
 class MigrationCreate(BaseModel):
