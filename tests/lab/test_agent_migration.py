@@ -279,18 +279,26 @@ def test_target_that_cannot_load_the_state_gives_the_vm_back(mlab: Lab) -> None:
     """The source completes the stream but the target cannot load it: the target was prepared with one
     vCPU for a 2-vCPU VM, so the second vCPU's state, sent only at switchover, is unknown to it. The
     target proves the VM never ran there, and the source resumes its paused copy."""
-    name, mid = "mig-2", 106
+    name = "mig-2"
     spec = create_vm(mlab, name, cpus=2, memory_mib=128)
     running = runs_unpaused_on(mlab, 1, name)
     before = wait_for("the guest", lambda: _healthy(mlab, name), timeout=60)
     spec_file = mlab.rec.layout.lab_dir / "datastores" / "shared-1" / name / "vm.json"
     original = spec_file.read_text()
-    try:
-        start_migration(mlab, 1, 2, mid, target_spec={**spec, "cpus": 1}, vm=name)
-    finally:
-        spec_file.write_text(original)  # the target adopts the folder and wrote its (wrong) spec there
-    p = wait_finished(mlab, 1, mid, timeout=120)
-    print("failed load:", p["error"])
+    for mid in (106, 116):
+        try:
+            start_migration(mlab, 1, 2, mid, target_spec={**spec, "cpus": 1}, vm=name)
+        finally:
+            spec_file.write_text(original)  # the target adopts the folder and wrote its (wrong) spec there
+        p = wait_finished(mlab, 1, mid, timeout=120)
+        print("failed load:", p["error"], "after", p.get("transferred_bytes"), "bytes")
+        if p["error"]["code"] != "migration_failed" or p.get("transferred_bytes"):
+            break
+        # Seen once in CI: the target closed the stream before a byte of RAM (QEMU: "Connection reset
+        # by peer"), so the load never reached the vCPUs. That is safe too (the VM never left the
+        # source), but it is not the case under test: check the safe part and try once more.
+        assert runs_unpaused_on(mlab, 1, name)["pid"] == running["pid"]
+        assert_gone_from(mlab, 2, name)
     assert p["status"] == "failed" and p["error"]["code"] == "incoming_failed", p
     assert "never ran" in p["error"]["message"] and "resumed on the source" in p["error"]["message"], p
     assert runs_unpaused_on(mlab, 1, name)["pid"] == running["pid"]
