@@ -280,7 +280,9 @@ def physical_limit(s: Scenario, results: dict[str, Json]) -> Json:
     }
 
 
-def run_scenario(rec: LabRecord, api: VmshiftClient, s: Scenario, work: Path, lv: Any, index: int) -> Json:
+def run_scenario(
+    rec: LabRecord, api: VmshiftClient, s: Scenario, work: Path, lv: Any, index: int, peers: bool = True
+) -> Json:
     lay = rec.layout
     for k in lay.host_numbers:
         topology.set_migration_link_rate(lay, k, s.link)
@@ -304,7 +306,7 @@ def run_scenario(rec: LabRecord, api: VmshiftClient, s: Scenario, work: Path, lv
             f"gap {r['max_gap_ms']} ms (predicted {r['predicted_total_ms']} / "
             f"{r['predicted_downtime_ms']} ms)"
         )
-        if r["converged"]:
+        if r["converged"] and peers:
             out["results"].update(peer_legs(rec, s, ip, work / s.name))
     finally:
         try:
@@ -333,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="three scenarios (make bench-quick)")
     ap.add_argument("--scenario", action="append", help="run only this scenario (repeatable)")
     ap.add_argument("--no-libvirt", action="store_true", help="leave real libvirt out")
+    ap.add_argument("--vmshift-only", action="store_true", help="no peers at all (a quick look at vmshift)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
     chosen = select(args.scenario, args.quick)
@@ -356,11 +359,11 @@ def main(argv: list[str] | None = None) -> int:
             VmshiftClient(rec.server_url or "", rec.token or "", timeout=60) as api,
         ):
             lv = None
-            if not args.no_libvirt:
+            if not (args.no_libvirt or args.vmshift_only):
                 lv, doc["libvirt"] = open_libvirt(stack, name, work)
             for i, s in enumerate(chosen):
                 try:
-                    doc["scenarios"].append(run_scenario(rec, api, s, work, lv, i))
+                    doc["scenarios"].append(run_scenario(rec, api, s, work, lv, i, not args.vmshift_only))
                 except Exception as e:
                     say(f"{s.name}: FAILED: {e}")
                     doc["scenarios"].append(
