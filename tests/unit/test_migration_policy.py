@@ -243,7 +243,8 @@ def test_a_throttle_that_does_not_slow_a_paced_writer_is_followed_by_a_much_larg
         assert len(throttles) == 3 and throttles[1].sample.round == 4
         # share left 0.51 x (60 / 117)^2 = 0.134 -> 87%, not the proportional 74%
         assert throttles[1].value == 87 and "did not slow the guest" in throttles[1].reason
-        # the 87% did not bite either (two rounds later): the same rule again, 0.13 x (60/117)^2 -> 97%
-        assert throttles[2].sample.round == 6 and throttles[2].value == 97
+        # the 87% did not bite either (two rounds later): no third guess, the cap
+        assert throttles[2].sample.round == 6 and throttles[2].value == 99
+        assert "straight to the cap" in throttles[2].reason
     else:
         assert len(throttles) == 1, "the throttle worked: nothing more"

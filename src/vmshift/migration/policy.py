@@ -120,6 +120,7 @@ class PolicyState:
     throttle_percent: int = 0
     throttle_round: int = 0  # round in which the throttle was last set
     dirty_when_throttled: float = 0.0  # QEMU's measured dirty rate when the throttle was last set
+    paced_steps: int = 0  # throttles that followed one which did not slow the guest
     round: int = 0
     round_peaks: dict[int, int] = field(default_factory=dict)  # round -> data left at its start
     best_peak: int | None = None
@@ -296,10 +297,8 @@ class ConvergencePolicy:
         its CPU; when one has been in force for a round and the measured rate did not fall, the
         writer is paced by something else (a fixed-rate stream, a disk, the network) and only
         starts slowing once its CPU share is below what it needs: the next step then cuts the
-        share left by the square of (target / measured) instead of in proportion. (Going to the
-        cap after a second such step was tried: make bench's dirty-100 then took 36 s instead of
-        27 s with a 2 s UDP gap, since QEMU's rate under a fresh throttle still covers rounds
-        before it bit.)
+        share left by the square of (target / measured) instead of in proportion, and a second
+        such step goes to the cap (every step waits two rounds for QEMU to apply it).
         """
         st, cfg = self.state, self.settings
         if sample.round < st.throttle_round + 2:
@@ -319,6 +318,10 @@ class ConvergencePolicy:
             share = (1 - sample.throttle_percent / 100) * (target / measured) ** 2
             pct = max(1, min(cfg.max_throttle_percent, math.ceil(100 * (1 - share) - 1e-9)))
             how = "its CPU share is cut by (target / measured)²"
+            if st.paced_steps:  # that did not bite either: each step costs two rounds, go to the cap
+                pct = cfg.max_throttle_percent
+                how = "the step before did not bite either: straight to the cap"
+            st.paced_steps += 1
             why = (
                 f"the {sample.throttle_percent}% throttle did not slow the guest "
                 f"({_mib(st.dirty_when_throttled)}/s before, {_mib(measured)}/s under it): its dirtying "
