@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vmshift.lab.probe import HttpLoad, HttpResult, http_get, http_page, percentile, summarize_http
+from vmshift.lab.http_load import HttpLoad, HttpResult, http_get, http_page, percentile, summarize_http
 
 
 def test_percentile_is_nearest_rank() -> None:
