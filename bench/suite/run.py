@@ -214,12 +214,7 @@ def peer_legs(rec: LabRecord, s: Scenario, ip: str, work: Path) -> dict[str, Jso
             res["label"], res["source"] = policy.label, policy.source
             res["guest"] = verify(rec, ip, before, s)
             out[policy.name] = res
-            outcome = "converged" if res["converged"] else res.get("abort") or res.get("error")
-            say(
-                f"  {policy.name}: {outcome}"
-                f" total {res.get('total_ms')} ms, downtime {res.get('downtime_ms')} ms,"
-                f" gap {res.get('max_gap_ms')} ms"
-            )
+            say_result(policy.name, res)
     finally:
         qmp_leg.kill_qemu(vm.pid)
         qmp_leg.remove_tap(lay, vm)
@@ -255,6 +250,15 @@ def libvirt_leg(lv: Any, rec: LabRecord, s: Scenario, index: int) -> Json:
         return res
     finally:
         lv.destroy_guest(name)
+
+
+def say_result(side: str, r: Json, extra: str = "") -> None:
+    """One progress line per leg, the same for every side."""
+    outcome = "converged" if r.get("converged") else r.get("abort") or r.get("error") or r.get("status")
+    say(
+        f"  {side}: {outcome}, total {r.get('total_ms')} ms, downtime {r.get('downtime_ms')} ms, "
+        f"gap {r.get('max_gap_ms')} ms{extra}"
+    )
 
 
 def physical_limit(s: Scenario, results: dict[str, Json]) -> Json:
@@ -301,11 +305,7 @@ def run_scenario(
     try:
         say("  vmshift: host-1 -> host-2 through the server")
         out["results"]["vmshift"] = r = vmshift_leg(rec, api, s, ip)
-        say(
-            f"  vmshift: {r['status']} total {r['total_ms']} ms, downtime {r['downtime_ms']} ms, "
-            f"gap {r['max_gap_ms']} ms (predicted {r['predicted_total_ms']} / "
-            f"{r['predicted_downtime_ms']} ms)"
-        )
+        say_result("vmshift", r, f" (predicted {r['predicted_total_ms']} / {r['predicted_downtime_ms']} ms)")
         if r["converged"] and peers:
             out["results"].update(peer_legs(rec, s, ip, work / s.name))
     finally:
@@ -317,10 +317,7 @@ def run_scenario(
         try:
             say("  libvirt: host-1 -> host-2 (virsh migrate --live)")
             out["results"]["libvirt"] = r = libvirt_leg(lv, rec, s, index)
-            say(
-                f"  libvirt: converged={r.get('converged')} total {r.get('total_ms')} ms, "
-                f"downtime {r.get('downtime_ms')} ms, gap {r.get('max_gap_ms')} ms"
-            )
+            say_result("libvirt", r)
         except Exception as e:
             out["errors"].append(f"libvirt: {e}")
             say(f"  libvirt failed: {e}")
