@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from vmshift.client.agent import AgentPool
 from vmshift.errors import ConflictError, NotFoundError, SwitchoverStartedError, VmshiftError
 from vmshift.migration.phases import check_transition
+from vmshift.migration.progress import percent_of, phase_label
 from vmshift.model.agent_migration import AgentRef, IncomingRequest, MigrationProgress, OutgoingMigration
 from vmshift.model.api import ErrorInfo, EventKind, TaskKind
 from vmshift.model.enums import EventSeverity, TaskState
@@ -495,21 +496,3 @@ def raise_for_report(report: CheckReport) -> None:
     if report.errors:
         first = report.errors[0]
         raise ConflictError(first.message, hint=first.hint)
-
-
-def phase_label(p: MigrationProgress) -> str:
-    if p.phase is MigrationPhase.PRECOPY:
-        return f"precopy round {p.round}"
-    return p.phase.value
-
-
-def percent_of(p: MigrationProgress) -> int:
-    """Prepare is 5 %, pre-copy 10-95 % by bytes sent against bytes sent plus bytes left, then 97-99 %."""
-    if p.phase in (MigrationPhase.SWITCHOVER, MigrationPhase.POSTCOPY):
-        return 97
-    if p.phase in (MigrationPhase.FINISH, MigrationPhase.COMPLETED):
-        return 99
-    done, left = p.transferred_bytes, p.remaining_bytes
-    if done + left <= 0:
-        return 5
-    return 10 + int(85 * done / (done + left))
