@@ -15,6 +15,12 @@ from vmshift.model.host import HostFacts
 from vmshift.model.migration import CheckId, CheckReport, CheckResult, CheckSeverity
 from vmshift.model.vm import VmSpec
 
+#: The checks of disk moves only (``vmshift.migration.disk_checks``); a live migration runs the rest.
+DISK_MOVE_CHECKS = frozenset(
+    {CheckId.KIND, CheckId.TARGET_DATASTORE, CheckId.DATASTORE_SPACE, CheckId.DISK_FORMAT}
+)
+LIVE_CHECKS = tuple(c for c in CheckId if c not in DISK_MOVE_CHECKS)
+
 __all__ = [
     "CheckId",
     "CheckReport",

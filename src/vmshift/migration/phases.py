@@ -28,9 +28,14 @@ TERMINAL = frozenset({P.COMPLETED, P.FAILED, P.CANCELLED, P.LOST})
 # LOST: the source QEMU vanished and the target proves it never got the whole VM.
 TRANSITIONS: dict[MigrationPhase, frozenset[MigrationPhase]] = {
     P.QUEUED: frozenset({P.CHECK, P.CANCELLED, P.FAILED}),
-    P.CHECK: frozenset({P.ESTIMATE, P.QUEUED, P.FAILED, P.CANCELLED}),
+    # disk moves go from check straight to prepare (their estimate is the copy's own rate)
+    P.CHECK: frozenset({P.ESTIMATE, P.PREPARE, P.QUEUED, P.FAILED, P.CANCELLED}),
     P.ESTIMATE: frozenset({P.PREPARE, P.FAILED, P.CANCELLED}),
-    P.PREPARE: frozenset({P.PRECOPY, P.ROLLBACK, P.FAILED, P.CANCELLED}),
+    P.PREPARE: frozenset({P.PRECOPY, P.COPY, P.ROLLBACK, P.FAILED, P.CANCELLED}),
+    # COPY -> PRECOPY: shared-nothing, memory follows once every disk mirror is ready
+    P.COPY: frozenset({P.PIVOT, P.VERIFY, P.PRECOPY, P.FINISH, P.ROLLBACK}),
+    P.PIVOT: frozenset({P.FINISH, P.ROLLBACK}),
+    P.VERIFY: frozenset({P.FINISH, P.ROLLBACK}),
     # a switchover shorter than one sample goes from pre-copy straight to finish
     P.PRECOPY: frozenset({P.SWITCHOVER, P.POSTCOPY, P.FINISH, P.ROLLBACK, P.LOST}),
     # QEMU resumes the source if it fails; post-copy begins with a switchover of the device state

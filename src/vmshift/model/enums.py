@@ -10,6 +10,9 @@ class PowerState(StrEnum):
     POWERED_ON = "poweredOn"
     PAUSED = "paused"
     UNKNOWN = "unknown"
+    # No QEMU runs: the VM's memory and device state are saved in its folder (``vmshift vm suspend``);
+    # ``vmshift vm resume`` loads them and the guest continues where it stopped.
+    SUSPENDED = "suspended"
     # Inventory only, never reported by an agent: the VM should run, but its host runs no QEMU for it
     # and no other host reports one (see server/reconcile.py).
     MISSING = "missing"
@@ -84,3 +87,27 @@ class EventSeverity(StrEnum):
     WARNING = "warning"
     ERROR = "error"
     CRITICAL = "critical"  # the inventory cannot say where a VM runs, or it may run twice: act now
+
+
+class MigrationKind(StrEnum):
+    """What a migration moves (vSphere's names in the comments)."""
+
+    LIVE = "live"  # vMotion: a running VM to another host, disks on shared storage
+    STORAGE = "storage"  # Storage vMotion: a running VM's files to another datastore of its host
+    RELOCATE = "relocate"  # vMotion without shared storage: host and datastore together, running
+    COLD = "cold"  # a powered-off VM to another host and/or datastore
+    SUSPENDED = "suspended"  # a suspended VM (saved state file + disks) to another host and/or datastore
+
+    @property
+    def live(self) -> bool:
+        """The VM keeps running during the move (the client's connections must survive)."""
+        return self in (MigrationKind.LIVE, MigrationKind.STORAGE, MigrationKind.RELOCATE)
+
+    @property
+    def copies_disks(self) -> bool:
+        return self is not MigrationKind.LIVE
+
+
+class DiskFormat(StrEnum):
+    QCOW2 = "qcow2"
+    RAW = "raw"

@@ -12,6 +12,7 @@ from enum import StrEnum
 from pydantic import BaseModel, Field, computed_field
 
 from vmshift.model.api import ErrorInfo
+from vmshift.model.enums import DiskFormat, MigrationKind
 
 
 class MigrationStatus(StrEnum):
@@ -45,6 +46,9 @@ class MigrationPhase(StrEnum):
     CHECK = "check"
     ESTIMATE = "estimate"
     PREPARE = "prepare"
+    COPY = "copy"  # disks (and a suspended VM's state) are copied; a mirror follows the guest's writes
+    PIVOT = "pivot"  # Storage vMotion: the running VM switches to its new files
+    VERIFY = "verify"  # cold and suspended moves: qemu-img compare of every copy with its source
     PRECOPY = "precopy"
     POSTCOPY = "postcopy"
     SWITCHOVER = "switchover"
@@ -98,6 +102,11 @@ class CheckId(StrEnum):
     REACHABILITY = "reachability"
     HOST_BOUND_DEVICES = "host_bound_devices"
     CONCURRENCY = "concurrency"
+    # disk moves (issue 8, item 7)
+    KIND = "kind"  # the request names a move this VM's power state allows
+    TARGET_DATASTORE = "target_datastore"  # the target host sees the target datastore
+    DATASTORE_SPACE = "datastore_space"  # the target datastore has room for the copies
+    DISK_FORMAT = "disk_format"  # the requested format can be written
 
 
 class CheckResult(BaseModel):
@@ -234,9 +243,13 @@ class MigrationSettings(BaseModel):
 
 
 class MigrationCreate(BaseModel):
-    """Body of a migrate request."""
+    """Body of a migrate request: a target host, a target datastore, or both (the kind follows)."""
 
-    host: str = Field(description="target host name")
+    host: str | None = Field(default=None, description="target host name (default: stay on the VM's host)")
+    datastore: str | None = Field(
+        default=None, description="target datastore for all the VM's files (default: keep them)"
+    )
+    disk_format: DiskFormat | None = Field(default=None, description="format of the copies (default: keep)")
     check_only: bool = False
     dry_run: bool = False
     max_downtime_ms: int | None = Field(default=None, gt=0)
@@ -256,13 +269,18 @@ class MigrationLive(BaseModel):
     dirty_rate_bps: float = 0.0
     throttle_percent: int = 0
     downtime_limit_ms: int = 0
+    eta_s: float | None = Field(default=None, description="disk moves: seconds left at the current rate")
+    write_blocking: bool = Field(default=False, description="disk moves: the mirrors copy each write at once")
 
 
 class Migration(BaseModel):
     id: int
     vm: str
+    kind: MigrationKind = MigrationKind.LIVE
     source_host: str
     target_host: str
+    source_datastore: str | None = Field(default=None, description="the VM's home datastore before the move")
+    target_datastore: str | None = Field(default=None, description="None: the files stay where they are")
     status: MigrationStatus
     phase: MigrationPhase
     task_id: int | None = None

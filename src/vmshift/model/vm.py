@@ -90,7 +90,7 @@ class VmRuntime(BaseModel):
     @property
     def has_qemu(self) -> bool:
         """A QEMU process of the VM exists on the host (running, paused or in any other run state)."""
-        return self.power_state is not PowerState.POWERED_OFF
+        return self.power_state not in (PowerState.POWERED_OFF, PowerState.SUSPENDED)
 
     @property
     def is_the_vm(self) -> bool:

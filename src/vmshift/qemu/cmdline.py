@@ -15,6 +15,7 @@ from vmshift.model.enums import Accelerator, BootKind
 from vmshift.model.vm import VmSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
+SUSPEND_STATE_FILE = "suspended.state"
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class VmPaths:
     @property
     def serial_log(self) -> Path:
         return self.vm_dir / "serial.log"
+
+    @property
+    def suspend_state(self) -> Path:
+        """The saved memory and device state of a suspended VM (QEMU ``mapped-ram`` format)."""
+        return self.vm_dir / SUSPEND_STATE_FILE
 
     @property
     def qmp_socket(self) -> Path:

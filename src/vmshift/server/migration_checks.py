@@ -173,7 +173,8 @@ async def measure_link(
 
 def _gather(s: Session, vm_name: str, body: MigrationCreate) -> tuple[Plan, VmView, HostView, HostView, bool]:
     vm = get_vm(s, vm_name)
-    src, dst = vm.host, get_host(s, body.host)
+    src = vm.host
+    dst = get_host(s, body.host) if body.host is not None else src
     spec = VmSpec.model_validate(vm.spec)
     src_view, dst_view = _host_view(src), _host_view(dst)
     vm_view = VmView.from_spec(spec, vm.power_state, src_view.facts.accelerator)

@@ -44,8 +44,11 @@ def migration_view(m: MigrationRow) -> Migration:
     return Migration(
         id=m.id,
         vm=m.vm,
+        kind=m.kind,
         source_host=m.source_host,
         target_host=m.target_host,
+        source_datastore=m.source_datastore,
+        target_datastore=m.target_datastore,
         status=m.status,
         phase=m.phase,
         task_id=m.task_id,

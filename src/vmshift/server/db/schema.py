@@ -22,7 +22,7 @@ from sqlalchemy import Enum as SaEnum
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from vmshift.model.enums import ConnectionState, EventSeverity, PowerState, TaskState
+from vmshift.model.enums import ConnectionState, EventSeverity, MigrationKind, PowerState, TaskState
 from vmshift.model.migration import MigrationPhase, MigrationStatus
 
 TASK_PHASE_CHARS = 128  # a task's phase label; longer labels are cut (PostgreSQL refuses them)
@@ -212,13 +212,18 @@ class ServerIdentityRow(Base):
 
 
 class MigrationRow(Base):
-    """One live migration: what was asked, checked, predicted, what happened (JSON of model.migration)."""
+    """One move of a VM (any kind): what was asked, checked, predicted, what happened (model.migration)."""
 
     __tablename__ = "migration"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     vm: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[MigrationKind] = mapped_column(
+        _enum(MigrationKind), default=MigrationKind.LIVE, server_default=MigrationKind.LIVE.value
+    )
     source_host: Mapped[str] = mapped_column(String(64))
     target_host: Mapped[str] = mapped_column(String(64))
+    source_datastore: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    target_datastore: Mapped[str | None] = mapped_column(String(64), nullable=True)
     status: Mapped[MigrationStatus] = mapped_column(_enum(MigrationStatus), index=True)
     phase: Mapped[MigrationPhase] = mapped_column(_enum(MigrationPhase))
     task_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
