@@ -27,6 +27,7 @@ from vmshift.model.agent_migration import (
 )
 from vmshift.model.enums import PowerAction
 from vmshift.model.host import HostFacts
+from vmshift.model.moves import DiskExportRequest, DiskExports, DiskMoveRequest, MoveProgress
 from vmshift.model.vm import VmRuntime, VmSpec
 
 API_PREFIX = "/api/v1"
@@ -227,6 +228,35 @@ class AgentClient:
         resp = await self._request("POST", f"/migrations/{migration_id}/cancel", timeout_s=60)
         result: MigrationProgress = self._parse(resp, MigrationProgress)
         return result
+
+    # -- disk moves (model/moves.py; docs/design/contracts.md, "Disk moves") ---------------------
+    async def move_start(self, req: DiskMoveRequest) -> MoveProgress:
+        """Source role: start copying a VM's files (Storage vMotion, cold or suspended move)."""
+        resp = await self._request("POST", "/moves", json=req.model_dump(mode="json"), timeout_s=120)
+        result: MoveProgress = self._parse(resp, MoveProgress)
+        return result
+
+    async def move_progress(self, move_id: int, timeout_s: float | None = None) -> MoveProgress:
+        resp = await self._request("GET", f"/moves/{move_id}", timeout_s=timeout_s)
+        result: MoveProgress = self._parse(resp, MoveProgress)
+        return result
+
+    async def move_cancel(self, move_id: int) -> MoveProgress:
+        """Source role: stop the copy; the VM stays on its original files and the copies are removed."""
+        resp = await self._request("POST", f"/moves/{move_id}/cancel", timeout_s=120)
+        result: MoveProgress = self._parse(resp, MoveProgress)
+        return result
+
+    async def disk_exports_create(self, req: DiskExportRequest) -> DiskExports:
+        """Target role: create the VM's disks on the target datastore and export them over NBD."""
+        resp = await self._request("POST", "/disk-exports", json=req.model_dump(mode="json"), timeout_s=120)
+        result: DiskExports = self._parse(resp, DiskExports)
+        return result
+
+    async def disk_exports_delete(self, move_id: int, *, keep_files: bool) -> None:
+        """Target role: stop the exports; ``keep_files`` false also removes the files they served."""
+        params = {"keep_files": str(keep_files).lower()}
+        await self._request("DELETE", f"/disk-exports/{move_id}", params=params, timeout_s=120)
 
 
 def _error_from(resp: httpx.Response, address: str) -> ApiError:
