@@ -76,6 +76,9 @@ class DiskMoveRequest(BaseModel):
         default_factory=list, description="empty: the target files are on this host (Storage vMotion)"
     )
     state_uri: str | None = None
+    allow_write_blocking: bool = Field(
+        default=True, description="False: mirrors stay in background mode (a benchmark's or test's contrast)"
+    )
 
 
 class DiskProgress(BaseModel):
