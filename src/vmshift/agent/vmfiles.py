@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from vmshift.agent.datastores import Datastores
 from vmshift.errors import ConflictError, ImageError, InvalidInputError, NotFoundError, QemuError
-from vmshift.model.enums import BootKind
+from vmshift.model.enums import BootKind, DiskFormat
 from vmshift.model.vm import VmSpec
 from vmshift.qemu.cmdline import KernelBoot, VmPaths
 
@@ -134,7 +134,13 @@ class VmFiles:
                                      hint="Use an image whose image.json names a 'disk'.")
                 backing = image.disk
             path.parent.mkdir(parents=True, exist_ok=True)
-            await create_qcow2(self.qemu_img, path, disk.size_mib, backing)
+            if disk.format is DiskFormat.RAW:
+                if backing is not None:
+                    raise InvalidInputError(f"Raw disk {disk.file!r} cannot be backed by an image.",
+                                            hint="Use qcow2 for a disk made from an image.")
+                await _run(self.qemu_img, "create", "-q", "-f", "raw", str(path), f"{disk.size_mib}M")
+            else:
+                await create_qcow2(self.qemu_img, path, disk.size_mib, backing)
         tmp = spec_file.with_suffix(".tmp")
         tmp.write_text(spec.model_dump_json(indent=2))
         tmp.replace(spec_file)

@@ -6,7 +6,7 @@ import re
 
 from pydantic import BaseModel, Field, field_validator
 
-from vmshift.model.enums import BootKind, PowerState
+from vmshift.model.enums import BootKind, DiskFormat, PowerState
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
@@ -22,11 +22,12 @@ def check_name(name: str, what: str = "VM") -> str:
 
 
 class DiskSpec(BaseModel):
-    """A qcow2 disk in the VM's folder on a datastore; empty of a size, or backed by an image."""
+    """A disk in the VM's folder on a datastore (qcow2 or raw); empty of a size, or backed by an image."""
 
     datastore: str = Field(description="datastore name")
     file: str = Field(description="file name inside DATASTORE/VMNAME/")
     size_mib: int = Field(gt=0)
+    format: DiskFormat = Field(default=DiskFormat.QCOW2, description="image format of the file")
     backing_image: str | None = Field(default=None, description="image name whose disk backs this one")
 
 

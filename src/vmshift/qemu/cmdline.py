@@ -132,13 +132,13 @@ def build_qemu_argv(
         "-pidfile", str(paths.pidfile),
     ]
 
-    for index, disk_path in enumerate(paths.disks):
+    for index, (disk, disk_path) in enumerate(zip(spec.disks, paths.disks, strict=True)):
         file_node = f"file-disk{index}"
         argv += ["-blockdev", _json_arg({
             "driver": "file", "node-name": file_node, "filename": str(disk_path),
         })]
         argv += ["-blockdev", _json_arg({
-            "driver": "qcow2", "node-name": disk_node_name(index), "file": file_node,
+            "driver": disk.format.value, "node-name": disk_node_name(index), "file": file_node,
         })]
         device: dict[str, object] = {
             "driver": "virtio-blk-pci", "id": disk_device_id(index), "drive": disk_node_name(index),
