@@ -23,6 +23,8 @@ from vmshift.agent.migration_target import IncomingMigrations
 from vmshift.agent.netperf import NetperfSinks
 from vmshift.agent.routes_migration import MigrationRoles
 from vmshift.agent.routes_migration import router as migration_router
+from vmshift.agent.routes_moves import router as moves_router
+from vmshift.agent.routes_moves import start_moves
 from vmshift.agent.supervisor import Supervisor
 from vmshift.agent.vmfiles import VmFiles
 from vmshift.errors import InvalidInputError
@@ -87,6 +89,7 @@ def create_app(config: AgentConfig) -> FastAPI:
         app.state.migration = roles
         await roles.incoming.resume_all()
         await roles.outgoing.resume_all()
+        moves = await start_moves(app, config, supervisor, datastores)
         refresher = asyncio.create_task(_refresh_loop(supervisor), name="agent-refresh")
         log.info("agent %s ready on %s", config.name, config.listen)
         try:
@@ -96,6 +99,7 @@ def create_app(config: AgentConfig) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
             await roles.close()
+            await moves.close()
             await supervisor.close()
             log.info("agent %s stopped; its VMs keep running", config.name)
 
@@ -135,7 +139,11 @@ def create_app(config: AgentConfig) -> FastAPI:
         return await agent.supervisor.power(name, body.action, body.timeout_s)
 
     @app.delete("/api/v1/vms/{name}")
-    async def delete_vm(name: str, agent: State) -> dict[str, str]:
+    async def delete_vm(name: str, agent: State, keep_files: bool = False) -> dict[str, str]:
+        """Delete the VM and its files; ``keep_files``: only forget it here (its files moved on)."""
+        if keep_files:
+            await agent.supervisor.unregister_stopped(name)
+            return {"unregistered": name}
         await agent.supervisor.delete(name)
         return {"deleted": name}
 
@@ -145,4 +153,5 @@ def create_app(config: AgentConfig) -> FastAPI:
         return agent.supervisor.serial_tail(name, tail_bytes)
 
     app.include_router(migration_router)
+    app.include_router(moves_router)
     return app

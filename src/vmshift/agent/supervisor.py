@@ -274,6 +274,18 @@ class Supervisor:
             self.files.remove(vm.spec)
             self._vms.pop(name, None)
 
+    async def unregister_stopped(self, name: str) -> None:
+        """Forget a VM that runs no QEMU here, keeping its files (a cold move registered it elsewhere)."""
+        vm = self._entry(name)
+        async with vm.lock:
+            if self._alive(vm):
+                raise ConflictError(f"VM {name!r} is running here and cannot be unregistered.",
+                                    hint="Stop it first, or move it live.")
+            if vm.pid is not None:
+                await self._handle_exit(vm, stopped_by_us=True)
+            self.files.unregister(name)
+            self._vms.pop(name, None)
+
     async def stop_and_unregister(self, name: str) -> None:
         """Migration roles: stop the VM's QEMU (if any) and forget the VM here, keeping its files.
 

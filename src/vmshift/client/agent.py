@@ -150,8 +150,10 @@ class AgentClient:
         result: VmRuntime = self._parse(resp, VmRuntime)
         return result
 
-    async def delete_vm(self, name: str) -> None:
-        await self._request("DELETE", f"/vms/{name}", timeout_s=60)
+    async def delete_vm(self, name: str, *, keep_files: bool = False) -> None:
+        """Delete the VM and its files here; ``keep_files``: only unregister a stopped VM."""
+        params = {"keep_files": "true"} if keep_files else None
+        await self._request("DELETE", f"/vms/{name}", params=params, timeout_s=60)
 
     # -- live migration (docs/design/contracts.md, "Live migration") -------------------------
     async def dirty_rate(self, name: str, seconds: int = 1) -> DirtyRate:
