@@ -60,6 +60,11 @@ class EventKind(StrEnum):
     TASK_FAILED = "task.failed"
     TASK_CANCELLED = "task.cancelled"
     SERVER_STARTED = "server.started"
+    # scheduled migrations (server/schedules.py)
+    SCHEDULE_CREATED = "schedule.created"
+    SCHEDULE_DELETED = "schedule.deleted"
+    SCHEDULE_RUN_STARTED = "schedule.run_started"
+    SCHEDULE_RUN_SKIPPED = "schedule.run_skipped"
 
 
 class ErrorInfo(BaseModel):

@@ -24,6 +24,7 @@ from sqlalchemy.types import TypeDecorator
 
 from vmshift.model.enums import ConnectionState, EventSeverity, MigrationKind, PowerState, TaskState
 from vmshift.model.migration import MigrationPhase, MigrationStatus
+from vmshift.model.schedule import ScheduleRunOutcome
 
 TASK_PHASE_CHARS = 128  # a task's phase label; longer labels are cut (PostgreSQL refuses them)
 
@@ -241,6 +242,44 @@ class MigrationRow(Base):
     nonce: Mapped[str | None] = mapped_column(String(32), nullable=True, doc="sent to the agents")
 
 
+class ScheduleRow(Base):
+    """A scheduled migration (model.schedule): once at ``at``, or at every time of ``cron``.
+
+    ``next_due_at`` is the one due time the server fires next (None: a one-time schedule that is done);
+    a run is claimed by advancing it in the same transaction that inserts the run (server/schedules.py).
+    """
+
+    __tablename__ = "schedule"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    vm: Mapped[str] = mapped_column(String(64), index=True)
+    at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    cron: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    next_due_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True, index=True)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON, doc="model.migration.MigrationCreate as JSON")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    runs: Mapped[list[ScheduleRunRow]] = relationship(
+        back_populates="schedule", cascade="all, delete-orphan", order_by="ScheduleRunRow.id.desc()"
+    )
+
+
+class ScheduleRunRow(Base):
+    """One due time of a schedule; unique per (schedule, due time), so no due time fires twice."""
+
+    __tablename__ = "schedule_run"
+    __table_args__ = (UniqueConstraint("schedule_id", "due_at", name="uq_schedule_run_due"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    schedule_id: Mapped[int] = mapped_column(ForeignKey("schedule.id", ondelete="CASCADE"), index=True)
+    due_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    claimed_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    outcome: Mapped[ScheduleRunOutcome] = mapped_column(_enum(ScheduleRunOutcome))
+    message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    migration_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    task_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    schedule: Mapped[ScheduleRow] = relationship(back_populates="runs")
+
+
 __all__ = [
     "Base",
     "ClusterRow",
@@ -254,6 +293,8 @@ __all__ = [
     "MacAllocationRow",
     "MigrationRow",
     "NetworkRow",
+    "ScheduleRow",
+    "ScheduleRunRow",
     "ServerIdentityRow",
     "TaskRow",
     "VmRow",
