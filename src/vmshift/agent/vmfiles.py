@@ -147,6 +147,22 @@ class VmFiles:
         paths.run_dir.mkdir(parents=True, exist_ok=True)
         (paths.run_dir / HOME_FILE).write_text(json.dumps({"datastore": spec.datastore}))
 
+    def switch_home(self, spec: VmSpec) -> None:
+        """Make ``spec`` the VM's definition here, at its (possibly new) home datastore, without
+        touching disks: ``vm.json`` in the new folder first, then ``home.json`` (each written whole
+        and renamed), so an agent that restarts in between finds one complete definition or the other.
+        Used when a running VM's files moved (Storage vMotion)."""
+        paths = self.paths(spec)
+        paths.vm_dir.mkdir(parents=True, exist_ok=True)
+        spec_file = paths.vm_dir / SPEC_FILE
+        tmp = spec_file.with_suffix(".tmp")
+        tmp.write_text(spec.model_dump_json(indent=2))
+        tmp.replace(spec_file)
+        home = paths.run_dir / HOME_FILE
+        tmp_home = home.with_suffix(".tmp")
+        tmp_home.write_text(json.dumps({"datastore": spec.datastore}))
+        tmp_home.replace(home)
+
     def remove(self, spec: VmSpec) -> None:
         """Delete the VM's folders (home and disk datastores) and its registration."""
         paths = self.paths(spec)
