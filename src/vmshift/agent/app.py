@@ -21,6 +21,7 @@ from vmshift.agent.migration_source import OutgoingMigrations
 from vmshift.agent.migration_store import MigrationStore
 from vmshift.agent.migration_target import IncomingMigrations
 from vmshift.agent.netperf import NetperfSinks
+from vmshift.agent.routes_disk_exports import router as disk_exports_router
 from vmshift.agent.routes_migration import MigrationRoles
 from vmshift.agent.routes_migration import router as migration_router
 from vmshift.agent.routes_moves import router as moves_router
@@ -153,5 +154,6 @@ def create_app(config: AgentConfig) -> FastAPI:
         return agent.supervisor.serial_tail(name, tail_bytes)
 
     app.include_router(migration_router)
+    app.include_router(disk_exports_router)
     app.include_router(moves_router)
     return app
