@@ -78,6 +78,8 @@ class Supervisor:
         self.files = files
         self.accelerator = accelerator
         self._vms: dict[str, VmProcess] = {}
+        # VM name -> id of the cold or suspended move copying its files: it may not start or be deleted
+        self.moving: dict[str, int] = {}
 
     # ----- bookkeeping -------------------------------------------------------------------------
     def _entry(self, name: str) -> VmProcess:
@@ -264,6 +266,7 @@ class Supervisor:
         return await self.runtime(spec.name)
 
     async def delete(self, name: str) -> None:
+        self._refuse_if_moving(name, "be deleted")
         vm = self._entry(name)
         async with vm.lock:
             if self._alive(vm):
@@ -388,7 +391,13 @@ class Supervisor:
                             hint="Stop it (hard) and start it again.")
         return vm.qmp
 
+    def _refuse_if_moving(self, name: str, what: str) -> None:
+        if (move := self.moving.get(name)) is not None:
+            raise ConflictError(f"VM {name!r} cannot {what} now: move {move} is copying its files.",
+                                hint="Wait until the move ends, or cancel it.")
+
     async def _start(self, vm: VmProcess, incoming: str | None = None) -> None:
+        self._refuse_if_moving(vm.spec.name, "start")
         spec, paths = vm.spec, vm.paths
         kernel = self.files.kernel_boot(spec)
         taps = [tap_name(spec.uuid, i) for i in range(len(spec.nics))]
