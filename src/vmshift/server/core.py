@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,6 +15,7 @@ from vmshift.server.events import record_event
 from vmshift.server.heartbeat import Heartbeat
 from vmshift.server.migration_finalize import Finalizer
 from vmshift.server.migrations import MigrationOrchestrator
+from vmshift.server.schedules import Scheduler
 from vmshift.server.settings import ServerSettings
 from vmshift.server.tasks import TaskEngine
 
@@ -31,6 +32,10 @@ class ServerCore:
     heartbeat: Heartbeat
     migrations: MigrationOrchestrator
     finalizer: Finalizer
+    schedules: Scheduler = field(init=False)  # scheduled migrations (server/schedules.py)
+
+    def __post_init__(self) -> None:
+        self.schedules = Scheduler(self.sessions)
 
     @classmethod
     def open(cls, settings: ServerSettings) -> ServerCore:
@@ -62,8 +67,10 @@ class ServerCore:
         # Resume migrations first: the heartbeat then already sees their VMs as busy.
         self.migrations.resume_all()
         self.heartbeat.start()
+        self.schedules.start(self)  # after the resumes: a run sees moves in flight
 
     async def close(self) -> None:
+        await self.schedules.stop()
         await self.heartbeat.stop()
         await self.tasks.shutdown()
         await self.agents.aclose()
