@@ -15,12 +15,15 @@ class MoveAsked:
     power_state: PowerState
     host_changes: bool
     datastore_changes: bool
+    host: str = "its host"  # where the VM is now, for the messages
+    datastore: str = "its datastore"
 
 
 def kind_of(asked: MoveAsked) -> MigrationKind | CheckResult:
     """The kind of move, or an error result saying why this request cannot be served."""
     if not asked.host_changes and not asked.datastore_changes:
-        return _refuse("The VM is already on that host and datastore: there is nothing to move.",
+        return _refuse(f"The VM already runs on {asked.host} with its files on {asked.datastore}: there is "
+                       "nothing to move.",
                        "Name another host with --host, another datastore with --datastore, or both.")
     state = asked.power_state
     if state is PowerState.POWERED_ON:

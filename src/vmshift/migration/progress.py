@@ -1,9 +1,12 @@
-"""How a running migration is shown as a task: its phase label and its percent. No I/O."""
+"""How a running migration or disk move is shown as a task: its phase label and its percent. No I/O."""
 
 from __future__ import annotations
 
 from vmshift.model.agent_migration import MigrationProgress
-from vmshift.model.migration import MigrationPhase
+from vmshift.model.migration import MigrationLive, MigrationPhase
+from vmshift.model.moves import MoveProgress
+
+MIB = 1 << 20
 
 
 def phase_label(p: MigrationProgress) -> str:
@@ -22,3 +25,33 @@ def percent_of(p: MigrationProgress) -> int:
     if done + left <= 0:
         return 5
     return 10 + int(85 * done / (done + left))
+
+
+def move_label(p: MoveProgress) -> str:
+    """``copy 42% 118 MiB/s ETA 9 s`` while disks copy, else the phase."""
+    if p.phase is not MigrationPhase.COPY or p.total_bytes <= 0:
+        return p.phase.value
+    parts = [f"copy {100 * p.done_bytes // p.total_bytes}%", f"{p.rate_bps / MIB:.0f} MiB/s"]
+    if p.eta_s is not None:
+        parts.append(f"ETA {p.eta_s:.0f} s")
+    if any(d.write_blocking for d in p.disks):
+        parts.append("write-blocking")
+    return " ".join(parts)
+
+
+def move_percent(p: MoveProgress) -> int:
+    """Prepare is 5 %, the copy 10-90 % by bytes, pivot or verify 95 %, finish 99 %."""
+    if p.phase in (MigrationPhase.PIVOT, MigrationPhase.VERIFY):
+        return 95
+    if p.phase in (MigrationPhase.FINISH, MigrationPhase.COMPLETED):
+        return 99
+    if p.phase is not MigrationPhase.COPY or p.total_bytes <= 0:
+        return 5
+    return 10 + int(80 * min(p.done_bytes, p.total_bytes) / p.total_bytes)
+
+
+def move_live(p: MoveProgress) -> MigrationLive:
+    """A disk move's sample in the shape the migration row keeps for progress displays."""
+    return MigrationLive(transferred_bytes=p.done_bytes, total_bytes=p.total_bytes,
+                         remaining_bytes=max(0, p.total_bytes - p.done_bytes), throughput_bps=p.rate_bps,
+                         eta_s=p.eta_s, write_blocking=any(d.write_blocking for d in p.disks))

@@ -15,6 +15,7 @@ from vmshift.server.events import record_event
 from vmshift.server.heartbeat import Heartbeat
 from vmshift.server.migration_finalize import Finalizer
 from vmshift.server.migrations import MigrationOrchestrator
+from vmshift.server.moves.runner import DiskMoves
 from vmshift.server.schedules import Scheduler
 from vmshift.server.settings import ServerSettings
 from vmshift.server.tasks import TaskEngine
@@ -32,6 +33,7 @@ class ServerCore:
     heartbeat: Heartbeat
     migrations: MigrationOrchestrator
     finalizer: Finalizer
+    moves: DiskMoves
     schedules: Scheduler = field(init=False)  # scheduled migrations (server/schedules.py)
 
     def __post_init__(self) -> None:
@@ -61,11 +63,13 @@ class ServerCore:
         )
         migrations = MigrationOrchestrator(sessions, agents, tasks, settings)
         finalizer = Finalizer(sessions, agents, tasks)
-        return cls(settings, engine, sessions, agents, tasks, heartbeat, migrations, finalizer)
+        moves = DiskMoves(sessions, agents, tasks, settings, migrations)
+        return cls(settings, engine, sessions, agents, tasks, heartbeat, migrations, finalizer, moves)
 
     def start(self) -> None:
         # Resume migrations first: the heartbeat then already sees their VMs as busy.
         self.migrations.resume_all()
+        self.moves.resume_all()
         self.heartbeat.start()
         self.schedules.start(self)  # after the resumes: a run sees moves in flight
 

@@ -26,7 +26,7 @@ from vmshift.migration.phases import check_transition
 from vmshift.migration.progress import percent_of, phase_label
 from vmshift.model.agent_migration import AgentRef, IncomingRequest, MigrationProgress, OutgoingMigration
 from vmshift.model.api import ErrorInfo, EventKind, TaskKind
-from vmshift.model.enums import EventSeverity, TaskState
+from vmshift.model.enums import EventSeverity, MigrationKind, TaskState
 from vmshift.model.migration import (
     CheckReport,
     MigrationCreate,
@@ -105,7 +105,8 @@ class MigrationOrchestrator:
         with self._sessions.begin() as s:
             rows = s.scalars(
                 select(MigrationRow)
-                .where(MigrationRow.status.in_([MigrationStatus.QUEUED, MigrationStatus.RUNNING]))
+                .where(MigrationRow.kind == MigrationKind.LIVE,  # disk moves: server/moves/runner.py
+                       MigrationRow.status.in_([MigrationStatus.QUEUED, MigrationStatus.RUNNING]))
                 .order_by(MigrationRow.id)
             ).all()
             todo = [(r.id, r.task_id, r.vm) for r in rows]
@@ -163,7 +164,7 @@ class MigrationOrchestrator:
     async def _run(self, ctx: TaskContext, mid: int, resume: bool) -> dict[str, Any]:
         try:
             try:
-                waited = await self._acquire_slot(ctx, mid)
+                waited = await self.acquire_slot(ctx, mid)
                 if waited:
                     await self._recheck(ctx, mid)
                 adopted = await self._adopt(mid) if resume else None
@@ -189,10 +190,14 @@ class MigrationOrchestrator:
                 await self._abandon(mid, e)
                 raise
         finally:
-            async with self._slots:
-                self._slots.notify_all()
+            await self.release_slot()
 
-    async def _acquire_slot(self, ctx: TaskContext, mid: int) -> bool:
+    async def release_slot(self) -> None:
+        """A migration (of any kind) ended: wake the ones queued for a slot."""
+        async with self._slots:
+            self._slots.notify_all()
+
+    async def acquire_slot(self, ctx: TaskContext, mid: int) -> bool:
         """Wait until both hosts are below their concurrent-migration limits (FIFO); True if it waited."""
         waited = False
         while True:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query
@@ -10,45 +9,24 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from vmshift.errors import ConflictError
-from vmshift.model.api import EventKind, Task, TaskKind
+from vmshift.model.api import Task, TaskKind
 from vmshift.model.enums import PowerAction
 from vmshift.model.migration import (
-    CheckReport,
     Migration,
     MigrationCreate,
-    MigrationPhase,
-    MigrationPrediction,
-    MigrationSettings,
-    MigrationStatus,
 )
 from vmshift.server.api.deps import core_of
 from vmshift.server.core import ServerCore
 from vmshift.server.db.schema import MigrationRow
-from vmshift.server.events import record_event
 from vmshift.server.inventory import get_host, get_vm
-from vmshift.server.migration_checks import plan_migration, predict_plan, status_for
 from vmshift.server.migration_finalize import Intent, waiting_migration
-from vmshift.server.migration_store import get_migration_row, migration_view, unfinished_for_vm
+from vmshift.server.migration_start import MigrationCheckFailedError, MigrationStarted, migrate
+from vmshift.server.migration_store import get_migration_row, migration_view
 from vmshift.server.tasks import TaskEngine
 from vmshift.server.views import task_view
 from vmshift.server.vm_tasks import power_body
 
 router = APIRouter()
-
-
-class MigrationStarted(Task):
-    """202 answer of a migrate request: the ``vm.migrate`` task plus the migration's id."""
-
-    migration_id: int
-
-
-class MigrationPreview(BaseModel):
-    """200 answer of a dry run: the checks, the settings that would apply, the prediction."""
-
-    checks: CheckReport
-    settings: MigrationSettings
-    prediction: MigrationPrediction
 
 
 class VmMigrationSettings(BaseModel):
@@ -66,73 +44,20 @@ class HostMigrationSettings(BaseModel):
     migration_limit: int = Field(default=4, ge=1, le=64)
 
 
-def _busy(core: ServerCore, name: str) -> None:
-    with core.sessions() as s:
-        get_vm(s, name)
-        other = unfinished_for_vm(s, name)
-        if other is not None and other.status is MigrationStatus.NEEDS_FINALIZE:
-            raise ConflictError(
-                f"VM {name} waits paused on two hosts for migration {other.id} to be finalized.",
-                hint=f"Run 'vmshift migration finalize {other.id}' first.",
-            )
-        if other is not None:
-            raise ConflictError(
-                f"VM {name} is already being migrated (migration {other.id}, {other.status.value}).",
-                hint=f"Wait for it, or cancel task {other.task_id} with 'vmshift task cancel'.",
-            )
-
-
 @router.post("/vms/{name}/migrate", response_model=None)
 async def migrate_vm(name: str, body: MigrationCreate, core: ServerCore = Depends(core_of)) -> Any:
-    """Checks (always), then: the report (check_only), a prediction (dry_run), or a started task (202)."""
-    _busy(core, name)
-    plan = await plan_migration(core.sessions, core.agents, name, body)
-    report = plan.report
-    if body.check_only:
-        return report.model_dump(mode="json")
-    if report.errors:
-        first = report.errors[0]
-        return JSONResponse(
-            status_code=status_for(first),
-            content={
-                "error": {"code": "migration_check_failed", "message": first.message, "hint": first.hint},
-                "report": report.model_dump(mode="json"),
-            },
-        )
-    if body.dry_run:
-        prediction = await predict_plan(core.agents, plan)
-        return MigrationPreview(checks=report, settings=plan.settings, prediction=prediction).model_dump(
-            mode="json"
-        )
-    _busy(core, name)  # a second request may have won while this one measured the link
-    with core.sessions.begin() as s:
-        row = MigrationRow(
-            vm=name,
-            source_host=plan.source,
-            target_host=plan.target,
-            status=MigrationStatus.QUEUED,
-            phase=MigrationPhase.QUEUED,
-            settings=plan.settings.model_dump(mode="json"),
-            checks=report.model_dump(mode="json"),
-            metrics={},
-            actions=[],
-            measured_bandwidth_bps=plan.bandwidth_bps,
-            nonce=secrets.token_hex(16),
-        )
-        s.add(row)
-        s.flush()
-        task = TaskEngine.create(s, TaskKind.VM_MIGRATE, name, {"migration_id": row.id, "host": plan.target})
-        row.task_id = task.id
-        queued = " (queued: a host is at its migration limit)" if report.must_queue else ""
-        record_event(
-            s,
-            EventKind.MIGRATION_STARTED,
-            name,
-            f"Migration {row.id} of VM {name} from {plan.source} to {plan.target} requested{queued}.",
-        )
-        started = MigrationStarted(**task_view(task).model_dump(), migration_id=row.id)
-    core.migrations.start(started.migration_id, started.id, name)
-    return JSONResponse(status_code=202, content=started.model_dump(mode="json"))
+    """Checks (always), then: the report (check_only), a preview (dry_run), or a started task (202).
+
+    The kind of move follows from the request and the VM's power state: a host for a running VM is a
+    live migration, a datastore a Storage vMotion, either for a stopped or suspended VM a cold move."""
+    try:
+        answer = await migrate(core, name, body)
+    except MigrationCheckFailedError as e:
+        return JSONResponse(status_code=e.status,
+                            content={"error": e.to_dict(), "report": e.report.model_dump(mode="json")})
+    if isinstance(answer, MigrationStarted):
+        return JSONResponse(status_code=202, content=answer.model_dump(mode="json"))
+    return answer.model_dump(mode="json")
 
 
 @router.get("/migrations")

@@ -22,7 +22,14 @@ from sqlalchemy import Enum as SaEnum
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from vmshift.model.enums import ConnectionState, EventSeverity, MigrationKind, PowerState, TaskState
+from vmshift.model.enums import (
+    ConnectionState,
+    DiskFormat,
+    EventSeverity,
+    MigrationKind,
+    PowerState,
+    TaskState,
+)
 from vmshift.model.migration import MigrationPhase, MigrationStatus
 from vmshift.model.schedule import ScheduleRunOutcome
 
@@ -225,6 +232,10 @@ class MigrationRow(Base):
     target_host: Mapped[str] = mapped_column(String(64))
     source_datastore: Mapped[str | None] = mapped_column(String(64), nullable=True)
     target_datastore: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    target_spec: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON, nullable=True, doc="disk moves: the VM's spec after the move (model.vm.VmSpec)"
+    )
+    disk_format: Mapped[DiskFormat | None] = mapped_column(_enum(DiskFormat), nullable=True)
     status: Mapped[MigrationStatus] = mapped_column(_enum(MigrationStatus), index=True)
     phase: Mapped[MigrationPhase] = mapped_column(_enum(MigrationPhase))
     task_id: Mapped[int | None] = mapped_column(Integer, nullable=True)

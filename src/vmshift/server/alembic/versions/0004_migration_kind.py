@@ -1,4 +1,4 @@
-"""a kind and the source and target datastores on every migration
+"""a kind, the source and target datastores and (disk moves) the spec after the move on every migration
 
 Revision ID: 0004
 Revises: 0003
@@ -33,10 +33,17 @@ def upgrade() -> None:
         )
         batch_op.add_column(sa.Column("source_datastore", sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column("target_datastore", sa.String(length=64), nullable=True))
+        batch_op.add_column(sa.Column("target_spec", sa.JSON(), nullable=True))
+        batch_op.add_column(
+            sa.Column("disk_format", sa.Enum("qcow2", "raw", name="diskformat", native_enum=False, length=32),
+                      nullable=True)
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("migration", schema=None) as batch_op:
+        batch_op.drop_column("disk_format")
+        batch_op.drop_column("target_spec")
         batch_op.drop_column("target_datastore")
         batch_op.drop_column("source_datastore")
         batch_op.drop_column("kind")
