@@ -101,12 +101,13 @@ async def blockdev_del(qmp: QmpSession, node_name: str) -> None:
 
 
 async def blockdev_mirror(qmp: QmpSession, *, job_id: str, device: str, target: str,
-                          copy_mode: CopyMode = CopyMode.BACKGROUND) -> None:
-    """Mirror node ``device`` into the already added node ``target`` (``sync=full``, errors reported)."""
+                          copy_mode: CopyMode = CopyMode.BACKGROUND, speed_bps: int = 0) -> None:
+    """Mirror node ``device`` into the already added node ``target`` (``sync=full``, errors reported;
+    ``speed_bps`` 0: as fast as the storage goes)."""
     await qmp.execute("blockdev-mirror", {
         "job-id": job_id, "device": device, "target": target, "sync": "full",
         "copy-mode": copy_mode.value, "on-source-error": "report", "on-target-error": "report",
-        "auto-finalize": True, "auto-dismiss": False,
+        "auto-finalize": True, "auto-dismiss": False, "speed": max(0, int(speed_bps)),
     })
 
 

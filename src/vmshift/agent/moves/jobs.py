@@ -90,6 +90,7 @@ class MoveContext:
     datastores: Datastores
     qemu_img: str = "qemu-img"
     sample_interval_s: float = 0.25
+    mirror_speed_bps: int = 0  # 0: unlimited (tests and benchmarks cap it)
 
 
 class MoveJob:
