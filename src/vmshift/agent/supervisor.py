@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -23,10 +24,21 @@ import psutil
 
 from vmshift.agent.config import AgentConfig
 from vmshift.agent.guest_memory import guest_ram_zero_fraction
+from vmshift.agent.suspend import (
+    SuspendSettings,
+    discard_state,
+    recover,
+    refuse_on_suspended,
+    restore_state,
+    save_state,
+    saved_and_stopped,
+    saved_state,
+)
 from vmshift.agent.taps import create_tap, delete_tap
 from vmshift.agent.vmfiles import VmFiles
 from vmshift.errors import ConflictError, NotFoundError, QemuError
 from vmshift.model.enums import MIGRATION_RUN_STATES, Accelerator, PowerAction, PowerState, QemuRunState
+from vmshift.model.suspend import SuspendProgress, SuspendResult
 from vmshift.model.vm import VmRuntime, VmSpec
 from vmshift.qemu.cmdline import VmPaths, build_qemu_argv, tap_name
 from vmshift.qemu.qmp import QmpSession
@@ -78,6 +90,8 @@ class Supervisor:
         self.files = files
         self.accelerator = accelerator
         self._vms: dict[str, VmProcess] = {}
+        self.suspend_settings = SuspendSettings()
+        self.suspends: dict[str, SuspendProgress] = {}  # the last suspend of each VM (GET .../suspend)
         # VM name -> id of the cold or suspended move copying its files: it may not start or be deleted
         self.moving: dict[str, int] = {}
 
@@ -121,6 +135,8 @@ class Supervisor:
                 try:
                     vm.qmp = await QmpSession.connect(vm.paths.qmp_socket, timeout_s=5.0)
                     log.info("re-attached to VM %s (pid %d)", name, vm.pid)
+                    if await recover(vm.qmp, vm.paths, vm.spec):  # a suspend or resume was cut short
+                        await self._hard_stop(vm, reason="suspended")
                 except QemuError as exc:
                     log.warning("VM %s runs (pid %d) but QMP is unreachable: %s", name, vm.pid, exc)
             else:
@@ -193,6 +209,8 @@ class Supervisor:
                        died=vm.died, exit_reason=vm.exit_reason,
                        incoming_migration=self.files.incoming_migration(vm.spec.name))
         if vm.pid is None:
+            if saved_state(vm.paths) is not None:
+                rt.power_state, rt.died = PowerState.SUSPENDED, False
             return rt
         rt.pid, rt.died, rt.exit_reason = vm.pid, False, None
         with contextlib.suppress(psutil.Error):
@@ -322,7 +340,9 @@ class Supervisor:
             running = self._alive(vm)
             if vm.pid is not None and not running:
                 await self._handle_exit(vm)
-            if action is PowerAction.START:
+            if not running and saved_state(vm.paths) is not None:
+                await self._power_suspended(vm, action)
+            elif action is PowerAction.START:
                 if not running:
                     await self._start(vm)
             elif action is PowerAction.STOP:
@@ -349,6 +369,40 @@ class Supervisor:
                 await self._refuse_migration_resume(vm)
                 await self._qmp(vm).cont()
             return await self._view(vm)
+
+    async def _power_suspended(self, vm: VmProcess, action: PowerAction) -> None:
+        """vSphere's rules: power on (or resume) restores the saved state, power off discards it."""
+        if action in (PowerAction.START, PowerAction.RESUME):
+            await self._start(vm, incoming="defer")
+            try:
+                await restore_state(self._qmp(vm), vm.paths, vm.spec, self.suspend_settings)
+            except BaseException:
+                await self._hard_stop(vm, reason="resume failed; the saved state is kept")
+                raise
+        elif action is PowerAction.STOP:
+            self._refuse_if_moving(vm.spec.name, "be powered off")  # the move copies the state file
+            discard_state(vm.paths, vm.spec)
+        else:
+            raise refuse_on_suspended(vm.spec.name, action)
+
+    async def suspend(self, name: str) -> SuspendResult:
+        """Save the running (or paused) VM's state to its folder and stop QEMU (agent/suspend.py)."""
+        vm = self._entry(name)
+        async with vm.lock:
+            if not self._alive(vm):
+                if saved_state(vm.paths) is not None:
+                    raise ConflictError(f"VM {name!r} is already suspended.", hint="Nothing to do.")
+                raise ConflictError(f"VM {name!r} is not running, so it cannot be suspended.",
+                                    hint="Start it first.")
+            if (incoming := self.files.incoming_migration(name)) is not None:
+                raise ConflictError(f"VM {name!r} here receives live migration {incoming}, so it cannot be "
+                                    "suspended.", hint="Suspend it once the migration has finished.")
+            began = time.monotonic()
+            sink = functools.partial(self.suspends.__setitem__, name)
+            outcome = await save_state(self._qmp(vm), vm.paths, vm.spec, self.suspend_settings, sink)
+            await self._hard_stop(vm, reason="suspended")
+            saved_and_stopped(vm.paths, vm.spec, sink, outcome)
+            return outcome.result(await self._view(vm), vm.paths, vm.spec, time.monotonic() - began)
 
     async def _refuse_migration_resume(self, vm: VmProcess) -> None:
         """A plain resume must never run a QEMU that belongs to a live migration: the guest could
