@@ -26,6 +26,7 @@ from vmshift.agent.routes_migration import MigrationRoles
 from vmshift.agent.routes_migration import router as migration_router
 from vmshift.agent.routes_moves import router as moves_router
 from vmshift.agent.routes_moves import start_moves
+from vmshift.agent.routes_suspend import router as suspend_router
 from vmshift.agent.supervisor import Supervisor
 from vmshift.agent.vmfiles import VmFiles
 from vmshift.errors import InvalidInputError
@@ -156,4 +157,5 @@ def create_app(config: AgentConfig) -> FastAPI:
     app.include_router(migration_router)
     app.include_router(disk_exports_router)
     app.include_router(moves_router)
+    app.include_router(suspend_router)
     return app
