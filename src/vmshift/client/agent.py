@@ -28,6 +28,7 @@ from vmshift.model.agent_migration import (
 from vmshift.model.enums import PowerAction
 from vmshift.model.host import HostFacts
 from vmshift.model.moves import DiskExportRequest, DiskExports, DiskMoveRequest, MoveProgress
+from vmshift.model.suspend import SuspendProgress, SuspendResult
 from vmshift.model.vm import VmRuntime, VmSpec
 
 API_PREFIX = "/api/v1"
@@ -154,6 +155,21 @@ class AgentClient:
         """Delete the VM and its files here; ``keep_files``: only unregister a stopped VM."""
         params = {"keep_files": "true"} if keep_files else None
         await self._request("DELETE", f"/vms/{name}", params=params, timeout_s=60)
+
+    # -- suspend (docs/suspend.md); resume is the power action RESUME (or START) --------------
+    async def suspend(self, name: str, timeout_s: float) -> SuspendResult:
+        """Save the VM's state to its folder and stop QEMU; answers when it is suspended, or with
+        the error after which the VM runs on. ``timeout_s`` must cover writing its RAM."""
+        resp = await self._request("POST", f"/vms/{name}/suspend", timeout_s=timeout_s)
+        result: SuspendResult = self._parse(resp, SuspendResult)
+        return result
+
+    async def suspend_progress(self, name: str) -> SuspendProgress:
+        """The running (or last) suspend of the VM on this host."""
+        result: SuspendProgress = self._parse(
+            await self._request("GET", f"/vms/{name}/suspend", timeout_s=5), SuspendProgress
+        )
+        return result
 
     # -- live migration (docs/design/contracts.md, "Live migration") -------------------------
     async def dirty_rate(self, name: str, seconds: int = 1) -> DirtyRate:
