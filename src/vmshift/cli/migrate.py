@@ -14,7 +14,7 @@ from vmshift.cli.hosts import JsonOpt
 from vmshift.cli.output import console, emit_json, err_console, table
 from vmshift.client import VmshiftClient
 from vmshift.errors import InvalidInputError, VmshiftError
-from vmshift.model.enums import TaskState
+from vmshift.model.enums import DiskFormat, MigrationKind, TaskState
 
 migration_app = typer.Typer(
     help="Live migrations (vMotion): records, metrics, predictions.", no_args_is_help=True
@@ -83,14 +83,43 @@ def show_prediction(preview: dict[str, Any]) -> None:
     table("Prediction (nothing was started)", ["", "value"], rows)
 
 
+def _what(kind: str | None) -> str:
+    return "Migration" if kind in (None, MigrationKind.LIVE.value) else f"{str(kind).capitalize()} move"
+
+
+def _where(m: dict[str, Any], side: str) -> str:
+    host, ds = m[f"{side}_host"], m.get(f"{side}_datastore")
+    return f"{host}/{ds}" if ds else host
+
+
+def show_disk_plan(preview: dict[str, Any]) -> None:
+    spec = preview["target_spec"]
+    rows = [["kind", preview["kind"]], ["target", f"{preview['target_host']}/{preview['target_datastore']}"]]
+    for d in spec["disks"]:
+        rows.append([f"disk {d['file']}", f"{d['datastore']} · {d['format']} · {d['size_mib']} MiB"])
+    table("Plan (nothing was started)", ["", "value"], rows)
+
+
+def show_disk_move(m: dict[str, Any]) -> None:
+    met, live = m.get("metrics") or {}, m.get("progress") or {}
+    rows = [
+        ["total", _ms(met.get("total_ms"))],
+        ["copied", human_bytes(met.get("bytes_sent") or live.get("transferred_bytes"))],
+        ["mean rate", human_rate(met.get("mean_throughput_bps"))],
+        ["pivot (guest I/O paused at most)", _ms(met.get("downtime_ms"))],
+    ]
+    table("Copy", ["", "value"], rows)
+
+
 def show_migration(m: dict[str, Any]) -> None:
     """Metrics, predicted vs actual, policy actions."""
     met, pred = m.get("metrics") or {}, m.get("prediction") or {}
     err = (m.get("error") or {}).get("message")
     head = [
         ["migration", m["id"]],
+        ["kind", m.get("kind", "live")],
         ["vm", m["vm"]],
-        ["from → to", f"{m['source_host']} → {m['target_host']}"],
+        ["from → to", f"{_where(m, 'source')} → {_where(m, 'target')}"],
         ["status", m["status"]],
         ["phase", m["phase"]],
         ["task", m.get("task_id")],
@@ -98,7 +127,10 @@ def show_migration(m: dict[str, Any]) -> None:
         ["finished", m.get("finished_at")],
         ["error", err],
     ]
-    table(f"Migration {m['id']}", ["", "value"], head)
+    table(f"{_what(m.get('kind'))} {m['id']}", ["", "value"], head)
+    if m.get("kind", "live") != MigrationKind.LIVE.value:
+        show_disk_move(m)
+        return
     rows: list[list[Any]] = [
         ["total", _ms(met.get("total_ms")), _ms(pred.get("total_ms"))],
         ["downtime", _ms(met.get("downtime_ms")), _ms(pred.get("downtime_ms"))],
@@ -162,6 +194,13 @@ def _bar_fields(m: dict[str, Any], task: dict[str, Any]) -> dict[str, str]:
     phase = task.get("phase") or m["phase"]
     if not live:
         return {"phase": phase, "detail": ""}
+    if m.get("kind", "live") != MigrationKind.LIVE.value:
+        eta = live.get("eta_s")
+        detail = (f"{human_bytes(live.get('transferred_bytes'))} of {human_bytes(live.get('total_bytes'))} · "
+                  f"{human_rate(live.get('throughput_bps'))}")
+        if eta is not None:
+            detail += f" · ETA {eta:.0f} s"
+        return {"phase": phase, "detail": detail}
     detail = (
         f"left {human_bytes(live.get('remaining_bytes'))} · "
         f"{human_rate(live.get('throughput_bps'))} · dirty {human_rate(live.get('dirty_rate_bps'))}"
@@ -205,7 +244,13 @@ def wait_migration(
 
 def vm_migrate(
     name: str,
-    host: Annotated[str, typer.Option(help="Target host.")],
+    host: Annotated[str | None, typer.Option(help="Target host (default: stay on the VM's host).")] = None,
+    datastore: Annotated[
+        str | None, typer.Option(help="Target datastore for all the VM's files (default: keep them).")
+    ] = None,
+    disk_format: Annotated[
+        DiskFormat | None, typer.Option(help="Format of the copied disks (default: keep each disk's).")
+    ] = None,
     check_only: Annotated[
         bool, typer.Option("--check-only", help="Run the checks, print them, stop.")
     ] = False,
@@ -229,12 +274,20 @@ def vm_migrate(
     ] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Live-migrate a running VM to another host (vMotion)."""
+    """Move a VM: to another host (--host), its files to another datastore (--datastore), or both.
+
+    A running VM moves live (vMotion, or Storage vMotion for --datastore alone); a powered-off or
+    suspended VM moves cold, its files copied and verified."""
+    if host is None and datastore is None:
+        raise InvalidInputError("Nothing to move: no target was named.",
+                                hint="Give --host HOST, --datastore DATASTORE, or both.")
     limit = parse_rate(bandwidth_limit) if bandwidth_limit else None
     with context.client() as c:
         answer = c.migrate_vm(
             name,
             host,
+            datastore=datastore,
+            disk_format=disk_format.value if disk_format else None,
             check_only=check_only,
             dry_run=dry_run and not check_only,
             max_downtime_ms=max_downtime,
@@ -254,7 +307,10 @@ def vm_migrate(
                 emit_json(answer)
             else:
                 show_report(answer["checks"])
-                show_prediction(answer)
+                if "prediction" in answer:
+                    show_prediction(answer)
+                else:
+                    show_disk_plan(answer)
             return
         mid = answer["migration_id"]
         if no_wait:
@@ -262,7 +318,8 @@ def vm_migrate(
                 emit_json(answer)
             else:
                 typer.echo(
-                    f"Migration {mid} started as task {answer['id']}; follow it with "
+                    f"{_what(answer.get('migration_kind'))} {mid} started as task {answer['id']}; "
+                    "follow it with "
                     f"'vmshift task watch {answer['id']}' or 'vmshift migration show {mid}'."
                 )
             return
@@ -274,7 +331,8 @@ def vm_migrate(
     if final["status"] != "completed":
         err = final.get("error") or {}
         raise VmshiftError(
-            f"Migration {mid} of {name} ended {final['status']}: {err.get('message') or 'no reason given'}",
+            f"{_what(final.get('kind'))} {mid} of {name} ended {final['status']}: "
+            f"{err.get('message') or 'no reason given'}",
             hint=err.get("hint"),
         )
 
@@ -295,6 +353,7 @@ def migration_list(
         "Migrations",
         [
             "id",
+            "kind",
             "vm",
             "from",
             "to",
@@ -310,9 +369,10 @@ def migration_list(
         (
             [
                 m["id"],
+                m.get("kind", "live"),
                 m["vm"],
-                m["source_host"],
-                m["target_host"],
+                _where(m, "source"),
+                _where(m, "target"),
                 m["status"],
                 m["phase"],
                 _ms(m["total_ms"]),

@@ -113,8 +113,10 @@ class VmshiftClient:
     def migrate_vm(
         self,
         name: str,
-        host: str,
+        host: str | None = None,
         *,
+        datastore: str | None = None,
+        disk_format: str | None = None,
         check_only: bool = False,
         dry_run: bool = False,
         max_downtime_ms: int | None = None,
@@ -124,10 +126,15 @@ class VmshiftClient:
     ) -> Json:
         """POST /vms/{name}/migrate: a CheckReport (check_only), a preview (dry_run), or the task (202).
 
-        Failed checks raise ApiError (409/422) with the first error's message and hint.
+        A host moves the VM there, a datastore moves its files there, both do both; the kind of move
+        (live, storage, cold, suspended) follows from the VM's power state. Failed checks raise
+        ApiError (409/422) with the first error's message and hint.
         """
-        body: Json = {"host": host, "check_only": check_only, "dry_run": dry_run}
+        body: Json = {"check_only": check_only, "dry_run": dry_run}
         for key, value in (
+            ("host", host),
+            ("datastore", datastore),
+            ("disk_format", disk_format),
             ("max_downtime_ms", max_downtime_ms),
             ("allow_postcopy", allow_postcopy),
             ("postcopy_after_s", postcopy_after_s),
