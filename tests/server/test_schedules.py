@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import ServerHarness, wait_for
-from sqlalchemy import Engine, create_engine, func, select, update
+from sqlalchemy import Engine, create_engine, func, insert, select, update
 from test_migrations_fakes import Pair, migrating_agents_fixture, pair_fixture  # noqa: F401
 
 from vmshift.model.schedule import ScheduleRunOutcome
@@ -102,7 +102,7 @@ def test_a_run_claimed_by_a_server_that_stopped_before_starting_it_is_skipped(
         sid, due = conn.execute(select(ScheduleRow.id, ScheduleRow.next_due_at)).one()
         conn.execute(update(ScheduleRow).values(next_due_at=None))
         conn.execute(
-            ScheduleRunRow.__table__.insert().values(
+            insert(ScheduleRunRow).values(
                 schedule_id=sid,
                 due_at=due,
                 claimed_at=datetime.now(UTC),
@@ -191,7 +191,7 @@ def test_add_refuses_what_cannot_work_with_one_clear_sentence(server: ServerHarn
         ).status_code
         == 201
     )
-    cases = [
+    cases: list[tuple[dict[str, Any], int, str]] = [
         (dict(name="first", at=soon(7200)), 409, "exists already"),
         (dict(at=soon(-60)), 400, "in the past"),
         (dict(cron="every day"), 400, "not valid"),
