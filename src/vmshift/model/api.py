@@ -23,6 +23,7 @@ class TaskKind(StrEnum):
     VM_CREATE = "vm.create"
     VM_POWER = "vm.power"
     VM_DELETE = "vm.delete"
+    VM_SUSPEND = "vm.suspend"  # save the state to the VM's folder, stop QEMU (docs/suspend.md)
     VM_MIGRATE = "vm.migrate"
     VM_RELOCATE = "vm.relocate"
     MIGRATION_FINALIZE = "migration.finalize"
