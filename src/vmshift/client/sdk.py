@@ -180,6 +180,35 @@ class VmshiftClient:
             raise _error_from_response(resp)
         return resp.text
 
+    # -- scheduled migrations ---------------------------------------------------------------
+    def add_schedule(
+        self,
+        vm: str,
+        migrate: Json,
+        *,
+        at: str | None = None,
+        cron: str | None = None,
+        timezone: str = "UTC",
+        name: str | None = None,
+    ) -> Json:
+        """POST /schedules: once ``at`` (ISO 8601 with a zone) or at every time of ``cron``; ``migrate`` is
+        the body of a migrate request (model.migration.MigrationCreate)."""
+        body: Json = {"vm": vm, "migrate": migrate, "timezone": timezone}
+        for key, value in (("at", at), ("cron", cron), ("name", name)):
+            if value is not None:
+                body[key] = value
+        return dict(self.request("POST", "/schedules", json=body))
+
+    def list_schedules(self, vm: str | None = None) -> list[Json]:
+        return list(self.request("GET", "/schedules", params={"vm": vm} if vm else None))
+
+    def get_schedule(self, name: str) -> Json:
+        """One schedule with its runs, newest first."""
+        return dict(self.request("GET", f"/schedules/{self._q(name)}"))
+
+    def delete_schedule(self, name: str) -> Json:
+        return dict(self.request("DELETE", f"/schedules/{self._q(name)}"))
+
     # -- tasks and events -------------------------------------------------------------------
     def list_tasks(self, limit: int = 50) -> list[Json]:
         return list(self.request("GET", "/tasks", params={"limit": limit}))
