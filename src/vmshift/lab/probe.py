@@ -1,6 +1,9 @@
 """Client-side probes of a lab guest; run inside the lab's client namespace.
 
-    python -m vmshift.lab.probe check IP          -> {"echo": true, "memtest": {...}, "disklog": {...}}
+    python -m vmshift.lab.probe check IP          -> {"echo": true, "memtest": {...}, "disklog": {...},
+                                                       "diskwrite": {...}}
+    python -m vmshift.lab.probe verify IP         -> {"disklog": {"checked": N, "bad": N, ...},
+                                                       "diskwrite": {...}}: the guest re-reads its rings
     python -m vmshift.lab.probe udp IP --seconds S -> {"sent": N, "received": N, "lost": N, "max_gap_ms": X,
                                                        "max_gap_start": T0, "max_gap_end": T1}
     python -m vmshift.lab.probe hold IP [--seconds S] [--interval-ms MS]
@@ -12,8 +15,8 @@
            stop it too. Prints the summary of `summarize_http` (requests, ok, failed, latencies ...).
 
 The guest (src/vmshift/lab/guest) echoes bytes on TCP 7000 and datagrams on UDP 7001, writes one
-JSON status line to every connection on TCP 7002 and, booted with vmshift.httpd=1, serves
-lab/guest/index.html as / on TCP 80.
+JSON status line to every connection on TCP 7002, verifies its disk log and disk writer on every
+connection to TCP 7003 and, booted with vmshift.httpd=1, serves lab/guest/index.html as / on TCP 80.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from vmshift.lab.http_load import HttpLoad
 ECHO_PORT = 7000
 UDP_PORT = 7001
 STATUS_PORT = 7002
+VERIFY_PORT = 7003
+VERIFY_TIMEOUT_S = 120.0  # the guest reads its whole disk-writer device; the writer pauses meanwhile
 _UDP_FMT = "!Qd"  # sequence number, send time (monotonic)
 
 
@@ -71,13 +76,35 @@ def guest_status(ip: str, timeout: float = 5.0) -> dict[str, Any]:
     return data
 
 
+def guest_verify(ip: str, timeout: float = VERIFY_TIMEOUT_S) -> dict[str, Any]:
+    """Ask the guest to re-read its disk log and disk writer rings now (TCP 7003); its one-line answer.
+
+    Each of ``disklog`` and ``diskwrite`` is null when off, else ``{from_seq, to_seq, checked,
+    missing, corrupt, bad, torn, ms, error}``: every sequence number in [from_seq, to_seq] must be
+    intact in its slot, so ``bad == 0`` and ``error is None`` is the verdict (docs/guest-image.md).
+    """
+    with socket.create_connection((ip, VERIFY_PORT), timeout=timeout) as s:
+        data = json.loads(_recv_line(s))
+    if not isinstance(data, dict):
+        raise ValueError("the guest's verify answer is not a JSON object")
+    return data
+
+
+def verify_ok(answer: dict[str, Any]) -> bool:
+    """True when every ring the guest verified (disk log, disk writer) is intact and was readable."""
+    rings = [r for r in (answer.get("disklog"), answer.get("diskwrite")) if r is not None]
+    return bool(rings) and all(r.get("error") is None and r.get("bad") == 0 for r in rings)
+
+
 def check(ip: str, timeout: float = 5.0) -> dict[str, Any]:
-    result: dict[str, Any] = {"echo": False, "memtest": None, "disklog": None}
+    result: dict[str, Any] = {"echo": False, "memtest": None, "disklog": None, "diskwrite": None}
     try:
         result["echo"] = tcp_echo(ip, timeout)
         status = guest_status(ip, timeout)
         result["memtest"] = status.get("memtest")
         result["disklog"] = status.get("disklog")
+        dw = status.get("diskwrite")
+        result["diskwrite"] = dw if isinstance(dw, dict) and dw.get("enabled") else None
         result["uptime_s"] = status.get("uptime_s")
     except (OSError, ValueError) as e:
         result["error"] = f"{type(e).__name__}: {e}"
@@ -315,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_check = sub.add_parser("check")
     p_check.add_argument("ip")
+    p_verify = sub.add_parser("verify")
+    p_verify.add_argument("ip")
+    p_verify.add_argument("--timeout", type=float, default=VERIFY_TIMEOUT_S)
     p_udp = sub.add_parser("udp")
     p_udp.add_argument("ip")
     p_udp.add_argument("--seconds", type=float, default=5.0)
@@ -333,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "check":
         result = check(args.ip)
         ok = bool(result["echo"]) and "error" not in result
+    elif args.cmd == "verify":
+        try:
+            result = guest_verify(args.ip, args.timeout)
+            ok = verify_ok(result)
+        except (OSError, ValueError) as e:
+            result, ok = {"disklog": None, "diskwrite": None, "error": f"{type(e).__name__}: {e}"}, False
     elif args.cmd == "udp":
         result = _udp_until_stopped(args.ip) if args.until_stopped else udp_probe(args.ip, args.seconds)
         ok = result["received"] > 0
