@@ -12,7 +12,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,26 +46,33 @@ def free_port(kind: int) -> int:
 
 
 class Guest:
-    """One QEMU process running the lab guest, with its serial log, QMP socket and forwarded ports."""
+    """One QEMU process running the lab guest, with its serial log, QMP socket and forwarded ports.
 
-    def __init__(self, image: Path, disk: Path, workdir: Path, extra_args: str) -> None:
+    ``disks`` are qcow2 files on virtio-blk, in order (/dev/vda, /dev/vdb, ...).
+    """
+
+    def __init__(self, image: Path, disks: Path | Sequence[Path], workdir: Path, extra_args: str) -> None:
         self.workdir = workdir
         self.serial = workdir / "serial.log"
         self.qmp_path = workdir / "qmp.sock"
         self.tcp_port, self.status_port = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_STREAM)
+        self.verify_port = free_port(socket.SOCK_STREAM)
         self.udp_port = free_port(socket.SOCK_DGRAM)
         meta = json.loads((image / "image.json").read_text())
         fwd = (
             f"hostfwd=tcp:127.0.0.1:{self.tcp_port}-:7000,hostfwd=udp:127.0.0.1:{self.udp_port}-:7001,"
-            f"hostfwd=tcp:127.0.0.1:{self.status_port}-:7002"
+            f"hostfwd=tcp:127.0.0.1:{self.status_port}-:7002,hostfwd=tcp:127.0.0.1:{self.verify_port}-:7003"
         )
+        drives = []
+        for disk in [disks] if isinstance(disks, Path) else disks:
+            drives += ["-drive", f"file={disk},if=virtio,format=qcow2"]
         self.cmd = [
             "qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nographic", "-monitor", "none",
             "-serial", f"file:{self.serial}", "-no-reboot",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-kernel", str(image / meta["kernel"]), "-initrd", str(image / meta["initrd"]),
             "-append", f"{meta['cmdline']} {extra_args}",
-            "-drive", f"file={disk},if=virtio,format=qcow2",
+            *drives,
             "-netdev", f"user,id=n0,{fwd}", "-device", "virtio-net-pci,netdev=n0,romfile=",
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
@@ -97,7 +104,14 @@ class Guest:
         return str(wait_for("the guest's ready line", ready, timeout))
 
     def status(self) -> dict[str, Any]:
-        with socket.create_connection(("127.0.0.1", self.status_port), timeout=10) as s:
+        return self._json_line(self.status_port, 10)
+
+    def verify(self) -> dict[str, Any]:
+        """The guest re-reads its disk log and disk writer rings (TCP 7003) and says what it found."""
+        return self._json_line(self.verify_port, 120)
+
+    def _json_line(self, port: int, timeout: float) -> dict[str, Any]:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
             data = b""
             while chunk := s.recv(4096):
                 data += chunk
@@ -140,8 +154,8 @@ def guests() -> Iterator[list[Guest]]:
         guest.kill()
 
 
-def new_disk(path: Path) -> Path:
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
+def new_disk(path: Path, size: str = "64M") -> Path:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), size], check=True)
     return path
 
 
