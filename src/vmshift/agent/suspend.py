@@ -29,7 +29,7 @@ from pathlib import Path
 from vmshift.errors import ConflictError, QemuError
 from vmshift.migration.samples import QemuMigrationStatus
 from vmshift.model.enums import MIGRATION_RUN_STATES, PowerAction, QemuRunState
-from vmshift.model.suspend import SuspendPhase, SuspendProgress, SuspendResult
+from vmshift.model.suspend import SuspendPhase, SuspendProgress, SuspendResult, state_timeout_s
 from vmshift.model.vm import VmRuntime, VmSpec
 from vmshift.qemu.cmdline import VmPaths
 from vmshift.qemu.migration_qmp import announce_self
@@ -45,12 +45,9 @@ MARK_FILE = "suspending.json"
 @dataclass(frozen=True)
 class SuspendSettings:
     state_file: StateFileSettings = field(default_factory=StateFileSettings)
-    # a save or load may take RAM / min_rate_bps + slack_s before it counts as stuck
-    min_rate_bps: float = 16 * MIB
-    slack_s: float = 60.0
 
     def timeout_s(self, memory_bytes: int) -> float:
-        return memory_bytes / self.min_rate_bps + self.slack_s
+        return state_timeout_s(memory_bytes)
 
 
 def partial_path(paths: VmPaths) -> Path:

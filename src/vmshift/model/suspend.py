@@ -8,6 +8,15 @@ from pydantic import BaseModel, Field
 
 from vmshift.model.vm import VmRuntime
 
+#: A save or load that writes (reads) slower than this, plus the slack, counts as stuck.
+MIN_STATE_RATE_BPS = 16 << 20
+STATE_SLACK_S = 60.0
+
+
+def state_timeout_s(memory_bytes: int) -> float:
+    """How long saving or loading the state of a VM with this much RAM may take."""
+    return memory_bytes / MIN_STATE_RATE_BPS + STATE_SLACK_S
+
 
 class SuspendPhase(StrEnum):
     STOPPING = "stopping"  # vCPUs halted, capabilities set

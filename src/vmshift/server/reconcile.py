@@ -20,7 +20,8 @@ from vmshift.model.api import EventKind
 from vmshift.model.enums import PowerState
 from vmshift.model.vm import VmRuntime
 
-# Inventory power states that promise a QEMU on the VM's host.
+# Inventory power states that promise a QEMU on the VM's host. A suspended VM has none (its state is a
+# file in its folder), so, like a powered-off one, it is never missing for want of a QEMU.
 EXPECTS_QEMU = frozenset({PowerState.POWERED_ON, PowerState.PAUSED, PowerState.MISSING})
 
 

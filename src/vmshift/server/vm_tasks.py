@@ -1,8 +1,9 @@
-"""Bodies of the VM tasks (vm.create, vm.power, vm.delete): agent calls plus inventory updates."""
+"""Bodies of the VM tasks (vm.create, vm.power, vm.suspend, vm.delete): agent calls plus inventory updates."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from sqlalchemy import select
@@ -12,6 +13,7 @@ from vmshift.client.agent import AgentPool
 from vmshift.errors import ApiError, ConflictError, NotFoundError, VmshiftError
 from vmshift.model.api import EventKind
 from vmshift.model.enums import ConnectionState, EventSeverity, PowerAction, PowerState
+from vmshift.model.suspend import SuspendPhase, SuspendProgress, state_timeout_s
 from vmshift.model.vm import VmRuntime, VmSpec
 from vmshift.server.db.schema import HostRow, VmRow
 from vmshift.server.events import record_event
@@ -96,6 +98,51 @@ def power_body(
         rt = await agents.get(address).power(name, action)
         _store_runtime(sessions, name, rt)
         return {"vm": name, "power_state": rt.power_state.value}
+
+    return body
+
+
+# a suspend's progress while the agent saves: phases before the save's own percent, and after it
+_SAVE_PERCENT = {SuspendPhase.STOPPING: 5, SuspendPhase.SYNCING: 95, SuspendPhase.QUITTING: 97}
+_SAVE_RUNNING = frozenset({SuspendPhase.STOPPING, SuspendPhase.SAVING, SuspendPhase.SYNCING,
+                           SuspendPhase.QUITTING})  # fmt: skip
+
+
+def _save_percent(p: SuspendProgress) -> int:
+    return _SAVE_PERCENT.get(p.phase, 5 + p.percent * 90 // 100)
+
+
+def suspend_body(
+    sessions: sessionmaker[Session], agents: AgentPool, name: str, poll_s: float = 0.5
+) -> TaskBody:
+    """vm.suspend: the agent saves the VM's state to its folder and stops QEMU (docs/suspend.md);
+    the task shows the save's progress. A failed save leaves the VM running, which the task stores."""
+
+    async def body(ctx: TaskContext) -> dict[str, Any]:
+        spec, address, host = _load(sessions, name)
+        agent = agents.get(address)
+        ctx.progress("save state", 2)
+        call = asyncio.create_task(agent.suspend(name, state_timeout_s(spec.memory_mib << 20) + 30))
+        started = False  # the progress the agent keeps may be an earlier suspend's until this one starts
+        try:
+            while not call.done():
+                await asyncio.wait({call}, timeout=poll_s)
+                with contextlib.suppress(VmshiftError):
+                    p = await agent.suspend_progress(name)
+                    started = started or p.phase in _SAVE_RUNNING
+                    if started and not call.done():
+                        mib = f"{p.written_bytes >> 20}/{p.ram_bytes >> 20} MiB"
+                        ctx.progress(f"{p.phase.value} {mib}", _save_percent(p))
+            result = call.result()
+        except VmshiftError:
+            with contextlib.suppress(VmshiftError):  # the VM runs on: show what the host says
+                _store_runtime(sessions, name, await agent.get_vm(name))
+            raise
+        finally:
+            call.cancel()
+        _store_runtime(sessions, name, result.runtime)
+        return {"vm": name, "host": host, "power_state": result.runtime.power_state.value,
+                **result.model_dump(mode="json", exclude={"runtime"})}
 
     return body
 

@@ -1,4 +1,4 @@
-"""VMs: list, create (task), power (task), delete (task)."""
+"""VMs: list, create (task), power (task), suspend (task), delete (task)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ from vmshift.server.inventory import get_vm
 from vmshift.server.tasks import TaskEngine
 from vmshift.server.views import task_view, vm_view
 from vmshift.server.vm_create import create_vm_row
-from vmshift.server.vm_tasks import create_body, delete_body, power_body, refuse_delete_while_a_qemu_runs
+from vmshift.server.vm_tasks import (
+    create_body,
+    delete_body,
+    power_body,
+    refuse_delete_while_a_qemu_runs,
+    suspend_body,
+)
 
 router = APIRouter()
 
@@ -54,6 +60,28 @@ async def power_vm(name: str, body: PowerRequest, core: ServerCore = Depends(cor
         task = TaskEngine.create(s, TaskKind.VM_POWER, name, {"action": body.action.value})
         view = task_view(task)
     core.tasks.start(view.id, name, power_body(core.sessions, core.agents, name, body.action))
+    return view
+
+
+@router.post("/vms/{name}/suspend", status_code=202)
+async def suspend_vm(name: str, core: ServerCore = Depends(core_of)) -> Task:
+    """Save a running or paused VM's state to its folder and stop it; resume it with power 'resume'
+    or 'start' (POST /vms/NAME/resume does that too). docs/suspend.md."""
+    with core.sessions.begin() as s:
+        vm = get_vm(s, name)
+        if vm.host.connection_state is not ConnectionState.CONNECTED:
+            raise ConflictError(
+                f"Host {vm.host.name} of VM {name} is disconnected.",
+                hint="Wait until the host is connected again.",
+            )
+        if vm.power_state not in (PowerState.POWERED_ON, PowerState.PAUSED):
+            raise ConflictError(
+                f"VM {name} is {vm.power_state.value}; only a running or paused VM can be suspended.",
+                hint="Start it first." if vm.power_state is not PowerState.SUSPENDED else "Nothing to do.",
+            )
+        task = TaskEngine.create(s, TaskKind.VM_SUSPEND, name)
+        view = task_view(task)
+    core.tasks.start(view.id, name, suspend_body(core.sessions, core.agents, name))
     return view
 
 
