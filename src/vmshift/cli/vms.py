@@ -112,6 +112,24 @@ def _power(name: str, action: PowerAction, no_wait: bool, json_: bool) -> None:
         _finish(c, task, no_wait=no_wait, json_=json_, vm=name)
 
 
+@vm_app.command("suspend")
+def vm_suspend(name: str, no_wait: NoWait = False, json_: JsonOpt = False) -> None:
+    """Suspend a running VM: save its memory and device state to its folder and stop it. 'vm resume'
+    (or 'vm start') continues it where it stopped; 'vm stop' discards the saved state."""
+    with context.client() as c:
+        task = c.suspend_vm(name)
+        if no_wait:
+            _finish(c, task, no_wait=True, json_=json_, vm=name)
+            return
+        result = wait_with_progress(c, task, quiet=json_).get("result") or {}
+        if json_:
+            emit_json({**c.get_vm(name), "suspend": result})
+            return
+    mib, rate = (result.get("written_bytes") or 0) / 2**20, (result.get("write_bps") or 0) / 2**20
+    typer.echo(f"VM {name} suspended: {mib:.0f} MiB written in {result.get('save_s')} s ({rate:.0f} MiB/s) "
+               f"to {result.get('state_file')}.")
+
+
 @vm_app.command("resume")
 def vm_resume(
     name: str,
@@ -122,8 +140,9 @@ def vm_resume(
     no_wait: NoWait = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Resume a paused VM. One that a migration left paused on both hosts is resumed on its source
-    only when the target proves it never ran it (else use 'vmshift migration finalize')."""
+    """Resume a paused or suspended VM (a suspended one continues from its saved state, which is then
+    removed). One that a migration left paused on both hosts is resumed on its source only when the
+    target proves it never ran it (else use 'vmshift migration finalize')."""
     with context.client() as c:
         task = c.resume_vm(name, force=force)
         _finish(c, task, no_wait=no_wait, json_=json_, vm=name)
@@ -131,13 +150,13 @@ def vm_resume(
 
 @vm_app.command("start")
 def vm_start(name: str, no_wait: NoWait = False, json_: JsonOpt = False) -> None:
-    """Power a VM on."""
+    """Power a VM on (a suspended VM resumes from its saved state, as in vSphere)."""
     _power(name, PowerAction.START, no_wait, json_)
 
 
 @vm_app.command("stop")
 def vm_stop(name: str, no_wait: NoWait = False, json_: JsonOpt = False) -> None:
-    """Power a VM off at once (like pulling the plug)."""
+    """Power a VM off at once (like pulling the plug); a suspended VM's saved state is discarded."""
     _power(name, PowerAction.STOP, no_wait, json_)
 
 

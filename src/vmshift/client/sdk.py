@@ -106,6 +106,10 @@ class VmshiftClient:
     def power_vm(self, name: str, action: PowerAction) -> Json:
         return dict(self.request("POST", f"/vms/{self._q(name)}/power", json={"action": action.value}))
 
+    def suspend_vm(self, name: str) -> Json:
+        """Start a vm.suspend task (docs/suspend.md); resume with ``resume_vm`` or ``power_vm(START)``."""
+        return dict(self.request("POST", f"/vms/{self._q(name)}/suspend"))
+
     def delete_vm(self, name: str) -> Json:
         return dict(self.request("DELETE", f"/vms/{self._q(name)}"))
 
