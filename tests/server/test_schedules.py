@@ -7,15 +7,19 @@ writing the claimed run straight into the database while the server is down.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from conftest import ServerHarness, wait_for
+from conftest import TOKEN, ServerHarness, wait_for
 from sqlalchemy import Engine, create_engine, func, insert, select, update
 from test_migrations_fakes import Pair, migrating_agents_fixture, pair_fixture  # noqa: F401
+from typer.testing import CliRunner
 
+from vmshift.cli.main import app
+from vmshift.errors import VmshiftError
 from vmshift.model.schedule import ScheduleRunOutcome
 from vmshift.server.db.schema import MigrationRow, ScheduleRow, ScheduleRunRow
 
@@ -217,3 +221,50 @@ def test_add_refuses_what_cannot_work_with_one_clear_sentence(server: ServerHarn
     assert r.status_code == 404 and "second" in r.json()["error"]["hint"]
     kinds = [e["kind"] for e in server.client.get("/events?target=vm-1").json()]
     assert "schedule.created" in kinds and "schedule.deleted" in kinds
+
+
+def cli(server: ServerHarness, *args: str) -> tuple[int, str, BaseException | None]:
+    base = ["--server", f"http://127.0.0.1:{server.port}", "--token", TOKEN]
+    result = CliRunner().invoke(app, [*base, *args])
+    return result.exit_code, result.stdout, result.exception
+
+
+def test_cli_add_list_show_delete_with_the_options_of_vm_migrate(server: ServerHarness, pair: Pair) -> None:
+    code, out, _ = cli(server, "schedule", "add", "--at", "+1s", "--name", "soon", "--json", "--",
+                       "vm", "migrate", "vm-1", "--host", "host-2", "--max-downtime", "700",
+                       "--bandwidth-limit", "400mbit")  # fmt: skip
+    assert code == 0, out
+    added = json.loads(out)
+    assert added["migrate"]["host"] == "host-2" and added["migrate"]["max_downtime_ms"] == 700
+    assert added["migrate"]["bandwidth_limit_bps"] == 50e6
+    wait_event(server, "schedule.run_started")
+    code, out, _ = cli(server, "schedule", "show", "soon", "--json")
+    [run] = json.loads(out)["runs"]
+    assert code == 0 and run["outcome"] == "started"
+    assert server.wait_task(run["task_id"])["state"] == "success"
+    code, out, _ = cli(server, "schedule", "show", "soon")
+    assert code == 0 and "Runs (newest first)" in out and "started" in out
+
+    code, out, _ = cli(server, "schedule", "add", "--cron", "0 2 * * *", "--tz", "Europe/Paris", "--",
+                       "vm", "migrate", "vm-1", "--host", "host-1")  # fmt: skip
+    assert code == 0 and "cron '0 2 * * *' (Europe/Paris)" in out, out
+    code, out, _ = cli(server, "schedule", "list", "--json")
+    assert code == 0 and [s["name"] for s in json.loads(out)] == ["soon", "vm-1-2"]
+    code, out, _ = cli(server, "schedule", "list")
+    assert code == 0 and "soon" in out and "vm-1-2" in out
+
+    for args, words in [
+        (["--at", "+1h", "--", "vm", "migrate", "vm-1", "--host", "host-2", "--dry-run"], "no meaning"),
+        (["--at", "+1h", "--", "vm", "migrate", "vm-1", "--hots", "host-2"], "No such option"),
+        (["--at", "+1h", "--", "vm", "start", "vm-1"], "runs 'vm migrate'"),
+        (["--at", "soon", "--", "vm", "migrate", "vm-1", "--host", "host-2"], "not an ISO 8601 time"),
+        (["--", "vm", "migrate", "vm-1", "--host", "host-2"], "exactly one of --at"),
+        (["--at", "+1h", "--", "vm", "migrate", "vm-1"], "names no target"),
+    ]:
+        code, _out, exc = cli(server, "schedule", "add", *args)
+        assert code != 0 and isinstance(exc, VmshiftError) and words in str(exc), (args, exc)
+
+    code, out, _ = cli(server, "schedule", "delete", "vm-1-2")
+    assert code == 0 and "deleted" in out
+    code, _out, exc = cli(server, "schedule", "show", "vm-1-2")
+    assert code != 0 and isinstance(exc, VmshiftError) and exc.message == "Schedule 'vm-1-2' does not exist."

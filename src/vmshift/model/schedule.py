@@ -55,6 +55,8 @@ class ScheduleCreate(BaseModel):
             raise ValueError("give exactly one of 'at' (once) and 'cron' (repeating)")
         if self.migrate.check_only or self.migrate.dry_run:
             raise ValueError("a scheduled migration cannot be a check-only or dry run")
+        if self.migrate.host is None and self.migrate.datastore is None:
+            raise ValueError("the migrate request names no target: give a host, a datastore, or both")
         return self
 
 
