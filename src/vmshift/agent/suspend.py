@@ -64,14 +64,15 @@ def saved_state(paths: VmPaths) -> Path | None:
 
 
 def supports_direct_io(directory: Path) -> bool:
-    """Whether files in ``directory`` open with O_DIRECT (tmpfs, for one, refuses it)."""
+    """Whether files in ``directory`` open with O_DIRECT (tmpfs, for one, refuses it). A folder that
+    takes no new file at all says False too: QEMU's own attempt then reports why."""
     probe = directory / f".direct-io-probe.{os.getpid()}"
     try:
         fd = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_DIRECT, 0o600)
     except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return False
-        raise
+        if exc.errno != errno.EINVAL:
+            log.warning("cannot create a file in %s: %s", directory, exc)
+        return False
     os.close(fd)
     probe.unlink(missing_ok=True)
     return True
@@ -160,13 +161,17 @@ async def save_state(qmp: QmpSession, paths: VmPaths, spec: VmSpec, settings: Su
     try:
         on_progress(_progress(spec, SuspendPhase.STOPPING, None))
         await qmp.stop()
-        transfer = await save_to_file(qmp, partial, state_settings, timeout_s=settings.timeout_s(
-            spec.memory_mib * MIB), on_progress=seen)
-        if transfer.status is not QemuMigrationStatus.COMPLETED:
-            why = transfer.error or transfer.status.value
-            raise QemuError(f"QEMU could not save the state of VM {spec.name!r} ({why}).",
-                            hint=f"The VM runs on as before; check the free space of {paths.vm_dir} "
-                                 "and the VM's QEMU log.")
+        try:
+            transfer = await save_to_file(qmp, partial, state_settings, timeout_s=settings.timeout_s(
+                spec.memory_mib * MIB), on_progress=seen)
+            why = None if transfer.status is QemuMigrationStatus.COMPLETED else (
+                transfer.error or transfer.status.value)
+        except QemuError as exc:
+            why = exc.message
+        if why is not None:
+            raise QemuError(f"QEMU could not save the state of VM {spec.name!r}: {why}",
+                            hint=f"The VM runs on as before; check that {paths.vm_dir} is writable and "
+                                 "has room for the VM's memory, and see the VM's QEMU log.")
         on_progress(_progress(spec, SuspendPhase.SYNCING, transfer))
         await asyncio.to_thread(_publish, partial, paths.suspend_state)
     except BaseException as exc:
