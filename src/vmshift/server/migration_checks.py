@@ -49,6 +49,8 @@ _UNPROCESSABLE = {
     CheckId.NETWORKS,
     CheckId.MIGRATION_ADDRESS,
     CheckId.HOST_BOUND_DEVICES,
+    CheckId.TARGET_DATASTORE,
+    CheckId.DISK_FORMAT,
 }
 
 
