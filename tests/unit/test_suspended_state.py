@@ -68,6 +68,8 @@ def test_transfer_from_query_migrate() -> None:
     assert t.status is QemuMigrationStatus.ACTIVE and t.percent == 75 and t.rate_bps == 300
     done = StateTransfer(QemuMigrationStatus.COMPLETED, 1000, 0, 600, 2.0)
     assert done.percent == 100
+    timed = _transfer({"status": "completed", "total-time": 500, "ram": {"normal-bytes": 600}}, 2.0)
+    assert timed.elapsed_s == 0.5 and timed.rate_bps == 1200, "QEMU's own time of a finished save counts"
     failed = _transfer({"status": "failed", "error-desc": "No space left on device"}, 1.0)
     assert failed.status.finished and failed.error == "No space left on device"
 

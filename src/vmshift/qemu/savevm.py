@@ -79,7 +79,11 @@ def file_uri(path: Path) -> str:
 
 
 def _transfer(reply: dict[str, Any], elapsed_s: float) -> StateTransfer:
+    """``elapsed_s`` is the caller's clock; a finished save has QEMU's own ``total-time``, which
+    does not depend on how often the caller asked."""
     ram = reply.get("ram") or {}
+    if reply.get("status") == QemuMigrationStatus.COMPLETED and isinstance(reply.get("total-time"), int):
+        elapsed_s = reply["total-time"] / 1000
     return StateTransfer(
         status=QemuMigrationStatus.parse(str(reply.get("status", "none"))),
         total_bytes=int(ram.get("total", 0)),
