@@ -209,8 +209,11 @@ class Supervisor:
                        died=vm.died, exit_reason=vm.exit_reason,
                        incoming_migration=self.files.incoming_migration(vm.spec.name))
         if vm.pid is None:
-            if saved_state(vm.paths) is not None:
+            state = saved_state(vm.paths)
+            if state is not None:
                 rt.power_state, rt.died = PowerState.SUSPENDED, False
+                with contextlib.suppress(OSError):
+                    rt.suspend_state_bytes = state.stat().st_size
             return rt
         rt.pid, rt.died, rt.exit_reason = vm.pid, False, None
         with contextlib.suppress(psutil.Error):

@@ -82,6 +82,9 @@ class VmRuntime(BaseModel):
     qemu_status: str | None = Field(default=None, description="QMP query-status 'status'")
     died: bool = Field(default=False, description="the QEMU process vanished without being stopped")
     exit_reason: str | None = None
+    suspend_state_bytes: int | None = Field(
+        default=None, description="a suspended VM: the size of its saved state file (a move copies it)"
+    )
     incoming_migration: int | None = Field(
         default=None,
         description="id of the live migration this QEMU receives; such a QEMU is not the VM yet, only "

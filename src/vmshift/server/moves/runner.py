@@ -180,9 +180,15 @@ class DiskMoves:
                                   kind=row.kind, target_spec=target,
                                   disk_format=DiskFormat(fmt) if fmt else None)
         if row.source_host != row.target_host:
+            state_bytes = None
+            if row.kind is MigrationKind.SUSPENDED:
+                state_bytes = (await self._agents.get(src_addr).get_vm(row.vm)).suspend_state_bytes
+                if state_bytes is None:
+                    raise ConflictError(f"VM {row.vm} has no saved state on {row.source_host} any more.",
+                                        hint="Check its power state with 'vmshift vm show'.")
             exports = await self._agents.get(dst_addr).disk_exports_create(DiskExportRequest(
                 move_id=mid, nonce=row.nonce, spec=target, sizes_bytes=disk_sizes_bytes(spec),
-                disk_format=DiskFormat(fmt) if fmt else DiskFormat.QCOW2))
+                disk_format=DiskFormat(fmt) if fmt else DiskFormat.QCOW2, state_size_bytes=state_bytes))
             request.targets, request.state_uri = exports.targets, exports.state_uri
         progress = self._identified(row, await self._agents.get(src_addr).move_start(request))
         set_phase(self._sessions, mid, MigrationPhase.COPY)
