@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from vmshift.model.agent_migration import MigrationProgress, OutgoingMigration
 from vmshift.model.migration import SwitchoverTimeline
+from vmshift.model.moves import NbdTarget
 from vmshift.model.vm import VmSpec
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,11 @@ class StoredMigration(BaseModel):
     target_state: TargetState | None = None
     timeline: SwitchoverTimeline = Field(default_factory=SwitchoverTimeline)
     nonce: str | None = None  # the server's nonce of this migration (target records)
+    # target of a relocate (shared-nothing): the paths it created (a rollback removes exactly these)
+    # and the NBD exports of its receiving QEMU
+    relocate: bool = False
+    created_paths: list[str] = Field(default_factory=list)
+    exports: list[NbdTarget] = Field(default_factory=list)
 
 
 class MigrationStore:

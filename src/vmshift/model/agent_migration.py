@@ -17,6 +17,7 @@ from vmshift.model.migration import (
     MigrationStatus,
     SwitchoverTimeline,
 )
+from vmshift.model.moves import NbdTarget
 from vmshift.model.vm import VmSpec
 
 
@@ -70,11 +71,19 @@ class MigrationIdentity(BaseModel):
 
 class IncomingRequest(MigrationIdentity):
     migration_id: int
-    spec: VmSpec
+    spec: VmSpec = Field(description="the VM's spec on the target (for a relocate: its new datastore)")
+    relocate: bool = Field(
+        default=False,
+        description="shared-nothing (kind relocate): create the spec's disks here and export them over NBD "
+        "from the receiving QEMU for the source's mirrors",
+    )
 
 
 class Incoming(BaseModel):
     uri: str
+    nbd: list[NbdTarget] = Field(
+        default_factory=list, description="a relocate: one writable NBD export per disk of the spec"
+    )
 
 
 class IncomingState(BaseModel):
@@ -107,6 +116,10 @@ class OutgoingMigration(MigrationIdentity):
     settings: MigrationSettings = Field(default_factory=MigrationSettings)
     bandwidth_bps: float | None = None
     dirty_rate_bps: float | None = None
+    mirror_targets: list[NbdTarget] = Field(
+        default_factory=list,
+        description="a relocate: mirror each disk into its NBD export on the target before memory moves",
+    )
 
 
 class FinalizeRequest(BaseModel):
@@ -125,3 +138,6 @@ class MigrationProgress(MigrationLive):
     error: ErrorInfo | None = None
     updated_at: datetime | None = None
     nonce: str | None = None
+    mirror_bytes: int = Field(
+        default=0, description="a relocate: bytes the disk mirrors copied (the COPY phase before pre-copy)"
+    )
