@@ -1,10 +1,13 @@
 """Target role of a live migration: receive the VM, activate it after the stream, or roll back.
 
 The VM's folder lives on shared storage and already holds the VM (same uuid): the target adopts it
-(registration + run dir) and never creates, moves or deletes disks. The receiving QEMU starts
-paused (``-S``, ``late-block-activate``) and stays paused after the stream loaded: it runs only on
-``activate``, which the source sends once its own QEMU reported ``completed`` (libvirt's confirm
-phase). While it only receives, the VM carries an "incoming" mark; ``activate`` removes it.
+(registration + run dir) and never creates, moves or deletes disks. A relocate (shared-nothing, the
+request's ``relocate``) is the exception: the spec names a datastore only this host may see, and the
+target creates the VM's disks there, exports them over NBD for the source's mirrors
+(agent/relocate_target.py), stops the exports before ``cont`` and removes what it created on a rollback.
+The receiving QEMU starts paused (``-S``, ``late-block-activate``) and stays paused after the stream
+loaded: it runs only on ``activate``, which the source sends once its own QEMU reported
+``completed`` (libvirt's confirm phase). While it only receives, the VM carries an "incoming" mark; ``activate`` removes it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import logging
 import time
 
+from vmshift.agent import relocate_target
 from vmshift.agent.migration_store import MigrationRole, MigrationStore, StoredMigration, TargetState
 from vmshift.agent.supervisor import Supervisor
 from vmshift.errors import (
@@ -69,25 +73,32 @@ class IncomingMigrations:
                     raise ConflictError(f"Migration {mid} of another server or an older database still "
                                         f"waits for VM {old.vm!r} on this host.",
                                         hint=f"Roll it back first (DELETE /api/v1/migrations/{mid}).")
-                return Incoming(uri=old.uri)  # the same request again: idempotent
+                return Incoming(uri=old.uri, nbd=old.exports)  # the same request again: idempotent
             files = self.supervisor.files
             if spec.name in files.registered_names() and not files.is_incoming(spec.name):
                 raise ConflictError(f"VM {spec.name!r} is already defined on this host.",
                                     hint="Migrate it to a host that does not run it.")
+            created = relocate_target.paths_to_create(files, spec) if req.relocate else []
             paths = files.paths(spec)
             missing = [str(p) for p in paths.disks if not p.exists()]
-            if missing:
+            if missing and not req.relocate:
                 raise NotFoundError(f"The disks of VM {spec.name!r} are not visible on this host: "
                                     f"{', '.join(missing)}.",
                                     hint="Live migration needs the VM's datastores shared with this host.")
             rec = StoredMigration(role=MigrationRole.TARGET, migration_id=req.migration_id, vm=spec.name,
-                                  spec=spec, target_state=TargetState.LISTENING, nonce=req.nonce)
-            self.store.save(rec)
+                                  spec=spec, target_state=TargetState.LISTENING, nonce=req.nonce,
+                                  relocate=req.relocate, created_paths=created)
+            self.store.save(rec)  # before anything is created: a rollback after a crash finds the list
             try:
                 await self.supervisor.files.define(spec, self.supervisor.config.networks)
                 files.mark_incoming(spec.name, req.migration_id)
-                await self.supervisor.start(spec.name, incoming="defer")
+                runtime = await self.supervisor.start(spec.name, incoming="defer")
                 qmp = self.supervisor.qmp_session(spec.name)
+                if req.relocate:
+                    assert runtime.pid is not None
+                    rec.exports = await relocate_target.export_disks(qmp, runtime.pid, self.address, spec,
+                                                                     req.migration_id)
+                    self.store.save(rec)
                 caps = await mq.query_capabilities(qmp)
                 # postcopy-ram must be set on both sides before the stream starts; harmless if unused.
                 # late-block-activate: with -S, take no write lock on the disks until `cont`.
@@ -105,7 +116,7 @@ class IncomingMigrations:
             rec.uri = f"tcp:{self.address}:{port}"
             self.store.save(rec)
             log.info("migration %d: VM %s waits for its stream on %s", rec.migration_id, spec.name, rec.uri)
-            return Incoming(uri=rec.uri)
+            return Incoming(uri=rec.uri, nbd=rec.exports)
 
     async def state(self, migration_id: int) -> IncomingState:
         """The target's proof, read from its QEMU: has the whole stream arrived, has the VM run here?"""
@@ -141,6 +152,10 @@ class IncomingMigrations:
             raise ConflictError(f"Migration {migration_id} was rolled back on this host.",
                                 hint="Start the migration again.")
         deadline = time.monotonic() + ACTIVATE_TIMEOUT_S
+        if rec.relocate and self.supervisor.is_alive(rec.vm):
+            # the source completed its mirrors before the device state left it: close the disks'
+            # NBD exports before the guest runs, so only the guest writes to them from now on
+            await relocate_target.stop_exports(self.supervisor.qmp_session(rec.vm), migration_id)
         if await self._cont_on_event(rec):
             deadline = 0.0  # ran: the loop below only confirms it
         while True:
@@ -257,6 +272,10 @@ class IncomingMigrations:
                 await self.supervisor.stop_and_unregister(rec.vm)
         except VmshiftError as exc:
             log.warning("migration %d: cleaning up VM %s failed: %s", rec.migration_id, rec.vm, exc)
+        if rec.created_paths and not self.supervisor.is_alive(rec.vm):
+            relocate_target.remove_created(rec.created_paths)  # a relocate's new disks and folder only
+            log.info("migration %d: removed %s", rec.migration_id, ", ".join(rec.created_paths))
+            rec.created_paths = []
         rec.target_state = state
         self.store.save(rec)
         log.info("migration %d: incoming VM %s rolled back (%s)", rec.migration_id, rec.vm, state.value)

@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from vmshift.agent.migration_store import StoredMigration
+from vmshift.agent.relocate_mirrors import RelocateMirrors
 from vmshift.client.agent import AgentClient
 from vmshift.errors import ConflictError, IncomingFailedError, QemuError, StreamCompletedError, VmshiftError
 from vmshift.migration.phases import check_transition
@@ -42,6 +43,9 @@ class SourceEndings:
         self.o, self.rec, self.req, self.p = owner, rec, rec.request, rec.progress
         self.samples: list[MigrationSample] = []
         self.postcopy_confirmed = False  # the target was told to run once post-copy began
+        if self.req.mirror_targets:  # a relocate never hands the VM over before its disks are complete
+            self.req.settings = self.req.settings.model_copy(update={"allow_postcopy": False,
+                                                                     "postcopy_after_s": None})
         overrides: dict[str, Any] = {}
         if self.req.dirty_rate_bps:
             overrides["dirty_rate_hint_bps"] = self.req.dirty_rate_bps
@@ -55,6 +59,7 @@ class SourceEndings:
         self.target = AgentClient(self.req.target_agent.address, self.req.target_agent.token,
                                   timeout_s=10.0, connect_timeout_s=3.0,
                                   transport=self.o.target_transport)
+        self.mirrors = RelocateMirrors(self)  # inactive unless the migration relocates the disks
 
     async def close(self) -> None:
         await self.target.aclose()
@@ -162,6 +167,7 @@ class SourceEndings:
                 return
             reason = f"{reason} The source QEMU is gone as well."
         else:
+            await self.mirrors.abandon()  # a relocate: stop the disk mirrors, the source keeps its disks
             try:
                 if await self._final_status() is Q.COMPLETED:
                     log.warning("migration %d: the stream completed before the cancel", self.rec.migration_id)
@@ -278,8 +284,14 @@ class SourceEndings:
             tl.first_announce = state.timeline.first_announce
 
     async def _stop_source_and_complete(self) -> None:
+        old_spec = None
+        if self.mirrors.active:  # a relocate: the old files go once the target runs the VM
+            with contextlib.suppress(VmshiftError):
+                old_spec = self.o.supervisor.files.load_spec(self.rec.vm)
         try:
             await self.o.supervisor.stop_and_unregister(self.rec.vm)
+            if old_spec is not None:
+                self.mirrors.remove_source_files(old_spec)
         except VmshiftError as exc:
             log.warning("migration %d: stopping the source QEMU failed: %s", self.rec.migration_id, exc)
         if self.p.phase is not P.FINISH:

@@ -2,7 +2,9 @@
 
 QEMU's ``MIGRATION`` events (the ``events`` capability) end each wait at once; ``query-migrate``
 is sampled every 250 ms for the pure ``ConvergencePolicy``, whose actions are applied through QMP.
-The loop ends in one of the endings of ``SourceEndings`` (agent/source_endings.py).
+The loop ends in one of the endings of ``SourceEndings`` (agent/source_endings.py). A relocate
+(shared-nothing) adds its disk mirrors through ``self.mirrors`` (agent/relocate_mirrors.py) at three
+points: the copy before ``migrate``, a check on each sample, and the switchover in ``pre-switchover``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class SourceLoop(SourceEndings):
         if self.p.status is not MigrationStatus.RUNNING:
             return
         reason = f"The source agent's control loop failed ({type(exc).__name__}: {exc})."
-        if self.p.phase in (P.PREPARE, P.PRECOPY) and self.source_alive():
+        if self.p.phase in (P.PREPARE, P.COPY, P.PRECOPY) and self.source_alive():
             await self._rollback(reason, "internal")
         else:
             await self._needs_finalize(reason)
@@ -75,6 +77,8 @@ class SourceLoop(SourceEndings):
             self.set_phase(P.PRECOPY)
             self.save()
         elif not self.rec.migrate_sent:
+            if self.mirrors.active:
+                await self.mirrors.copy()  # every disk READY on the target before memory moves
             await self._setup()
         elif current is Q.NONE:
             raise Rollback("The source QEMU has no migration in progress (it was restarted).", "qemu_error")
@@ -96,6 +100,11 @@ class SourceLoop(SourceEndings):
             self._update(sample)
             if sample.status is Q.COMPLETED:
                 return
+            if self.mirrors.active and not self.rec.cancel_requested:
+                if sample.status is Q.PRE_SWITCHOVER:
+                    await self.mirrors.switchover()
+                elif sample.status is Q.ACTIVE:
+                    await self.mirrors.check()
             if sample.status.postcopy and not self.postcopy_confirmed:
                 await self._confirm_postcopy()
             if sample.status in (Q.FAILED, Q.CANCELLED):
@@ -165,6 +174,7 @@ class SourceLoop(SourceEndings):
         caps = await mq.query_capabilities(qmp)
         wanted = {"events": True, "auto-converge": True, "postcopy-ram": s.allow_postcopy,
                   "multifd": False}  # multifd: no gain measured under TCG on 2 cores (docs/migration.md)
+        wanted.update(self.mirrors.capabilities())
         if "validate-uuid" in caps:
             wanted["validate-uuid"] = True
         await mq.set_capabilities(qmp, {k: v for k, v in wanted.items() if k in caps})

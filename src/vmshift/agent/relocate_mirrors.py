@@ -1,0 +1,292 @@
+"""Source side of a relocate (shared-nothing migration): the disks' mirrors into the target's NBD exports.
+
+The source loop (agent/source_loop.py, agent/source_endings.py) calls this module at three points
+and is otherwise the live loop:
+
+1. ``copy`` before ``migrate`` (phase COPY): one NBD client node per disk (``blockdev-add`` driver
+   ``nbd``) and a ``blockdev-mirror`` (sync=full) from the drive into it, background copy, switched to
+   write-blocking by the pure ``migration.mirror_policy``; when every mirror is READY every disk is
+   made write-blocking (each guest write is then on the target before it completes, so nothing is
+   left to drain at the switchover) and memory migrates as in a live migration, with QEMU's
+   ``pause-before-switchover`` capability on;
+2. ``check`` on every pre-copy sample: a mirror that failed or ended (the NBD connection cut, the
+   target QEMU killed, ENOSPC on the target datastore) fails the migration;
+3. ``switchover`` once QEMU waits in ``pre-switchover`` (the vCPUs are stopped, the device state not
+   sent yet): each READY mirror is completed without pivot (``block-job-cancel``, not forced, so it
+   finishes its last sync), checked to have ended without an error, its node deleted (which flushes
+   and closes the NBD connection), and only then ``migrate-continue`` lets the device state go. The
+   target receives the end of the stream only after holding every disk, and runs only after the
+   source saw ``completed`` (the safe switchover of a live migration).
+
+Any failure before that raises a ``VmshiftError``; the loop's rollback calls ``abandon`` (mirrors
+cancelled by force, nodes deleted), cancels the migration so the source runs on its own disks, and
+tells the target to remove its QEMU, exports and files. libvirt drives NBD storage migration in the
+same order (docs/shared-nothing.md, "Compared with libvirt").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from vmshift.errors import ConflictError, QemuError, VmshiftError
+from vmshift.migration.mirror_policy import (
+    DiskView,
+    MirrorPolicySettings,
+    MirrorSample,
+    decide_switch,
+    may_pivot,
+    rates,
+    totals,
+)
+from vmshift.model.migration import MigrationPhase
+from vmshift.model.moves import NbdTarget
+from vmshift.model.vm import VmSpec
+from vmshift.qemu import block_qmp as bq
+from vmshift.qemu.cmdline import disk_device_id
+from vmshift.qemu.qmp import QmpSession
+
+if TYPE_CHECKING:
+    from vmshift.agent.source_endings import SourceEndings
+
+log = logging.getLogger(__name__)
+P = MigrationPhase
+KEEP_SAMPLES = 40
+CHECK_INTERVAL_S = 1.0
+END_TIMEOUT_S = 30.0
+
+
+class RelocateMirrors:
+    """The disk mirrors of one outgoing relocate (inactive, and never called into, for a live migration)."""
+
+    def __init__(self, loop: SourceEndings, policy: MirrorPolicySettings | None = None) -> None:
+        self.loop = loop
+        self.targets: list[NbdTarget] = list(loop.req.mirror_targets)
+        self.policy = policy or MirrorPolicySettings()
+        self._samples: dict[int, list[MirrorSample]] = {}
+        self._next_check = 0.0
+        self._write_blocking: set[int] = set()
+        self.switched = False  # the mirrors were completed and the device state let go
+
+    @property
+    def active(self) -> bool:
+        return bool(self.targets)
+
+    def job_id(self, index: int) -> str:
+        return f"rl{self.loop.rec.migration_id}-d{index}"
+
+    def capabilities(self) -> dict[str, bool]:
+        """Migration capabilities a relocate needs: stop before the device state goes, no post-copy."""
+        return {"pause-before-switchover": True, "postcopy-ram": False} if self.active else {}
+
+    # ----- 1. COPY -------------------------------------------------------------------------------
+    async def copy(self) -> None:
+        """Mirror every disk into its export and wait until all are READY (raises on any failure)."""
+        loop = self.loop
+        qmp = loop.qmp()
+        await self.abandon()  # an earlier run of this loop (agent restart) may have left mirrors
+        loop.set_phase(P.COPY)
+        loop.save()
+        for target in self.targets:
+            dev = await bq.device_of(qmp, disk_device_id(target.index))
+            if dev.virtual_size != target.size_bytes:
+                raise ConflictError(
+                    f"Disk {target.index} of VM {loop.rec.vm!r} has {dev.virtual_size} bytes but its target "
+                    f"offers {target.size_bytes}.", hint="Fix the VM's disk size in its spec, then retry.")
+            url = urlsplit(target.uri)
+            job = self.job_id(target.index)
+            await qmp.execute("blockdev-add", {
+                "driver": "nbd", "node-name": job, "export": url.path.lstrip("/"),
+                "server": {"type": "inet", "host": url.hostname or "", "port": str(url.port)},
+            })
+            await bq.blockdev_mirror(qmp, job_id=job, device=dev.node_name, target=job)
+        log.info("migration %d: mirroring %d disk(s) of %s to the target", loop.rec.migration_id,
+                 len(self.targets), loop.rec.vm)
+        next_target_check = 0.0
+        target_ok_at = time.monotonic()
+        while True:
+            if loop.rec.cancel_requested:
+                raise ConflictError("The migration was cancelled by the user during the disk copy.",
+                                    hint="The VM keeps running on its original host and disks.")
+            qmp = loop.qmp()
+            seen = qmp.last_seq
+            jobs = await self._sample(qmp)
+            views = [DiskView(ready=jobs[self.job_id(t.index)].ready) for t in self.targets]
+            for target in self.targets:
+                await self._maybe_switch(qmp, target)
+            self._report()
+            if may_pivot(views):
+                break
+            now = time.monotonic()
+            if now >= next_target_check:
+                next_target_check = now + loop.o.target_check_interval_s
+                if await self._target_alive():
+                    target_ok_at = now
+                elif now - target_ok_at > loop.o.target_down_after_s:
+                    raise QemuError(f"The target agent {loop.req.target_agent.address} stopped answering "
+                                    "during the disk copy.", hint="Check the target host; then retry.")
+            await qmp.wait_event("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR",
+                                 timeout_s=loop.o.sample_interval_s, after_seq=seen)
+        for target in self.targets:  # nothing is left to drain when the vCPUs stop for the switchover
+            await self._set_write_blocking(qmp, target)
+        self._report()
+        loop.save()
+
+    async def _target_alive(self) -> bool:
+        try:
+            await self.loop.target.health(timeout_s=2.0)
+            return True
+        except VmshiftError as exc:
+            return not exc.retryable  # an answer that is an error still proves the agent runs
+
+    async def _sample(self, qmp: QmpSession) -> dict[str, bq.BlockJob]:
+        """Every mirror's job, each appended to its samples; raises if one failed or ended."""
+        jobs = await bq.query_block_jobs(qmp)
+        now = time.monotonic()
+        for target in self.targets:
+            info = jobs.get(self.job_id(target.index))
+            if info is None or info.status.ended or info.error:
+                why = info.error if info is not None and info.error else "it ended before the switchover"
+                raise QemuError(f"The mirror of disk {target.index} to {target.uri} failed: {why}.",
+                                hint="Check the migration link and the target datastore's free space, "
+                                     "then retry.")
+            samples = self._samples.setdefault(target.index, [])
+            samples.append(MirrorSample(now, info.offset_bytes, info.len_bytes, info.ready))
+            del samples[:-KEEP_SAMPLES]
+        return jobs
+
+    async def _maybe_switch(self, qmp: QmpSession, target: NbdTarget) -> None:
+        samples = self._samples.get(target.index, [])
+        if self._blocking(target) or not samples:
+            return
+        decision = decide_switch(samples, self.policy)
+        if decision.switch:
+            log.info("migration %d: disk %d write-blocking (%s: %s)", self.loop.rec.migration_id,
+                     target.index, decision.reason, decision.detail)
+            await self._set_write_blocking(qmp, target)
+
+    def _blocking(self, target: NbdTarget) -> bool:
+        return target.index in self._write_blocking
+
+    async def _set_write_blocking(self, qmp: QmpSession, target: NbdTarget) -> None:
+        if self._blocking(target):
+            return
+        await bq.set_copy_mode(qmp, self.job_id(target.index), bq.CopyMode.WRITE_BLOCKING)
+        self._write_blocking.add(target.index)
+
+    def _report(self) -> None:
+        """The copy's bytes, rate and ETA in the progress (what the task and the CLI show in COPY)."""
+        p = self.loop.p
+        latest = [s[-1] for s in (self._samples.get(t.index, []) for t in self.targets) if s]
+        if not latest:
+            return
+        t = totals(latest, [rates(self._samples[i], self.policy.window_s, self.policy.min_span_s)
+                            for i in sorted(self._samples)])
+        p.mirror_bytes = t.done_bytes
+        if p.phase is P.COPY:
+            p.total_bytes, p.transferred_bytes = t.total_bytes, t.done_bytes
+            p.remaining_bytes = max(0, t.total_bytes - t.done_bytes)
+            p.throughput_bps, p.eta_s = round(t.rate_bps, 1), t.eta_s
+        p.write_blocking = bool(self._write_blocking)
+        self.loop.save()
+
+    # ----- 2. during pre-copy --------------------------------------------------------------------
+    async def check(self) -> None:
+        """About once a second during pre-copy: every mirror still runs, READY and error-free."""
+        if not self.active or self.switched or time.monotonic() < self._next_check:
+            return
+        self._next_check = time.monotonic() + CHECK_INTERVAL_S
+        await self._sample(self.loop.qmp())
+
+    # ----- 3. the switchover ---------------------------------------------------------------------
+    async def switchover(self) -> None:
+        """QEMU waits in ``pre-switchover``: complete the mirrors without pivot, prove none failed,
+        close the NBD connections, then let the device state go (``migrate-continue``)."""
+        if not self.active or self.switched:
+            return
+        loop, qmp = self.loop, self.loop.qmp()
+        started = time.monotonic()
+        jobs = await self._sample(qmp)
+        for target in self.targets:
+            job = jobs[self.job_id(target.index)]
+            if not job.ready:
+                raise QemuError(f"The mirror of disk {target.index} is not in sync at the switchover.",
+                                hint="Retry the migration.")
+        after_seq = qmp.last_seq
+        for target in self.targets:
+            await bq.block_job_cancel(qmp, self.job_id(target.index), force=False)
+        ended = await self._wait_ended(qmp, after_seq)
+        for target in self.targets:
+            job_id = self.job_id(target.index)
+            end = ended.get(job_id)
+            if end is None or end.error or end.offset_bytes < end.len_bytes:
+                why = (end.error if end is not None and end.error else
+                       "it did not end" if end is None else f"{end.len_bytes - end.offset_bytes} B unsent")
+                raise QemuError(f"The mirror of disk {target.index} did not complete: {why}.",
+                                hint="The VM keeps running on the source; retry the migration.")
+            with contextlib.suppress(QemuError):
+                await bq.job_dismiss(qmp, job_id)
+            await bq.blockdev_del(qmp, job_id)  # flushes and closes the NBD connection
+        self.switched = True
+        log.info("migration %d: %d mirror(s) completed in %.1f ms, the device state follows",
+                 loop.rec.migration_id, len(self.targets), (time.monotonic() - started) * 1000)
+        await qmp.execute("migrate-continue", {"state": "pre-switchover"})
+
+    async def _wait_ended(self, qmp: QmpSession, after_seq: int) -> dict[str, bq.BlockJob]:
+        """Wait until every mirror's job has ended; its last view (offsets, error) by job id."""
+        deadline = time.monotonic() + END_TIMEOUT_S
+        wanted = {self.job_id(t.index) for t in self.targets}
+        while True:
+            jobs = await bq.query_block_jobs(qmp)
+            done = {j: jobs[j] for j in wanted if j in jobs and jobs[j].status.ended}
+            if len(done) == len(wanted) or time.monotonic() > deadline:
+                return done
+            await qmp.wait_event("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", timeout_s=0.2,
+                                 after_seq=after_seq)
+
+    # ----- rollback and the end ------------------------------------------------------------------
+    async def abandon(self) -> None:
+        """Stop every mirror of this migration by force and delete its node (nothing is left in QEMU)."""
+        if not self.active or not self.loop.source_alive():
+            return
+        with contextlib.suppress(VmshiftError):
+            qmp = self.loop.qmp()
+            jobs = await bq.query_block_jobs(qmp)
+            mine = [self.job_id(t.index) for t in self.targets if self.job_id(t.index) in jobs]
+            after_seq = qmp.last_seq
+            for job_id in mine:
+                if not jobs[job_id].status.ended:
+                    with contextlib.suppress(QemuError):
+                        await bq.block_job_cancel(qmp, job_id, force=True)
+            if mine:
+                await self._wait_ended(qmp, after_seq)
+            for job_id in mine:
+                with contextlib.suppress(QemuError):
+                    await bq.job_dismiss(qmp, job_id)
+            nodes = {n.node_name for n in await bq.query_nodes(qmp)}
+            for target in self.targets:
+                if self.job_id(target.index) in nodes:
+                    with contextlib.suppress(QemuError):
+                        await bq.blockdev_del(qmp, self.job_id(target.index))
+        self._write_blocking.clear()
+
+    def remove_source_files(self, spec: VmSpec) -> None:
+        """The VM runs on the target from its new disks: remove its old disks and folder here.
+
+        Never a file of the target: the target refused to start if any of its paths existed."""
+        if not self.active:
+            return
+        paths = self.loop.o.supervisor.files.paths(spec)
+        for disk in paths.disks:
+            disk.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                if disk.parent != paths.vm_dir:
+                    disk.parent.rmdir()
+        shutil.rmtree(Path(paths.vm_dir), ignore_errors=True)
+        log.info("migration %d: removed the old files of %s in %s", self.loop.rec.migration_id, spec.name,
+                 paths.vm_dir)
