@@ -7,7 +7,8 @@ target creates the VM's disks there, exports them over NBD for the source's mirr
 (agent/relocate_target.py), stops the exports before ``cont`` and removes what it created on a rollback.
 The receiving QEMU starts paused (``-S``, ``late-block-activate``) and stays paused after the stream
 loaded: it runs only on ``activate``, which the source sends once its own QEMU reported
-``completed`` (libvirt's confirm phase). While it only receives, the VM carries an "incoming" mark; ``activate`` removes it.
+``completed`` (libvirt's confirm phase). While it only receives, the VM carries an "incoming" mark;
+``activate`` removes it.
 """
 
 from __future__ import annotations
