@@ -183,8 +183,8 @@ def _start(lab: Lab, vm: StoppedVm, mid: int, exports: DiskExports) -> MoveProgr
     return lab.agent(1, lambda a: a.move_start(req))
 
 
-def _progress(lab: Lab, mid: int) -> MoveProgress:
-    return lab.agent(1, lambda a: a.move_progress(mid))
+def _progress(lab: Lab, mid: int, host: int = 1) -> MoveProgress:
+    return lab.agent(host, lambda a: a.move_progress(mid))
 
 
 def _copying(lab: Lab, mid: int) -> MoveProgress:
@@ -343,3 +343,42 @@ def test_cold_move_to_another_host_and_datastore(clab: Lab, vm: StoppedVm) -> No
     assert passes["memtest"]["mismatches"] == 0, passes
     with clab.server() as s:
         assert s.get(f"/vms/{VM}").json()["host"] == "host-2"
+
+
+def test_suspended_moves_same_host_then_other_host_and_resume(clab: Lab, vm: StoppedVm) -> None:
+    """The VM from the move above runs on host-2: suspend it, move it to shared-1 on host-2 (as raw
+    disks), then to local-host-1 on host-1, resume it there: the guest continues where it stopped."""
+    before = wait_for(f"{VM} to answer", lambda: _healthy(clab, VM), timeout=60)
+    clab.cli("vm", "suspend", VM, "--json")
+    state = clab.datastore(TARGET_DS) / VM / "suspended.state"
+    assert state.is_file()
+    state_bytes = state.stat().st_size
+    # (target host, target datastore, options, the datastore it leaves); both start from host-2
+    moves = [("host-2", "shared-1", ["--disk-format", "raw"], TARGET_DS),
+             ("host-1", "local-host-1", [], "shared-1")]
+    for k, (host, datastore, extra, left) in enumerate(moves):
+        out = clab.cli("vm", "migrate", VM, "--host", host, "--datastore", datastore, *extra, "--json")
+        final = json.loads(out.stdout)
+        assert final["status"] == "completed" and final["kind"] == "suspended", final
+        job = _progress(clab, int(final["id"]), host=2)
+        assert job.state is MoveState.COMPLETED and all(d.identical for d in job.disks), job
+        assert job.total_bytes == sum(disk_sizes_bytes(vm.spec)) + state_bytes, job
+        folder = clab.datastore(datastore) / VM
+        moved = folder / "suspended.state"
+        assert moved.is_file() and moved.stat().st_size == state_bytes, moved
+        assert not (clab.datastore(left) / VM).exists()
+        print(f"\nsuspended move {k + 1} to {host}/{datastore}: {final['metrics'].get('total_ms')} ms, "
+              f"state file {state_bytes / MIB:.0f} MiB")
+    with clab.server() as s:
+        assert s.get(f"/vms/{VM}").json()["power_state"] == "suspended"
+    clab.cli("vm", "resume", VM)
+    after = wait_for(f"{VM} to answer on host-1", lambda: _healthy(clab, VM), timeout=120, interval=1)
+    assert after["uptime_s"] >= before["uptime_s"], (before, after)  # it continued, it did not boot
+    assert after["disklog"]["first_seq"] == before["disklog"]["first_seq"], (before, after)
+    assert after["memtest"]["pages"] >= before["memtest"]["pages"], (before, after)
+    verified = labmod.run_probe(clab.rec, ["verify", labmod.vm_ip(clab.rec, VM)])
+    assert verify_ok(verified), verified
+    passes = labmod.wait_memtest_passes(clab.rec.name, VM, after["memtest"]["passes"] + 2, timeout_s=120)
+    assert passes["memtest"]["mismatches"] == 0, passes
+    with clab.server() as s:
+        assert s.get(f"/vms/{VM}").json()["host"] == "host-1"
