@@ -52,7 +52,8 @@ class DiskExportRequest(BaseModel):
     spec: VmSpec = Field(description="the VM's spec as it will be on the target (target datastores)")
     sizes_bytes: list[int] = Field(description="virtual size of each disk of the spec, in order")
     disk_format: DiskFormat = DiskFormat.QCOW2
-    state_size_bytes: int | None = Field(default=None, ge=0, description="a suspended VM: its state file's size")
+    state_size_bytes: int | None = Field(default=None, ge=0,
+                                         description="a suspended VM: its state file's size")
 
 
 class DiskExports(BaseModel):
