@@ -42,6 +42,7 @@ static uint64_t *wbuf, *rbuf; /* aligned for O_DIRECT */
 static uint64_t *slot_seq;    /* per slot: the sequence number its header names (scan scratch) */
 static uint8_t *slot_kind;
 static pthread_mutex_t io_lock = PTHREAD_MUTEX_INITIALIZER;
+static atomic_int full_window; /* 1 once a whole second of writing was counted */
 
 static uint64_t now_ms(void)
 {
@@ -187,6 +188,7 @@ static void count_rate(uint64_t now)
     atomic_store(&S->mibps_x100, (bytes - base) * 100 * 1000 / (now - start) / (1024 * 1024));
     atomic_store(&S->window_bytes, bytes);
     atomic_store(&S->window_start_ms, now);
+    atomic_store(&full_window, 1);
 }
 
 static void *diskwrite_loop(void *arg)
@@ -284,9 +286,10 @@ int diskwrite_verify(struct ring_verify *out)
 double diskwrite_mibps(void)
 {
     uint64_t start = atomic_load(&S->window_start_ms), now = now_ms();
-    if (start == 0)
+    if (start == 0 || now <= start)
         return 0;
-    if (now - start > 2000) /* the writer is stuck: what it managed since its last full second */
+    /* Before the first full second, or with the writer stuck: what it wrote since the window began. */
+    if (!atomic_load(&full_window) || now - start > 2000)
         return (double)(atomic_load(&S->bytes_written) - atomic_load(&S->window_bytes)) * 1000.0 /
                (double)(now - start) / (1024 * 1024);
     return (double)atomic_load(&S->mibps_x100) / 100.0;
