@@ -221,3 +221,20 @@ def test_lab_check_shows_the_writer_and_verify_proves_it(lab: LabHandle, writer_
     assert scan["checked"] + scan["torn"] == 128, scan
     answer = lab_verify(lab, writer_vm["ip"])
     assert verify_ok(answer), answer
+
+
+@pytest.mark.timeout(600)
+def test_lab_writer_verifies_after_a_live_migration(lab: LabHandle, writer_vm: dict[str, Any]) -> None:
+    """Shared storage, the guest writing flat out through the switchover: the ring still proves itself."""
+    before = lab_writing(lab, "dw-1")["diskwrite"]
+    host = vmshift_json(lab, "vm", "show", "dw-1")["host"]
+    target = "host-2" if host == "host-1" else "host-1"
+    m = dict(vmshift_json(lab, "vm", "migrate", "dw-1", "--host", target, timeout=600))
+    assert m["status"] == "completed", m.get("error")
+    after = lab_writing(lab, "dw-1", after_seq=before["durable_seq"])["diskwrite"]
+    assert after["errors"] == 0 and after["first_seq"] == before["first_seq"], "the guest rebooted or failed"
+    answer = lab_verify(lab, writer_vm["ip"])
+    assert verify_ok(answer), answer
+    assert_ring_intact(answer["diskwrite"], chunks=128)
+    assert answer["diskwrite"]["to_seq"] > before["durable_seq"]
+    assert answer["disklog"]["to_seq"] > 0

@@ -101,7 +101,10 @@ class Guest:
                 )
             return next((ln for ln in self.serial_text().splitlines() if ln.startswith(READY)), None)
 
-        return str(wait_for("the guest's ready line", ready, timeout))
+        try:
+            return str(wait_for("the guest's ready line", ready, timeout))
+        except pytest.fail.Exception as e:
+            raise AssertionError(f"{e}; serial log:\n{self.serial_text()[-3000:]}") from e
 
     def status(self) -> dict[str, Any]:
         return self._json_line(self.status_port, 10)
