@@ -73,7 +73,7 @@ class DiskMoves:
         with self._sessions() as s:
             rows = s.scalars(
                 select(MigrationRow)
-                .where(MigrationRow.kind != MigrationKind.LIVE,
+                .where(MigrationRow.kind.notin_([MigrationKind.LIVE, MigrationKind.RELOCATE]),  # orchestrator
                        MigrationRow.status.in_([MigrationStatus.QUEUED, MigrationStatus.RUNNING]))
                 .order_by(MigrationRow.id)
             ).all()
