@@ -24,11 +24,6 @@ from vmshift.model.migration import CheckId, CheckReport, CheckResult
 
 
 def _kind(kind: MigrationKind, vm: VmView) -> CheckResult:
-    if kind is MigrationKind.RELOCATE:
-        return _r(CheckId.KIND, ERR,
-                  f"Moving running VM '{vm.name}' to another host and datastore at once is not built yet.",
-                  "Move its files to a datastore both hosts see (--datastore), then its host (--host); "
-                  "or stop it and move it cold.")
     return _r(CheckId.KIND, OK, f"VM '{vm.name}' is {vm.power_state.value}: a {kind.value} move.")
 
 
