@@ -1,0 +1,440 @@
+"""`make bench-storage`: issue 8's four storage figures, each beside its baseline, in one lab, one run.
+
+    .venv/bin/python -m bench.storage [--quick] [--only mirror|pivot|sparse|suspend ...]
+        [--out bench/results]     # writes storage-latest.json and storage-latest.md there
+
+1. **mirror**: a running VM's disks (64 MiB + 1 GiB, the second written full from the host side)
+   moved by Storage vMotion shared-1 -> local-host-1 and back, against ``qemu-img convert -n -W -m 16``
+   of the same images between the same two folders (reading the running VM's images with ``-U``),
+   alternating, both directions; the ratio of median throughputs.
+2. **pivot**: a running VM with the disk log moved shared-1 <-> local-host-1 again and again; after
+   each move the guest's disk-log latency window (the last 10 s, read at once) and its worst write
+   since boot give the worst write of that move; p99 and max over the moves.
+3. **sparse**: cold moves of two powered-off VMs, one with a 4 GiB disk holding 256 MiB, one with a
+   256 MiB disk written full, same host and to the other host (NBD), alternating; median times.
+4. **suspend**: a 1 GiB guest whose memtest has written 896 MiB, suspended: QEMU's write rate against
+   ``dd oflag=direct`` of as many MiB into the same datastore, and the state file's size against RAM;
+   resumed, memtest must go on with 0 mismatches.
+The guest is verified after every move (bench.suite.run.verify), and each failure is counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import storage_report
+from bench.storage_lab import (
+    MIB,
+    Failures,
+    Fill,
+    Guest,
+    boot,
+    create,
+    dd_direct,
+    disk_paths,
+    fill,
+    move,
+    power,
+    remove,
+    run,
+    verify_booted,
+    verify_running,
+    virtual_size,
+)
+from bench.suite.observe import say
+from bench.suite.run import guest_check, machine
+from bench.suite.scenarios import Scenario
+
+from vmshift.client import VmshiftClient
+from vmshift.errors import VmshiftError
+from vmshift.lab import lab, topology
+from vmshift.lab.layout import LabRecord
+from vmshift.model.enums import PowerAction, PowerState, TaskState
+
+Json = dict[str, Any]
+REPO = Path(__file__).resolve().parents[1]
+SHARED, LOCAL1, LOCAL2 = "shared-1", "local-host-1", "local-host-2"
+CONVERT = ["qemu-img", "convert", "-U", "-n", "-W", "-m", "16", "-f", "qcow2", "-O", "qcow2"]
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+# ---------------------------------------------------------------- 1. mirror vs qemu-img convert
+
+
+def convert_copy(sources: list[Path], folder: Path) -> Json:
+    """``qemu-img convert -n -W -m 16`` of each image into a pre-created qcow2 of its size in folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        targets = []
+        for i, src in enumerate(sources):
+            t = folder / f"convert-{i}.qcow2"
+            run(["qemu-img", "create", "-q", "-f", "qcow2", str(t), str(virtual_size(src))])
+            targets.append(t)
+        t0 = time.monotonic()
+        for src, t in zip(sources, targets, strict=True):
+            run([*CONVERT, str(src), str(t)])
+        ms = (time.monotonic() - t0) * 1000
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"ms": round(ms, 1)}
+
+
+def bench_mirror(rec: LabRecord, api: VmshiftClient, reps: int, fails: Failures) -> Json:
+    g = Guest(
+        "stor-mirror", Scenario("mirror", "mirror", 256, 1, "32,20", None), (64, 1024), (Fill(1, 0, 1024),)
+    )
+    create(api, g)
+    fill(disk_paths(rec, api, g.vm)[1], g.fills[0])
+    ip, _ = boot(rec, api, g)
+    ds = rec.layout.datastores_dir
+    total_bytes = sum(virtual_size(p) for p in disk_paths(rec, api, g.vm))
+    samples: list[Json] = []
+    try:
+        for rep in range(reps):
+            for leg, (src, dst) in enumerate(((SHARED, LOCAL1), (LOCAL1, SHARED))):
+                order = ("convert", "mirror") if (rep + leg) % 2 == 0 else ("mirror", "convert")
+                for method in order:
+                    if method == "convert":
+                        sources = disk_paths(rec, api, g.vm)
+                        r = convert_copy(sources, ds / dst / f"bench-convert-{g.vm}")
+                        r.update(
+                            method="convert",
+                            path=f"{src} -> {dst}",
+                            bytes=total_bytes,
+                            throughput_bps=total_bytes / (r["ms"] / 1000),
+                        )
+                        say(f"  convert {src} -> {dst}: {r['ms']:.0f} ms")
+                    else:
+                        before = guest_check(rec, ip)
+                        m = move(api, g.vm, dst)
+                        fails.check(m["ok"], f"mirror {src} -> {dst}: the move {m['status']} ({m['error']})")
+                        v = verify_running(rec, ip, before, g, fails, f"mirror {src} -> {dst}")
+                        r = {
+                            "method": "mirror",
+                            "path": f"{src} -> {dst}",
+                            "bytes": total_bytes,
+                            "ms": m["total_ms"],
+                            "move": m,
+                            "guest_ok": v["verified"],
+                            "throughput_bps": total_bytes / (m["total_ms"] / 1000) if m["total_ms"] else None,
+                        }
+                        say(
+                            f"  mirror {src} -> {dst}: {m['total_ms']} ms (pivot {m['pivot_ms']} ms), "
+                            f"guest ok {v['verified']}"
+                        )
+                    samples.append(r)
+    finally:
+        remove(api, g.vm)
+
+    def med(method: str) -> float | None:
+        return median([s["throughput_bps"] for s in samples if s["method"] == method and s["throughput_bps"]])
+
+    return {
+        "vm": g.vm,
+        "disks_mib": list(g.disks_mib),
+        "data_mib": 1024,
+        "bytes": total_bytes,
+        "convert_command": " ".join([*CONVERT, "SRC", "DST"]),
+        "samples": samples,
+        "mirror_bps": med("mirror"),
+        "convert_bps": med("convert"),
+        "mirror_copy_s": median(
+            [
+                s["move"]["phases_seen_s"].get("pivot", 0) - s["move"]["phases_seen_s"].get("copy", 0)
+                for s in samples
+                if s["method"] == "mirror" and {"copy", "pivot"} <= s["move"]["phases_seen_s"].keys()
+            ]
+        ),
+    }
+
+
+# ---------------------------------------------------------------- 2. the pivot's stall
+
+
+def _latency(answer: Json) -> Json:
+    return ((answer.get("disklog") or {}).get("latency")) or {}
+
+
+def bench_pivot(rec: LabRecord, api: VmshiftClient, moves: int, fails: Failures) -> Json:
+    g = Guest("stor-pivot", Scenario("pivot", "pivot", 256, 1, "32,20", None), (64,))
+    create(api, g)
+    ip, status = boot(rec, api, g)
+    window_s = float(_latency(status).get("window_s") or 10)
+    try:
+        # the same window with nothing moving: what a write costs on this machine anyway
+        time.sleep(window_s + 1)  # a measurement interval, not a wait for a condition
+        idle = _latency(guest_check(rec, ip))
+        say(
+            f"  idle: p99 {idle.get('p99_ms')} ms, max {idle.get('max_ms')} ms "
+            f"over {idle.get('samples')} writes"
+        )
+        legs: list[Json] = []
+        at = SHARED
+        for i in range(moves):
+            dst = LOCAL1 if at == SHARED else SHARED
+            before = guest_check(rec, ip)
+            boot_max_before = float(_latency(before).get("max_boot_ms") or 0)
+            m = move(api, g.vm, dst)
+            t_end = time.monotonic()
+            after = guest_check(rec, ip)  # at once: the window must still hold the pivot
+            read_after_s = time.monotonic() - t_end
+            lat = _latency(after)
+            boot_max_after = float(lat.get("max_boot_ms") or 0)
+            # a new worst-since-boot happened between the two reads, i.e. during this move
+            worst = max(
+                float(lat.get("max_ms") or 0), boot_max_after if boot_max_after > boot_max_before else 0
+            )
+            fails.check(m["ok"], f"pivot move {i + 1} {at} -> {dst}: {m['status']} ({m['error']})")
+            covered = m["wall_s"] + read_after_s <= window_s
+            v = verify_running(rec, ip, before, g, fails, f"pivot move {i + 1} {at} -> {dst}")
+            legs.append(
+                {
+                    "n": i + 1,
+                    "path": f"{at} -> {dst}",
+                    "pivot_ms": m["pivot_ms"],
+                    "total_ms": m["total_ms"],
+                    "worst_write_ms": worst,
+                    "window": lat,
+                    "read_after_move_s": round(read_after_s, 3),
+                    "window_covers_move": covered,
+                    "guest_ok": v["verified"],
+                    "move": m,
+                }
+            )
+            say(
+                f"  move {i + 1} {at} -> {dst}: pivot {m['pivot_ms']} ms, worst write {worst:.1f} ms "
+                f"(window p99 {lat.get('p99_ms')} ms, {lat.get('samples')} writes), guest ok {v['verified']}"
+            )
+            at = dst
+    finally:
+        remove(api, g.vm)
+    worsts = sorted(x["worst_write_ms"] for x in legs)
+    pivots = [float(x["pivot_ms"]) for x in legs if x["pivot_ms"] is not None]
+    return {
+        "vm": g.vm,
+        "disklog_rate_per_s": 20,
+        "window_s": window_s,
+        "idle": idle,
+        "moves": legs,
+        "worst_p99_ms": nearest_rank(worsts, 0.99),
+        "worst_max_ms": max(worsts, default=None),
+        "pivot_p99_ms": nearest_rank(sorted(pivots), 0.99),
+        "pivot_max_ms": max(pivots, default=None),
+    }
+
+
+def nearest_rank(sorted_xs: list[float], q: float) -> float | None:
+    """The p-quantile by nearest rank, as the guest computes its own p99 (with 10 moves: the max)."""
+    if not sorted_xs:
+        return None
+    k = max(1, math.ceil(q * len(sorted_xs)))
+    return sorted_xs[min(k, len(sorted_xs)) - 1]
+
+
+# ---------------------------------------------------------------- 3. sparse vs full, cold
+
+
+def bench_sparse(rec: LabRecord, api: VmshiftClient, rounds: int, fails: Failures) -> Json:
+    sc = Scenario("cold", "cold", 192, 1, "16,10", None)
+    guests = {
+        "sparse": Guest("stor-sparse", sc, (64, 4096), (Fill(1, 1024, 256),)),
+        "full": Guest("stor-full", sc, (64, 256), (Fill(1, 0, 256),)),
+    }
+    durable: dict[str, int] = {}
+    for key, g in guests.items():
+        create(api, g)
+        ip, _ = boot(rec, api, g)
+        durable[key] = int((guest_check(rec, ip).get("disklog") or {}).get("durable_seq") or 0)
+        power(api, g.vm, PowerAction.STOP, PowerState.POWERED_OFF)
+        fill(disk_paths(rec, api, g.vm)[1], g.fills[0])
+    legs = [
+        ("host-1", LOCAL1, "same host"),
+        ("host-2", LOCAL2, "other host (NBD)"),
+        ("host-1", LOCAL1, "other host (NBD)"),
+        ("host-1", SHARED, "same host"),
+    ]
+    samples: list[Json] = []
+    try:
+        for r in range(rounds):
+            for n, (host, ds, path) in enumerate(legs):
+                keys = ["sparse", "full"] if (r + n) % 2 == 0 else ["full", "sparse"]
+                for key in keys:
+                    g = guests[key]
+                    src = api.get_vm(g.vm)
+                    m = move(api, g.vm, ds, host)
+                    what = f"cold {key} {src['host']}/{src['datastore']} -> {host}/{ds}"
+                    fails.check(m["ok"], f"{what}: {m['status']} ({m['error']})")
+                    v = verify_booted(rec, api, g, durable[key], fails, what)
+                    durable[key] = v["durable_seq"]
+                    samples.append(
+                        {
+                            "disk": key,
+                            "path": path,
+                            "from": m["from"],
+                            "to": m["to"],
+                            "ms": m["total_ms"],
+                            "bytes_sent": m["bytes_sent"],
+                            "move": m,
+                            "guest_ok": v["verified"],
+                        }
+                    )
+                    say(
+                        f"  {what}: {m['total_ms']} ms, {m['bytes_sent']} bytes counted, "
+                        f"guest ok {v['verified']}"
+                    )
+    finally:
+        for g in guests.values():
+            remove(api, g.vm)
+    out: Json = {
+        "guests": {
+            k: {"vm": g.vm, "disks_mib": list(g.disks_mib), "data_mib": g.fills[0].length_mib}
+            for k, g in guests.items()
+        },
+        "samples": samples,
+    }
+    for path in ("same host", "other host (NBD)"):
+        for key in ("sparse", "full"):
+            out[f"{key}_{'same' if path == 'same host' else 'nbd'}_ms"] = median(
+                [s["ms"] for s in samples if s["disk"] == key and s["path"] == path and s["ms"]]
+            )
+    return out
+
+
+# ---------------------------------------------------------------- 4. suspend vs dd
+
+
+def bench_suspend(rec: LabRecord, api: VmshiftClient, reps: int, fails: Failures) -> Json:
+    g = Guest("stor-suspend", Scenario("suspend", "suspend", 1024, 1, "896,150", None), (64,))
+    create(api, g)
+    ip, _ = boot(rec, api, g)
+    folder = rec.layout.datastores_dir / SHARED
+    samples: list[Json] = []
+    try:
+        for rep in range(reps):
+            before = guest_check(rec, ip)
+            dd_first = rep % 2 == 1
+            dd: Json = {}
+            if dd_first:
+                dd = dd_direct(folder, 896)
+            task = api.wait_task(api.suspend_vm(g.vm)["id"], timeout=600)
+            ok = task["state"] == TaskState.SUCCESS
+            fails.check(ok, f"suspend {rep + 1}: {task.get('error')}")
+            res: Json = task.get("result") or {}
+            mib = max(1, round((res.get("written_bytes") or 0) / MIB))
+            if not dd_first:
+                dd = dd_direct(folder, mib)
+            final = api.wait_task(api.resume_vm(g.vm)["id"], timeout=600)
+            fails.check(final["state"] == TaskState.SUCCESS, f"resume {rep + 1}: {final.get('error')}")
+            v = verify_running(rec, ip, before, g, fails, f"suspend/resume {rep + 1}")
+            up_ok = float(guest_check(rec, ip).get("uptime_s") or 0) > float(before.get("uptime_s") or 0)
+            fails.check(up_ok, f"suspend/resume {rep + 1}: the guest's uptime did not continue")
+            samples.append(
+                {
+                    "rep": rep + 1,
+                    "suspend": res,
+                    "dd": dd,
+                    "guest_ok": v["verified"] and up_ok,
+                    "memtest": v.get("memtest"),
+                }
+            )
+            say(
+                f"  suspend {rep + 1}: {res.get('written_bytes')} bytes in {res.get('save_s')} s "
+                f"({(res.get('write_bps') or 0) / MIB:.0f} MiB/s), "
+                f"dd {(dd.get('bps') or 0) / MIB:.0f} MiB/s, "
+                f"file {res.get('file_bytes')} bytes, guest ok {v['verified'] and up_ok}"
+            )
+    finally:
+        remove(api, g.vm)
+    return {
+        "vm": g.vm,
+        "memory_mib": 1024,
+        "memtest": g.scenario.memtest,
+        "samples": samples,
+        "suspend_bps": median([s["suspend"]["write_bps"] for s in samples if s["suspend"].get("write_bps")]),
+        "dd_bps": median([s["dd"]["bps"] for s in samples if s["dd"].get("bps")]),
+        "file_bytes": max((s["suspend"].get("file_bytes") or 0 for s in samples), default=None),
+        "memory_bytes": 1024 * MIB,
+    }
+
+
+# ---------------------------------------------------------------- the run
+
+SECTIONS: dict[str, Callable[[LabRecord, VmshiftClient, int, Failures], Json]] = {
+    "mirror": bench_mirror,
+    "pivot": bench_pivot,
+    "sparse": bench_sparse,
+    "suspend": bench_suspend,
+}
+#: repetitions per section: (full run, --quick)
+REPS = {"mirror": (3, 1), "pivot": (12, 4), "sparse": (2, 1), "suspend": (3, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, not a result)")
+    ap.add_argument("--only", action="append", choices=list(SECTIONS), help="run only this section")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args(argv)
+    chosen = args.only or list(SECTIONS)
+    name = f"stor{os.getpid() % 100000}"
+    started = time.monotonic()
+    fails = Failures()
+    doc: Json = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join([".venv/bin/python", "-m", "bench.storage", *(argv or sys.argv[1:])]),
+        "quick": args.quick,
+        "machine": {**machine(), "loadavg_at_start": os.getloadavg()},
+        "sections": {},
+        "errors": {},
+        "failures": fails.items,
+    }
+    say(f"lab {name}: up; sections: {', '.join(chosen)}")
+    try:
+        lab.up(name=name, hosts=2)
+        rec = lab.get(name)
+        for k in rec.layout.host_numbers:
+            topology.set_migration_link_rate(rec.layout, k, None)  # unshaped: the copy's own speed
+        with VmshiftClient(rec.server_url or "", rec.token or "", timeout=60) as api:
+            for section in chosen:
+                reps = REPS[section][1 if args.quick else 0]
+                say(f"{section}: {reps} repetition(s), load {os.getloadavg()[0]:.2f}")
+                try:
+                    result = SECTIONS[section](rec, api, reps, fails)
+                    doc["sections"][section] = {"loadavg_1m_at_start": os.getloadavg()[0], **result}
+                except (VmshiftError, OSError, KeyError, TypeError, ValueError) as e:
+                    say(f"{section}: FAILED: {e}")
+                    doc["errors"][section] = traceback.format_exc()
+                write(args.out, doc, started)
+    finally:
+        say(f"lab {name}: down")
+        doc["lab_teardown_problems"] = lab.down(name)
+    write(args.out, doc, started)
+    return 0 if not doc["errors"] and not fails.items else 1
+
+
+def write(out: Path, doc: Json, started: float) -> None:
+    doc["duration_s"] = round(time.monotonic() - started)
+    doc["figures"] = storage_report.figures(doc)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "storage-latest.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    (out / "storage-latest.md").write_text(storage_report.markdown(doc))
+    say(f"wrote {out / 'storage-latest.json'} and storage-latest.md")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
