@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LAB ?= demo
 
 .PHONY: install system venv image demo demo-down test test-unit test-server test-lab lint clean \
-	bench-system bench bench-quick soak
+	bench-system bench bench-quick bench-storage soak
 
 install: system venv image
 
@@ -30,9 +30,10 @@ demo-down: venv
 	$(BIN)/vmshift lab down --name $(LAB)
 
 lint: venv
-	$(BIN)/ruff check src tests bench/suite
+	$(BIN)/ruff check src tests bench/suite bench/storage.py bench/storage_lab.py bench/storage_report.py
 	$(BIN)/mypy
 	$(BIN)/mypy --strict bench/suite
+	$(BIN)/mypy --strict bench/storage.py
 
 test-unit: venv
 	$(BIN)/pytest -q tests/unit
@@ -60,6 +61,10 @@ bench: install bench-system
 
 bench-quick: install bench-system
 	$(BIN)/python -m bench.suite.run --quick --out $(BENCH_OUT)/quick
+
+# issue 8's storage figures (mirror, pivot stall, sparse cold moves, suspend): docs/performance-storage.md
+bench-storage: install
+	$(BIN)/python -m bench.storage --out $(BENCH_OUT)
 
 soak: install
 	$(BIN)/python bench/soak.py --count $(N) $(if $(SEED),--seed $(SEED)) \
