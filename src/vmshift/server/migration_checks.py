@@ -17,10 +17,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from vmshift.client.agent import AgentPool
 from vmshift.errors import InvalidInputError, VmshiftError
 from vmshift.migration.checks import HostView, VmView, run_checks
+from vmshift.migration.disk_plan import relocated_spec, room_needed_mib
 from vmshift.migration.estimator import estimate, zero_fraction_from_resident
 from vmshift.migration.policy import PolicySettings
+from vmshift.migration.relocate_checks import relocate_report
 from vmshift.model.agent_migration import MeasureRequest, SinkRequest
-from vmshift.model.enums import ConnectionState
+from vmshift.model.enums import ConnectionState, DiskFormat, MigrationKind
 from vmshift.model.migration import (
     CheckId,
     CheckReport,
@@ -72,6 +74,10 @@ class Plan:
     report: CheckReport
     bandwidth_bps: float | None  # measured on the migration link (None = not measured)
     link_rate_bps: float | None  # configured on the hosts (the slower one)
+    kind: MigrationKind = MigrationKind.LIVE
+    target_spec: VmSpec | None = None  # a relocate: the spec after the move (its disks on the target)
+    target_datastore: str | None = None
+    disk_format: DiskFormat | None = None
 
 
 def running_per_host(s: Session) -> Counter[str]:
@@ -173,7 +179,8 @@ async def measure_link(
     return True, m.bandwidth_bps, None
 
 
-def _gather(s: Session, vm_name: str, body: MigrationCreate) -> tuple[Plan, VmView, HostView, HostView, bool]:
+def _gather(s: Session, vm_name: str, body: MigrationCreate,
+            kind: MigrationKind) -> tuple[Plan, VmView, HostView, HostView, bool]:
     vm = get_vm(s, vm_name)
     src = vm.host
     dst = get_host(s, body.host) if body.host is not None else src
@@ -194,6 +201,11 @@ def _gather(s: Session, vm_name: str, body: MigrationCreate) -> tuple[Plan, VmVi
         bandwidth_bps=None,
         link_rate_bps=min(rates) if rates else None,
     )
+    if kind is MigrationKind.RELOCATE and body.datastore is not None:
+        # a relocate never hands the VM over before its disks are complete: no post-copy
+        plan.settings = plan.settings.model_copy(update={"allow_postcopy": False, "postcopy_after_s": None})
+        plan.kind, plan.target_datastore, plan.disk_format = kind, body.datastore, body.disk_format
+        plan.target_spec = relocated_spec(spec, body.datastore, body.disk_format)
     link_testable = (
         src.name != dst.name
         and src.connection_state is ConnectionState.CONNECTED
@@ -204,14 +216,16 @@ def _gather(s: Session, vm_name: str, body: MigrationCreate) -> tuple[Plan, VmVi
 
 
 async def plan_migration(
-    sessions: sessionmaker[Session], agents: AgentPool, vm_name: str, body: MigrationCreate
+    sessions: sessionmaker[Session], agents: AgentPool, vm_name: str, body: MigrationCreate,
+    kind: MigrationKind = MigrationKind.LIVE,
 ) -> Plan:
     """Run every check with live facts. Raises only for unknown names; check failures are in the report.
 
+    A relocate (``kind``) runs the live checks with its disk checks in place of the shared-storage one.
     The database is read first and closed before the agents are asked (no transaction spans I/O).
     """
     with sessions() as s:
-        plan, vm_view, src_view, dst_view, link_testable = _gather(s, vm_name, body)
+        plan, vm_view, src_view, dst_view, link_testable = _gather(s, vm_name, body, kind)
     concurrency = plan.report.results[0]
     reachable: bool | None = None
     failure: CheckResult | None = None
@@ -223,6 +237,10 @@ async def plan_migration(
     report = _replace(report, concurrency)
     if failure is not None:
         report = _replace(report, failure)
+    if plan.target_spec is not None and plan.target_datastore is not None:
+        report = relocate_report(report, vm_view, dst_view, datastore=plan.target_datastore,
+                                 need_mib=room_needed_mib(plan.spec, plan.target_datastore),
+                                 disk_format=plan.disk_format)
     plan.report = report
     return plan
 

@@ -1,7 +1,8 @@
 """Start a move of any kind: the one path the API and scheduled runs take (checks, row, task).
 
 The kind follows from the request and the VM's power state (``migration.kinds``): a live migration
-goes to the orchestrator (``server/migrations.py``), a disk move to ``server/moves/``.
+and a relocate (live, with its disks mirrored to the target) go to the orchestrator
+(``server/migrations.py``), a disk move to ``server/moves/``.
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ async def migrate(core: ServerCore, name: str, body: MigrationCreate) -> Answer:
         if body.check_only:
             return report
         raise MigrationCheckFailedError(report, kind)
-    if kind is MigrationKind.LIVE:
-        return await _live(core, name, body)
+    if kind in (MigrationKind.LIVE, MigrationKind.RELOCATE):
+        return await _live(core, name, body, kind)  # a relocate is a live migration with disk mirrors
     with core.sessions() as s:
         plan = plan_disk_move(s, name, body, kind)
     if body.check_only:
@@ -123,8 +124,8 @@ async def migrate(core: ServerCore, name: str, body: MigrationCreate) -> Answer:
     return _start_disk_move(core, plan)
 
 
-async def _live(core: ServerCore, name: str, body: MigrationCreate) -> Answer:
-    plan = await plan_migration(core.sessions, core.agents, name, body)
+async def _live(core: ServerCore, name: str, body: MigrationCreate, kind: MigrationKind) -> Answer:
+    plan = await plan_migration(core.sessions, core.agents, name, body, kind)
     report = plan.report
     if body.check_only:
         return report
@@ -132,12 +133,15 @@ async def _live(core: ServerCore, name: str, body: MigrationCreate) -> Answer:
         raise MigrationCheckFailedError(report, report.errors[0])
     if body.dry_run:
         prediction = await predict_plan(core.agents, plan)
-        return MigrationPreview(checks=report, settings=plan.settings, prediction=prediction)
+        return MigrationPreview(kind=plan.kind, checks=report, settings=plan.settings, prediction=prediction)
     ensure_not_busy(core, name)  # a second request may have won while this one measured the link
+    target_spec = plan.target_spec.model_dump(mode="json") if plan.target_spec is not None else None
     with core.sessions.begin() as s:
         row = MigrationRow(
-            vm=name, kind=MigrationKind.LIVE, source_host=plan.source, target_host=plan.target,
-            source_datastore=plan.spec.datastore, status=MigrationStatus.QUEUED, phase=MigrationPhase.QUEUED,
+            vm=name, kind=plan.kind, source_host=plan.source, target_host=plan.target,
+            source_datastore=plan.spec.datastore, target_datastore=plan.target_datastore,
+            target_spec=target_spec, disk_format=plan.disk_format,
+            status=MigrationStatus.QUEUED, phase=MigrationPhase.QUEUED,
             settings=plan.settings.model_dump(mode="json"), checks=report.model_dump(mode="json"), metrics={},
             actions=[], measured_bandwidth_bps=plan.bandwidth_bps, nonce=secrets.token_hex(16),
         )

@@ -9,7 +9,7 @@ from vmshift.errors import NotFoundError
 from vmshift.migration.phases import can_reach, check_transition
 from vmshift.model.agent_migration import MigrationProgress
 from vmshift.model.api import ErrorInfo, EventKind
-from vmshift.model.enums import EventSeverity, PowerState
+from vmshift.model.enums import EventSeverity, MigrationKind, PowerState
 from vmshift.model.migration import (
     CheckReport,
     Migration,
@@ -28,9 +28,9 @@ Sessions = sessionmaker[Session]
 
 # Phases in which the source agent owns the migration (its control loop runs).
 AGENT_PHASES = frozenset(
-    {MigrationPhase.PRECOPY, MigrationPhase.POSTCOPY, MigrationPhase.SWITCHOVER, MigrationPhase.FINISH,
-     MigrationPhase.ROLLBACK}
-)  # fmt: skip
+    {MigrationPhase.COPY, MigrationPhase.PRECOPY, MigrationPhase.POSTCOPY, MigrationPhase.SWITCHOVER,
+     MigrationPhase.FINISH, MigrationPhase.ROLLBACK}
+)  # fmt: skip  (COPY: a relocate's disk mirrors, run by the source agent before its pre-copy)
 
 
 def _end_phase(current: MigrationPhase, new: MigrationPhase) -> MigrationPhase:
@@ -121,16 +121,20 @@ def complete(sessions: Sessions, migration_id: int, p: MigrationProgress) -> Non
         if vm is not None and target is not None:
             vm.host = target
             vm.power_state = PowerState.POWERED_ON
+            if row.kind is MigrationKind.RELOCATE and row.target_spec is not None:
+                vm.spec = row.target_spec  # its disks moved with it: host and files in one transaction
         row.status, row.finished_at = MigrationStatus.COMPLETED, utcnow()
         row.phase = _end_phase(row.phase, MigrationPhase.COMPLETED)
         row.metrics = p.metrics.model_dump(mode="json")
         row.actions = [a.model_dump(mode="json") for a in p.actions]
         m = p.metrics
+        where = (f"{row.source_host} to {row.target_host}" if row.kind is not MigrationKind.RELOCATE else
+                 f"{row.source_host}/{row.source_datastore} to {row.target_host}/{row.target_datastore}")
         record_event(
             s,
             EventKind.VM_MIGRATED,
             row.vm,
-            f"VM {row.vm} migrated from {row.source_host} to {row.target_host} (migration {row.id}: "
+            f"VM {row.vm} migrated from {where} (migration {row.id}: "
             f"{m.total_ms} ms total, {m.downtime_ms} ms downtime, {m.rounds} rounds).",
         )
 

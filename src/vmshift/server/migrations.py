@@ -55,6 +55,9 @@ from vmshift.server.tasks import TaskBody, TaskContext, TaskEngine
 log = logging.getLogger("vmshift.server.migrations")
 
 CANCEL_CONFIRM_S = 20.0  # how long a cancel waits for the source agent to report the end
+#: The kinds this orchestrator runs: a relocate is a live migration whose disks the source mirrors
+#: into NBD exports of the target first (agent/relocate_mirrors.py); other kinds are disk moves.
+ORCHESTRATED = (MigrationKind.LIVE, MigrationKind.RELOCATE)
 
 
 class MigrationFailedError(VmshiftError):
@@ -105,7 +108,7 @@ class MigrationOrchestrator:
         with self._sessions.begin() as s:
             rows = s.scalars(
                 select(MigrationRow)
-                .where(MigrationRow.kind == MigrationKind.LIVE,  # disk moves: server/moves/runner.py
+                .where(MigrationRow.kind.in_(ORCHESTRATED),  # disk moves: server/moves/runner.py
                        MigrationRow.status.in_([MigrationStatus.QUEUED, MigrationStatus.RUNNING]))
                 .order_by(MigrationRow.id)
             ).all()
@@ -221,8 +224,10 @@ class MigrationOrchestrator:
         ctx.progress("check", 1)
         with self._sessions() as s:
             row = get_migration_row(s, mid)
-            vm, target = row.vm, row.target_host
-        plan = await plan_migration(self._sessions, self._agents, vm, MigrationCreate(host=target))
+            vm, kind = row.vm, row.kind
+            body = MigrationCreate(host=row.target_host, datastore=row.target_datastore,
+                                   disk_format=row.disk_format)
+        plan = await plan_migration(self._sessions, self._agents, vm, body, kind)
         with self._sessions.begin() as s:
             row = get_migration_row(s, mid)
             row.checks = plan.report.model_dump(mode="json")
@@ -268,9 +273,18 @@ class MigrationOrchestrator:
         set_phase(self._sessions, mid, MigrationPhase.PREPARE)
         ctx.progress("prepare target", 5)
         identity = {"server_id": self.server_id, "nonce": row.nonce}
+        relocate = row.kind is MigrationKind.RELOCATE
+        target_spec = VmSpec.model_validate(row.target_spec) if relocate and row.target_spec else spec
         incoming = await self._agents.get(dst_addr).migration_incoming(
-            IncomingRequest(migration_id=mid, spec=spec, **identity)
+            IncomingRequest(migration_id=mid, spec=target_spec, relocate=relocate, **identity)
         )
+        if relocate and len(incoming.nbd) != len(target_spec.disks):
+            await self._rollback_target(dst_addr, mid)
+            raise ConflictError(
+                f"The target agent offered {len(incoming.nbd)} disk exports for "
+                f"{len(target_spec.disks)} disks.",
+                hint="Update the target host's agent: it must support shared-nothing migration.",
+            )
         prediction = MigrationPrediction.model_validate(row.prediction) if row.prediction else None
         outgoing = OutgoingMigration(
             migration_id=mid,
@@ -280,11 +294,12 @@ class MigrationOrchestrator:
             settings=MigrationSettings.model_validate(row.settings or {}),
             bandwidth_bps=bandwidth,
             dirty_rate_bps=prediction.dirty_rate_bps if prediction else None,
+            mirror_targets=incoming.nbd,
             **identity,
         )
         progress = await self._agents.get(src_addr).migration_start(outgoing)
         self._check_identity(row, progress)
-        set_phase(self._sessions, mid, MigrationPhase.PRECOPY)
+        set_phase(self._sessions, mid, MigrationPhase.COPY if relocate else MigrationPhase.PRECOPY)
         mirror(self._sessions, mid, progress)
         return progress
 
