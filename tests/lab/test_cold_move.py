@@ -288,12 +288,25 @@ def test_source_agent_killed_mid_copy_rolls_back(clab: Lab, vm: StoppedVm, slow_
     _nothing_left(clab, vm, mid, exports)
 
 
+def test_target_agent_restart_mid_copy_does_not_disturb_it(clab: Lab, vm: StoppedVm, slow_link: None) -> None:
+    """The exporter outlives the target's agent; the restarted agent still ends the exports."""
+    mid = 9006
+    exports = _exports(clab, vm, mid)
+    _start(clab, vm, mid, exports)
+    _copying(clab, mid)
+    processes.kill_agent(clab.rec.name, 2)
+    processes.start_agent(clab.rec.name, 2)
+    p = _ended(clab, mid)
+    assert p.state is MoveState.COMPLETED and [d.identical for d in p.disks] == [True, True], p
+    _nothing_left(clab, vm, mid, exports)
+
+
 def test_full_target_datastore_fails_with_enospc(clab: Lab, vm: StoppedVm) -> None:
     mid = 9005
     folder = clab.datastore(TARGET_DS) / VM
     folder.mkdir(exist_ok=True)
     # host-2's agent (and the exporter it starts) has its own mount namespace (ip netns exec): mount there
-    agent = clab.rec.pids["host-2"]
+    agent = labmod.get(clab.rec.name).pids["host-2"]
     in_agent = ["nsenter", "-t", str(agent), "-m", "--"]
     subprocess.run([*in_agent, "mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(folder)], check=True)
     seen = Path(f"/proc/{agent}/root")
