@@ -155,15 +155,18 @@ def test_paced_writer_on_a_named_device(image: Path, guests: list[Guest], tmp_pa
 
 @pytest.mark.timeout(300)
 def test_missing_device_is_reported_not_fatal(image: Path, guests: list[Guest], tmp_path: Path) -> None:
-    guest = boot(guests, image, [new_disk(tmp_path / "d0.qcow2")], tmp_path / "vm", FLAT_OUT)
+    args = kernel_args(ip="10.0.2.15/24") + " vmshift.disklog=1,100 vmshift.diskwrite=0"
+    guest = boot(guests, image, [new_disk(tmp_path / "d0.qcow2")], tmp_path / "vm", args)
     status = wait_for("the writer to give up on /dev/vdb",
                       lambda: s if (s := guest.status())["diskwrite"]["scanned"] else None, timeout=60)
     dw = status["diskwrite"]
     assert dw["enabled"] and dw["device"] == "/dev/vdb" and dw["durable_seq"] == 0
     assert "/dev/vdb" in dw["error"], dw
     assert "no block device /dev/vdb" in guest.serial_text()
-    # The rest of the daemon carries on: the disk log writes, verify answers for both.
-    wait_for("disk log records", lambda: guest.status()["disklog"]["durable_seq"] > 5, timeout=60)
+    # The rest of the daemon carries on: the disk log writes (at 100 records/s), verify answers for both.
+    log = wait_for("250 disk log records",
+                   lambda: s if (s := guest.status()["disklog"])["durable_seq"] > 250 else None, timeout=60)
+    assert log["latency"]["samples"] > 200, log  # 20 records/s would give at most 200 in 10 s
     verified = guest.verify()
     assert_ring_intact(verified["disklog"])
     assert "/dev/vdb" in verified["diskwrite"]["error"] and verified["diskwrite"]["checked"] == 0
