@@ -315,6 +315,8 @@ class TargetExports:
                 rec.processes[-1] = ExporterProcess(pid=pid, pidfile=str(pidfile))
                 self._save(rec)
                 return port
+            if pid is not None:  # it forked but did not report ready (timeout): do not leave it behind
+                await asyncio.to_thread(_stop_exporter, ExporterProcess(pid=pid, pidfile=str(pidfile)))
             rec.processes.pop()
             last = err.strip().splitlines()[-1] if err.strip() else f"exit status {code}"
             if "in use" not in last:
