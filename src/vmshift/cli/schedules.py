@@ -8,6 +8,7 @@ takes exactly the options an immediate one does; the server stores the resulting
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from enum import Enum
 from typing import Annotated, Any
@@ -34,7 +35,6 @@ _NOT_SCHEDULABLE = {
     "check_only": "--check-only",
     "dry_run": "--dry-run",
     "no_wait": "--no-wait",
-    "json_": "--json",
 }
 # vm migrate's parameter -> MigrationCreate field, where the names differ
 _RENAMED = {"max_downtime": "max_downtime_ms", "postcopy_after": "postcopy_after_s"}
@@ -44,7 +44,14 @@ _migrate_app.command(name="migrate")(vm_migrate)
 _MIGRATE = typer.main.get_command(_migrate_app)  # `vm migrate` itself: its options, types and checks
 
 
-def migrate_request(words: list[str]) -> tuple[str, MigrationCreate]:
+@dataclass(frozen=True)
+class MigrateWords:
+    vm: str
+    body: MigrationCreate
+    json: bool  # `--json` written after the migrate command: it is schedule add's own
+
+
+def migrate_request(words: list[str]) -> MigrateWords:
     """``vm migrate VM [options]`` as the VM's name and the migrate request it would send."""
     if words[:2] != ["vm", "migrate"]:
         got = " ".join(words[:2]) or "nothing"
@@ -62,8 +69,11 @@ def migrate_request(words: list[str]) -> tuple[str, MigrationCreate]:
     params: dict[str, Any] = dict(ctx.params)
     for param, option in _NOT_SCHEDULABLE.items():
         if params.pop(param, False):
-            where = "before --" if param == "json_" else "in 'vm migrate' itself, to try it now"
-            raise InvalidInputError(f"{option} has no meaning in a schedule.", hint=f"Use it {where}.")
+            raise InvalidInputError(
+                f"{option} has no meaning in a schedule.",
+                hint="Use it in 'vm migrate' itself, to try it now.",
+            )
+    json_ = bool(params.pop("json_", False))
     vm = params.pop("name")
     body: dict[str, Any] = {}
     for param, value in params.items():
@@ -79,7 +89,7 @@ def migrate_request(words: list[str]) -> tuple[str, MigrationCreate]:
                 hint="Leave it out of the schedule, or run the migration by hand.",
             )
         body[target] = value.value if isinstance(value, Enum) else value
-    return str(vm), MigrationCreate.model_validate(body)
+    return MigrateWords(str(vm), MigrationCreate.model_validate(body), json_)
 
 
 def local_zone() -> tzinfo:
@@ -147,12 +157,13 @@ def schedule_add(
         raise InvalidInputError(
             "Give exactly one of --at (once) and --cron (repeating).", hint=f"{_EXAMPLE}."
         )
-    vm, body = migrate_request(command)
+    words = migrate_request(command)
+    json_ = json_ or words.json
     when = parse_at(at, datetime.now(UTC), local_zone()).isoformat() if at is not None else None
     with context.client() as c:
         s = c.add_schedule(
-            vm,
-            body.model_dump(mode="json", exclude_defaults=True),
+            words.vm,
+            words.body.model_dump(mode="json", exclude_defaults=True),
             at=when,
             cron=cron,
             timezone=tz,
@@ -223,4 +234,4 @@ def schedule_delete(name: str, json_: JsonOpt = False) -> None:
         typer.echo(f"Schedule {s['name']} deleted.")
 
 
-__all__ = ["local_zone", "migrate_request", "schedule_app"]
+__all__ = ["MigrateWords", "local_zone", "migrate_request", "schedule_app"]
