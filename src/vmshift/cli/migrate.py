@@ -107,6 +107,7 @@ def show_disk_move(m: dict[str, Any]) -> None:
         ["copied", human_bytes(met.get("bytes_sent") or live.get("transferred_bytes"))],
         ["mean rate", human_rate(met.get("mean_throughput_bps"))],
         ["pivot (guest I/O paused at most)", _ms(met.get("downtime_ms"))],
+        ["copies identical (qemu-img compare)", met.get("copies_identical")],
     ]
     table("Copy", ["", "value"], rows)
 

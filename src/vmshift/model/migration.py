@@ -225,6 +225,9 @@ class MigrationMetrics(BaseModel):
     max_throttle_percent: int = 0
     postcopy: bool = False
     timeline: SwitchoverTimeline = Field(default_factory=SwitchoverTimeline)
+    copies_identical: bool | None = Field(
+        default=None, description="disk moves: qemu-img compare found every copy equal to its source"
+    )
 
 
 class MigrationSettings(BaseModel):

@@ -366,7 +366,9 @@ def set_phase_in(row: MigrationRow, phase: MigrationPhase) -> None:
 
 def _metrics(p: MoveProgress) -> dict[str, Any]:
     """What the record keeps of a disk move: its time, bytes and rate (MigrationMetrics' fields)."""
+    compared = [d.identical for d in p.disks if d.identical is not None]
     return {"total_ms": int(p.elapsed_s * 1000), "bytes_sent": p.done_bytes,
             "mean_throughput_bps": p.done_bytes / p.elapsed_s if p.elapsed_s > 0 else 0.0,
-            "downtime_ms": int(p.pivot_ms) if p.pivot_ms is not None else None}
+            "downtime_ms": int(p.pivot_ms) if p.pivot_ms is not None else None,
+            "copies_identical": all(compared) if compared else None}
 
