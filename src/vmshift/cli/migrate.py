@@ -102,7 +102,7 @@ def show_disk_plan(preview: dict[str, Any]) -> None:
 
 def show_disk_move(m: dict[str, Any]) -> None:
     met, live = m.get("metrics") or {}, m.get("progress") or {}
-    rows = [
+    rows: list[list[Any]] = [
         ["total", _ms(met.get("total_ms"))],
         ["copied", human_bytes(met.get("bytes_sent") or live.get("transferred_bytes"))],
         ["mean rate", human_rate(met.get("mean_throughput_bps"))],
