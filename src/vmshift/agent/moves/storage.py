@@ -210,7 +210,8 @@ class StorageMover:
             disk.mirror_started = True
             self._save(detail)
             await bq.blockdev_mirror(qmp, job_id=disk.job_id, device=disk.source_node,
-                                     target=disk.target_node, speed_bps=self.ctx.mirror_speed_bps)
+                                     target=disk.target_node,
+                                     speed_bps=self.job.request.copy_limit_bps or self.ctx.mirror_speed_bps)
         while True:
             qmp = self.ctx.supervisor.qmp_session(self.job.request.vm)  # the agent may have reconnected
             jobs = await bq.query_block_jobs(qmp)
