@@ -140,6 +140,9 @@ class FakeAgent:
             self.power_requests.append((name, action, self.vm_lists))
             if rt is None:
                 return JSONResponse({"error": {"code": "not_found", "message": "no VM", "hint": None}}, 404)
+            if rt.power_state is PowerState.SUSPENDED and action in (PowerAction.START, PowerAction.RESUME):
+                rt.power_state, rt.pid, rt.qemu_status = PowerState.POWERED_ON, 4242, "running"  # resumed
+                return rt.model_dump(mode="json")
             if action in (PowerAction.PAUSE, PowerAction.RESUME):
                 refused = not rt.has_qemu or (
                     action is PowerAction.RESUME
@@ -156,6 +159,22 @@ class FakeAgent:
             rt.power_state = PowerState.POWERED_ON if on else PowerState.POWERED_OFF
             rt.died, rt.pid, rt.qemu_status = False, 4242 if on else None, "running" if on else None
             return rt.model_dump(mode="json")
+
+        @app.post("/api/v1/vms/{name}/suspend")
+        async def suspend(name: str) -> Any:
+            rt = self.vms.get(name)
+            if rt is None or not rt.has_qemu:
+                error = {"code": "conflict", "message": "not running", "hint": None}
+                return JSONResponse({"error": error}, 409)
+            rt.power_state, rt.pid, rt.qemu_status = PowerState.SUSPENDED, None, None
+            return {"runtime": rt.model_dump(mode="json"), "state_file": f"/ds/{name}/suspended.state",
+                    "file_bytes": 1 << 28, "allocated_bytes": 1 << 27, "memory_bytes": 1 << 28,
+                    "written_bytes": 1 << 27, "save_s": 0.1, "write_bps": 1 << 30, "total_s": 0.2,
+                    "direct_io": True}
+
+        @app.get("/api/v1/vms/{name}/suspend")
+        async def suspend_progress(name: str) -> Any:
+            return JSONResponse({"error": {"code": "not_found", "message": "none", "hint": None}}, 404)
 
         @app.delete("/api/v1/vms/{name}")
         async def delete(name: str) -> Any:
