@@ -80,9 +80,21 @@ def create_body(sessions: sessionmaker[Session], agents: AgentPool, name: str, s
     return body
 
 
-def _is_missing(sessions: sessionmaker[Session], name: str) -> bool:
+def _power_state(sessions: sessionmaker[Session], name: str) -> PowerState | None:
     with sessions() as s:
-        return s.scalar(select(VmRow.power_state).where(VmRow.name == name)) is PowerState.MISSING
+        return s.scalar(select(VmRow.power_state).where(VmRow.name == name))
+
+
+def _is_missing(sessions: sessionmaker[Session], name: str) -> bool:
+    return _power_state(sessions, name) is PowerState.MISSING
+
+
+def _power_timeout_s(sessions: sessionmaker[Session], name: str, spec: VmSpec, action: PowerAction) -> int:
+    """30 s, or as long as loading a suspended VM's state may take (its resume is this power action)."""
+    resumes = action in (PowerAction.START, PowerAction.RESUME)
+    if resumes and _power_state(sessions, name) is PowerState.SUSPENDED:
+        return min(3600, max(30, int(state_timeout_s(spec.memory_mib << 20))))
+    return 30
 
 
 def power_body(
@@ -95,7 +107,7 @@ def power_body(
             ctx.progress("define on host", 10)
             await agents.get(address).define_vm(spec)
         ctx.progress(f"power {action.value}", 20)
-        rt = await agents.get(address).power(name, action)
+        rt = await agents.get(address).power(name, action, _power_timeout_s(sessions, name, spec, action))
         _store_runtime(sessions, name, rt)
         return {"vm": name, "power_state": rt.power_state.value}
 
