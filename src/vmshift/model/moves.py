@@ -78,6 +78,9 @@ class DiskMoveRequest(BaseModel):
         default_factory=list, description="empty: the target files are on this host (Storage vMotion)"
     )
     state_uri: str | None = None
+    speed_bps: float | None = Field(
+        default=None, gt=0, description="cap on the copy's background rate (bytes/s); None: no cap"
+    )
     allow_write_blocking: bool = Field(
         default=True, description="False: mirrors stay in background mode (a benchmark's or test's contrast)"
     )

@@ -156,7 +156,8 @@ def _start_disk_move(core: ServerCore, plan: DiskMovePlan) -> MigrationStarted:
             vm=plan.vm, kind=plan.kind, source_host=plan.source, target_host=plan.target,
             source_datastore=plan.source_datastore, target_datastore=plan.target_datastore,
             target_spec=plan.target_spec.model_dump(mode="json"), disk_format=plan.disk_format,
-            status=MigrationStatus.QUEUED, phase=MigrationPhase.QUEUED, settings={},
+            status=MigrationStatus.QUEUED, phase=MigrationPhase.QUEUED,
+            settings=MigrationSettings(bandwidth_limit_bps=plan.bandwidth_limit_bps).model_dump(mode="json"),
             checks=plan.report.model_dump(mode="json"), metrics={}, actions=[], nonce=secrets.token_hex(16),
         )
         started = _record_start(s, row, plan.report)

@@ -32,6 +32,7 @@ class DiskMovePlan:
     target_datastore: str
     disk_format: DiskFormat | None
     report: CheckReport
+    bandwidth_limit_bps: float | None = None  # the copy's rate cap (the request's, else the hosts')
 
     @property
     def other_host(self) -> bool:
@@ -78,4 +79,10 @@ def plan_disk_move(s: Session, vm_name: str, body: MigrationCreate, kind: Migrat
     return DiskMovePlan(kind=kind, vm=vm.name, spec=spec, target_spec=target_spec, source=src.name,
                         target=dst.name, source_address=src.address, target_address=dst.address,
                         source_datastore=spec.datastore, target_datastore=datastore,
-                        disk_format=body.disk_format, report=report)
+                        disk_format=body.disk_format, report=report,
+                        bandwidth_limit_bps=body.bandwidth_limit_bps or _host_limit(src, dst))
+
+
+def _host_limit(src: HostRow, dst: HostRow) -> float | None:
+    limits = [x for x in (src.migration_bandwidth_limit_bps, dst.migration_bandwidth_limit_bps) if x]
+    return min(limits) if limits else None

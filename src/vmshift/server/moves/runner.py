@@ -29,7 +29,7 @@ from vmshift.migration.phases import can_reach, check_transition
 from vmshift.migration.progress import move_label, move_live, move_percent
 from vmshift.model.api import ErrorInfo, EventKind, TaskKind
 from vmshift.model.enums import DiskFormat, EventSeverity, MigrationKind, TaskState
-from vmshift.model.migration import MigrationCreate, MigrationPhase, MigrationStatus
+from vmshift.model.migration import MigrationCreate, MigrationPhase, MigrationSettings, MigrationStatus
 from vmshift.model.moves import DiskExportRequest, DiskMoveRequest, MoveProgress, MoveState
 from vmshift.model.vm import VmSpec
 from vmshift.server.db.schema import HostRow, MigrationRow, TaskRow, VmRow, utcnow
@@ -176,9 +176,11 @@ class DiskMoves:
         ctx.progress("prepare", 5)
         assert row.nonce is not None
         fmt = row.disk_format
+        limit = MigrationSettings.model_validate(row.settings or {}).bandwidth_limit_bps
         request = DiskMoveRequest(move_id=mid, nonce=row.nonce, server_id=self._slots.server_id, vm=row.vm,
                                   kind=row.kind, target_spec=target,
-                                  disk_format=DiskFormat(fmt) if fmt else None)
+                                  disk_format=DiskFormat(fmt) if fmt else None,
+                                  speed_bps=limit)
         if row.source_host != row.target_host:
             state_bytes = None
             if row.kind is MigrationKind.SUSPENDED:
