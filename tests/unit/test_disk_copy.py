@@ -114,3 +114,9 @@ def test_qemu_nbd_argv() -> None:
 def test_nbd_uri() -> None:
     assert nbd_uri("10.0.0.2", 40000, "move3-disk0") == "nbd://10.0.0.2:40000/move3-disk0"
     assert nbd_uri("fd00::2", 40000, "d") == "nbd://[fd00::2]:40000/d"
+
+
+def test_convert_argv_caps_the_rate_when_the_move_has_a_bandwidth_limit() -> None:
+    argv = convert_argv("qemu-img", SRC, NBD, rate_bps=50e6)
+    assert argv[argv.index("-r") + 1] == "50000000"
+    assert "-r" not in convert_argv("qemu-img", SRC, NBD)

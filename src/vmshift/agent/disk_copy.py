@@ -68,7 +68,7 @@ class ImageInfo:
 
 # ----- pure: argv and output parsing ----------------------------------------------------------
 def convert_argv(qemu_img: str, source: Image, target: Image, *, target_is_zero: bool = True,
-                 parallel: int = CONVERT_PARALLEL) -> list[str]:
+                 parallel: int = CONVERT_PARALLEL, rate_bps: float | None = None) -> list[str]:
     """``qemu-img convert`` into an existing target (``-n``), out-of-order writes (``-W``).
 
     ``target_is_zero`` (a target created just before) skips the zero areas of the source; without
@@ -80,6 +80,8 @@ def convert_argv(qemu_img: str, source: Image, target: Image, *, target_is_zero:
     argv = [qemu_img, "convert", "-p", "-n", "-W", "-m", str(parallel), "-t", "writeback",
             "-f", source.fmt.value, "-O", target.fmt.value]
     argv += ["--target-is-zero"] if target_is_zero else ["-S", "4k"]
+    if rate_bps is not None:  # the move's bandwidth limit (I/O bytes per second)
+        argv += ["-r", str(int(rate_bps))]
     return [*argv, source.location, target.location]
 
 
@@ -190,11 +192,11 @@ async def _run(argv: list[str]) -> tuple[int, str, str]:
 
 async def convert(qemu_img: str, source: Image, target: Image, *, what: str,
                   on_progress: ProgressCallback | None = None, target_is_zero: bool = True,
-                  on_start: Callable[[int], None] | None = None) -> None:
+                  on_start: Callable[[int], None] | None = None, rate_bps: float | None = None) -> None:
     """Copy ``source`` into the existing ``target``; ``what`` names the image in errors ("disk 0 of
     VM web-3"). Cancelling the awaiting task kills qemu-img and waits for it, so no copy outlives its
     job. ``on_start`` gets qemu-img's pid (a job may record it)."""
-    argv = convert_argv(qemu_img, source, target, target_is_zero=target_is_zero)
+    argv = convert_argv(qemu_img, source, target, target_is_zero=target_is_zero, rate_bps=rate_bps)
     log.info("copying %s: %s", what, " ".join(argv))
     try:
         proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,

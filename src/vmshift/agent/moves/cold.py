@@ -256,7 +256,7 @@ class ColdMover:
             dst = Image.nbd(c.target) if disk_copy.is_nbd(c.target) else Image(c.target, c.target_format)
             task = asyncio.create_task(disk_copy.convert(
                 self.ctx.qemu_img, src, dst, what=f"{c.what} of VM {detail.vm!r}", on_progress=on_progress,
-                on_start=on_start), name=f"move-{self.job.move_id}-copy")
+                on_start=on_start, rate_bps=self.job.request.speed_bps), name=f"move-{self.job.move_id}-copy")
             try:
                 while not task.done():
                     await asyncio.wait({task}, timeout=self.ctx.sample_interval_s)
