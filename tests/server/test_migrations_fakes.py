@@ -327,7 +327,10 @@ class MigratingAgent(FakeAgent):
         @app.post("/api/v1/migrations/incoming")
         async def incoming(req: IncomingRequest) -> Any:
             self._receive(req)
-            return {"uri": f"tcp:{self.facts.migration_address}:4444"}
+            # a relocate: one NBD export per disk of the (target) spec, as the real target makes them
+            nbd = [{"index": i, "uri": f"nbd://{self.facts.migration_address}:10809/disk{i}",
+                    "size_bytes": d.size_mib * MIB} for i, d in enumerate(req.spec.disks)] if req.relocate else []
+            return {"uri": f"tcp:{self.facts.migration_address}:4444", "nbd": nbd}
 
         @app.get("/api/v1/migrations/{mid}/incoming")
         async def incoming_state(mid: int) -> Any:
