@@ -328,8 +328,9 @@ class MigratingAgent(FakeAgent):
         async def incoming(req: IncomingRequest) -> Any:
             self._receive(req)
             # a relocate: one NBD export per disk of the (target) spec, as the real target makes them
+            disks = req.spec.disks if req.relocate else []
             nbd = [{"index": i, "uri": f"nbd://{self.facts.migration_address}:10809/disk{i}",
-                    "size_bytes": d.size_mib * MIB} for i, d in enumerate(req.spec.disks)] if req.relocate else []
+                    "size_bytes": d.size_mib * MIB} for i, d in enumerate(disks)]
             return {"uri": f"tcp:{self.facts.migration_address}:4444", "nbd": nbd}
 
         @app.get("/api/v1/migrations/{mid}/incoming")

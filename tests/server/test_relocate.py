@@ -37,7 +37,8 @@ def split_fixture(server: ServerHarness, migrating_agents: AgentStarter) -> Pair
 
 
 def relocate(server: ServerHarness, vm: str = "vm-1", **kw: Any) -> Any:
-    return server.client.post(f"/vms/{vm}/migrate", json={"host": "host-2", "datastore": "local-host-2", **kw})
+    body = {"host": "host-2", "datastore": "local-host-2", **kw}
+    return server.client.post(f"/vms/{vm}/migrate", json=body)
 
 
 def test_relocate_moves_host_and_files_in_one_task(server: ServerHarness, split: Pair) -> None:
