@@ -84,10 +84,6 @@ class DiskMoveRequest(BaseModel):
     allow_write_blocking: bool = Field(
         default=True, description="False: mirrors stay in background mode (a benchmark's or test's contrast)"
     )
-    copy_limit_bps: int = Field(
-        default=0, ge=0, description="cap on each disk's background copy in bytes/s, 0: none (a same-host "
-        "test's stand-in for a slow target: guest writes a write-blocking mirror copies are not capped)"
-    )
 
 
 class DiskProgress(BaseModel):
