@@ -189,7 +189,7 @@ def test_a_flat_out_writer_converges_only_with_write_blocking(lab: LabHandle, sv
     before = writing(lab)
     move_id = 900_001
     agent_call(lay, "move_start", direct_request(lay, move_id, "local-host-1", allow_write_blocking=False,
-                                                 copy_limit_bps=COPY_LIMIT_BPS))
+                                                 speed_bps=COPY_LIMIT_BPS))
     wait_for("the copy to start", lambda: (p := agent_call(lay, "move_progress", move_id)).phase
              is MigrationPhase.COPY and p.done_bytes > 0, timeout=60, interval=0.2)
     deadline = time.monotonic() + BUDGET_S
@@ -209,7 +209,7 @@ def test_a_flat_out_writer_converges_only_with_write_blocking(lab: LabHandle, sv
     assert after["disklog"]["durable_seq"] > before["disklog"]["durable_seq"]
     rings_intact(lab, svm["ip"])
 
-    p = run_direct(lay, 900_002, "local-host-1", BUDGET_S + 30, copy_limit_bps=COPY_LIMIT_BPS)
+    p = run_direct(lay, 900_002, "local-host-1", BUDGET_S + 30, speed_bps=COPY_LIMIT_BPS)
     assert p.state is MoveState.COMPLETED, p
     assert p.elapsed_s < BUDGET_S and any(d.write_blocking for d in p.disks), p
     print(f"write-blocking allowed: {p.elapsed_s:.1f} s, write-blocking after {p.write_blocking_after_s} s, "

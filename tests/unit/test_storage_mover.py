@@ -114,9 +114,9 @@ async def host(tmp_path: Path) -> AsyncIterator[Host]:
             os.kill(int(json.loads(running.read_text())["pid"]), signal.SIGKILL)
 
 
-def request(move_id: int, target: str, source: str = "a") -> DiskMoveRequest:
+def request(move_id: int, target: str, source: str = "a", speed_bps: float | None = None) -> DiskMoveRequest:
     return DiskMoveRequest(move_id=move_id, nonce=f"n{move_id}", vm=VM, kind=MigrationKind.STORAGE,
-                           target_spec=relocated_spec(spec_on(source), target))
+                           target_spec=relocated_spec(spec_on(source), target), speed_bps=speed_bps)
 
 
 async def wait_phase(host: Host, move_id: int, *phases: MigrationPhase,
@@ -162,9 +162,9 @@ async def test_move_there_and_back_keeps_data_and_leaves_no_old_files(host: Host
 
 async def test_cancel_mid_copy_leaves_the_vm_on_its_files(tmp_path: Path, host: Host) -> None:
     await close_host(host)
-    slow = await open_host(tmp_path, speed_bps=2 * MIB)
+    slow = await open_host(tmp_path)
     try:
-        await slow.moves.start(request(3, "b"))
+        await slow.moves.start(request(3, "b", speed_bps=2 * MIB))  # the request's cap
         p = await wait_phase(slow, 3, MigrationPhase.COPY)
         assert p.phase is MigrationPhase.COPY
         p = await slow.moves.cancel(3)

@@ -211,7 +211,7 @@ class StorageMover:
             self._save(detail)
             await bq.blockdev_mirror(qmp, job_id=disk.job_id, device=disk.source_node,
                                      target=disk.target_node,
-                                     speed_bps=self.job.request.copy_limit_bps or self.ctx.mirror_speed_bps)
+                                     speed_bps=self._copy_limit_bps())
         while True:
             qmp = self.ctx.supervisor.qmp_session(self.job.request.vm)  # the agent may have reconnected
             jobs = await bq.query_block_jobs(qmp)
@@ -377,6 +377,11 @@ class StorageMover:
         self._save(detail)
 
     # ----- bookkeeping ---------------------------------------------------------------------------
+    def _copy_limit_bps(self) -> int:
+        """The request's cap on each mirror's background copy, else the agent's (0: none). A write-blocking
+        mirror still copies each guest write at once, uncapped."""
+        return int(self.job.request.speed_bps or 0) or self.ctx.mirror_speed_bps
+
     def _require_detail(self) -> StorageDetail:
         if self.detail is None:
             raise QemuError(f"Move {self.job.move_id} has no record of its disks.",
