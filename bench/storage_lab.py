@@ -49,10 +49,14 @@ class Guest:
     disks_mib: tuple[int, ...]
     fills: tuple[Fill, ...] = ()
     extra_args: str = ""  # more kernel arguments (e.g. vmshift.diskwrite=...)
+    disklog_rate_per_s: int | None = None  # None: the guest's default (20 records/s)
 
     @property
     def kernel_args(self) -> str:
-        return f"{self.scenario.kernel_args} {self.extra_args}".strip()
+        args = self.scenario.kernel_args
+        if self.disklog_rate_per_s is not None:
+            args = args.replace("vmshift.disklog=1", f"vmshift.disklog=1,{self.disklog_rate_per_s}")
+        return f"{args} {self.extra_args}".strip()
 
 
 @dataclass

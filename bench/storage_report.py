@@ -124,6 +124,7 @@ def figures(doc: Json) -> list[Json]:
                 r2,
                 "≤ 1.01",
                 None if r2 is None else r2 <= 1.01,
+                f"allocated {_cell(_mib(u.get('allocated_bytes')))} MiB (zero pages are holes)",
             )
         )
     return out
@@ -230,12 +231,13 @@ def _samples(s: Json) -> list[str]:
         out += [
             f"Suspend (1 GiB guest, memtest {u['memtest']}):",
             "",
-            "| # | written MiB | save s | MiB/s | dd MiB/s | file MiB | allocated MiB | direct-io"
-            " | guest ok |",
+            "| # | written MiB | save s | MiB/s | dd MiB/s (before, after: mean) | file MiB | allocated MiB"
+            " | direct-io | guest ok |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for x in u["samples"]:
-            r, d = x["suspend"], x["dd"]
+            r = x["suspend"]
+            d = {"bps": sum(y.get("bps") or 0 for y in x["dd"]) / max(1, len(x["dd"]))}
             out.append(
                 f"| {x['rep']} | {_cell(_mib(r.get('written_bytes')))} | {_cell(r.get('save_s'))} | "
                 f"{_cell(_mibps(r.get('write_bps')))} | {_cell(_mibps(d.get('bps')))} | "
