@@ -44,6 +44,7 @@ class MovingAgent(FakeAgent):
     cancels: list[int] = field(default_factory=list)
     hold: bool = False
     fail: bool = False
+    partial: bool = False  # the failure comes after disk 0 pivoted (the agent wrote a mixed definition)
 
     def _advance(self, p: MoveProgress) -> None:
         if p.state.finished or self.hold:
@@ -51,6 +52,11 @@ class MovingAgent(FakeAgent):
         if self.fail:
             p.state, p.phase = MoveState.FAILED, MigrationPhase.FAILED
             p.error = ErrorInfo(code="qemu_error", message="No space left on device.", hint="Free space.")
+            if self.partial:
+                spec = self.requests[p.move_id].target_spec
+                old = self.specs[p.vm]
+                p.written_spec = spec.model_copy(update={"datastore": old.datastore,
+                                                         "disks": [spec.disks[0], *old.disks[1:]]})
         elif p.done_bytes < p.total_bytes:
             p.done_bytes = min(p.total_bytes, p.done_bytes + p.total_bytes // 2)
             p.rate_bps, p.eta_s, p.elapsed_s = 100 * MIB, 0.5, p.elapsed_s + 0.5
@@ -297,3 +303,16 @@ def test_a_move_survives_a_server_restart(
     assert server.wait_task(started["id"])["state"] == "success"
     assert len(src.requests) == 1  # followed again, not started again
     assert spec_places(server) == ("local-host-1", ["local-host-1", "local-host-1"])
+
+
+def test_a_move_that_failed_past_its_pivot_records_the_files_where_they_are(
+    server: ServerHarness, hosts: tuple[MovingAgent, MovingAgent]
+) -> None:
+    src, _dst = hosts
+    create_vm(server, start=True)
+    src.fail = src.partial = True
+    started = move(server, datastore="local-host-1").json()
+    assert server.wait_task(started["id"])["state"] == "error"
+    assert spec_places(server) == ("shared-1", ["local-host-1", "shared-1"])
+    events = server.client.get("/events", params={"target": "vm-1"}).json()
+    assert any("ended part way" in e["message"] and "--datastore local-host-1" in e["message"] for e in events)

@@ -117,3 +117,7 @@ class MoveProgress(BaseModel):
     )
     pivot_ms: float | None = Field(default=None, description="time from job-complete to the new files in use")
     error: ErrorInfo | None = None
+    written_spec: VmSpec | None = Field(
+        default=None, description="the definition the agent wrote at the VM's home once past the point of no "
+        "return: the inventory records it whatever the end (a partial pivot names each disk where it is)",
+    )

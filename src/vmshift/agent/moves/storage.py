@@ -317,6 +317,7 @@ class StorageMover:
             self.ctx.files.switch_home(spec)
             detail.config_switched = True
             self._save(detail)
+        self.job.progress.written_spec = spec
         src_dir, dst_dir = Path(self.ctx.files.paths(detail.source_spec).vm_dir), Path(detail.target_dir)
         home_moved = spec.datastore != detail.source_spec.datastore
         if home_moved and not detail.serial_moved:

@@ -236,6 +236,8 @@ class DiskMoves:
         if p.state is not MoveState.COMPLETED:
             if row.source_host != row.target_host:
                 await self._drop_exports(dst_addr, mid)
+            if p.written_spec is not None and p.written_spec != spec:
+                self._record_partial(row, p.written_spec)
             err = p.error or ErrorInfo(code="move_failed", message="The source agent gave no reason.",
                                        hint=None)
             cancelled = p.state is MoveState.CANCELLED
@@ -249,6 +251,18 @@ class DiskMoves:
         self._complete(mid, target, p)
         return {"migration_id": mid, "status": MigrationStatus.COMPLETED.value,
                 "total_ms": _metrics(p)["total_ms"]}
+
+    def _record_partial(self, row: MigrationRow, written: VmSpec) -> None:
+        """A move that failed past its point of no return: the inventory follows the files as they are."""
+        with self._sessions.begin() as s:
+            vm = s.scalar(select(VmRow).where(VmRow.name == row.vm))
+            if vm is not None:
+                vm.spec = written.model_dump(mode="json")
+            places = ", ".join(f"{d.file} on {d.datastore}" for d in written.disks)
+            record_event(s, EventKind.MIGRATION_FAILED, row.vm,
+                         f"Move {row.id} of VM {row.vm} ended part way: its disks are now {places}. "
+                         f"Move it again with 'vmshift vm migrate {row.vm} --datastore "
+                         f"{row.target_datastore}' to bring the rest over.", EventSeverity.WARNING)
 
     async def _hand_over(self, row: MigrationRow, spec: VmSpec, target: VmSpec, src_addr: str,
                          dst_addr: str) -> None:
