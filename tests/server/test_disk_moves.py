@@ -315,4 +315,5 @@ def test_a_move_that_failed_past_its_pivot_records_the_files_where_they_are(
     assert server.wait_task(started["id"])["state"] == "error"
     assert spec_places(server) == ("shared-1", ["local-host-1", "shared-1"])
     events = server.client.get("/events", params={"target": "vm-1"}).json()
-    assert any("ended part way" in e["message"] and "--datastore local-host-1" in e["message"] for e in events)
+    said = [e["message"] for e in events if "ended part way" in e["message"]]
+    assert said and "--datastore local-host-1" in said[0]
