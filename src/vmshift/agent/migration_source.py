@@ -115,8 +115,9 @@ class OutgoingMigrations:
         if progress.status.finished:
             return progress
         postcopy_asked = any(a.kind is ActionKind.START_POSTCOPY for a in progress.actions)
+        # before `migrate` (a relocate's disk copy) QEMU's status is that of an older migration
         if (progress.phase in (P.POSTCOPY, P.FINISH, P.SWITCHOVER) or postcopy_asked
-                or await self._qemu_switching(rec)):
+                or (rec.migrate_sent and await self._qemu_switching(rec))):
             raise SwitchoverStartedError(
                 f"Migration {migration_id} cannot be cancelled: {SWITCHOVER_STARTED_MESSAGE[0].lower()}"
                 f"{SWITCHOVER_STARTED_MESSAGE[1:]}",

@@ -169,7 +169,8 @@ class SourceEndings:
         else:
             await self.mirrors.abandon()  # a relocate: stop the disk mirrors, the source keeps its disks
             try:
-                if await self._final_status() is Q.COMPLETED:
+                # before `migrate` QEMU may still report the migration that brought the VM here
+                if self.rec.migrate_sent and await self._final_status() is Q.COMPLETED:
                     log.warning("migration %d: the stream completed before the cancel", self.rec.migration_id)
                     await self._complete()
                     return
