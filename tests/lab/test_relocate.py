@@ -1,0 +1,191 @@
+"""Issue 8, item 3: shared-nothing migration (host and datastore together), the VM running, real QEMU.
+
+One VM for the module, on host-1 with its files on shared-1: memtest, the disk log on its first disk
+and a paced disk writer on its second, so the disks hold data to copy while the guest writes. It moves
+host-1/shared-1 -> host-2/local-host-2 (a datastore only host-2 sees) and back, under a TCP hold; then
+faults mid-copy on a slow migration link (a user cancel, the target QEMU killed) must leave it running
+on host-1 on its own disks, with nothing of it left on host-2: no QEMU (which held the NBD exports), no
+files.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.lab.helpers import LabHandle, guest_check, qemu_pids, vmshift, vmshift_json, wait_for
+from tests.lab.vmotion import host_of_pid, layout, verify_guest, wait_migration_end
+from vmshift.client import VmshiftClient
+from vmshift.lab.lab import run_probe
+from vmshift.lab.layout import LabLayout, load_record
+from vmshift.lab.probe import tcp_hold_process, verify_ok
+from vmshift.lab.topology import set_migration_link_rate
+
+pytestmark = pytest.mark.lab
+VM = "rl-1"
+SLOW_LINK = "40mbit"  # the disks' copy lasts tens of seconds: long enough to inject a fault into it
+HOME = {"host-1": "shared-1", "host-2": "local-host-2"}
+
+
+def folder(lay: LabLayout, ds: str) -> Path:
+    return lay.datastores_dir / ds / VM
+
+
+def open_disks(uuid: str) -> list[str]:
+    pids = qemu_pids(uuid)
+    assert len(pids) == 1, f"expected one QEMU for {VM}, found {pids}"
+    out = set()
+    for fd in Path(f"/proc/{pids[0]}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.endswith((".qcow2", ".raw")):
+            out.add(target)
+    return sorted(out)
+
+
+def rings_intact(lab: LabHandle, ip: str) -> dict[str, Any]:
+    """The guest re-reads its disk log and disk writer rings: every durable record intact."""
+    rec = load_record(lab.name)
+    assert rec is not None
+    answer = run_probe(rec, ["verify", ip], timeout=150)
+    assert verify_ok(answer), answer
+    return answer
+
+
+def writing(lab: LabHandle, after_seq: int = 0) -> dict[str, Any]:
+    return wait_for("the disk writer to make chunks durable",
+                    lambda: c if ((c := guest_check(lab, VM))["diskwrite"] or {}).get("durable_seq", 0)
+                    > after_seq + 16 else None, timeout=120)
+
+
+def assert_home(lab: LabHandle, api: VmshiftClient, uuid: str, host: str) -> None:
+    """The inventory, the running QEMU and the datastores agree: the VM and all its files are at host's
+    datastore, and no other datastore keeps a folder of it."""
+    lay, ds = layout(lab), HOME[host]
+    shown = api.get_vm(VM)
+    assert shown["host"] == host and shown["datastore"] == ds, shown
+    assert all(d["datastore"] == ds for d in shown["disks"]), shown
+    assert open_disks(uuid) == sorted(str(folder(lay, ds) / d["file"]) for d in shown["disks"])
+    for other in ("shared-1", "local-host-1", "local-host-2"):
+        if other != ds:
+            assert not folder(lay, other).exists(), f"{folder(lay, other)} left behind"
+
+
+@pytest.fixture(scope="module")
+def rvm(lab: LabHandle) -> Iterator[dict[str, Any]]:
+    vm = dict(vmshift_json(
+        lab, "vm", "create", VM, "--host", "host-1", "--cpus", "1", "--memory", "192",
+        "--datastore", "shared-1", "--network", "VM Network", "--disk", "64M", "--disk", "128M",
+        "--image", "lab-guest", "--start",
+        "--kernel-args", "vmshift.memtest=32,20 vmshift.disklog=1 vmshift.diskwrite=4",
+    ))
+    writing(lab)
+    yield vm
+    vmshift(lab, "vm", "stop", VM, check=False)
+    vmshift(lab, "vm", "delete", VM, check=False)
+
+
+def relocate(lab: LabHandle, host: str, *extra: str) -> dict[str, Any]:
+    return dict(vmshift_json(lab, "vm", "migrate", VM, "--host", host, "--datastore", HOME[host], *extra,
+                             timeout=600))
+
+
+def test_relocate_there_and_back_keeps_memory_disks_and_connection(
+        lab: LabHandle, api: VmshiftClient, rvm: dict[str, Any]) -> None:
+    lay = layout(lab)
+    uuid = rvm["uuid"]
+    assert_home(lab, api, uuid, "host-1")
+    hold = tcp_hold_process(lay.client_ns, rvm["ip"])
+    try:
+        wait_for("the TCP hold to connect", lambda: guest_check(lab, VM)["echo"], timeout=30)
+        for host, source in (("host-2", "host-1"), ("host-1", "host-2")):
+            before = writing(lab)
+            m = relocate(lab, host)
+            assert m["status"] == "completed", m.get("error")
+            assert m["kind"] == "relocate" and (m["source_host"], m["target_host"]) == (source, host)
+            assert (m["source_datastore"], m["target_datastore"]) == (HOME[source], HOME[host])
+            assert 0 <= m["downtime_ms"] <= 1000, m
+            print(f"\n{source}/{HOME[source]} -> {host}/{HOME[host]}: {m['total_ms']} ms total, "
+                  f"{m['downtime_ms']} ms downtime")
+            after = verify_guest(lab, api, VM, host, before)
+            assert after["memtest"]["mismatches"] == 0
+            assert after["diskwrite"]["errors"] == 0 and after["diskwrite"]["first_seq"] == before[
+                "diskwrite"]["first_seq"], "the guest rebooted or its writes failed"
+            assert_home(lab, api, uuid, host)
+            rings_intact(lab, rvm["ip"])
+            shown = vmshift_json(lab, "vm", "show", VM)
+            assert shown["host"] == host and shown["datastore"] == HOME[host], shown
+    finally:
+        report = hold.stop()
+    assert report["survived"], f"the TCP connection broke: {report}"
+
+
+@pytest.fixture()
+def slow_link(lab: LabHandle) -> Iterator[None]:
+    lay = layout(lab)
+    for k in lay.host_numbers:
+        set_migration_link_rate(lay, k, SLOW_LINK)
+    try:
+        yield
+    finally:
+        for k in lay.host_numbers:
+            set_migration_link_rate(lay, k, None)
+
+
+def start_mid_copy(lab: LabHandle, api: VmshiftClient) -> dict[str, Any]:
+    """Start host-1/shared-1 -> host-2/local-host-2 and wait until the disks' copy is under way."""
+    assert api.get_vm(VM)["host"] == "host-1"
+    out = vmshift_json(lab, "vm", "migrate", VM, "--host", "host-2", "--datastore", "local-host-2",
+                       "--no-wait")
+    mid = int(out.get("migration_id") or out["id"])
+
+    def copying() -> dict[str, Any] | None:
+        m = api.get_migration(mid)
+        assert m["status"] not in ("failed", "cancelled", "completed"), f"migration ended early: {m}"
+        done = (m.get("progress") or {}).get("transferred_bytes", 0)
+        total = (m.get("progress") or {}).get("total_bytes", 0)
+        return m if m["phase"] == "copy" and 0 < done < total else None
+
+    return wait_for(f"migration {mid} to copy disks", copying, timeout=120, interval=0.2)
+
+
+def assert_rolled_back(lab: LabHandle, api: VmshiftClient, rvm: dict[str, Any], end: dict[str, Any],
+                       before: dict[str, Any], status: str) -> None:
+    assert end["status"] == status, end
+    assert end["error"] and end["error"]["message"], "a rolled-back migration says why"
+    pids = qemu_pids(rvm["uuid"])
+    assert len(pids) == 1 and host_of_pid(lab, pids[0]) == "host-1", "a QEMU of the VM is left on host-2"
+    assert not folder(layout(lab), "local-host-2").exists(), "the target's files are left behind"
+    after = verify_guest(lab, api, VM, "host-1", before)
+    assert after["diskwrite"]["errors"] == 0 and after["diskwrite"]["first_seq"] == before[
+        "diskwrite"]["first_seq"], "the guest rebooted or its writes failed"
+    assert_home(lab, api, rvm["uuid"], "host-1")
+    rings_intact(lab, rvm["ip"])
+
+
+def test_cancel_mid_copy_keeps_the_vm_on_its_host_and_disks(
+        lab: LabHandle, api: VmshiftClient, rvm: dict[str, Any], slow_link: None) -> None:
+    before = writing(lab)
+    m = start_mid_copy(lab, api)
+    vmshift(lab, "task", "cancel", str(m["task_id"]))
+    end = wait_migration_end(api, m["id"], timeout=120)
+    assert_rolled_back(lab, api, rvm, end, before, "cancelled")
+
+
+def test_target_qemu_killed_mid_copy_keeps_the_vm_on_its_host_and_disks(
+        lab: LabHandle, api: VmshiftClient, rvm: dict[str, Any], slow_link: None) -> None:
+    before = writing(lab)
+    m = start_mid_copy(lab, api)
+    target = [p for p in qemu_pids(rvm["uuid"]) if host_of_pid(lab, p) == "host-2"]
+    assert len(target) == 1, target
+    os.kill(target[0], signal.SIGKILL)
+    end = wait_migration_end(api, m["id"], timeout=120)
+    assert_rolled_back(lab, api, rvm, end, before, "failed")
+    assert "mirror" in end["error"]["message"] or "target" in end["error"]["message"], end["error"]
