@@ -1,7 +1,13 @@
-"""The storage benchmark's figures (each with its baseline, ratio and target) and its Markdown page."""
+"""The storage benchmark's figures (each with its baseline, ratio and target) and its Markdown page.
+
+.venv/bin/python -m bench.storage_report bench/results/storage-latest.json   # redraws the .md beside it
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
 from typing import Any
 
 Json = dict[str, Any]
@@ -161,7 +167,7 @@ def markdown(doc: Json) -> str:
     for f in doc.get("figures") or []:
         lines.append(
             f"| {f['title']} | {_cell(f['value'])} {f['unit']} | {f['baseline']} | "
-            f"{_cell(f['baseline_value'])} | {_cell(f['ratio'])} | {f['target']} | {_cell(f['met'])} |"
+            f"{_cell(f['baseline_value'])} | {_ratio_cell(f['ratio'])} | {f['target']} | {_cell(f['met'])} |"
         )
     lines += [""]
     for f in doc.get("figures") or []:
@@ -175,6 +181,10 @@ def markdown(doc: Json) -> str:
     lines += ["", "## Samples", ""]
     lines += _samples(doc.get("sections") or {})
     return "\n".join(lines) + "\n"
+
+
+def _ratio_cell(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
 
 
 def _load(x: Any) -> str:
@@ -250,3 +260,15 @@ def _samples(s: Json) -> list[str]:
 
 def _mib(b: Any) -> float | None:
     return None if b is None else round(float(b) / MIB, 1)
+
+
+def main(argv: list[str]) -> int:
+    src = Path(argv[0]) if argv else Path("bench/results/storage-latest.json")
+    doc = json.loads(src.read_text())
+    doc["figures"] = figures(doc)
+    src.with_suffix(".md").write_text(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
