@@ -138,10 +138,12 @@ def bench_mirror(rec: LabRecord, api: VmshiftClient, reps: int, fails: Failures)
                     else:
                         before = guest_check(rec, ip)
                         os.sync()
-                        m = move(api, g.vm, dst)
+                        m = move(api, g.vm, dst, rec=rec)
                         fails.check(m["ok"], f"mirror {src} -> {dst}: the move {m['status']} ({m['error']})")
                         v = verify_running(rec, ip, before, g, fails, f"mirror {src} -> {dst}")
+                        split = mirror_split(m)
                         r = {
+                            **split,
                             "method": "mirror",
                             "path": f"{src} -> {dst}",
                             "bytes": total_bytes,
@@ -171,13 +173,24 @@ def bench_mirror(rec: LabRecord, api: VmshiftClient, reps: int, fails: Failures)
         "mirror_bps": med("mirror"),
         "convert_bps": med("convert"),
         "convert_fsync_bps": med("convert", "throughput_fsync_bps"),
-        "mirror_copy_s": median(
-            [
-                s["move"]["phases_seen_s"].get("pivot", 0) - s["move"]["phases_seen_s"].get("copy", 0)
-                for s in samples
-                if s["method"] == "mirror" and {"copy", "pivot"} <= s["move"]["phases_seen_s"].keys()
-            ]
+        "mirror_prepare_s": median([s["prepare_s"] for s in samples if s.get("prepare_s") is not None]),
+        "mirror_copy_s": median([s["copy_s"] for s in samples if s.get("copy_s") is not None]),
+        "mirror_after_ready_s": median(
+            [s["after_ready_s"] for s in samples if s.get("after_ready_s") is not None]
         ),
+    }
+
+
+def mirror_split(m: Json) -> Json:
+    """The agent's phases of one Storage vMotion in seconds: prepare, copy (to every disk READY), the rest."""
+    a = m.get("agent") or {}
+    ph, ready, total = a.get("phases_s") or {}, a.get("all_ready_s"), (m.get("total_ms") or 0) / 1000
+    if "copy" not in ph or ready is None:
+        return {"prepare_s": None, "copy_s": None, "after_ready_s": None}
+    return {
+        "prepare_s": ph["copy"],
+        "copy_s": round(ready - ph["copy"], 3),
+        "after_ready_s": round(total - ready, 3),
     }
 
 
@@ -210,7 +223,7 @@ def bench_pivot(rec: LabRecord, api: VmshiftClient, moves: int, fails: Failures)
             dst = LOCAL1 if at == SHARED else SHARED
             before = guest_check(rec, ip)
             boot_max_before = float(_latency(before).get("max_boot_ms") or 0)
-            m = move(api, g.vm, dst)
+            m = move(api, g.vm, dst, rec=rec)
             t_end = time.monotonic()
             after = guest_check(rec, ip)  # at once: the window must still hold the pivot
             read_after_s = time.monotonic() - t_end
@@ -297,7 +310,7 @@ def bench_sparse(rec: LabRecord, api: VmshiftClient, rounds: int, fails: Failure
                 for key in keys:
                     g = guests[key]
                     src = api.get_vm(g.vm)
-                    m = move(api, g.vm, ds, host)
+                    m = move(api, g.vm, ds, host, rec=rec)
                     what = f"cold {key} {src['host']}/{src['datastore']} -> {host}/{ds}"
                     fails.check(m["ok"], f"{what}: {m['status']} ({m['error']})")
                     v = verify_booted(rec, api, g, durable[key], fails, what)

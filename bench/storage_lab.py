@@ -9,10 +9,12 @@ answer its echo port and have more durable disk-log records than before the move
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,9 @@ from bench.suite.run import guest_check, verify, wait_ready
 from bench.suite.scenarios import Scenario
 
 from vmshift.client import VmshiftClient
+from vmshift.client.agent import AgentClient
 from vmshift.errors import VmshiftError
+from vmshift.lab import processes
 from vmshift.lab.layout import LabRecord
 from vmshift.model.enums import PowerAction, PowerState, TaskState
 from vmshift.model.migration import MigrationStatus
@@ -188,15 +192,69 @@ def remove(api: VmshiftClient, vm: str) -> None:
     api.wait_task(api.delete_vm(vm)["id"], timeout=120)
 
 
-def move(api: VmshiftClient, vm: str, datastore: str, host: str | None = None) -> Json:
+class AgentWatch:
+    """The source agent's own view of a disk move: ``GET /api/v1/moves/ID`` every 0.1 s in a thread.
+
+    Each phase's first sighting (the move's ``elapsed_s`` then) and when every disk was first READY
+    split the record's ``total_ms`` into prepare, copy, pivot and finish, to within a poll.
+    """
+
+    POLL_S = 0.1  # the agent that answers also runs the move: no faster
+
+    def __init__(self, rec: LabRecord, host: str, move_id: int) -> None:
+        self.address = rec.layout.agent_address(int(host.rsplit("-", 1)[1]))
+        self.token = processes.token_files(rec.layout)[1].read_text().strip()
+        self.move_id = move_id
+        self.phases: dict[str, float] = {}
+        self.all_ready_s: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._poll()), daemon=True)
+
+    def __enter__(self) -> AgentWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    async def _poll(self) -> None:
+        client = AgentClient(self.address, self.token, timeout_s=5)
+        try:
+            while not self._stop.is_set():
+                with contextlib.suppress(VmshiftError):  # not started yet, or ended and gone
+                    p = await client.move_progress(self.move_id)
+                    self.phases.setdefault(p.phase.value, round(p.elapsed_s, 3))
+                    if self.all_ready_s is None and p.disks and all(d.ready for d in p.disks):
+                        self.all_ready_s = round(p.elapsed_s, 3)
+                await asyncio.sleep(self.POLL_S)
+        finally:
+            await client.aclose()
+
+    def report(self) -> Json:
+        return {"phases_s": self.phases, "all_ready_s": self.all_ready_s}
+
+
+def move(
+    api: VmshiftClient, vm: str, datastore: str, host: str | None = None, rec: LabRecord | None = None
+) -> Json:
     """One move through the server, as ``vmshift vm migrate VM [--host H] --datastore DS`` does.
 
-    Returns the migration record's figures and the wall time this side saw each phase first (the
-    server's record is polled, so a phase shorter than the poll may be missed).
+    Returns the migration record's figures, the wall time this side saw each phase of the record
+    first, and with ``rec`` the source agent's own phase times (AgentWatch).
     """
+    source_host = str(api.get_vm(vm)["host"])
     t0 = time.monotonic()
     started = api.migrate_vm(vm, host, datastore=datastore)
     mid = int(started["migration_id"])
+    with contextlib.ExitStack() as stack:
+        watch = stack.enter_context(AgentWatch(rec, source_host, mid)) if rec is not None else None
+        result = _follow(api, started, mid, t0)
+    result["agent"] = watch.report() if watch is not None else None
+    return result
+
+
+def _follow(api: VmshiftClient, started: Json, mid: int, t0: float) -> Json:
     seen: dict[str, float] = {}
 
     def watch(_task: Json) -> None:

@@ -66,6 +66,17 @@ def figures(doc: Json) -> list[Json]:
                      f"medians; mirror time = the migration record's total_ms (prepare to old files "
                      f"removed); {note}")
             )  # fmt: skip
+        if m.get("mirror_copy_s"):
+            copy_bps = m["bytes"] / m["mirror_copy_s"]
+            r = _ratio(copy_bps, m.get("convert_fsync_bps"))
+            out.append(
+                _fig("mirror-copy-phase", "Mirror's copy phase alone (diagnostic, not the issue's figure)",
+                     _mibps(copy_bps), "MiB/s", "qemu-img convert -n -W -m 16, then fsync of the copy",
+                     _mibps(m.get("convert_fsync_bps")), r, "–", None,
+                     f"the source agent's phases (median s): prepare {m.get('mirror_prepare_s')}, "
+                     f"copy to every disk READY {m.get('mirror_copy_s')}, "
+                     f"pivot + finish {m.get('mirror_after_ready_s')}")
+            )  # fmt: skip
     if p := s.get("pivot"):
         v, idle = p.get("worst_p99_ms"), p.get("idle") or {}
         out.append(
@@ -183,6 +194,12 @@ def markdown(doc: Json) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _split(x: Json) -> str:
+    if x.get("method") != "mirror":
+        return "–"
+    return " / ".join(_cell(x.get(k)) for k in ("prepare_s", "copy_s", "after_ready_s"))
+
+
 def _ratio_cell(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}"
 
@@ -198,13 +215,14 @@ def _samples(s: Json) -> list[str]:
             f"Mirror vs convert ({m['bytes'] / MIB:.0f} MiB of disks, {m['data_mib']} MiB written; "
             f"`{m['convert_command']}`, the VM running):",
             "",
-            "| method | path | ms | MiB/s | ms with fsync | MiB/s with fsync | guest ok |",
-            "|---|---|---|---|---|---|---|",
+            "| method | path | ms | MiB/s | ms with fsync | MiB/s with fsync | prepare / copy / after READY s"
+            " | guest ok |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         out += [
             f"| {x['method']} | {x['path']} | {_cell(x['ms'])} | {_cell(_mibps(x.get('throughput_bps')))} | "
             f"{_cell(x.get('ms_fsync'))} | {_cell(_mibps(x.get('throughput_fsync_bps')))} | "
-            f"{_cell(x.get('guest_ok'))} |"
+            f"{_split(x)} | {_cell(x.get('guest_ok'))} |"
             for x in m["samples"]
         ]
         out += [""]
