@@ -28,6 +28,7 @@ from vmshift.agent.suspend import (
     SuspendSettings,
     discard_state,
     recover,
+    refuse_hardware_change,
     refuse_on_suspended,
     restore_state,
     save_state,
@@ -283,6 +284,8 @@ class Supervisor:
         if current is not None and self._alive(current) and current.spec != spec:
             raise ConflictError(f"VM {spec.name!r} is running; its definition cannot change now.",
                                 hint="Power it off first.")
+        if current is not None and current.pid is None and saved_state(current.paths) is not None:
+            refuse_hardware_change(current.spec, spec)
         await self.files.define(spec, self.config.networks)
         return await self.runtime(spec.name)
 

@@ -243,6 +243,24 @@ def refuse_on_suspended(name: str, action: PowerAction) -> ConflictError:
              f"'vmshift vm stop {name}', which discards the saved state.")
 
 
+_HARDWARE = ("cpus", "memory_mib", "cpu_model", "machine_type")
+
+
+def refuse_hardware_change(old: VmSpec, new: VmSpec) -> None:
+    """A suspended VM's state fits only the hardware that saved it: QEMU 10.0.2 loading a 1 GiB
+    guest's file into 256 MiB hung instead of failing. ConflictError if ``new`` changes it."""
+    changed = [f for f in _HARDWARE if getattr(old, f) != getattr(new, f)]
+    if [n.mac for n in old.nics] != [n.mac for n in new.nics]:
+        changed.append("NICs")
+    if len(old.disks) != len(new.disks):
+        changed.append("disks")
+    if changed:
+        raise ConflictError(
+            f"VM {old.name!r} is suspended, so its {', '.join(changed)} cannot change: the saved state "
+            "would no longer fit.",
+            hint=f"Resume it first, or power it off ('vmshift vm stop {old.name}' discards the saved state).")
+
+
 async def recover(qmp: QmpSession, paths: VmPaths, spec: VmSpec) -> bool:
     """At agent start, for a live QEMU: finish or undo a save or a load the agent was in the middle
     of. True means QEMU must exit (the VM is then suspended, its state file complete)."""

@@ -17,6 +17,7 @@ size is what the guest touched plus well under 1 MiB. The migration must run wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from vmshift.qemu.qmp import QmpSession
 
 #: The capabilities a state file is written and read with; both sides must agree.
 STATE_FILE_CAPABILITIES = ("multifd", "mapped-ram")
+#: Left as they are; every other capability is switched off for a state file.
+KEPT_CAPABILITIES = frozenset({*STATE_FILE_CAPABILITIES, "events"})
 
 
 @dataclass(frozen=True)
@@ -94,11 +97,12 @@ def _transfer(reply: dict[str, Any], elapsed_s: float) -> StateTransfer:
     )
 
 
-async def prepare(qmp: QmpSession, settings: StateFileSettings, *, outgoing: bool) -> None:
+async def prepare(qmp: QmpSession, settings: StateFileSettings, *, outgoing: bool) -> dict[str, bool]:
     """Set the state-file capabilities and parameters; switch off every other capability a live
-    migration may have left on (``postcopy-ram``, ``xbzrle``... are refused beside mapped-ram)."""
+    migration may have left on (``postcopy-ram``, ``xbzrle``... are refused beside mapped-ram).
+    Returns the capabilities as they were, for :func:`restore_capabilities`."""
     current = await query_capabilities(qmp)
-    caps = {name: False for name, on in current.items() if on and name not in STATE_FILE_CAPABILITIES}
+    caps = {name: False for name, on in current.items() if on and name not in KEPT_CAPABILITIES}
     caps |= dict.fromkeys(STATE_FILE_CAPABILITIES, True)
     await set_capabilities(qmp, caps)
     params: dict[str, Any] = {"multifd-channels": settings.multifd_channels,
@@ -106,6 +110,14 @@ async def prepare(qmp: QmpSession, settings: StateFileSettings, *, outgoing: boo
     if outgoing:
         params["max-bandwidth"] = UNLIMITED_BANDWIDTH
     await set_parameters(qmp, params)
+    return {name: current.get(name, False) for name in caps}
+
+
+async def restore_capabilities(qmp: QmpSession, previous: dict[str, bool]) -> None:
+    """Best effort, after a save that did not complete or a finished load: the VM runs on, and a
+    later live migration over TCP must not find ``mapped-ram`` on (it needs a seekable channel)."""
+    with contextlib.suppress(QemuError):
+        await set_capabilities(qmp, previous)
 
 
 async def _wait(qmp: QmpSession, what: str, settings: StateFileSettings, timeout_s: float,
@@ -130,22 +142,31 @@ async def _wait(qmp: QmpSession, what: str, settings: StateFileSettings, timeout
 async def save_to_file(qmp: QmpSession, path: Path, settings: StateFileSettings, *, timeout_s: float,
                        on_progress: Callable[[StateTransfer], None] | None = None) -> StateTransfer:
     """Write the (already stopped) VM's state to ``path``; return the final answer, which may be
-    ``failed`` or ``cancelled``. A timeout cancels the save before it raises."""
-    await prepare(qmp, settings, outgoing=True)
-    await migrate(qmp, file_uri(path))
+    ``failed`` or ``cancelled``. A timeout cancels the save before it raises. Unless the save
+    completed, QEMU's capabilities are back as they were."""
+    previous = await prepare(qmp, settings, outgoing=True)
     try:
-        return await _wait(qmp, "saving the VM's state", settings, timeout_s, on_progress)
+        await migrate(qmp, file_uri(path))
+        transfer = await _wait(qmp, "saving the VM's state", settings, timeout_s, on_progress)
     except BaseException:
         await cancel_quietly(qmp)
+        await restore_capabilities(qmp, previous)
         raise
+    if transfer.status is not QemuMigrationStatus.COMPLETED:
+        await restore_capabilities(qmp, previous)
+    return transfer
 
 
 async def load_from_file(qmp: QmpSession, path: Path, settings: StateFileSettings, *, timeout_s: float,
                          on_progress: Callable[[StateTransfer], None] | None = None) -> StateTransfer:
-    """Load ``path`` into a QEMU started with ``-S -incoming defer``; it stays paused afterwards."""
-    await prepare(qmp, settings, outgoing=False)
+    """Load ``path`` into a QEMU started with ``-S -incoming defer``; it stays paused afterwards,
+    with the capabilities of a fresh QEMU again (a later live migration over TCP needs them)."""
+    previous = await prepare(qmp, settings, outgoing=False)
     await migrate_incoming(qmp, file_uri(path))
-    return await _wait(qmp, "loading the VM's state", settings, timeout_s, on_progress)
+    transfer = await _wait(qmp, "loading the VM's state", settings, timeout_s, on_progress)
+    if transfer.status.finished:
+        await restore_capabilities(qmp, previous)
+    return transfer
 
 
 async def cancel_quietly(qmp: QmpSession, timeout_s: float = 10.0) -> None:
