@@ -173,6 +173,7 @@ def bench_mirror(rec: LabRecord, api: VmshiftClient, reps: int, fails: Failures)
         "mirror_bps": med("mirror"),
         "convert_bps": med("convert"),
         "convert_fsync_bps": med("convert", "throughput_fsync_bps"),
+        "mirror_write_blocking_moves": sum(1 for s in samples if s.get("write_blocking")),
         "mirror_prepare_s": median([s["prepare_s"] for s in samples if s.get("prepare_s") is not None]),
         "mirror_copy_s": median([s["copy_s"] for s in samples if s.get("copy_s") is not None]),
         "mirror_after_ready_s": median(
@@ -184,14 +185,15 @@ def bench_mirror(rec: LabRecord, api: VmshiftClient, reps: int, fails: Failures)
 def mirror_split(m: Json) -> Json:
     """The agent's phases of one Storage vMotion in seconds: prepare, copy (to every disk READY), the rest."""
     a = m.get("agent") or {}
-    ph, ready, total = a.get("phases_s") or {}, a.get("all_ready_s"), (m.get("total_ms") or 0) / 1000
-    if "copy" not in ph or ready is None:
-        return {"prepare_s": None, "copy_s": None, "after_ready_s": None}
-    return {
-        "prepare_s": ph["copy"],
-        "copy_s": round(ready - ph["copy"], 3),
-        "after_ready_s": round(total - ready, 3),
-    }
+    ph, total = a.get("phases_s") or {}, (m.get("total_ms") or 0) / 1000
+    # the copy ends at the first sighting of every disk READY or of a later phase (a poll may miss both)
+    ends = [x for x in (a.get("all_ready_s"), ph.get("pivot"), ph.get("finish"), ph.get("completed")) if x]
+    if "copy" not in ph or not ends:
+        return {"prepare_s": None, "copy_s": None, "after_ready_s": None, "write_blocking": None}
+    ready = min(ends)
+    return {"prepare_s": ph["copy"], "copy_s": round(ready - ph["copy"], 3),
+            "after_ready_s": round(max(0.0, total - ready), 3),
+            "write_blocking": (m.get("progress") or {}).get("write_blocking")}  # fmt: skip
 
 
 # ---------------------------------------------------------------- 2. the pivot's stall

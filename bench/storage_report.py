@@ -73,9 +73,11 @@ def figures(doc: Json) -> list[Json]:
                 _fig("mirror-copy-phase", "Mirror's copy phase alone (diagnostic, not the issue's figure)",
                      _mibps(copy_bps), "MiB/s", "qemu-img convert -n -W -m 16, then fsync of the copy",
                      _mibps(m.get("convert_fsync_bps")), r, "–", None,
-                     f"the source agent's phases (median s): prepare {m.get('mirror_prepare_s')}, "
-                     f"copy to every disk READY {m.get('mirror_copy_s')}, "
-                     f"pivot + finish {m.get('mirror_after_ready_s')}")
+                     f"the source agent's phases (median s, each to within its 0.1 s poll): prepare "
+                     f"{_cell(m.get('mirror_prepare_s'))}, copy to every disk READY "
+                     f"{_cell(m.get('mirror_copy_s'))}, pivot + finish "
+                     f"{_cell(m.get('mirror_after_ready_s'))}; "
+                     f"{m.get('mirror_write_blocking_moves')} of the mirrors turned write-blocking")
             )  # fmt: skip
     if p := s.get("pivot"):
         v, idle = p.get("worst_p99_ms"), p.get("idle") or {}
@@ -197,7 +199,8 @@ def markdown(doc: Json) -> str:
 def _split(x: Json) -> str:
     if x.get("method") != "mirror":
         return "–"
-    return " / ".join(_cell(x.get(k)) for k in ("prepare_s", "copy_s", "after_ready_s"))
+    wb = " (write-blocking)" if x.get("write_blocking") else ""
+    return " / ".join(_cell(x.get(k)) for k in ("prepare_s", "copy_s", "after_ready_s")) + wb
 
 
 def _ratio_cell(x: float | None) -> str:
