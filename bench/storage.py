@@ -418,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, not a result)")
     ap.add_argument("--only", action="append", choices=list(SECTIONS), help="run only this section")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--label", help="a heading for the report, e.g. 'Smoke run on a shared machine'")
     args = ap.parse_args(argv)
     chosen = args.only or list(SECTIONS)
     name = f"stor{os.getpid() % 100000}"
@@ -427,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([".venv/bin/python", "-m", "bench.storage", *(argv or sys.argv[1:])]),
         "quick": args.quick,
+        "label": args.label,
         "machine": {**machine(), "loadavg_at_start": os.getloadavg()},
         "sections": {},
         "errors": {},

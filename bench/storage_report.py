@@ -163,10 +163,10 @@ def markdown(doc: Json) -> str:
     mach = doc.get("machine") or {}
     lines = ["# Storage benchmark (issue 8)", ""]
     if doc.get("quick") or doc.get("label"):
+        what = "fewer repetitions" if doc.get("quick") else "the full repetitions"
         lines += [
-            f"> **{doc.get('label') or 'Smoke run (--quick)'}**: fewer repetitions"
-            f"{' on a machine shared with other labs' if doc.get('quick') else ''}; "
-            "not a result to quote. `make bench-storage` on an idle machine gives those.",
+            f"> **{doc.get('label') or 'Smoke run (--quick)'}** ({what}): not a result to quote. "
+            "`make bench-storage` on an idle machine gives those.",
             "",
         ]
     lines += [
