@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.lab.helpers import LabHandle, guest_check, qemu_pids, vmshift, vmshift_json, wait_for
-from tests.lab.vmotion import host_of_pid, layout
+from tests.lab.vmotion import host_of_pid, layout, migrate, verify_guest
 from vmshift.client import VmshiftClient
 from vmshift.lab.probe import tcp_hold_process
 
@@ -57,13 +57,13 @@ def suspend(lab: LabHandle, api: VmshiftClient, vm: dict[str, Any]) -> dict[str,
 
 
 def assert_resumed(lab: LabHandle, api: VmshiftClient, vm: dict[str, Any], before: dict[str, Any],
-                   state_file: str) -> dict[str, Any]:
-    """One QEMU on host-1, the same MAC and IP, no state file, the guest continued where it stopped."""
+                   state_file: str, host: str = "host-1") -> dict[str, Any]:
+    """One QEMU on ``host``, the same MAC and IP, no state file, the guest continued where it stopped."""
     info = api.get_vm(vm["name"])
-    assert info["power_state"] == "poweredOn" and info["host"] == "host-1"
+    assert info["power_state"] == "poweredOn" and info["host"] == host
     assert info["ip"] == vm["ip"] and info["nics"][0]["mac"] == vm["nics"][0]["mac"]
     pids = qemu_pids(vm["uuid"])
-    assert len(pids) == 1 and host_of_pid(lab, pids[0]) == "host-1", pids
+    assert len(pids) == 1 and host_of_pid(lab, pids[0]) == host, pids
     assert not Path(state_file).exists(), "the state file outlived the resume"
     assert not Path(state_file + ".loaded").exists()
     start = guest_check(lab, vm["name"])
@@ -164,11 +164,15 @@ def test_a_failed_save_leaves_the_vm_running_and_no_file(
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith("suspended")) == []
     after = guest_check(lab, "sleeper")
     assert after["uptime_s"] >= before["uptime_s"] and after["memtest"]["mismatches"] == 0
+    # the failed save put QEMU's migration capabilities back: a live migration over TCP still works
+    assert migrate(lab, "sleeper", "host-2")["status"] == "completed"
+    verify_guest(lab, api, "sleeper", "host-2", before)
 
 
 def test_a_state_file_that_does_not_load_keeps_the_vm_suspended(
     lab: LabHandle, api: VmshiftClient, sleeper: dict[str, Any]
 ) -> None:
+    host = api.get_vm("sleeper")["host"]
     before = guest_check(lab, "sleeper")
     result = suspend(lab, api, sleeper)
     state = Path(result["state_file"])
@@ -186,7 +190,10 @@ def test_a_state_file_that_does_not_load_keeps_the_vm_suspended(
         vmshift_json(lab, "vm", "resume", "sleeper", timeout=300)
     finally:
         keep.unlink(missing_ok=True)
-    assert_resumed(lab, api, sleeper, before, result["state_file"])
+    assert_resumed(lab, api, sleeper, before, result["state_file"], host)
+    # the resumed QEMU has a fresh QEMU's capabilities again: it live-migrates over TCP
+    assert migrate(lab, "sleeper", "host-1")["status"] == "completed"
+    verify_guest(lab, api, "sleeper", "host-1", before)
 
 
 
