@@ -276,6 +276,7 @@ class StorageMover:
         deadline = time.monotonic() + PIVOT_TIMEOUT_S
         pending = {d.job_id: d for d in detail.disks}
         while pending and time.monotonic() < deadline:
+            seen = qmp.last_seq  # before the query: an event landing during it still wakes the wait
             for event in list(qmp.recent_events):
                 if event.seq > after_seq and event.name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
                     disk = pending.pop(str(event.data.get("device")), None)
@@ -291,7 +292,7 @@ class StorageMover:
                             disk.error = info.error
             if pending:
                 await qmp.wait_event("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", timeout_s=0.5,
-                                     after_seq=qmp.last_seq)
+                                     after_seq=seen)
         jobs = await bq.query_block_jobs(qmp)
         for disk in detail.disks:
             info = jobs.get(disk.job_id)
