@@ -16,15 +16,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from tests.lab.helpers import LabHandle, guest_check, qemu_pids, vmshift, vmshift_json, wait_for
 from tests.lab.vmotion import host_of_pid, layout, verify_guest, wait_migration_end
 from vmshift.client import VmshiftClient
+from vmshift.lab import processes
 from vmshift.lab.lab import run_probe
 from vmshift.lab.layout import LabLayout, load_record
 from vmshift.lab.probe import tcp_hold_process, verify_ok
-from vmshift.lab.topology import set_migration_link_rate
+from vmshift.lab.topology import set_migration_link, set_migration_link_rate
 
 pytestmark = pytest.mark.lab
 VM = "rl-1"
@@ -48,6 +50,11 @@ def open_disks(uuid: str) -> list[str]:
         if target.endswith((".qcow2", ".raw")):
             out.add(target)
     return sorted(out)
+
+
+def qemu_log(lab: LabHandle, host: int = 1) -> str:
+    path = layout(lab).agent_state_dir(host) / "vms" / VM / "qemu.log"
+    return path.read_text()[-3000:] if path.exists() else f"({path} is gone)"
 
 
 def rings_intact(lab: LabHandle, ip: str) -> dict[str, Any]:
@@ -119,6 +126,9 @@ def test_relocate_there_and_back_keeps_memory_disks_and_connection(
             assert after["diskwrite"]["errors"] == 0 and after["diskwrite"]["first_seq"] == before[
                 "diskwrite"]["first_seq"], "the guest rebooted or its writes failed"
             assert_home(lab, api, uuid, host)
+            listening = [c.laddr for c in psutil.Process(qemu_pids(uuid)[0]).net_connections(kind="tcp")
+                         if c.status == psutil.CONN_LISTEN]
+            assert listening == [], f"the running VM's QEMU still listens (NBD exports?): {listening}"
             rings_intact(lab, rvm["ip"])
             shown = vmshift_json(lab, "vm", "show", VM)
             assert shown["host"] == host and shown["datastore"] == HOME[host], shown
@@ -136,11 +146,14 @@ def slow_link(lab: LabHandle) -> Iterator[None]:
         yield
     finally:
         for k in lay.host_numbers:
+            set_migration_link(lay, k, True)
             set_migration_link_rate(lay, k, None)
+            processes.ensure_agent(lab.name, k)
 
 
-def start_mid_copy(lab: LabHandle, api: VmshiftClient) -> dict[str, Any]:
-    """Start host-1/shared-1 -> host-2/local-host-2 and wait until the disks' copy is under way."""
+def start_mid_copy(lab: LabHandle, api: VmshiftClient, write_blocking: bool = False) -> dict[str, Any]:
+    """Start host-1/shared-1 -> host-2/local-host-2 and wait until the disks' copy is under way (and,
+    if asked, a mirror is write-blocking: each guest write then waits for the target)."""
     assert api.get_vm(VM)["host"] == "host-1"
     out = vmshift_json(lab, "vm", "migrate", VM, "--host", "host-2", "--datastore", "local-host-2",
                        "--no-wait")
@@ -151,7 +164,8 @@ def start_mid_copy(lab: LabHandle, api: VmshiftClient) -> dict[str, Any]:
         assert m["status"] not in ("failed", "cancelled", "completed"), f"migration ended early: {m}"
         done = (m.get("progress") or {}).get("transferred_bytes", 0)
         total = (m.get("progress") or {}).get("total_bytes", 0)
-        return m if m["phase"] == "copy" and 0 < done < total else None
+        blocking = (m.get("progress") or {}).get("write_blocking", False)
+        return m if m["phase"] == "copy" and 0 < done < total and (blocking or not write_blocking) else None
 
     return wait_for(f"migration {mid} to copy disks", copying, timeout=120, interval=0.2)
 
@@ -161,7 +175,10 @@ def assert_rolled_back(lab: LabHandle, api: VmshiftClient, rvm: dict[str, Any], 
     assert end["status"] == status, end
     assert end["error"] and end["error"]["message"], "a rolled-back migration says why"
     pids = qemu_pids(rvm["uuid"])
-    assert len(pids) == 1 and host_of_pid(lab, pids[0]) == "host-1", "a QEMU of the VM is left on host-2"
+    assert len(pids) == 1 and host_of_pid(lab, pids[0]) == "host-1", (
+        f"expected one QEMU of the VM, on host-1: {pids}; the migration ended {end['error']}; "
+        f"host-1's agent log ends:\n{layout(lab).log_file('host-1').read_text()[-3000:]}\n"
+        f"its QEMU log ends:\n{qemu_log(lab)}")
     assert not folder(layout(lab), "local-host-2").exists(), "the target's files are left behind"
     after = verify_guest(lab, api, VM, "host-1", before)
     assert after["diskwrite"]["errors"] == 0 and after["diskwrite"]["first_seq"] == before[
@@ -182,10 +199,45 @@ def test_cancel_mid_copy_keeps_the_vm_on_its_host_and_disks(
 def test_target_qemu_killed_mid_copy_keeps_the_vm_on_its_host_and_disks(
         lab: LabHandle, api: VmshiftClient, rvm: dict[str, Any], slow_link: None) -> None:
     before = writing(lab)
-    m = start_mid_copy(lab, api)
+    m = start_mid_copy(lab, api, write_blocking=True)
     target = [p for p in qemu_pids(rvm["uuid"]) if host_of_pid(lab, p) == "host-2"]
     assert len(target) == 1, target
     os.kill(target[0], signal.SIGKILL)
     end = wait_migration_end(api, m["id"], timeout=120)
     assert_rolled_back(lab, api, rvm, end, before, "failed")
     assert "mirror" in end["error"]["message"] or "target" in end["error"]["message"], end["error"]
+
+
+def test_migration_link_cut_mid_copy_keeps_the_vm_on_its_host_and_disks(
+        lab: LabHandle, api: VmshiftClient, rvm: dict[str, Any], slow_link: None) -> None:
+    """The NBD requests hang on the cut link, and with them the guest's writes through the
+    write-blocking mirrors: the copy's stall detector ends it, the rollback cancels the mirrors and
+    aborts the stuck NBD connections, so the guest's writes go on on the source."""
+    lay = layout(lab)
+    before = writing(lab)
+    m = start_mid_copy(lab, api, write_blocking=True)
+    set_migration_link(lay, 2, False)
+    end = wait_migration_end(api, m["id"], timeout=180)
+    set_migration_link(lay, 2, True)
+    print("\n" + "\n".join(line for line in lay.log_file("host-1").read_text().splitlines()[-200:]
+                            if "relocate_mirrors" in line or "rolling back" in line))
+    assert_rolled_back(lab, api, rvm, end, before, "failed")
+
+
+def test_target_agent_restarted_mid_copy_is_consistent(
+        lab: LabHandle, api: VmshiftClient, rvm: dict[str, Any], slow_link: None) -> None:
+    """The receiving QEMU outlives its agent and keeps exporting: the move may finish or roll back,
+    but the VM runs on exactly one host from the files the inventory names."""
+    before = writing(lab)
+    m = start_mid_copy(lab, api)
+    processes.kill_agent(lab.name, "host-2", signal.SIGKILL)
+    processes.start_agent(lab.name, "host-2")
+    end = wait_migration_end(api, m["id"], timeout=300)
+    assert end["status"] in ("completed", "failed"), end
+    host = api.get_vm(VM)["host"]
+    verify_guest(lab, api, VM, host, before)
+    assert_home(lab, api, rvm["uuid"], host)
+    rings_intact(lab, rvm["ip"])
+    if host == "host-2":  # back home for the module's other tests
+        m = relocate(lab, "host-1")
+        assert m["status"] == "completed", m.get("error")

@@ -18,14 +18,16 @@ and is otherwise the live loop:
    target receives the end of the stream only after holding every disk, and runs only after the
    source saw ``completed`` (the safe switchover of a live migration).
 
-Any failure before that raises a ``VmshiftError``; the loop's rollback calls ``abandon`` (mirrors
-cancelled by force, nodes deleted), cancels the migration so the source runs on its own disks, and
+Any failure before that raises a ``VmshiftError``; the loop's rollback calls ``abandon`` (the NBD
+connections aborted, so requests stuck on a cut link fail at once, then the mirrors cancelled by
+force and their nodes deleted), cancels the migration so the source runs on its own disks, and
 tells the target to remove its QEMU, exports and files. libvirt drives NBD storage migration in the
 same order (docs/shared-nothing.md, "Compared with libvirt").
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import shutil
@@ -59,6 +61,8 @@ P = MigrationPhase
 KEEP_SAMPLES = 40
 CHECK_INTERVAL_S = 1.0
 END_TIMEOUT_S = 30.0
+RECONNECT_DELAY_S = 1
+ABORT_AFTER_S = 2.0  # a force cancel still draining after this is stuck on a cut link
 
 
 class RelocateMirrors:
@@ -102,13 +106,15 @@ class RelocateMirrors:
             job = self.job_id(target.index)
             await qmp.execute("blockdev-add", {
                 "driver": "nbd", "node-name": job, "export": url.path.lstrip("/"),
+                "reconnect-delay": RECONNECT_DELAY_S,
                 "server": {"type": "inet", "host": url.hostname or "", "port": str(url.port)},
             })
             await bq.blockdev_mirror(qmp, job_id=job, device=dev.node_name, target=job)
         log.info("migration %d: mirroring %d disk(s) of %s to the target", loop.rec.migration_id,
                  len(self.targets), loop.rec.vm)
         next_target_check = 0.0
-        target_ok_at = time.monotonic()
+        target_ok_at = last_moved_at = time.monotonic()
+        last_done = -1
         while True:
             if loop.rec.cancel_requested:
                 raise ConflictError("The migration was cancelled by the user during the disk copy.",
@@ -123,6 +129,12 @@ class RelocateMirrors:
             if may_pivot(views):
                 break
             now = time.monotonic()
+            done = sum(jobs[self.job_id(t.index)].offset_bytes for t in self.targets)
+            if done != last_done:
+                last_done, last_moved_at = done, now
+            elif now - last_moved_at > loop.o.stall_timeout_s:  # a cut link leaves NBD requests hanging
+                raise QemuError(f"The disk copy moved no byte for {loop.o.stall_timeout_s:g} s: the "
+                                "migration link looks cut.", hint="Check the migration network, then retry.")
             if now >= next_target_check:
                 next_target_check = now + loop.o.target_check_interval_s
                 if await self._target_alive():
@@ -237,12 +249,14 @@ class RelocateMirrors:
                  loop.rec.migration_id, len(self.targets), (time.monotonic() - started) * 1000)
         await qmp.execute("migrate-continue", {"state": "pre-switchover"})
 
-    async def _wait_ended(self, qmp: QmpSession, after_seq: int) -> dict[str, bq.BlockJob]:
+    async def _wait_ended(self, qmp: QmpSession, after_seq: int,
+                          timeout_s: float = END_TIMEOUT_S) -> dict[str, bq.BlockJob]:
         """Wait until every mirror's job has ended; its last view (offsets, error) by job id."""
-        deadline = time.monotonic() + END_TIMEOUT_S
+        deadline = time.monotonic() + timeout_s
         wanted = {self.job_id(t.index) for t in self.targets}
         while True:
             jobs = await bq.query_block_jobs(qmp)
+            wanted &= set(jobs)  # a job QEMU no longer lists has nothing left to end
             done = {j: jobs[j] for j in wanted if j in jobs and jobs[j].status.ended}
             if len(done) == len(wanted) or time.monotonic() > deadline:
                 return done
@@ -256,15 +270,35 @@ class RelocateMirrors:
             return
         with contextlib.suppress(VmshiftError):
             qmp = self.loop.qmp()
+            mid = self.loop.rec.migration_id
+            after_seq = qmp.last_seq
             jobs = await bq.query_block_jobs(qmp)
             mine = [self.job_id(t.index) for t in self.targets if self.job_id(t.index) in jobs]
-            after_seq = qmp.last_seq
-            for job_id in mine:
-                if not jobs[job_id].status.ended:
+            running = [j for j in mine if not jobs[j].status.ended]
+
+            async def cancel_all() -> None:
+                for job_id in running:
                     with contextlib.suppress(QemuError):
                         await bq.block_job_cancel(qmp, job_id, force=True)
-            if mine:
                 await self._wait_ended(qmp, after_seq)
+
+            # A cancel drains the mirrors' requests, and QEMU's monitor waits for that drain: on a cut
+            # link it would wait for TCP to give up (minutes). So the cancel goes first (aborting the
+            # connections while the jobs still ran crashed QEMU 10.0.2 with the guest's writes in flight
+            # through write-blocking mirrors: "malloc(): unsorted double linked list corrupted"), and if
+            # it has not ended within ABORT_AFTER_S the stuck NBD connections are aborted under it.
+            if running:
+                task = asyncio.create_task(cancel_all(), name=f"migration-{mid}-mirror-cancel")
+                done, _ = await asyncio.wait({task}, timeout=ABORT_AFTER_S)
+                if not done:
+                    await self._abort_connections()
+                    log.warning("migration %d: the mirrors' cancel hung on their NBD connections: "
+                                "aborted them", mid)
+                try:
+                    await asyncio.wait_for(task, timeout=END_TIMEOUT_S)
+                except TimeoutError:
+                    log.error("migration %d: the mirrors did not end within %g s", mid, END_TIMEOUT_S)
+            log.info("migration %d: mirrors ended; deleting the NBD nodes", mid)
             for job_id in mine:
                 with contextlib.suppress(QemuError):
                     await bq.job_dismiss(qmp, job_id)
@@ -274,6 +308,28 @@ class RelocateMirrors:
                     with contextlib.suppress(QemuError):
                         await bq.blockdev_del(qmp, self.job_id(target.index))
         self._write_blocking.clear()
+
+    async def _abort_connections(self) -> None:
+        """Abort this host's TCP connections to the exports (``ss -K``: the kernel fails the sockets
+        with ECONNABORTED, as a reset from the peer would). A cut link gives no reset for minutes of
+        TCP retries, while write-blocking mirrors hold the guest's writes. Not QMP ``yank`` of the NBD
+        nodes: the same abort from inside QEMU, but it asks QEMU's monitor, which a stuck drain blocks."""
+        for host, port in sorted({(u.hostname or "", u.port or 0) for u in map(urlsplit, self._uris())}):
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    "ss", "-K", "dst", host, "dport", "=", str(port),
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+                _, err = await proc.communicate()
+            except OSError as exc:
+                log.warning("migration %d: cannot abort the NBD connections: %s", self.loop.rec.migration_id,
+                            exc)
+                return
+            if proc.returncode != 0:
+                log.warning("migration %d: ss -K to %s:%d failed: %s", self.loop.rec.migration_id, host, port,
+                            err.decode(errors="replace").strip()[:200])
+
+    def _uris(self) -> list[str]:
+        return [t.uri for t in self.targets]
 
     def remove_source_files(self, spec: VmSpec) -> None:
         """The VM runs on the target from its new disks: remove its old disks and folder here.
