@@ -54,6 +54,11 @@ def test_relocate_moves_host_and_files_in_one_task(server: ServerHarness, split:
     for check in ("kind", "target_datastore", "datastore_space", "reachability", "cpu_model"):
         assert results[check]["severity"] == "ok", results[check]
     assert dst.incoming == {} and src.outgoing == {}
+    preview = relocate(server, dry_run=True)
+    assert preview.status_code == 200, preview.text
+    assert preview.json()["kind"] == "relocate" and preview.json()["prediction"]["total_ms"] > 0
+    assert not preview.json()["settings"]["allow_postcopy"]  # a relocate never uses post-copy
+    assert dst.incoming == {} and src.outgoing == {}
 
     r = relocate(server)
     assert r.status_code == 202, r.text
