@@ -68,16 +68,21 @@ def test_all_checks_pass_for_a_good_target(lab: LabHandle, checked: dict[str, An
     assert results and not errors_of(results)
 
 
-def test_powered_off_vm(lab: LabHandle, api: VmshiftClient) -> None:
+def test_a_powered_off_vm_is_offered_a_cold_move(lab: LabHandle, api: VmshiftClient) -> None:
+    """Not a live migration: the checks of a cold move (docs/moves.md), nothing started."""
     create(lab, "cold-1", start=False)
     try:
-        assert_rejected(lab, api, "cold-1", "host-2", "power_state", "powered")
+        rc, results, stderr = check_only(lab, "cold-1", "host-2")
+        assert rc == 0 and not errors_of(results), stderr
+        kind = next(r for r in results if r["check"] == "kind")
+        assert "cold move" in kind["message"]
+        assert api.get_vm("cold-1")["host"] == "host-1" and api.list_migrations(vm="cold-1") == []
     finally:
         vmshift(lab, "vm", "delete", "cold-1", check=False)
 
 
 def test_same_host(lab: LabHandle, api: VmshiftClient, checked: dict[str, Any]) -> None:
-    assert_rejected(lab, api, "checked", "host-1", "different_host", "host-1")
+    assert_rejected(lab, api, "checked", "host-1", "kind", "nothing to move")
 
 
 def test_target_in_maintenance(lab: LabHandle, api: VmshiftClient, checked: dict[str, Any]) -> None:
