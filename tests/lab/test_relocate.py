@@ -11,7 +11,10 @@ files.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -151,9 +154,8 @@ def slow_link(lab: LabHandle) -> Iterator[None]:
             processes.ensure_agent(lab.name, k)
 
 
-def start_mid_copy(lab: LabHandle, api: VmshiftClient, write_blocking: bool = False) -> dict[str, Any]:
-    """Start host-1/shared-1 -> host-2/local-host-2 and wait until the disks' copy is under way (and,
-    if asked, a mirror is write-blocking: each guest write then waits for the target)."""
+def start_mid_copy(lab: LabHandle, api: VmshiftClient) -> dict[str, Any]:
+    """Start host-1/shared-1 -> host-2/local-host-2 and wait until the disks' copy is under way."""
     assert api.get_vm(VM)["host"] == "host-1"
     out = vmshift_json(lab, "vm", "migrate", VM, "--host", "host-2", "--datastore", "local-host-2",
                        "--no-wait")
@@ -164,8 +166,7 @@ def start_mid_copy(lab: LabHandle, api: VmshiftClient, write_blocking: bool = Fa
         assert m["status"] not in ("failed", "cancelled", "completed"), f"migration ended early: {m}"
         done = (m.get("progress") or {}).get("transferred_bytes", 0)
         total = (m.get("progress") or {}).get("total_bytes", 0)
-        blocking = (m.get("progress") or {}).get("write_blocking", False)
-        return m if m["phase"] == "copy" and 0 < done < total and (blocking or not write_blocking) else None
+        return m if m["phase"] == "copy" and 0 < done < total else None
 
     return wait_for(f"migration {mid} to copy disks", copying, timeout=120, interval=0.2)
 
@@ -199,7 +200,7 @@ def test_cancel_mid_copy_keeps_the_vm_on_its_host_and_disks(
 def test_target_qemu_killed_mid_copy_keeps_the_vm_on_its_host_and_disks(
         lab: LabHandle, api: VmshiftClient, rvm: dict[str, Any], slow_link: None) -> None:
     before = writing(lab)
-    m = start_mid_copy(lab, api, write_blocking=True)
+    m = start_mid_copy(lab, api)
     target = [p for p in qemu_pids(rvm["uuid"]) if host_of_pid(lab, p) == "host-2"]
     assert len(target) == 1, target
     os.kill(target[0], signal.SIGKILL)
@@ -210,12 +211,11 @@ def test_target_qemu_killed_mid_copy_keeps_the_vm_on_its_host_and_disks(
 
 def test_migration_link_cut_mid_copy_keeps_the_vm_on_its_host_and_disks(
         lab: LabHandle, api: VmshiftClient, rvm: dict[str, Any], slow_link: None) -> None:
-    """The NBD requests hang on the cut link, and with them the guest's writes through the
-    write-blocking mirrors: the copy's stall detector ends it, the rollback cancels the mirrors and
-    aborts the stuck NBD connections, so the guest's writes go on on the source."""
+    """The NBD requests hang on the cut link: the copy's stall detector ends it, the rollback cancels
+    the mirrors and aborts the stuck NBD connections; the guest never noticed (background mirrors)."""
     lay = layout(lab)
     before = writing(lab)
-    m = start_mid_copy(lab, api, write_blocking=True)
+    m = start_mid_copy(lab, api)
     set_migration_link(lay, 2, False)
     end = wait_migration_end(api, m["id"], timeout=180)
     set_migration_link(lay, 2, True)
@@ -232,6 +232,9 @@ def test_target_agent_restarted_mid_copy_is_consistent(
     m = start_mid_copy(lab, api)
     processes.kill_agent(lab.name, "host-2", signal.SIGKILL)
     processes.start_agent(lab.name, "host-2")
+    lay = layout(lab)
+    for k in lay.host_numbers:  # the rest of the copy at full speed: the paced writer never outruns it
+        set_migration_link_rate(lay, k, None)
     end = wait_migration_end(api, m["id"], timeout=300)
     assert end["status"] in ("completed", "failed"), end
     host = api.get_vm(VM)["host"]
@@ -241,3 +244,42 @@ def test_target_agent_restarted_mid_copy_is_consistent(
     if host == "host-2":  # back home for the module's other tests
         m = relocate(lab, "host-1")
         assert m["status"] == "completed", m.get("error")
+
+
+def in_agent_ns(lab: LabHandle, host: int, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run argv in the mount namespace of host's agent (and of the QEMUs it starts): ``ip netns exec``
+    gave it its own, and the root mount is private, so a mount made outside would not reach it."""
+    rec = load_record(lab.name)
+    assert rec is not None
+    pid = rec.pids[f"host-{host}"]
+    return subprocess.run(["nsenter", "-t", str(pid), "-m", "--", *argv], capture_output=True, text=True,
+                          check=True, timeout=60)
+
+
+@pytest.fixture()
+def small_local_2(lab: LabHandle) -> Iterator[Path]:
+    """local-host-2 on a 300 MiB tmpfs (its marker and images copied in), seen by host-2's agent only."""
+    ds = layout(lab).datastores_dir / "local-host-2"
+    saved = Path(tempfile.mkdtemp(prefix="rl-ds-"))
+    shutil.copytree(ds, saved / "ds", symlinks=True)
+    in_agent_ns(lab, 2, "mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(ds))
+    try:
+        in_agent_ns(lab, 2, "cp", "-a", f"{saved}/ds/.", str(ds))
+        yield ds
+    finally:
+        in_agent_ns(lab, 2, "umount", "-l", str(ds))
+        shutil.rmtree(saved, ignore_errors=True)
+
+
+def test_target_datastore_full_mid_copy_keeps_the_vm_on_its_host_and_disks(
+        lab: LabHandle, api: VmshiftClient, rvm: dict[str, Any], slow_link: None,
+        small_local_2: Path) -> None:
+    before = writing(lab)
+    m = start_mid_copy(lab, api)
+    free = int(in_agent_ns(lab, 2, "df", "-B1", "--output=avail", str(small_local_2)).stdout.split()[-1])
+    in_agent_ns(lab, 2, "fallocate", "-l", str(max(0, free - (2 << 20))), str(small_local_2 / "filler"))
+    end = wait_migration_end(api, m["id"], timeout=180)
+    assert_rolled_back(lab, api, rvm, end, before, "failed")
+    assert "space" in end["error"]["message"].lower(), end["error"]
+    left = in_agent_ns(lab, 2, "ls", "-A", str(small_local_2)).stdout.split()
+    assert VM not in left, f"the target's files are left behind on the full datastore: {left}"
