@@ -69,6 +69,26 @@ class MigrationIdentity(BaseModel):
     nonce: str | None = None
 
 
+class MigrationTls(BaseModel):
+    """Encrypt the memory stream with both hosts' cluster certificates (QEMU ``tls-creds-x509``).
+
+    On the target ``peer`` is the source host's name: only a client whose certificate has that common
+    name may connect (``tls-authz``). On the source it is the target host's name, checked against
+    the target's certificate."""
+
+    peer: str
+
+
+class PeerGrant(BaseModel):
+    """The server's authorisation for one migration: the peer host (by its certificate's common
+    name) may call this agent's migration endpoints for ``migration_id``, with ``capability`` in the
+    ``X-Vmshift-Capability`` header, until ``expires_at`` or the migration ends."""
+
+    peer: str
+    capability: str = Field(min_length=32, max_length=128)
+    expires_at: datetime
+
+
 class IncomingRequest(MigrationIdentity):
     migration_id: int
     spec: VmSpec = Field(description="the VM's spec on the target (for a relocate: its new datastore)")
@@ -77,10 +97,17 @@ class IncomingRequest(MigrationIdentity):
         description="shared-nothing (kind relocate): create the spec's disks here and export them over NBD "
         "from the receiving QEMU for the source's mirrors",
     )
+    grant: PeerGrant | None = Field(default=None, description="who may call this migration's endpoints")
+    tls: MigrationTls | None = Field(default=None, description="None: the stream is not encrypted")
 
 
 class Incoming(BaseModel):
-    uri: str
+    port: int | None = Field(
+        default=None, ge=1, le=65535, description="where the receiving QEMU listens on the migration address"
+    )
+    uri: str = Field(
+        default="", description="the target's own view; the server builds the URI from port and checks it"
+    )
     nbd: list[NbdTarget] = Field(
         default_factory=list, description="a relocate: one writable NBD export per disk of the spec"
     )
@@ -120,6 +147,7 @@ class OutgoingMigration(MigrationIdentity):
         default_factory=list,
         description="a relocate: mirror each disk into its NBD export on the target before memory moves",
     )
+    tls: MigrationTls | None = Field(default=None, description="None: the stream is not encrypted")
 
 
 class FinalizeRequest(BaseModel):

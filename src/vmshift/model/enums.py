@@ -111,3 +111,14 @@ class MigrationKind(StrEnum):
 class DiskFormat(StrEnum):
     QCOW2 = "qcow2"
     RAW = "raw"
+
+
+class MigrationEncryption(StrEnum):
+    """Encrypted vMotion's three settings (vSphere's names), per VM and per host.
+
+    ``opportunistic`` (the default): encrypted when both hosts can, else plain with a warning on the
+    migration; ``required``: encrypted or refused before anything starts; ``disabled``: plain."""
+
+    DISABLED = "disabled"
+    OPPORTUNISTIC = "opportunistic"
+    REQUIRED = "required"

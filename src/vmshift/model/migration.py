@@ -12,7 +12,7 @@ from enum import StrEnum
 from pydantic import BaseModel, Field, computed_field
 
 from vmshift.model.api import ErrorInfo
-from vmshift.model.enums import DiskFormat, MigrationKind
+from vmshift.model.enums import DiskFormat, MigrationEncryption, MigrationKind
 
 
 class MigrationStatus(StrEnum):
@@ -239,6 +239,10 @@ class MigrationSettings(BaseModel):
         default=None, gt=0, description="with allow_postcopy: switch to post-copy after this long in pre-copy"
     )
     bandwidth_limit_bps: float | None = Field(default=None, gt=0, description="None = unlimited")
+    encryption: MigrationEncryption = Field(
+        default=MigrationEncryption.OPPORTUNISTIC,
+        description="what the VM, the hosts and the request asked for together (migration/encryption.py)",
+    )
     timeout_s_per_gib: float = Field(default=60.0, gt=0)
     # at least a minute: each throttle step needs two of QEMU's bitmap syncs (rounds) to take effect,
     # and a guest on a slow link needs several steps (make soak: 192 MiB over 100 Mbit/s took ~25 s)
@@ -259,6 +263,9 @@ class MigrationCreate(BaseModel):
     allow_postcopy: bool | None = None
     postcopy_after_s: float | None = Field(default=None, gt=0)
     bandwidth_limit_bps: float | None = Field(default=None, gt=0)
+    encryption: MigrationEncryption | None = Field(
+        default=None, description="override the VM's setting for this migration (default: the VM's)"
+    )
 
 
 class MigrationLive(BaseModel):
@@ -297,6 +304,9 @@ class Migration(BaseModel):
     actions: list[MigrationAction] = Field(default_factory=list)
     error: ErrorInfo | None = None
     progress: MigrationLive | None = None
+    encrypted: bool | None = Field(
+        default=None, description="the memory stream went over TLS (None: no stream yet, or a disk-only move)"
+    )
 
     # Flat fields for `vmshift vm migrate --json` (issue 3, item 7).
     @computed_field  # type: ignore[prop-decorator]

@@ -26,6 +26,7 @@ from vmshift.model.enums import (
     ConnectionState,
     DiskFormat,
     EventSeverity,
+    MigrationEncryption,
     MigrationKind,
     PowerState,
     TaskState,
@@ -96,6 +97,13 @@ class HostRow(Base):
     migration_bandwidth_limit_bps: Mapped[float | None] = mapped_column(Float, nullable=True)
     migration_link_rate_bps: Mapped[float | None] = mapped_column(Float, nullable=True)
     migration_limit: Mapped[int] = mapped_column(Integer, default=4, server_default=text("4"))
+    migration_encryption: Mapped[MigrationEncryption] = mapped_column(
+        _enum(MigrationEncryption), default=MigrationEncryption.OPPORTUNISTIC,
+        server_default=MigrationEncryption.OPPORTUNISTIC.value,
+    )
+    # the certificate the server issued this host (None: not issued yet, e.g. an old agent)
+    cert_fingerprint: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    cert_not_after: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     cluster: Mapped[ClusterRow] = relationship(back_populates="hosts")
     datastores: Mapped[list[HostDatastoreRow]] = relationship(
         back_populates="host", cascade="all, delete-orphan"
@@ -165,6 +173,10 @@ class VmRow(Base):
     # live migration SLA of this VM
     max_downtime_ms: Mapped[int] = mapped_column(Integer, default=500, server_default=text("500"))
     allow_postcopy: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    migration_encryption: Mapped[MigrationEncryption] = mapped_column(
+        _enum(MigrationEncryption), default=MigrationEncryption.OPPORTUNISTIC,
+        server_default=MigrationEncryption.OPPORTUNISTIC.value,
+    )
     host: Mapped[HostRow] = relationship(back_populates="vms")
     macs: Mapped[list[MacAllocationRow]] = relationship(cascade="all, delete-orphan")
     ips: Mapped[list[IpAllocationRow]] = relationship(cascade="all, delete-orphan")
@@ -246,6 +258,7 @@ class MigrationRow(Base):
     actions: Mapped[list[Any]] = mapped_column(JSON, default=list)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, doc="last agent sample")
     measured_bandwidth_bps: Mapped[float | None] = mapped_column(Float, nullable=True)
+    encrypted: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)

@@ -1,0 +1,1 @@
+"""The cluster's TLS: certificates (pki), their files (files) and SSL contexts (contexts)."""
