@@ -166,6 +166,7 @@ class MigrationProgress(MigrationLive):
     error: ErrorInfo | None = None
     updated_at: datetime | None = None
     nonce: str | None = None
+    encrypted: bool | None = Field(default=None, description="the stream runs over TLS (None: not started)")
     mirror_bytes: int = Field(
         default=0, description="a relocate: bytes the disk mirrors copied (the COPY phase before pre-copy)"
     )
