@@ -51,6 +51,14 @@ def test_first_start_makes_the_ca_and_a_certificate_for_the_listen_address(tmp_p
     assert files.ca_cert.read_bytes() == ca_before
 
 
+def test_a_new_listen_address_the_certificate_lacks_is_reported(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    s = settings(tmp_path)
+    api_tls.prepare(s, "10.0.0.5")
+    api_tls.prepare(s, "10.0.0.6")
+    assert "does not name 10.0.0.6" in caplog.text and "server-key.pem" in caplog.text
+
+
 def test_a_wildcard_listen_address_names_the_machine() -> None:
     assert socket.gethostname() in api_tls.certificate_names("0.0.0.0")
     assert api_tls.certificate_names("::") == api_tls.certificate_names("0.0.0.0")

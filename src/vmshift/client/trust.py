@@ -51,7 +51,8 @@ def server_trust(ca_file: Path | None) -> ssl.SSLContext:
                                 hint=f"Check the path, or {HOW_TO_TRUST}") from e
     except ssl.SSLError as e:  # before OSError, its base class
         raise InvalidInputError(f"The CA file {ca_file} holds no PEM certificate.",
-                                hint=f"Give the CA certificate itself: {HOW_TO_TRUST}") from e
+                                hint="Give the CA certificate (PEM) itself: get it on the server with "
+                                     "`vmshift-server ca show --state-dir DIR`.") from e
     except OSError as e:
         raise InvalidInputError(f"The CA file {ca_file} cannot be read: {e.strerror}.",
                                 hint=f"Check its permissions, or {HOW_TO_TRUST}") from e

@@ -55,10 +55,16 @@ def prepare(settings: ServerSettings, listen_host: str) -> ApiTls:
         tls = ApiTls(settings.tls_cert, settings.tls_key, settings.ca_file)
     else:
         files = ServerTlsFiles.of(settings.state_dir)
-        if files.ensure(certificate_names(listen_host)):
+        names = certificate_names(listen_host)
+        if files.ensure(names):
             log.info("Created the cluster CA and the server's certificate in %s (CA fingerprint %s); "
                      "give clients the CA with 'vmshift-server ca show'.",
                      files.dir, pki.fingerprint(files.ca_cert.read_bytes()))
+        unnamed = [n for n in names if n not in pki.info(files.cert.read_bytes()).sans]
+        if unnamed:
+            log.warning("The server's certificate %s does not name %s, so clients that connect by that "
+                        "name will refuse it; delete %s and %s and restart to get one from the same CA.",
+                        files.cert, ", ".join(unnamed), files.cert, files.key)
         tls = ApiTls(files.cert, files.key, settings.ca_file or files.ca_cert)
     check(tls)
     return tls

@@ -24,7 +24,8 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 def build_settings(argv: list[str] | None = None) -> ServerSettings:
     p = argparse.ArgumentParser(
-        prog="vmshift-server", description="vmshift control plane (inventory, tasks, API)"
+        prog="vmshift-server", description="vmshift control plane (inventory, tasks, API over HTTPS)",
+        epilog="'vmshift-server ca show --state-dir DIR' prints the CA clients trust (docs/tls.md).",
     )
     p.add_argument("--listen", default="127.0.0.1:8100", help="HOST:PORT to serve the REST API on")
     p.add_argument("--state-dir", required=True, type=Path, help="directory for the server's state")
