@@ -36,7 +36,7 @@ class VmshiftClient:
                  timeout: float = 30.0) -> None:
         self.server = server.rstrip("/")
         trust.check_url(self.server)
-        self.ca_file = Path(ca_file) if ca_file is not None else trust.ca_file_from_env()
+        self.ca_file = Path(ca_file).expanduser() if ca_file is not None else trust.ca_file_from_env()
         self._http = httpx.Client(
             base_url=self.server + "/api/v1",
             headers={"Authorization": f"Bearer {token}"},

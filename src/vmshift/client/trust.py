@@ -21,7 +21,7 @@ HOW_TO_TRUST = ("trust the cluster CA with --ca-file or VMSHIFT_CA_FILE (ca_file
 
 def ca_file_from_env() -> Path | None:
     value = os.environ.get(CA_FILE_ENV)
-    return Path(value) if value else None
+    return Path(value).expanduser() if value else None
 
 
 def check_url(server: str) -> None:
