@@ -837,7 +837,7 @@ def switchover_windows(marks: Json, first_reply_ms: float | None) -> dict[str, t
 
 def server_legs(lab: Lab, info: sw.LabInfo, count: int, out: Json, sched: bool) -> int:
     """Create the guest, migrate it `count` times through the server; the host it ends on."""
-    with VmshiftClient(info.server, info.token, timeout=60) as api:
+    with VmshiftClient(info.server, info.token, ca_file=info.ca_file, timeout=60) as api:
         lab.ip = sw.create_guest(api)
         sw.wait_memtest_passes(lab.lay.client_ns, lab.ip, 1, timeout_s=300)
         lab.mac = agent_vm(lab.lay, 1).mac
@@ -970,7 +970,7 @@ def run(args: argparse.Namespace) -> Json:
                 env = sw._json_out(sw._run([str(side.vmshift), "lab", "env", "--name", name, "--json"], 60),
                                    "vmshift lab env")
                 info = sw.LabInfo(name, str(env["VMSHIFT_SERVER"]), str(env["VMSHIFT_TOKEN"]),
-                                  rec.layout.client_ns)
+                                  rec.layout.client_ns, env.get("VMSHIFT_CA_FILE"))
             host = server_legs(lab, info, args.server_legs, out, args.sched)
             say("stopping the server and both agents (the QEMU keeps running)")
             processes.stop_server(rec)

@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["VMSHIFT_CONFIG_DIR"] = config_dir
         try:
             rec = labmod.up(args.name, hosts=2, progress=lambda msg: say(f"lab up: {msg}"))
-            api = VmshiftClient(rec.server_url or "", rec.token or "", timeout=30)
+            api = VmshiftClient(rec.server_url or "", rec.token or "", ca_file=rec.ca_file, timeout=30)
             lab = Lab(args.name, api)
             uuids = setup_guests(lab)
             say("guests up: " + ", ".join(f"{g.name} ({g.memory_mib} MiB, {g.kernel_args})" for g in GUESTS))

@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         rec = lab.get(name)
         for k in rec.layout.host_numbers:
             topology.set_migration_link_rate(rec.layout, k, None)  # unshaped: the copy's own speed
-        with VmshiftClient(rec.server_url or "", rec.token or "", timeout=60) as api:
+        with VmshiftClient(rec.server_url or "", rec.token or "", ca_file=rec.ca_file, timeout=60) as api:
             for section in chosen:
                 reps = REPS[section][1 if args.quick else 0]
                 say(f"{section}: {reps} repetition(s), load {os.getloadavg()[0]:.2f}")

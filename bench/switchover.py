@@ -83,6 +83,7 @@ class LabInfo:
     server: str
     token: str
     client_ns: str
+    ca_file: str | None = None  # None: a side from before the server served HTTPS
 
 
 def _run(cmd: list[str], timeout: float, *, new_session: bool = False) -> subprocess.CompletedProcess[str]:
@@ -108,7 +109,8 @@ def lab_up(side: Side, name: str) -> LabInfo:
                    f"{side.label}: vmshift lab up")
     env = _json_out(_run([str(side.vmshift), "lab", "env", "--name", name, "--json"], 60),
                     f"{side.label}: vmshift lab env")
-    return LabInfo(name, str(env["VMSHIFT_SERVER"]), str(env["VMSHIFT_TOKEN"]), str(up["client_namespace"]))
+    return LabInfo(name, str(env["VMSHIFT_SERVER"]), str(env["VMSHIFT_TOKEN"]), str(up["client_namespace"]),
+                   env.get("VMSHIFT_CA_FILE"))
 
 
 def lab_down(side: Side, name: str) -> list[str]:
@@ -305,7 +307,7 @@ def run_side(side: Side, count: int) -> SideResult:
     say(f"{side.label}: lab {name} up ({side.code})")
     try:
         lab = lab_up(side, name)
-        with VmshiftClient(lab.server, lab.token, timeout=60) as api:
+        with VmshiftClient(lab.server, lab.token, ca_file=lab.ca_file, timeout=60) as api:
             say(f"{side.label}: creating {VM} ({VM_MEMORY_MIB} MiB, {VM_KERNEL_ARGS})")
             ip = create_guest(api)
             wait_memtest_passes(lab.client_ns, ip, 1, timeout_s=300)

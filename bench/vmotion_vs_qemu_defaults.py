@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rec = lab.up(name=name, hosts=2, migration_link_rate=link)
         rec = lab.get(name)
-        with VmshiftClient(rec.server_url or "", rec.token or "", timeout=60) as api:
+        with VmshiftClient(rec.server_url or "", rec.token or "", ca_file=rec.ca_file, timeout=60) as api:
             for i, s in enumerate(scenarios, start=1):
                 results.append(run_scenario(lab.get(name), api, s, BASELINE_ID_BASE + i))
     finally:

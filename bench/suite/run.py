@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         rec = lab.get(name)
         with (
             contextlib.ExitStack() as stack,
-            VmshiftClient(rec.server_url or "", rec.token or "", timeout=60) as api,
+            VmshiftClient(rec.server_url or "", rec.token or "", ca_file=rec.ca_file, timeout=60) as api,
         ):
             lv = None
             if not (args.no_libvirt or args.vmshift_only):

@@ -101,6 +101,13 @@ class HostUnreachableError(VmshiftError):
     retryable = True
 
 
+class UntrustedPeerError(VmshiftError):
+    """A TLS peer's certificate does not verify against the CA we trust (or does not name the peer)."""
+
+    status = 502
+    code = "untrusted_peer"
+
+
 class QemuError(VmshiftError):
     """QEMU failed to start, or a QMP command failed."""
 

@@ -48,8 +48,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
         )
         server = values["VMSHIFT_SERVER"].strip("'\"")
         token = values["VMSHIFT_TOKEN"].strip("'\"")
-        handle = LabHandle(name=name, server=server, token=token, env={
-            **env, "VMSHIFT_SERVER": server, "VMSHIFT_TOKEN": token,
+        ca_file = values["VMSHIFT_CA_FILE"].strip("'\"")
+        handle = LabHandle(name=name, server=server, token=token, ca_file=ca_file, env={
+            **env, "VMSHIFT_SERVER": server, "VMSHIFT_TOKEN": token, "VMSHIFT_CA_FILE": ca_file,
         })
         yield handle
     finally:
@@ -68,7 +69,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
 
 @pytest.fixture(scope="session")
 def api(lab: LabHandle) -> Iterator[VmshiftClient]:
-    with VmshiftClient(lab.server, lab.token) as c:
+    with VmshiftClient(lab.server, lab.token, ca_file=lab.ca_file) as c:
         yield c
 
 

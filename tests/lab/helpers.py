@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import subprocess
 import sys
 import time
@@ -13,6 +14,8 @@ from typing import Any, TypeVar
 
 import psutil
 
+from vmshift.tls.contexts import client_context
+
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
 
@@ -22,11 +25,16 @@ class LabHandle:
     name: str
     server: str
     token: str
+    ca_file: str
     env: dict[str, str] = field(default_factory=dict)
 
     @property
     def root(self) -> Path:
         return Path(f"/var/lib/vmshift/labs/{self.name}")
+
+    def tls(self) -> ssl.SSLContext:
+        """Verifies the lab's server (httpx ``verify=``): the CA it made on its first start."""
+        return client_context(Path(self.ca_file))
 
 
 def vmshift(lab: LabHandle, *args: str, check: bool = True, timeout: float = 300,

@@ -41,7 +41,8 @@ class Lab:
 
     def server(self) -> httpx.Client:
         return httpx.Client(base_url=f"{self.rec.server_url}/api/v1", trust_env=False, timeout=60,
-                            headers={"Authorization": f"Bearer {self.rec.token}"})
+                            headers={"Authorization": f"Bearer {self.rec.token}"},
+                            verify=self.rec.server_tls())
 
     def spec(self, vm: str) -> dict[str, Any]:
         path = self.rec.layout.lab_dir / "datastores" / "shared-1" / vm / "vm.json"

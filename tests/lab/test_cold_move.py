@@ -67,7 +67,8 @@ class Lab:
 
     def server(self) -> httpx.Client:
         return httpx.Client(base_url=f"{self.rec.server_url}/api/v1", trust_env=False, timeout=60,
-                            headers={"Authorization": f"Bearer {self.rec.token}"})
+                            headers={"Authorization": f"Bearer {self.rec.token}"},
+                            verify=self.rec.server_tls())
 
     def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run([str(Path(sys.executable).parent / "vmshift"), *args], env=self.env,
@@ -94,7 +95,8 @@ def clab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     rec = labmod.up(name=name, hosts=2)
     try:
         assert rec.server_url and rec.token
-        env = {**os.environ, "VMSHIFT_SERVER": rec.server_url, "VMSHIFT_TOKEN": rec.token}
+        env = {**os.environ, "VMSHIFT_SERVER": rec.server_url, "VMSHIFT_TOKEN": rec.token,
+               "VMSHIFT_CA_FILE": str(rec.ca_file)}
         yield Lab(rec, env)
     finally:
         labmod.down(name)

@@ -151,7 +151,7 @@ def test_missing_or_wrong_token_is_refused(lab: LabHandle, web: dict[str, Any], 
     env = {**lab.env, "VMSHIFT_TOKEN": "wrong-token"}
     proc = vmshift(lab, "vm", "stop", "web-1", check=False, env=env)
     assert proc.returncode != 0 and "token" in proc.stderr.lower(), proc.stderr
-    r = httpx.post(f"{lab.server}/api/v1/vms/web-1/power", json={"action": "stop"})
+    r = httpx.post(f"{lab.server}/api/v1/vms/web-1/power", json={"action": "stop"}, verify=lab.tls())
     assert r.status_code == 401 and r.json()["error"]["message"]
     assert _snapshot(lab, api) == before
 
@@ -159,7 +159,8 @@ def test_missing_or_wrong_token_is_refused(lab: LabHandle, web: dict[str, Any], 
 def test_malformed_json_is_refused(lab: LabHandle, web: dict[str, Any], api: VmshiftClient) -> None:
     before = _snapshot(lab, api)
     r = httpx.post(f"{lab.server}/api/v1/vms", content=b'{"name": "bad", ',
-                   headers={"Authorization": f"Bearer {lab.token}", "Content-Type": "application/json"})
+                   headers={"Authorization": f"Bearer {lab.token}", "Content-Type": "application/json"},
+                   verify=lab.tls())
     assert r.status_code in (400, 422)
     assert r.json()["error"]["message"]
     assert _snapshot(lab, api) == before

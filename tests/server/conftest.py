@@ -7,6 +7,7 @@ schema), else a fresh SQLite file per test.
 from __future__ import annotations
 
 import os
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,8 @@ from vmshift.model.host import HostFacts
 from vmshift.server.api.app import create_app
 from vmshift.server.db.schema import IpAllocationRow, MacAllocationRow, TaskRow, VmRow
 from vmshift.server.settings import ServerSettings
+from vmshift.tls.contexts import client_context
+from vmshift.tls.files import ServerTlsFiles
 
 TOKEN = "test-server-token"
 AGENT_TOKEN = "test-agent-token"
@@ -67,14 +70,35 @@ class ServerHarness:
         self._thread: UvicornThread | None = None
         self.client = httpx.Client()
         self._db = create_engine(db_url)
+        self.tls_files = ServerTlsFiles.of(state_dir)  # served like vmshift-server does, over HTTPS
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.tls_files.ca_cert
+
+    def tls(self) -> ssl.SSLContext:
+        """Verifies this server (httpx ``verify=``)."""
+        return client_context(self.ca_file)
+
+    def cli_args(self) -> list[str]:
+        """The `vmshift` global options that point the CLI at this server."""
+        return ["--server", self.url, "--token", TOKEN, "--ca-file", str(self.ca_file)]
 
     def start(self) -> ServerHarness:
-        self._thread = UvicornThread(create_app(self.settings), self.port).start()
+        self.tls_files.ensure([])
+        self._thread = UvicornThread(create_app(self.settings), self.port,
+                                     ssl_certfile=str(self.tls_files.cert),
+                                     ssl_keyfile=str(self.tls_files.key)).start()
         self.port = self._thread.port
         self.client = httpx.Client(
-            base_url=f"http://127.0.0.1:{self.port}/api/v1",
+            base_url=f"{self.url}/api/v1",
             headers={"Authorization": f"Bearer {TOKEN}"},
             timeout=30,
+            verify=self.tls(),
         )
         return self
 

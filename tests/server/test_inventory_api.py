@@ -12,7 +12,8 @@ def test_every_call_needs_the_token(server: ServerHarness) -> None:
     base = str(server.client.base_url).rstrip("/")
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}):
         for method, path in (("GET", "/about"), ("GET", "/vms"), ("POST", "/hosts")):
-            r = httpx.request(method, base + path, headers=headers, json={"address": "127.0.0.1:1"})
+            r = httpx.request(method, base + path, headers=headers, json={"address": "127.0.0.1:1"},
+                              verify=server.tls())
             assert r.status_code == 401, (method, path, headers)
             err = r.json()["error"]
             assert err["code"] == "unauthorized" and err["message"].endswith(".") and err["hint"]

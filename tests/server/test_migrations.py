@@ -92,12 +92,12 @@ def test_happy_path_moves_the_vm_and_stores_metrics(server: ServerHarness, pair:
     settings = src.outgoing[r.json()["migration_id"]].settings
     assert settings.allow_postcopy and settings.postcopy_after_s == 2.5
 
-    text = server.client.get(f"http://127.0.0.1:{server.port}/metrics")
+    text = server.client.get(f"{server.url}/metrics")
     assert text.status_code == 200
     assert 'vmshift_migrations{status="completed"} 3' in text.text
     assert "vmshift_migration_downtime_seconds_count 3" in text.text
     assert 'vmshift_migration_downtime_seconds_bucket{le="0.05"} 3' in text.text
-    assert httpx.get(f"http://127.0.0.1:{server.port}/metrics").status_code == 401  # same token as the API
+    assert httpx.get(f"{server.url}/metrics", verify=server.tls()).status_code == 401  # same token as the API
 
 
 def test_check_only_and_dry_run_answer_without_starting(server: ServerHarness, pair: Pair) -> None:

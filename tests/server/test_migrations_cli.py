@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TOKEN, ServerHarness
+from conftest import ServerHarness
 from test_migrations_fakes import Pair, migrating_agents_fixture, pair_fixture  # noqa: F401
 from typer.testing import CliRunner
 
@@ -15,8 +15,7 @@ from vmshift.errors import InvalidInputError
 
 
 def cli(server: ServerHarness, *args: str) -> tuple[int, str]:
-    base = ["--server", f"http://127.0.0.1:{server.port}", "--token", TOKEN]
-    result = CliRunner().invoke(app, [*base, *args])
+    result = CliRunner().invoke(app, [*server.cli_args(), *args])
     return result.exit_code, result.stdout
 
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from conftest import TOKEN, ServerHarness, wait_for
+from conftest import ServerHarness, wait_for
 from sqlalchemy import Engine, create_engine, func, insert, select, update
 from test_migrations_fakes import Pair, migrating_agents_fixture, pair_fixture  # noqa: F401
 from typer.testing import CliRunner
@@ -228,8 +228,7 @@ def test_add_refuses_what_cannot_work_with_one_clear_sentence(server: ServerHarn
 
 
 def cli(server: ServerHarness, *args: str) -> tuple[int, str, BaseException | None]:
-    base = ["--server", f"http://127.0.0.1:{server.port}", "--token", TOKEN]
-    result = CliRunner().invoke(app, [*base, *args])
+    result = CliRunner().invoke(app, [*server.cli_args(), *args])
     return result.exit_code, result.stdout, result.exception
 
 

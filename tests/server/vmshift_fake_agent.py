@@ -191,11 +191,13 @@ class FakeAgent:
 
 
 class UvicornThread:
-    """Serve an ASGI app on 127.0.0.1 in a thread; ``port`` 0 picks a free one (kept across restarts)."""
+    """Serve an ASGI app on 127.0.0.1 in a thread; ``port`` 0 picks a free one (kept across restarts).
+    ``config`` goes to ``uvicorn.Config`` (e.g. ``ssl_certfile``/``ssl_keyfile`` to serve HTTPS)."""
 
-    def __init__(self, app: Any, port: int = 0) -> None:
+    def __init__(self, app: Any, port: int = 0, **config: Any) -> None:
         self.app = app
         self.port = port
+        self.config = config
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._sock = socket.socket()
@@ -209,7 +211,7 @@ class UvicornThread:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self.port))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="auto")
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="auto", **self.config)
         self._server = server = uvicorn.Server(config)
         self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         self._thread.start()

@@ -65,6 +65,7 @@ def up_cmd(
             "name": rec.name,
             "index": rec.index,
             "server": rec.server_url,
+            "ca_file": str(rec.ca_file),
             "hosts": [rec.layout.agent_address(k) for k in rec.layout.host_numbers],
             "client_namespace": rec.layout.client_ns,
             "vm_network": rec.layout.vm_cidr,
@@ -104,7 +105,8 @@ def env_cmd(name: CtxNameOpt = None, json_: JsonOpt = False) -> None:
         name = lab_name(name)
         if json_:
             rec = lab.get(name)
-            emit_json({"VMSHIFT_SERVER": rec.server_url, "VMSHIFT_TOKEN": rec.token})
+            emit_json({"VMSHIFT_SERVER": rec.server_url, "VMSHIFT_TOKEN": rec.token,
+                       "VMSHIFT_CA_FILE": str(rec.ca_file)})
         else:
             sys.stdout.write(lab.env(name))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -48,11 +49,19 @@ _add_lab()
 
 @app.callback()
 def main(
-    server: Annotated[str | None, typer.Option(help="Server URL (or VMSHIFT_SERVER).")] = None,
+    server: Annotated[
+        str | None, typer.Option(help="Server URL, https://HOST:PORT (or VMSHIFT_SERVER).")
+    ] = None,
     token: Annotated[str | None, typer.Option(help="API token (or VMSHIFT_TOKEN).")] = None,
+    ca_file: Annotated[
+        Path | None,
+        typer.Option(help="CA certificate to verify the server with (or VMSHIFT_CA_FILE; "
+                     "print it with 'vmshift-server ca show')."),
+    ] = None,
 ) -> None:
     context.settings.server = server
     context.settings.token = token
+    context.settings.ca_file = ca_file
 
 
 def run() -> None:

@@ -2,18 +2,21 @@
 
 HTTP failures are mapped to the vmshift error tree here, at the edge: an error body from the
 server becomes ``ApiError`` with its status, code, message and hint; a connection failure becomes
-``HostUnreachableError`` naming the server address.
+``HostUnreachableError`` naming the server address; a server certificate that does not verify
+becomes ``UntrustedPeerError`` saying how to trust the cluster CA (``client/trust.py``).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
+from vmshift.client import trust
 from vmshift.errors import ApiError, HostUnreachableError, VmshiftError
 from vmshift.model.enums import PowerAction, TaskState
 
@@ -26,14 +29,19 @@ def _error_from_response(resp: httpx.Response) -> ApiError:
 
 
 class VmshiftClient:
-    """Synchronous client of one vmshift server."""
+    """Synchronous client of one vmshift server at an ``https://`` URL, verified against ``ca_file``
+    (default ``$VMSHIFT_CA_FILE``, else the system's trusted CAs)."""
 
-    def __init__(self, server: str, token: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, server: str, token: str, *, ca_file: str | Path | None = None,
+                 timeout: float = 30.0) -> None:
         self.server = server.rstrip("/")
+        trust.check_url(self.server)
+        self.ca_file = Path(ca_file).expanduser() if ca_file is not None else trust.ca_file_from_env()
         self._http = httpx.Client(
             base_url=self.server + "/api/v1",
             headers={"Authorization": f"Bearer {token}"},
             timeout=timeout,
+            verify=trust.server_trust(self.ca_file),
         )
 
     def close(self) -> None:
@@ -50,15 +58,21 @@ class VmshiftClient:
         try:
             resp = self._http.request(method, path, json=json, params=params)
         except httpx.TransportError as exc:
-            raise HostUnreachableError(
-                f"Cannot reach the vmshift server at {self.server} ({exc.__class__.__name__}).",
-                hint="Check --server / VMSHIFT_SERVER, or bring a lab up with 'vmshift lab up'.",
-            ) from exc
+            raise self._unreachable(exc) from exc
         if resp.status_code >= 400:
             raise _error_from_response(resp)
         if not resp.content:
             return None
         return resp.json()
+
+    def _unreachable(self, exc: httpx.TransportError) -> VmshiftError:
+        failed = trust.verify_failure(exc)
+        if failed is not None:
+            return trust.untrusted(self.server, self.ca_file, failed)
+        return HostUnreachableError(
+            f"Cannot reach the vmshift server at {self.server} ({exc.__class__.__name__}: {exc}).",
+            hint="Check --server / VMSHIFT_SERVER, or bring a lab up with 'vmshift lab up'.",
+        )
 
     @staticmethod
     def _q(name: str | int) -> str:
@@ -179,7 +193,7 @@ class VmshiftClient:
         try:
             resp = self._http.get(self.server + "/metrics")
         except httpx.TransportError as exc:
-            raise HostUnreachableError(f"Cannot reach the vmshift server at {self.server}.") from exc
+            raise self._unreachable(exc) from exc
         if resp.status_code >= 400:
             raise _error_from_response(resp)
         return resp.text

@@ -1,4 +1,4 @@
-"""The CLI context file: which server and token the `vmshift` CLI uses when none is given.
+"""The CLI context file: which server, token and CA the `vmshift` CLI uses when none is given.
 
 `vmshift lab up` points it at the lab it brought up; `vmshift lab down` removes it if it points at
 the lab being torn down. The lab subcommands that act on an existing lab use its "lab" when no
@@ -33,14 +33,15 @@ def load_context() -> dict[str, str] | None:
     return {str(k): str(v) for k, v in data.items() if v is not None}
 
 
-def save_context(server: str, token: str, lab: str) -> Path:
-    """Write the context (mode 0600: it holds a token) and return its path."""
+def save_context(server: str, token: str, lab: str, ca_file: str | None = None) -> Path:
+    """Write the context (mode 0600: it holds a token) and return its path; ``ca_file`` is the CA
+    the server's certificate is verified against."""
     path = context_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({"server": server, "token": token, "lab": lab}, f)
+        json.dump({"server": server, "token": token, "lab": lab, "ca_file": ca_file}, f)
         f.write("\n")
     tmp.replace(path)
     return path

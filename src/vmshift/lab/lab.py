@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -112,14 +113,15 @@ def _bring_up(rec: LabRecord, progress: Progress) -> None:
     _register(rec)
     rec.state = "up"
     rec.save()
-    context.save_context(rec.server_url or "", rec.token or "", rec.name)
+    context.save_context(rec.server_url or "", rec.token or "", rec.name, str(rec.ca_file))
 
 
 def _register(rec: LabRecord) -> None:
     lay = rec.layout
     headers = {"Authorization": f"Bearer {rec.token}"}
     with httpx.Client(
-        base_url=f"{rec.server_url}/api/v1", headers=headers, trust_env=False, timeout=60
+        base_url=f"{rec.server_url}/api/v1", headers=headers, trust_env=False, timeout=60,
+        verify=rec.server_tls(),
     ) as http:
         for k in lay.host_numbers:
             r = http.post("/hosts", json={"address": lay.agent_address(k)})
@@ -205,7 +207,8 @@ def _guess_index(name: str) -> int | None:
 
 def env(name: str = "lab") -> str:
     rec = get(name)
-    return f"export VMSHIFT_SERVER={rec.server_url}\nexport VMSHIFT_TOKEN={rec.token}\n"
+    return (f"export VMSHIFT_SERVER={rec.server_url}\nexport VMSHIFT_TOKEN={rec.token}\n"
+            f"export VMSHIFT_CA_FILE={shlex.quote(str(rec.ca_file))}\n")
 
 
 def vm_ip(rec: LabRecord, vm: str) -> str:
@@ -213,7 +216,8 @@ def vm_ip(rec: LabRecord, vm: str) -> str:
     headers = {"Authorization": f"Bearer {rec.token}"}
     try:
         r = httpx.get(
-            f"{rec.server_url}/api/v1/vms/{quote(vm, safe='')}", headers=headers, trust_env=False, timeout=10
+            f"{rec.server_url}/api/v1/vms/{quote(vm, safe='')}", headers=headers, trust_env=False, timeout=10,
+            verify=rec.server_tls(),
         )
     except httpx.HTTPError as e:
         raise LabError(

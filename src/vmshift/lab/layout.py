@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vmshift.errors import InvalidInputError, LabError
+from vmshift.tls.contexts import client_context
+from vmshift.tls.files import ServerTlsFiles
 
 LABS_ROOT = Path(os.environ.get("VMSHIFT_LABS_DIR", "/var/lib/vmshift/labs"))
 MAX_LABS = 64
@@ -196,6 +199,15 @@ class LabRecord:
     @property
     def layout(self) -> LabLayout:
         return LabLayout(self.name, self.index, self.hosts)
+
+    @property
+    def ca_file(self) -> Path:
+        """The cluster CA the lab's server made on its first start: clients verify the server with it."""
+        return ServerTlsFiles.of(self.layout.server_dir).ca_cert
+
+    def server_tls(self) -> ssl.SSLContext:
+        """An SSL context that verifies the lab's server (for httpx's ``verify=``)."""
+        return client_context(self.ca_file)
 
     def save(self) -> None:
         path = lab_dir(self.name) / "lab.json"

@@ -11,6 +11,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ import psutil
 from vmshift.errors import LabError
 from vmshift.lab import topology
 from vmshift.lab.layout import LabLayout, LabRecord, load_record
+from vmshift.tls.contexts import client_context
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -126,36 +128,59 @@ def _log_tail(log: Path, lines: int = 15) -> str:
 
 def wait_http(
     url: str, token: str, proc: subprocess.Popen[bytes] | None, log: Path, what: str,
-    timeout: float = START_TIMEOUT_S,
+    timeout: float = START_TIMEOUT_S, verify: ssl.SSLContext | Path | None = None,
 ) -> None:  # fmt: skip
-    """Poll url until it answers 200; fail early if the process exits, clearly if the time runs out."""
+    """Poll url until it answers 200; fail early if the process exits, clearly if the time runs out.
+
+    ``verify`` checks an https URL's certificate: an SSL context, or a CA file the process makes on
+    its first start (polled for until it appears)."""
     deadline = time.monotonic() + timeout
     last = "no answer yet"
-    with httpx.Client(trust_env=False, timeout=2.0) as http:
+    http: httpx.Client | None = None
+    try:
         while True:
             if proc is not None and proc.poll() is not None:
                 raise LabError(
                     f"The {what} exited with status {proc.returncode} while starting.",
                     hint=f"See its log {log}:\n{_log_tail(log)}",
                 )
-            try:
-                r = http.get(url, headers={"Authorization": f"Bearer {token}"})
-                if r.status_code == 200:
-                    return
-                last = f"HTTP {r.status_code}: {r.text[:300]}"
-                if 400 <= r.status_code < 500:  # a wrong token or a broken route does not heal by waiting
-                    raise LabError(
-                        f"The {what} answered {url} with {last}.",
-                        hint=f"See its log {log}:\n{_log_tail(log)}",
-                    )
-            except httpx.HTTPError as e:
-                last = type(e).__name__
+            if http is None:
+                http = _poll_client(verify)
+                if http is None:
+                    last = f"its CA {verify} does not exist yet"
+            if http is not None:
+                try:
+                    r = http.get(url, headers={"Authorization": f"Bearer {token}"})
+                    if r.status_code == 200:
+                        return
+                    last = f"HTTP {r.status_code}: {r.text[:300]}"
+                    if 400 <= r.status_code < 500:  # a wrong token or a broken route does not heal by waiting
+                        raise LabError(
+                            f"The {what} answered {url} with {last}.",
+                            hint=f"See its log {log}:\n{_log_tail(log)}",
+                        )
+                except httpx.HTTPError as e:
+                    last = type(e).__name__
+                    if isinstance(e, httpx.ConnectError) and "CERTIFICATE_VERIFY_FAILED" in str(e):
+                        last = f"its certificate does not verify: {e}"
             if time.monotonic() > deadline:
                 raise LabError(
                     f"The {what} did not answer {url} within {timeout:.0f} s ({last}).",
                     hint=f"See its log {log}:\n{_log_tail(log)}",
                 )
             time.sleep(0.2)
+    finally:
+        if http is not None:
+            http.close()
+
+
+def _poll_client(verify: ssl.SSLContext | Path | None) -> httpx.Client | None:
+    """An httpx client for wait_http; None while the CA file ``verify`` names is still missing."""
+    if isinstance(verify, Path):
+        if not verify.exists():
+            return None
+        verify = client_context(verify)
+    return httpx.Client(trust_env=False, timeout=2.0, verify=verify if verify is not None else True)
 
 
 # ---------------------------------------------------------------- server
@@ -165,9 +190,9 @@ def start_server(lab: LabRecord | str, timeout: float = START_TIMEOUT_S) -> None
     rec = _resolve(lab)
     lay = rec.layout
     user_tok, agent_tok = token_files(lay)
-    if rec.server_url is None:
-        rec.server_url = f"http://127.0.0.1:{free_port()}"
-    listen = rec.server_url.removeprefix("http://")
+    if rec.server_url is None or rec.server_url.startswith("http://"):  # a lab.json from before TLS
+        rec.server_url = f"https://127.0.0.1:{free_port()}"
+    listen = rec.server_url.removeprefix("https://")
     lay.server_dir.mkdir(parents=True, exist_ok=True)
     log = lay.log_file("server")
     proc = _spawn(
@@ -177,7 +202,8 @@ def start_server(lab: LabRecord | str, timeout: float = START_TIMEOUT_S) -> None
     )  # fmt: skip
     rec.pids["server"] = proc.pid
     rec.save()
-    wait_http(f"{rec.server_url}/api/v1/about", rec.token or "", proc, log, "vmshift server", timeout)
+    wait_http(f"{rec.server_url}/api/v1/about", rec.token or "", proc, log, "vmshift server", timeout,
+              verify=rec.ca_file)
 
 
 def stop_server(lab: LabRecord | str) -> None:

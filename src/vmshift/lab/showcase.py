@@ -41,7 +41,7 @@ def round_trip(lab: str, vm: str, progress: Progress = lambda _: None) -> list[d
         raise LabError(f"Lab {lab!r} has no server running.", hint=f"Run 'vmshift lab up --name {lab}'.")
     ns, ip = rec.layout.client_ns, vm_ip(rec, vm)
     rows: list[dict[str, Any]] = []
-    with VmshiftClient(rec.server_url, rec.token) as api:
+    with VmshiftClient(rec.server_url, rec.token, ca_file=rec.ca_file) as api:
         home = api.get_vm(vm)["host"]
         away = next((h["name"] for h in api.list_hosts() if h["name"] != home), None)
         if away is None:

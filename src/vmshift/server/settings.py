@@ -22,6 +22,9 @@ class ServerSettings:
     agent_timeout_s: float = 10.0
     migration_poll_interval_s: float = 0.3  # how often the source agent's migration progress is read
     migration_agent_grace_s: float = 120.0  # how long an unreachable source agent is waited for
+    tls_cert: Path | None = None  # the API's PEM certificate; None: the server's own, made on first start
+    tls_key: Path | None = None  # its private key; given exactly when tls_cert is
+    ca_file: Path | None = None  # the CA clients trust (what `ca show` prints); None: STATE_DIR/tls/ca.pem
 
     def database_url(self) -> str:
         """``--db-url``, else ``VMSHIFT_DB_URL``, else SQLite ``STATE_DIR/vmshift.db``."""
