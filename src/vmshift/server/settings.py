@@ -22,6 +22,12 @@ class ServerSettings:
     agent_timeout_s: float = 10.0
     migration_poll_interval_s: float = 0.3  # how often the source agent's migration progress is read
     migration_agent_grace_s: float = 120.0  # how long an unreachable source agent is waited for
+    # retention (server/retention.py): how long finished history is kept; 0 keeps it forever
+    event_retention_days: int = 30
+    task_retention_days: int = 30  # finished tasks
+    migration_retention_days: int = 30  # finished migrations (every kind)
+    retention_interval_s: float = 3600.0  # how often the purge runs (also once at start)
+    retention_batch_rows: int = 500  # rows deleted per transaction
 
     def database_url(self) -> str:
         """``--db-url``, else ``VMSHIFT_DB_URL``, else SQLite ``STATE_DIR/vmshift.db``."""
