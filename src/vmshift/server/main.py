@@ -1,16 +1,15 @@
-"""``vmshift-server`` command line."""
+"""``vmshift-server`` command line: options from ``--config FILE`` and flags (server/options.py)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
-from pathlib import Path
 
 import uvicorn
 
 from vmshift.errors import VmshiftError
-from vmshift.server.settings import ServerSettings, read_token
+from vmshift.server.options import parse_settings
+from vmshift.server.settings import ServerSettings
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -21,30 +20,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def build_settings(argv: list[str] | None = None) -> ServerSettings:
-    p = argparse.ArgumentParser(
-        prog="vmshift-server", description="vmshift control plane (inventory, tasks, API)"
-    )
-    p.add_argument("--listen", default="127.0.0.1:8100", help="HOST:PORT to serve the REST API on")
-    p.add_argument("--state-dir", required=True, type=Path, help="directory for the server's state")
-    p.add_argument("--token-file", required=True, type=Path, help="file holding the API bearer token")
-    p.add_argument(
-        "--agent-token-file", required=True, type=Path, help="file holding the token agents accept"
-    )
-    p.add_argument(
-        "--db-url",
-        default=None,
-        help="SQLAlchemy URL (default: $VMSHIFT_DB_URL, else sqlite:///STATE_DIR/vmshift.db)",
-    )
-    p.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds between host polls")
-    a = p.parse_args(argv)
-    return ServerSettings(
-        state_dir=a.state_dir,
-        token=read_token(a.token_file, "token"),
-        agent_token=read_token(a.agent_token_file, "agent token"),
-        db_url=a.db_url,
-        listen=a.listen,
-        heartbeat_interval_s=a.heartbeat_interval,
-    )
+    return parse_settings(argv)
 
 
 def run(argv: list[str] | None = None) -> None:
