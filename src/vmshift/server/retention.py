@@ -143,6 +143,7 @@ class Retention:
         self._interval_s = interval_s
         self._clock = clock
         self._stopping = threading.Event()
+        self._purging = threading.Lock()  # held by the worker thread during a purge
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -150,12 +151,17 @@ class Retention:
         self._task = asyncio.create_task(self._loop(), name="vmshift-retention")
 
     async def stop(self) -> None:
-        """Stop between two batches (a batch in flight commits or rolls back as a whole)."""
+        """Stop after the batch in flight, and wait for it: the database closes after this."""
         self._stopping.set()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        await asyncio.to_thread(self._wait_idle)
+
+    def _wait_idle(self) -> None:
+        with self._purging:
+            pass
 
     async def _loop(self) -> None:
         while True:
@@ -167,16 +173,17 @@ class Retention:
 
     def purge(self) -> PurgeCounts:
         """Delete what is past its retention, batch by batch; record one event if anything went."""
-        now, policy = self._clock(), self._policy
-        counts = PurgeCounts(
-            migrations=self._delete(MigrationRow, expired_migrations, cutoff(now, policy.migration_days)),
-            tasks=self._delete(TaskRow, expired_tasks, cutoff(now, policy.task_days)),
-            events=self._delete(EventRow, expired_events, cutoff(now, policy.event_days)),
-        )
-        if counts.total:
-            with self._sessions.begin() as s:
-                record_event(s, EventKind.RETENTION_PURGED, "server", counts.message(policy))
-        return counts
+        with self._purging:
+            now, policy = self._clock(), self._policy
+            counts = PurgeCounts(
+                migrations=self._delete(MigrationRow, expired_migrations, cutoff(now, policy.migration_days)),
+                tasks=self._delete(TaskRow, expired_tasks, cutoff(now, policy.task_days)),
+                events=self._delete(EventRow, expired_events, cutoff(now, policy.event_days)),
+            )
+            if counts.total:
+                with self._sessions.begin() as s:
+                    record_event(s, EventKind.RETENTION_PURGED, "server", counts.message(policy))
+            return counts
 
     def _delete(
         self,
