@@ -213,3 +213,16 @@ def test_kinds_without_a_mover_are_refused_clearly() -> None:
     with pytest.raises(VmshiftError, match="not something an agent runs"):
         load_factory(MigrationKind.LIVE)
     assert callable(load_factory(MigrationKind.STORAGE))
+
+
+async def test_retention_may_release_a_finished_move_only(tmp_path: Path, script: Script) -> None:
+    moves = registry(tmp_path)
+    await moves.start(req())
+    assert not moves.release(1)  # running: retention leaves it (and its file) alone
+    assert moves.get(1).state is MoveState.RUNNING
+    script.gate.set()
+    assert (await moves.wait(1, 5)).state is MoveState.COMPLETED
+    assert moves.release(1)
+    moves.store.remove(1)
+    with pytest.raises(NotFoundError):
+        moves.get(1)  # gone from memory and disk: the agent answers 404 as for any unknown move

@@ -21,6 +21,7 @@ from vmshift.agent.migration_source import OutgoingMigrations
 from vmshift.agent.migration_store import MigrationStore
 from vmshift.agent.migration_target import IncomingMigrations
 from vmshift.agent.netperf import NetperfSinks
+from vmshift.agent.record_retention import RecordRetention
 from vmshift.agent.routes_disk_exports import router as disk_exports_router
 from vmshift.agent.routes_migration import MigrationRoles
 from vmshift.agent.routes_migration import router as migration_router
@@ -92,6 +93,9 @@ def create_app(config: AgentConfig) -> FastAPI:
         await roles.incoming.resume_all()
         await roles.outgoing.resume_all()
         moves = await start_moves(app, config, supervisor, datastores)
+        retention = RecordRetention(store, moves.store, config.record_retention_days,
+                                    roles.outgoing.release, moves.release)
+        retention.start()  # after the resumes: what they picked up is unfinished, never removed
         refresher = asyncio.create_task(_refresh_loop(supervisor), name="agent-refresh")
         log.info("agent %s ready on %s", config.name, config.listen)
         try:
@@ -100,6 +104,7 @@ def create_app(config: AgentConfig) -> FastAPI:
             refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await refresher
+            await retention.stop()
             await roles.close()
             await moves.close()
             await supervisor.close()

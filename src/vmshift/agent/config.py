@@ -25,6 +25,7 @@ class AgentConfig:
     accelerator: str = "auto"
     qemu_binary: str = "qemu-system-x86_64"
     qemu_img: str = "qemu-img"
+    record_retention_days: int = 30  # finished migration and move records in state_dir; 0 keeps them
 
     @property
     def listen_host(self) -> str:
@@ -70,8 +71,11 @@ def config_from_dict(data: dict[str, Any], source: Path = Path("<dict>")) -> Age
     accel = data.get("accelerator", "auto")
     if accel not in ACCELERATOR_CHOICES:
         raise _bad(source, f"'accelerator' must be one of {', '.join(ACCELERATOR_CHOICES)}")
+    retention = data.get("record_retention_days", AgentConfig.record_retention_days)
+    if isinstance(retention, bool) or not isinstance(retention, int) or retention < 0:
+        raise _bad(source, "'record_retention_days' must be a whole number of days (0 keeps records forever)")
     known = {"name", "listen", "token_file", "state_dir", "datastores", "networks", "management_address",
-             "migration_address", "accelerator", "qemu_binary", "qemu_img"}
+             "migration_address", "accelerator", "qemu_binary", "qemu_img", "record_retention_days"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise _bad(source, f"unknown key(s) {', '.join(unknown)}")
@@ -81,7 +85,7 @@ def config_from_dict(data: dict[str, Any], source: Path = Path("<dict>")) -> Age
         networks=dict(networks), management_address=str(data.get("management_address", "")),
         migration_address=str(data.get("migration_address", "")), accelerator=accel,
         qemu_binary=str(data.get("qemu_binary", "qemu-system-x86_64")),
-        qemu_img=str(data.get("qemu_img", "qemu-img")),
+        qemu_img=str(data.get("qemu_img", "qemu-img")), record_retention_days=retention,
     )
 
 

@@ -172,6 +172,18 @@ class OutgoingMigrations:
                 await task
         self._tasks.clear()
 
+    def release(self, migration_id: int) -> bool:
+        """Retention is about to remove this record: drop it from memory unless it is still in use."""
+        rec = self._records.get(migration_id)
+        if rec is None:
+            return True
+        task = self._tasks.get(migration_id)
+        if rec.progress is None or not rec.progress.status.finished or (task is not None and not task.done()):
+            return False
+        del self._records[migration_id]
+        self._tasks.pop(migration_id, None)
+        return True
+
     # ----- bookkeeping ---------------------------------------------------------------------------
     def _get(self, migration_id: int) -> StoredMigration | None:
         rec = self._records.get(migration_id)

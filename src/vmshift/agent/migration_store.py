@@ -34,6 +34,10 @@ class TargetState(StrEnum):
     ROLLED_BACK = "rolled_back"  # QEMU killed, registration removed
     LOAD_FAILED = "load_failed"  # the stream did not load, so the VM never ran here; cleaned up as above
 
+    @property
+    def finished(self) -> bool:
+        return self is not TargetState.LISTENING
+
 
 class StoredMigration(BaseModel):
     role: MigrationRole
@@ -71,6 +75,10 @@ class MigrationStore:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(rec.model_dump_json(indent=1))
         tmp.replace(path)
+
+    def remove(self, migration_id: int) -> None:
+        """Retention (agent/record_retention.py) drops a finished record."""
+        self.path(migration_id).unlink(missing_ok=True)
 
     def load(self, migration_id: int) -> StoredMigration | None:
         path = self.path(migration_id)

@@ -66,6 +66,7 @@ class EventKind(StrEnum):
     SCHEDULE_DELETED = "schedule.deleted"
     SCHEDULE_RUN_STARTED = "schedule.run_started"
     SCHEDULE_RUN_SKIPPED = "schedule.run_skipped"
+    RETENTION_PURGED = "retention.purged"  # server/retention.py: one per purge that removed something
 
 
 class ErrorInfo(BaseModel):

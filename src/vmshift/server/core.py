@@ -16,6 +16,7 @@ from vmshift.server.heartbeat import Heartbeat
 from vmshift.server.migration_finalize import Finalizer
 from vmshift.server.migrations import MigrationOrchestrator
 from vmshift.server.moves.runner import DiskMoves
+from vmshift.server.retention import Retention, RetentionPolicy
 from vmshift.server.schedules import Scheduler
 from vmshift.server.settings import ServerSettings
 from vmshift.server.tasks import TaskEngine
@@ -35,9 +36,13 @@ class ServerCore:
     finalizer: Finalizer
     moves: DiskMoves
     schedules: Scheduler = field(init=False)  # scheduled migrations (server/schedules.py)
+    retention: Retention = field(init=False)  # purge of old history (server/retention.py)
 
     def __post_init__(self) -> None:
         self.schedules = Scheduler(self.sessions)
+        self.retention = Retention(
+            self.sessions, RetentionPolicy.from_settings(self.settings), self.settings.retention_interval_s
+        )
 
     @classmethod
     def open(cls, settings: ServerSettings) -> ServerCore:
@@ -72,8 +77,10 @@ class ServerCore:
         self.moves.resume_all()
         self.heartbeat.start()
         self.schedules.start(self)  # after the resumes: a run sees moves in flight
+        self.retention.start()  # after the resumes: what they picked up is unfinished, never purged
 
     async def close(self) -> None:
+        await self.retention.stop()
         await self.schedules.stop()
         await self.heartbeat.stop()
         await self.tasks.shutdown()

@@ -11,7 +11,8 @@ import uvicorn
 
 from vmshift.errors import VmshiftError
 from vmshift.server import api_tls
-from vmshift.server.settings import ServerSettings, read_token
+from vmshift.server.options import BY_KEY, OptionValueError, parse_settings, read_config_file
+from vmshift.server.settings import ServerSettings
 from vmshift.tls import pki
 
 
@@ -23,47 +24,15 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 
 def build_settings(argv: list[str] | None = None) -> ServerSettings:
-    p = argparse.ArgumentParser(
-        prog="vmshift-server", description="vmshift control plane (inventory, tasks, API over HTTPS)",
-        epilog="'vmshift-server ca show --state-dir DIR' prints the CA clients trust (docs/tls.md).",
-    )
-    p.add_argument("--listen", default="127.0.0.1:8100", help="HOST:PORT to serve the REST API on")
-    p.add_argument("--state-dir", required=True, type=Path, help="directory for the server's state")
-    p.add_argument("--token-file", required=True, type=Path, help="file holding the API bearer token")
-    p.add_argument(
-        "--agent-token-file", required=True, type=Path, help="file holding the token agents accept"
-    )
-    p.add_argument(
-        "--db-url",
-        default=None,
-        help="SQLAlchemy URL (default: $VMSHIFT_DB_URL, else sqlite:///STATE_DIR/vmshift.db)",
-    )
-    p.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds between host polls")
-    p.add_argument("--tls-cert", type=Path, default=None,
-                   help="PEM certificate to serve the API with "
-                   "(default: STATE_DIR/tls/server.pem, made on first start)")
-    p.add_argument("--tls-key", type=Path, default=None, help="the private key of --tls-cert")
-    p.add_argument("--ca-file", type=Path, default=None,
-                   help="the CA that issued --tls-cert, which 'ca show' prints "
-                   "(default: STATE_DIR/tls/ca.pem)")
-    a = p.parse_args(argv)
-    return ServerSettings(
-        state_dir=a.state_dir,
-        token=read_token(a.token_file, "token"),
-        agent_token=read_token(a.agent_token_file, "agent token"),
-        db_url=a.db_url,
-        listen=a.listen,
-        heartbeat_interval_s=a.heartbeat_interval,
-        tls_cert=a.tls_cert,
-        tls_key=a.tls_key,
-        ca_file=a.ca_file,
-    )
+    return parse_settings(argv)
 
 
 def run(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["ca"]:
         raise SystemExit(ca_command(args[1:]))
+    if args[:1] == ["--config"] and args[2:3] == ["ca"]:  # vmshift-server --config FILE ca show
+        raise SystemExit(ca_command([*args[3:], "--config", *args[1:2]]))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = build_settings(args)
@@ -78,17 +47,36 @@ def run(argv: list[str] | None = None) -> None:
                 ssl_certfile=tls.cert, ssl_keyfile=tls.key)
 
 
+def config_paths(config: Path | None, state_dir: Path | None,
+                 ca_file: Path | None) -> tuple[Path, Path | None]:
+    """The state dir and CA file from the flags, else from the config file."""
+    values = read_config_file(config) if config is not None else {}
+    try:
+        state_dir = state_dir or (BY_KEY["state_dir"].parse(values["state_dir"])  # type: ignore[assignment]
+                                  if "state_dir" in values else None)
+        if ca_file is None and "ca_file" in values:
+            ca_file = BY_KEY["ca_file"].parse(values["ca_file"])  # type: ignore[assignment]
+    except OptionValueError as e:
+        raise VmshiftError(f"The server config {config} is not valid: {e}.", hint="See docs/deploy.md.") from e
+    if state_dir is None:
+        raise VmshiftError("'ca show' needs the server's state directory.",
+                           hint="Pass --state-dir DIR or --config FILE.")
+    return state_dir, ca_file
+
+
 def ca_command(argv: list[str]) -> int:
     """``vmshift-server ca show``: the CA certificate clients trust, PEM on stdout."""
     p = argparse.ArgumentParser(prog="vmshift-server ca", description="the cluster CA clients trust")
     sub = p.add_subparsers(dest="action", required=True)
     show = sub.add_parser("show", help="print the CA certificate (PEM) and its fingerprint (stderr)")
-    show.add_argument("--state-dir", type=Path, required=True, help="the server's --state-dir")
+    show.add_argument("--config", type=Path, default=None, help="the server's config file (its state_dir, ca_file)")
+    show.add_argument("--state-dir", type=Path, default=None, help="the server's --state-dir")
     show.add_argument("--ca-file", type=Path, default=None, help="the CA file the server was given, if any")
     show.add_argument("--fingerprint", action="store_true", help="print only the SHA-256 fingerprint")
     a = p.parse_args(argv)
     try:
-        pem = api_tls.client_ca(a.state_dir, a.ca_file).read_bytes()
+        state_dir, ca_file = config_paths(a.config, a.state_dir, a.ca_file)
+        pem = api_tls.client_ca(state_dir, ca_file).read_bytes()
         fingerprint = pki.fingerprint(pem)
     except VmshiftError as e:
         print(f"vmshift-server: {e}", file=sys.stderr)

@@ -25,6 +25,12 @@ class ServerSettings:
     tls_cert: Path | None = None  # the API's PEM certificate; None: the server's own, made on first start
     tls_key: Path | None = None  # its private key; given exactly when tls_cert is
     ca_file: Path | None = None  # the CA clients trust (what `ca show` prints); None: STATE_DIR/tls/ca.pem
+    # retention (server/retention.py): how long finished history is kept; 0 keeps it forever
+    event_retention_days: int = 30
+    task_retention_days: int = 30  # finished tasks
+    migration_retention_days: int = 30  # finished migrations (every kind)
+    retention_interval_s: float = 3600.0  # how often the purge runs (also once at start)
+    retention_batch_rows: int = 500  # rows deleted per transaction
 
     def database_url(self) -> str:
         """``--db-url``, else ``VMSHIFT_DB_URL``, else SQLite ``STATE_DIR/vmshift.db``."""

@@ -368,6 +368,18 @@ class MoveJobs:
         job.save()
         log.info("move %d (VM %s) %s", job.move_id, job.request.vm, state.value)
 
+    def release(self, move_id: int) -> bool:
+        """Retention is about to remove this record: drop it from memory unless it is still in use."""
+        job = self._jobs.get(move_id)
+        if job is None:
+            return True
+        task = self._tasks.get(move_id)
+        if not job.progress.state.finished or (task is not None and not task.done()):
+            return False
+        del self._jobs[move_id]
+        self._tasks.pop(move_id, None)
+        return True
+
     # ----- bookkeeping ---------------------------------------------------------------------------
     def _get(self, move_id: int) -> MoveJob | None:
         job = self._jobs.get(move_id)

@@ -47,6 +47,10 @@ class MoveStore:
         tmp.write_text(rec.model_dump_json(indent=1))
         tmp.replace(path)
 
+    def remove(self, move_id: int) -> None:
+        """Retention (agent/record_retention.py) drops a finished record."""
+        self.path(move_id).unlink(missing_ok=True)
+
     def load(self, move_id: int) -> StoredMove | None:
         path = self.path(move_id)
         try:
