@@ -57,7 +57,8 @@ def config_paths(config: Path | None, state_dir: Path | None,
         if ca_file is None and "ca_file" in values:
             ca_file = BY_KEY["ca_file"].parse(values["ca_file"])  # type: ignore[assignment]
     except OptionValueError as e:
-        raise VmshiftError(f"The server config {config} is not valid: {e}.", hint="See docs/deploy.md.") from e
+        raise VmshiftError(f"The server config {config} is not valid: {e}.",
+                           hint="See docs/deploy.md.") from e
     if state_dir is None:
         raise VmshiftError("'ca show' needs the server's state directory.",
                            hint="Pass --state-dir DIR or --config FILE.")
@@ -69,7 +70,8 @@ def ca_command(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="vmshift-server ca", description="the cluster CA clients trust")
     sub = p.add_subparsers(dest="action", required=True)
     show = sub.add_parser("show", help="print the CA certificate (PEM) and its fingerprint (stderr)")
-    show.add_argument("--config", type=Path, default=None, help="the server's config file (its state_dir, ca_file)")
+    show.add_argument("--config", type=Path, default=None,
+                      help="the server's config file (its state_dir, ca_file)")
     show.add_argument("--state-dir", type=Path, default=None, help="the server's --state-dir")
     show.add_argument("--ca-file", type=Path, default=None, help="the CA file the server was given, if any")
     show.add_argument("--fingerprint", action="store_true", help="print only the SHA-256 fingerprint")
