@@ -158,7 +158,8 @@ def test_concurrency_limit_queues_with_a_warning() -> None:
 
 
 def test_unknown_reachability_and_facts_are_warnings() -> None:
-    r = report(reachable=None, dst=HostView(facts("host-2", cpu_models=[], machine_types=[]), has_certificate=True))
+    unknown = HostView(facts("host-2", cpu_models=[], machine_types=[]), has_certificate=True)
+    r = report(reachable=None, dst=unknown)
     assert r.ok
     assert {w.check for w in r.warnings} == {CheckId.REACHABILITY, CheckId.CPU_MODEL, CheckId.MACHINE_TYPE}
 

@@ -10,7 +10,12 @@ import pytest
 
 from tests.unit.test_migration_checks import DST, SRC, VM
 from vmshift.migration.checks import run_checks
-from vmshift.migration.encryption import EncryptionDecision, EncryptionRefusal, HostEncryption, decide_encryption
+from vmshift.migration.encryption import (
+    EncryptionDecision,
+    EncryptionRefusal,
+    HostEncryption,
+    decide_encryption,
+)
 from vmshift.model.enums import MigrationEncryption as E
 from vmshift.model.migration import CheckId, CheckSeverity
 
@@ -66,14 +71,16 @@ def test_a_request_may_ask_for_opportunistic_on_a_vm_that_disables_it() -> None:
     (E.DISABLED, None, E.REQUIRED, E.OPPORTUNISTIC),  # a host's requirement beats the VM's disabled
     (E.OPPORTUNISTIC, None, E.OPPORTUNISTIC, E.REQUIRED),
 ])
-def test_anything_required_between_certified_hosts_is_encrypted(vm: E, request_: E | None, src: E, dst: E) -> None:
+def test_anything_required_between_certified_hosts_is_encrypted(
+        vm: E, request_: E | None, src: E, dst: E) -> None:
     assert decide(vm, request_, src=src, dst=dst) == EncryptionDecision(E.REQUIRED, encrypt=True)
 
 
 def test_required_toward_a_host_without_a_certificate_is_refused_naming_who_and_why() -> None:
     r = decide(E.REQUIRED, dst_cert=False)
     assert isinstance(r, EncryptionRefusal) and r.setting is E.REQUIRED
-    assert r.message == "VM web-1 requires encryption, but host host-2 has no certificate from the cluster CA."
+    assert r.message == ("VM web-1 requires encryption, but host host-2 has no certificate from the "
+                         "cluster CA.")
     assert "--encryption opportunistic" in r.hint
 
 

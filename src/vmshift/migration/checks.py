@@ -10,7 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vmshift.migration.encryption import EncryptionDecision, EncryptionRefusal, HostEncryption, decide_encryption
+from vmshift.migration.encryption import (
+    EncryptionDecision,
+    EncryptionRefusal,
+    HostEncryption,
+    decide_encryption,
+)
 from vmshift.model.enums import Accelerator, ConnectionState, MigrationEncryption, PowerState
 from vmshift.model.host import HostFacts
 from vmshift.model.migration import CheckId, CheckReport, CheckResult, CheckSeverity
@@ -356,13 +361,15 @@ def _link(src: HostView, dst: HostView, reachable: bool | None) -> list[CheckRes
     return [addr, reach]
 
 
-def encryption_decision(vm: VmView, src: HostView, dst: HostView,
-                        requested: MigrationEncryption | None = None) -> EncryptionDecision | EncryptionRefusal:
+def encryption_decision(
+    vm: VmView, src: HostView, dst: HostView, requested: MigrationEncryption | None = None
+) -> EncryptionDecision | EncryptionRefusal:
     """Whether the memory stream goes over TLS (``vmshift.migration.encryption`` decides)."""
     return decide_encryption(vm.name, vm.encryption, requested, src.tls, dst.tls)
 
 
-def _encryption(vm: VmView, src: HostView, dst: HostView, requested: MigrationEncryption | None) -> CheckResult:
+def _encryption(vm: VmView, src: HostView, dst: HostView,
+                requested: MigrationEncryption | None) -> CheckResult:
     d = encryption_decision(vm, src, dst, requested)
     if isinstance(d, EncryptionRefusal):
         return _r(CheckId.ENCRYPTION, ERR, d.message, d.hint)

@@ -80,8 +80,10 @@ def _unable(hosts: tuple[HostEncryption, ...]) -> str:
     return " and ".join(h.why_not for h in hosts if not h.can_encrypt)
 
 
-def decide_encryption(vm_name: str, vm: MigrationEncryption, request: MigrationEncryption | None,
-                      source: HostEncryption, target: HostEncryption) -> EncryptionDecision | EncryptionRefusal:
+def decide_encryption(
+    vm_name: str, vm: MigrationEncryption, request: MigrationEncryption | None,
+    source: HostEncryption, target: HostEncryption,
+) -> EncryptionDecision | EncryptionRefusal:
     """Apply the module's three rules (see its docstring)."""
     hosts = (source, target)
     both_can = source.can_encrypt and target.can_encrypt

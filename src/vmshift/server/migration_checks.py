@@ -239,7 +239,8 @@ async def plan_migration(
         reachable, plan.bandwidth_bps, failure = await measure_link(
             agents, plan.source_address, plan.target_address
         )
-    report = run_checks(vm_view, src_view, dst_view, reachable=reachable, requested_encryption=body.encryption)
+    report = run_checks(vm_view, src_view, dst_view, reachable=reachable,
+                        requested_encryption=body.encryption)
     report = _replace(report, concurrency)
     if failure is not None:
         report = _replace(report, failure)

@@ -93,7 +93,8 @@ def plan_stream(sessions: sessionmaker[Session], migration_id: int) -> StreamPla
                 hint="Check the inventory and start the migration again.",
             )
         settings = MigrationSettings.model_validate(row.settings or {})
-        decision = decide_encryption(row.vm, vm.migration_encryption, settings.encryption, _tls(src), _tls(dst))
+        decision = decide_encryption(row.vm, vm.migration_encryption, settings.encryption,
+                                     _tls(src), _tls(dst))
         address = host_facts(dst).migration_address
     if isinstance(decision, EncryptionRefusal):
         raise ConflictError(decision.message, hint=decision.hint)

@@ -39,7 +39,6 @@ from vmshift.model.vm import VmSpec
 from vmshift.server.db.schema import HostRow, MigrationRow, ServerIdentityRow, TaskRow, VmRow, utcnow
 from vmshift.server.events import record_event
 from vmshift.server.migration_checks import effective_bandwidth, plan_migration, predict
-from vmshift.server.migration_stream import plan_stream, record_stream
 from vmshift.server.migration_store import (
     AGENT_PHASES,
     complete,
@@ -50,6 +49,7 @@ from vmshift.server.migration_store import (
     needs_finalize,
     set_phase,
 )
+from vmshift.server.migration_stream import plan_stream, record_stream
 from vmshift.server.settings import ServerSettings
 from vmshift.server.tasks import TaskBody, TaskContext, TaskEngine
 
