@@ -11,6 +11,7 @@ from conftest import TOKEN, ServerHarness, wait_for
 from sqlalchemy import create_engine, update
 from test_migrations import migrate, migration_count
 from test_migrations_fakes import Pair, migrating_agents_fixture, pair_fixture  # noqa: F401
+from test_relocate import relocate, split_fixture  # noqa: F401
 from typer.testing import CliRunner
 
 from vmshift.cli.main import app
@@ -66,6 +67,21 @@ def test_a_target_answering_another_uri_fails_the_migration_and_the_vm_stays_on_
     # the VM keeps running on the source, in the inventory and on the host
     assert vm_state(server) == ("host-1", "poweredOn")
     assert src.vms["vm-1"].qemu_status == "running"
+
+
+def test_a_relocate_target_offering_exports_elsewhere_fails_before_the_source_starts(
+        server: ServerHarness, split: Pair) -> None:
+    src, dst = split
+    dst.nbd_address = "10.9.9.9"
+    r = relocate(server)
+    assert r.status_code == 202, r.text
+    task = server.wait_task(r.json()["id"])
+    assert task["state"] == "error"
+    assert task["error"]["message"] == ("Host host-2 answered the disk export 'nbd://10.9.9.9:10809/disk0', "
+                                        "which is not on its migration address, so the migration stopped "
+                                        "before the source started.")
+    assert OUTGOING not in src.journal and src.outgoing == {}
+    assert vm_state(server) == ("host-1", "poweredOn") and "vm-1" not in dst.vms
 
 
 def test_the_server_sends_the_uri_it_built_and_the_address_it_checks_against(

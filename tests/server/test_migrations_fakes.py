@@ -121,6 +121,7 @@ class MigratingAgent(FakeAgent):
     proof: Proof | None = None
     proof_unavailable: bool = False
     answer_uri: str | None = None  # what prepare answers as its uri (None: tcp: to its own address)
+    nbd_address: str | None = None  # where a relocate's exports say they are (None: its migration address)
     journal: list[tuple[str, str, str]] = field(default_factory=list)
     thread: UvicornThread | None = None  # its HTTP server (stop it to make the host unreachable)
 
@@ -333,7 +334,8 @@ class MigratingAgent(FakeAgent):
             self._receive(req)
             # a relocate: one NBD export per disk of the (target) spec, as the real target makes them
             disks = req.spec.disks if req.relocate else []
-            nbd = [{"index": i, "uri": f"nbd://{self.facts.migration_address}:10809/disk{i}",
+            where = self.nbd_address or self.facts.migration_address
+            nbd = [{"index": i, "uri": f"nbd://{where}:10809/disk{i}",
                     "size_bytes": d.size_mib * MIB} for i, d in enumerate(disks)]
             own = f"tcp:{self.facts.migration_address}:4444"
             uri = self.answer_uri if self.answer_uri is not None else own

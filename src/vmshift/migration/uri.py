@@ -22,6 +22,8 @@ from vmshift.errors import InvalidInputError
 IpAddress = IPv4Address | IPv6Address
 
 _TCP_URI = re.compile(r"tcp:(?:(?P<v4>[0-9.]{7,15})|\[(?P<v6>[0-9A-Fa-f:.]{2,45})\]):(?P<port>[0-9]{1,5})")
+_NBD_URI = re.compile(r"nbd://(?:(?P<v4>[0-9.]{7,15})|\[(?P<v6>[0-9A-Fa-f:.]{2,45})\]):(?P<port>[0-9]{1,5})"
+                      r"/(?P<export>[A-Za-z0-9._-]{1,64})")
 _HINT = "Only tcp:ADDRESS:PORT to the target's registered migration address is accepted."
 
 
@@ -88,3 +90,21 @@ def check_migration_uri(uri: str, migration_address: str) -> int:
             hint=_HINT,
         )
     return port
+
+
+def check_nbd_uri(uri: str, migration_address: str) -> None:
+    """A relocate's disk export: ``nbd://ADDRESS:PORT/EXPORT`` on the target's migration address only
+    (the source's mirror connects there; a target must not point it at another host or socket)."""
+    m = _NBD_URI.fullmatch(uri)
+    hint = "A disk export must be nbd://ADDRESS:PORT/EXPORT on the target's registered migration address."
+    if m is None:
+        raise MigrationUriError(f"The disk export {uri!r} is refused: it is not nbd://IP-ADDRESS:PORT/NAME.",
+                                hint=hint)
+    try:
+        ip, port = parse_tcp_uri(f"tcp:{m.group('v4') or '[' + m.group('v6') + ']'}:{m.group('port')}")
+    except MigrationUriError:
+        raise MigrationUriError(f"The disk export {uri!r} is refused: its address or port is not valid.",
+                                hint=hint) from None
+    if ip != migration_ip(migration_address):
+        raise MigrationUriError(f"The disk export {uri!r} is refused: it is not on the target's migration "
+                                f"address {migration_address}.", hint=hint)

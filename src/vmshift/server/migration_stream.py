@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from vmshift.errors import ConflictError, VmshiftError
 from vmshift.migration.encryption import EncryptionRefusal, HostEncryption, decide_encryption
-from vmshift.migration.uri import migration_ip, tcp_uri
+from vmshift.migration.uri import MigrationUriError, check_nbd_uri, migration_ip, tcp_uri
 from vmshift.model.agent_migration import Incoming, MigrationTls
 from vmshift.model.api import EventKind
 from vmshift.model.enums import EventSeverity
@@ -72,6 +72,13 @@ class StreamPlan:
                 hint=f"Check the agent on {self.target} (its configuration and version); the VM keeps "
                 "running on its source.",
             )
+        for export in incoming.nbd:  # a relocate's disk exports: on the same address only
+            try:
+                check_nbd_uri(export.uri, self.target_migration_address)
+            except MigrationUriError as e:
+                raise TargetAnswerError(f"Host {self.target} answered the disk export {export.uri!r}, which "
+                                        "is not on its migration address, so the migration stopped before "
+                                        "the source started.", hint=e.hint) from e
         return uri
 
 
