@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from vmshift.migration.uri import MigrationUriError, check_migration_uri, check_nbd_uri, parse_tcp_uri, tcp_uri
+from vmshift.migration.uri import (
+    MigrationUriError,
+    check_migration_uri,
+    check_nbd_uri,
+    parse_tcp_uri,
+    tcp_uri,
+)
 
 TARGET = "10.0.1.2"
 
@@ -88,8 +94,8 @@ def test_the_server_builds_no_uri_from_a_host_name_or_a_bad_port(address: str, p
 def test_a_relocates_disk_exports_must_be_nbd_on_the_targets_migration_address() -> None:
     check_nbd_uri("nbd://10.0.1.2:10809/vmshift-7-disk0", TARGET)
     check_nbd_uri("nbd://[fd00::2]:10809/disk0", "fd00::2")
-    for uri in ("nbd://10.0.1.9:10809/disk0", "nbd+unix:///disk0?socket=/run/x.sock", "nbd://host-2:10809/d",
-                "nbd://10.0.1.2:0/disk0", "nbd://10.0.1.2:10809/disk0\n", "nbd://10.0.1.2:10809/../x y",
-                "exec:true"):
-        with pytest.raises(MigrationUriError, match="disk export .* is refused"):
+    for uri in ("nbd://10.0.1.9:10809/disk0", "nbd+unix:///disk0?socket=/run/x.sock",
+                "nbd://host-2:10809/d", "nbd://10.0.1.2:0/disk0", "nbd://10.0.1.2:10809/disk0\n",
+                "nbd://10.0.1.2:10809/../x y", "exec:true"):
+        with pytest.raises(MigrationUriError, match=r"disk export .* is refused"):
             check_nbd_uri(uri, TARGET)

@@ -101,7 +101,8 @@ def check_nbd_uri(uri: str, migration_address: str) -> None:
         raise MigrationUriError(f"The disk export {uri!r} is refused: it is not nbd://IP-ADDRESS:PORT/NAME.",
                                 hint=hint)
     try:
-        ip, port = parse_tcp_uri(f"tcp:{m.group('v4') or '[' + m.group('v6') + ']'}:{m.group('port')}")
+        host = m.group("v4") or f"[{m.group('v6')}]"
+        ip = parse_tcp_uri(f"tcp:{host}:{m.group('port')}")[0]
     except MigrationUriError:
         raise MigrationUriError(f"The disk export {uri!r} is refused: its address or port is not valid.",
                                 hint=hint) from None
