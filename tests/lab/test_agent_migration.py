@@ -92,11 +92,12 @@ def start_migration(lab: Lab, src: int, dst: int, mid: int, settings: dict[str, 
         r = a.post("/migrations/incoming", json={"migration_id": mid, "spec": target_spec or lab.spec(vm)})
         assert r.status_code == 200, r.text
         uri = str(r.json()["uri"])
-        assert uri.startswith(f"tcp:{lab.rec.layout.host_mig_address(dst)}:")
+        assert uri == f"tcp:{lab.rec.layout.host_mig_address(dst)}:{r.json()['port']}"
         listed = {v["name"]: v for v in a.get("/vms").json()}
         # the receiving QEMU is reported, marked with its migration: not a normal VM of the host yet
         assert listed[vm]["incoming_migration"] == mid, listed.get(vm)
     body = {"migration_id": mid, "vm": vm, "uri": uri, "settings": settings or {},
+            "target_migration_address": lab.rec.layout.host_mig_address(dst),
             "target_agent": {"address": lab.addr(dst), "token": lab.agent_token}}
     with lab.agent(src) as a:
         r = a.post("/migrations", json=body)

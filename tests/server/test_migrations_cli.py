@@ -65,9 +65,10 @@ def test_migration_settings_of_vm_and_host(server: ServerHarness, pair: Pair) ->
     code, out = cli(server, "vm", "migration-settings", "vm-1", "--max-downtime", "800", "--allow-postcopy",
                     "--json")  # fmt: skip
     assert code == 0, out
-    assert json.loads(out) == {"max_downtime_ms": 800, "allow_postcopy": True}
+    assert json.loads(out) == {"max_downtime_ms": 800, "allow_postcopy": True, "encryption": "opportunistic"}
     code, out = cli(server, "vm", "migration-settings", "vm-1", "--json")  # no option: show, change nothing
-    assert code == 0 and json.loads(out) == {"max_downtime_ms": 800, "allow_postcopy": True}
+    assert code == 0 and json.loads(out) == {"max_downtime_ms": 800, "allow_postcopy": True,
+                                             "encryption": "opportunistic"}
 
     code, out = cli(server, "host", "migration-settings", "host-1", "--bandwidth-limit", "1gbit",
                     "--limit", "2", "--json")  # fmt: skip

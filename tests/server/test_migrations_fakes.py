@@ -17,7 +17,8 @@ the record look like another server's. ``POST /migrations/{id}/finalize`` ends a
 migration as its resolution says and is recorded in ``finalize_requests``.
 
 Target role: ``POST /migrations/incoming`` adds a receiving QEMU to the VM table (paused, with
-``incoming_migration`` set, as a real agent reports it). ``GET /migrations/{id}/incoming`` answers
+``incoming_migration`` set, as a real agent reports it) and answers port 4444 with its URI, or
+``answer_uri`` when a test makes it answer another one. ``GET /migrations/{id}/incoming`` answers
 the target's proof: derived from the migration (stream active; completed once the source's stream
 completed; running once activated) unless a test scripts it with ``script_proof``; 503 while
 ``proof_unavailable``. ``POST .../activate`` runs the receiving copy (recorded in ``activations``);
@@ -114,15 +115,19 @@ class MigratingAgent(FakeAgent):
     finalize_requests: list[tuple[int, FinalizeResolution]] = field(default_factory=list)
     # target role
     incoming: dict[int, IncomingRequest] = field(default_factory=dict)
+    prepared: list[IncomingRequest] = field(default_factory=list)  # every prepare request, in order
     loaded: set[int] = field(default_factory=set)  # streams that completed into this host
     activations: list[int] = field(default_factory=list)
     proof: Proof | None = None
     proof_unavailable: bool = False
+    answer_uri: str | None = None  # what prepare answers as its uri (None: tcp: to its own address)
+    nbd_address: str | None = None  # where a relocate's exports say they are (None: its migration address)
     journal: list[tuple[str, str, str]] = field(default_factory=list)
     thread: UvicornThread | None = None  # its HTTP server (stop it to make the host unreachable)
 
     # -- target role ------------------------------------------------------------------------------
     def _receive(self, req: IncomingRequest) -> None:
+        self.prepared.append(req)
         self.incoming[req.migration_id] = req
         self.vms[req.spec.name] = VmRuntime(
             name=req.spec.name, uuid=req.spec.uuid, power_state=PowerState.PAUSED, pid=4343,
@@ -329,9 +334,12 @@ class MigratingAgent(FakeAgent):
             self._receive(req)
             # a relocate: one NBD export per disk of the (target) spec, as the real target makes them
             disks = req.spec.disks if req.relocate else []
-            nbd = [{"index": i, "uri": f"nbd://{self.facts.migration_address}:10809/disk{i}",
+            where = self.nbd_address or self.facts.migration_address
+            nbd = [{"index": i, "uri": f"nbd://{where}:10809/disk{i}",
                     "size_bytes": d.size_mib * MIB} for i, d in enumerate(disks)]
-            return {"uri": f"tcp:{self.facts.migration_address}:4444", "nbd": nbd}
+            own = f"tcp:{self.facts.migration_address}:4444"
+            uri = self.answer_uri if self.answer_uri is not None else own
+            return {"port": 4444, "uri": uri, "nbd": nbd}
 
         @app.get("/api/v1/migrations/{mid}/incoming")
         async def incoming_state(mid: int) -> Any:

@@ -49,8 +49,8 @@ VM = VmView(
     disks=(DiskView("disk0", "shared-1"),),
     networks=("VM Network",),
 )
-SRC = HostView(facts("host-1"))
-DST = HostView(facts("host-2"))
+SRC = HostView(facts("host-1"), has_certificate=True)  # both can encrypt: no encryption warning
+DST = HostView(facts("host-2"), has_certificate=True)
 
 
 def report(vm: VmView = VM, src: HostView = SRC, dst: HostView = DST, **kw: Any) -> CheckReport:
@@ -158,7 +158,8 @@ def test_concurrency_limit_queues_with_a_warning() -> None:
 
 
 def test_unknown_reachability_and_facts_are_warnings() -> None:
-    r = report(reachable=None, dst=HostView(facts("host-2", cpu_models=[], machine_types=[])))
+    unknown = HostView(facts("host-2", cpu_models=[], machine_types=[]), has_certificate=True)
+    r = report(reachable=None, dst=unknown)
     assert r.ok
     assert {w.check for w in r.warnings} == {CheckId.REACHABILITY, CheckId.CPU_MODEL, CheckId.MACHINE_TYPE}
 

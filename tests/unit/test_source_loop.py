@@ -38,6 +38,7 @@ from vmshift.errors import SwitchoverStartedError
 from vmshift.migration.policy import ConvergencePolicy, PolicySettings
 from vmshift.migration.samples import MigrationSample
 from vmshift.migration.samples import QemuMigrationStatus as Q
+from vmshift.migration.uri import MigrationUriError
 from vmshift.model.agent_migration import AgentRef, FinalizeRequest, MigrationProgress, OutgoingMigration
 from vmshift.model.enums import QemuRunState as RunState
 from vmshift.model.migration import (
@@ -94,6 +95,7 @@ class Rig:
 
     def request(self, **kw: Any) -> OutgoingMigration:
         return OutgoingMigration(migration_id=MID, vm=VM, uri="tcp:10.0.1.2:49152", nonce="n-1",
+                                 target_migration_address="10.0.1.2",
                                  target_agent=AgentRef(address="10.0.0.2:8301", token="agent-token"), **kw)
 
     async def start(self, **kw: Any) -> MigrationProgress:
@@ -765,3 +767,16 @@ async def test_agent_exit_stops_the_loop_even_when_the_cancel_meets_a_qmp_answer
     commands = len(rig.qmp.commands)
     await asyncio.sleep(0.2)
     assert task.done(), f"the loop kept running: {len(rig.qmp.commands) - commands} more QMP commands"
+
+
+# ----- the migration URI (issue 9, item 3) ---------------------------------------------------------
+@pytest.mark.parametrize("uri", ["exec:touch /tmp/owned", "file:/tmp/vm.state", "tcp:10.0.1.9:49152",
+                                 "tcp:10.0.1.2:49152\n"])
+async def test_a_uri_other_than_tcp_to_the_targets_migration_address_is_refused_before_qemu(
+        make_rig: RigFactory, uri: str) -> None:
+    rig = make_rig(load_trace("converging"))
+    with pytest.raises(MigrationUriError, match="refused") as refused:
+        await rig.om.start(rig.request().model_copy(update={"uri": uri}))
+    assert refused.value.status == 400 and repr(uri) in refused.value.message
+    # nothing reached QEMU, the target or the store
+    assert rig.qmp.commands == [] and rig.journal == [] and rig.store.load(MID) is None

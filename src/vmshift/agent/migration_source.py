@@ -37,6 +37,7 @@ from vmshift.errors import (
     VmshiftError,
 )
 from vmshift.migration.samples import QemuMigrationStatus
+from vmshift.migration.uri import check_migration_uri
 from vmshift.model.agent_migration import FinalizeRequest, MigrationProgress, OutgoingMigration
 from vmshift.model.migration import (
     ActionKind,
@@ -76,6 +77,7 @@ class OutgoingMigrations:
 
     # ----- API -----------------------------------------------------------------------------------
     async def start(self, req: OutgoingMigration) -> MigrationProgress:
+        check_migration_uri(req.uri, req.target_migration_address)  # 400 before QEMU is touched
         existing = self._get(req.migration_id)
         if existing is not None:
             assert existing.progress is not None

@@ -31,6 +31,7 @@ from vmshift.errors import (
     VmshiftError,
 )
 from vmshift.migration.samples import QemuMigrationStatus
+from vmshift.migration.uri import tcp_uri
 from vmshift.model.agent_migration import Incoming, IncomingRequest, IncomingState
 from vmshift.model.enums import QemuRunState as RunState
 from vmshift.model.vm import VmRuntime
@@ -74,7 +75,8 @@ class IncomingMigrations:
                     raise ConflictError(f"Migration {mid} of another server or an older database still "
                                         f"waits for VM {old.vm!r} on this host.",
                                         hint=f"Roll it back first (DELETE /api/v1/migrations/{mid}).")
-                return Incoming(uri=old.uri, nbd=old.exports)  # the same request again: idempotent
+                # the same request again: idempotent
+                return Incoming(port=int(old.uri.rsplit(":", 1)[1]), uri=old.uri, nbd=old.exports)
             files = self.supervisor.files
             if spec.name in files.registered_names() and not files.is_incoming(spec.name):
                 raise ConflictError(f"VM {spec.name!r} is already defined on this host.",
@@ -111,13 +113,14 @@ class IncomingMigrations:
                 await mq.set_parameters(qmp, {"announce-initial": ANNOUNCE_INITIAL_MS})
                 await mq.migrate_incoming(qmp, f"tcp:{self.address}:0")
                 port = await mq.listening_port(qmp)
+                uri = tcp_uri(self.address, port)
             except BaseException:
                 await self._cleanup(rec)
                 raise
-            rec.uri = f"tcp:{self.address}:{port}"
+            rec.uri = uri
             self.store.save(rec)
             log.info("migration %d: VM %s waits for its stream on %s", rec.migration_id, spec.name, rec.uri)
-            return Incoming(uri=rec.uri, nbd=rec.exports)
+            return Incoming(port=port, uri=rec.uri, nbd=rec.exports)
 
     async def state(self, migration_id: int) -> IncomingState:
         """The target's proof, read from its QEMU: has the whole stream arrived, has the VM run here?"""

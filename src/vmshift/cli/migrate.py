@@ -14,7 +14,7 @@ from vmshift.cli.hosts import JsonOpt
 from vmshift.cli.output import console, emit_json, err_console, table
 from vmshift.client import VmshiftClient
 from vmshift.errors import InvalidInputError, VmshiftError
-from vmshift.model.enums import DiskFormat, MigrationKind, TaskState
+from vmshift.model.enums import DiskFormat, MigrationEncryption, MigrationKind, TaskState
 
 migration_app = typer.Typer(
     help="Live migrations (vMotion): records, metrics, predictions.", no_args_is_help=True
@@ -112,6 +112,16 @@ def show_disk_move(m: dict[str, Any]) -> None:
     table("Copy", ["", "value"], rows)
 
 
+def _encrypted(m: dict[str, Any]) -> str:
+    """The memory stream's TLS as the migration JSON's ``encrypted`` says, with the setting asked."""
+    setting = (m.get("settings") or {}).get("encryption", MigrationEncryption.OPPORTUNISTIC.value)
+    if m.get("kind", "live") not in (MigrationKind.LIVE.value, MigrationKind.RELOCATE.value):
+        return "no memory stream (disk move)"
+    if m.get("encrypted") is None:
+        return f"not decided yet ({setting})"
+    return f"{'yes (TLS)' if m['encrypted'] else 'no (plain)'}, setting {setting}"
+
+
 def show_migration(m: dict[str, Any]) -> None:
     """Metrics, predicted vs actual, policy actions."""
     met, pred = m.get("metrics") or {}, m.get("prediction") or {}
@@ -123,6 +133,7 @@ def show_migration(m: dict[str, Any]) -> None:
         ["from → to", f"{_where(m, 'source')} → {_where(m, 'target')}"],
         ["status", m["status"]],
         ["phase", m["phase"]],
+        ["encrypted", _encrypted(m)],
         ["task", m.get("task_id")],
         ["created", m.get("created_at")],
         ["finished", m.get("finished_at")],
@@ -273,6 +284,11 @@ def vm_migrate(
     bandwidth_limit: Annotated[
         str | None, typer.Option(help="Cap the migration's bandwidth, e.g. 1gbit or 100MB/s.")
     ] = None,
+    encryption: Annotated[
+        MigrationEncryption | None,
+        typer.Option(help="Encrypt the memory stream: disabled, opportunistic or required "
+                          "(default: the VM's)."),
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Move a VM: to another host (--host), its files to another datastore (--datastore), or both.
@@ -295,6 +311,7 @@ def vm_migrate(
             allow_postcopy=allow_postcopy,
             postcopy_after_s=postcopy_after,
             bandwidth_limit_bps=limit,
+            encryption=encryption.value if encryption else None,
         )
         if check_only:
             ok = not any(r["severity"] == "error" for r in answer.get("results", []))

@@ -10,7 +10,12 @@ from vmshift.cli import context
 from vmshift.cli.hosts import JsonOpt
 from vmshift.cli.migrate import human_rate, parse_rate
 from vmshift.cli.output import emit_json, fields
+from vmshift.model.enums import MigrationEncryption
 
+EncryptionOpt = Annotated[
+    MigrationEncryption | None,
+    typer.Option(help="Encrypted vMotion: disabled, opportunistic (default) or required."),
+]
 RateOpt = Annotated[
     str | None,
     typer.Option(help="A rate like 1gbit or 50MB/s; 'none' removes it."),
@@ -27,10 +32,13 @@ def vm_migration_settings(
     postcopy: Annotated[
         bool | None, typer.Option("--allow-postcopy/--no-postcopy", help="May migrations use post-copy?")
     ] = None,
+    encryption: EncryptionOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Show or change a VM's migration settings (no option: show them)."""
     changes: dict[str, Any] = {}
+    if encryption is not None:
+        changes["encryption"] = encryption.value
     if max_downtime is not None:
         changes["max_downtime_ms"] = max_downtime
     if postcopy is not None:
@@ -48,10 +56,13 @@ def host_migration_settings(
     bandwidth_limit: RateOpt = None,
     link_rate: RateOpt = None,
     limit: Annotated[int | None, typer.Option(help="Concurrent migrations before they queue.")] = None,
+    encryption: EncryptionOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Show or change a host's migration settings (no option: show them)."""
     changes: dict[str, Any] = {}
+    if encryption is not None:
+        changes["encryption"] = encryption.value
     if bandwidth_limit is not None:
         changes["bandwidth_limit_bps"] = _rate_or_none(bandwidth_limit)
     if link_rate is not None:
@@ -68,4 +79,5 @@ def host_migration_settings(
         "bandwidth limit": human_rate(bandwidth) if bandwidth else "unlimited",
         "configured link rate": human_rate(link) if link else "none (measured before each migration)",
         "concurrent migrations": result.get("migration_limit"),
+        "encryption": result.get("encryption"),
     })

@@ -141,6 +141,7 @@ class VmshiftClient:
         allow_postcopy: bool | None = None,
         postcopy_after_s: float | None = None,
         bandwidth_limit_bps: float | None = None,
+        encryption: str | None = None,
     ) -> Json:
         """POST /vms/{name}/migrate: a CheckReport (check_only), a preview (dry_run), or the task (202).
 
@@ -157,6 +158,7 @@ class VmshiftClient:
             ("allow_postcopy", allow_postcopy),
             ("postcopy_after_s", postcopy_after_s),
             ("bandwidth_limit_bps", bandwidth_limit_bps),
+            ("encryption", encryption),
         ):
             if value is not None:
                 body[key] = value
@@ -181,11 +183,12 @@ class VmshiftClient:
         return dict(self.request("POST", f"/vms/{self._q(name)}/resume", json={"force": force}))
 
     def set_vm_migration_settings(self, name: str, **settings: Any) -> Json:
-        """PATCH max_downtime_ms / allow_postcopy of a VM."""
+        """PATCH max_downtime_ms / allow_postcopy / encryption of a VM."""
         return dict(self.request("PATCH", f"/vms/{self._q(name)}/migration-settings", json=settings))
 
     def set_host_migration_settings(self, name: str, **settings: Any) -> Json:
-        """PATCH bandwidth_limit_bps / link_rate_bps / migration_limit of a host (None clears a rate)."""
+        """PATCH bandwidth_limit_bps / link_rate_bps / migration_limit / encryption of a host (None clears
+        a rate)."""
         return dict(self.request("PATCH", f"/hosts/{self._q(name)}/migration-settings", json=settings))
 
     def metrics_text(self) -> str:

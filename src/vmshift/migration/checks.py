@@ -10,7 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vmshift.model.enums import Accelerator, ConnectionState, PowerState
+from vmshift.migration.encryption import (
+    EncryptionDecision,
+    EncryptionRefusal,
+    HostEncryption,
+    decide_encryption,
+)
+from vmshift.model.enums import Accelerator, ConnectionState, MigrationEncryption, PowerState
 from vmshift.model.host import HostFacts
 from vmshift.model.migration import CheckId, CheckReport, CheckResult, CheckSeverity
 from vmshift.model.vm import VmSpec
@@ -55,6 +61,7 @@ class VmView:
     disks: tuple[DiskView, ...] = ()
     networks: tuple[str, ...] = ()
     host_bound_devices: tuple[str, ...] = ()  # e.g. passthrough PCI devices, host USB
+    encryption: MigrationEncryption = MigrationEncryption.OPPORTUNISTIC
 
     @classmethod
     def from_spec(
@@ -63,6 +70,7 @@ class VmView:
         power_state: PowerState,
         accelerator: Accelerator,
         host_bound_devices: Sequence[str] = (),
+        encryption: MigrationEncryption = MigrationEncryption.OPPORTUNISTIC,
     ) -> VmView:
         return cls(
             name=spec.name,
@@ -74,6 +82,7 @@ class VmView:
             disks=tuple(DiskView(d.file.rsplit(".", 1)[0], d.datastore) for d in spec.disks),
             networks=tuple(n.network for n in spec.nics),
             host_bound_devices=tuple(host_bound_devices),
+            encryption=encryption,
         )
 
 
@@ -85,10 +94,16 @@ class HostView:
     connection: ConnectionState = ConnectionState.CONNECTED
     maintenance: bool = False
     datacenter: str = "Datacenter"
+    encryption: MigrationEncryption = MigrationEncryption.OPPORTUNISTIC
+    has_certificate: bool = False  # the cluster CA issued it one (host.cert_fingerprint)
 
     @property
     def name(self) -> str:
         return self.facts.name
+
+    @property
+    def tls(self) -> HostEncryption:
+        return HostEncryption(self.name, self.encryption, self.has_certificate)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +361,29 @@ def _link(src: HostView, dst: HostView, reachable: bool | None) -> list[CheckRes
     return [addr, reach]
 
 
+def encryption_decision(
+    vm: VmView, src: HostView, dst: HostView, requested: MigrationEncryption | None = None
+) -> EncryptionDecision | EncryptionRefusal:
+    """Whether the memory stream goes over TLS (``vmshift.migration.encryption`` decides)."""
+    return decide_encryption(vm.name, vm.encryption, requested, src.tls, dst.tls)
+
+
+def _encryption(vm: VmView, src: HostView, dst: HostView,
+                requested: MigrationEncryption | None) -> CheckResult:
+    d = encryption_decision(vm, src, dst, requested)
+    if isinstance(d, EncryptionRefusal):
+        return _r(CheckId.ENCRYPTION, ERR, d.message, d.hint)
+    if d.warning is not None:
+        return _r(CheckId.ENCRYPTION, WARN, d.warning,
+                  "Give both hosts certificates from the cluster CA, or set '--encryption disabled' "
+                  "to migrate plain without this warning.")
+    if d.encrypt:
+        return _r(CheckId.ENCRYPTION, OK, f"The memory stream will be encrypted (TLS between {src.name} "
+                  f"and {dst.name}).")
+    return _r(CheckId.ENCRYPTION, OK, "The memory stream will not be encrypted, as its setting asks "
+              "(encryption disabled).")
+
+
 def _devices(vm: VmView) -> CheckResult:
     if not vm.host_bound_devices:
         return _r(CheckId.HOST_BOUND_DEVICES, OK, f"VM '{vm.name}' has no device bound to its host.")
@@ -384,6 +422,7 @@ def run_checks(
     *,
     reachable: bool | None = None,
     load: MigrationLoad | None = None,
+    requested_encryption: MigrationEncryption | None = None,
 ) -> CheckReport:
     """Every pre-migration check, one result each, in a fixed order."""
     results = [
@@ -394,6 +433,7 @@ def run_checks(
         _storage(vm, source, target),
         _networks(vm, target),
         *_link(source, target, reachable),
+        _encryption(vm, source, target, requested_encryption),
         _devices(vm),
         _load(source, target, load or MigrationLoad()),
     ]

@@ -138,7 +138,10 @@ class AgentRef(BaseModel):
 class OutgoingMigration(MigrationIdentity):
     migration_id: int
     vm: str
-    uri: str
+    uri: str = Field(description="tcp:ADDRESS:PORT, built by the server; anything else is refused (400)")
+    target_migration_address: str = Field(
+        default="", description="the target's registered migration address: the only address uri may name"
+    )
     target_agent: AgentRef
     settings: MigrationSettings = Field(default_factory=MigrationSettings)
     bandwidth_bps: float | None = None

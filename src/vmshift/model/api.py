@@ -55,6 +55,7 @@ class EventKind(StrEnum):
     MIGRATION_FAILED = "migration.failed"
     MIGRATION_NEEDS_FINALIZE = "migration.needs_finalize"
     MIGRATION_CANCEL_REFUSED = "migration.cancel_refused"
+    MIGRATION_UNENCRYPTED = "migration.unencrypted"  # opportunistic encryption fell back to plain
     VM_LOST = "vm.lost"
     TASK_STARTED = "task.started"
     TASK_FINISHED = "task.finished"

@@ -100,6 +100,7 @@ class CheckId(StrEnum):
     NETWORKS = "networks"
     MIGRATION_ADDRESS = "migration_address"
     REACHABILITY = "reachability"
+    ENCRYPTION = "encryption"  # encrypted vMotion: the stream's TLS as asked (migration/encryption.py)
     HOST_BOUND_DEVICES = "host_bound_devices"
     CONCURRENCY = "concurrency"
     # disk moves (issue 8, item 7)

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from vmshift.client.agent import AgentPool
 from vmshift.errors import InvalidInputError, VmshiftError
-from vmshift.migration.checks import HostView, VmView, run_checks
+from vmshift.migration.checks import HostView, VmView, encryption_decision, run_checks
 from vmshift.migration.disk_plan import relocated_spec, room_needed_mib
 from vmshift.migration.estimator import estimate, zero_fraction_from_resident
 from vmshift.migration.policy import PolicySettings
@@ -99,6 +99,8 @@ def _host_view(h: HostRow) -> HostView:
         connection=h.connection_state,
         maintenance=h.maintenance,
         datacenter=h.cluster.datacenter.name,
+        encryption=h.migration_encryption,
+        has_certificate=h.cert_fingerprint is not None,
     )
 
 
@@ -186,7 +188,8 @@ def _gather(s: Session, vm_name: str, body: MigrationCreate,
     dst = get_host(s, body.host) if body.host is not None else src
     spec = VmSpec.model_validate(vm.spec)
     src_view, dst_view = _host_view(src), _host_view(dst)
-    vm_view = VmView.from_spec(spec, vm.power_state, src_view.facts.accelerator)
+    vm_view = VmView.from_spec(spec, vm.power_state, src_view.facts.accelerator,
+                               encryption=vm.migration_encryption)
     running = running_per_host(s)
     rates = [x for x in (src.migration_link_rate_bps, dst.migration_link_rate_bps) if x]
     plan = Plan(
@@ -201,6 +204,9 @@ def _gather(s: Session, vm_name: str, body: MigrationCreate,
         bandwidth_bps=None,
         link_rate_bps=min(rates) if rates else None,
     )
+    # the effective choice (a refusal says REQUIRED; its check result stops the migration)
+    encryption = encryption_decision(vm_view, src_view, dst_view, body.encryption).setting
+    plan.settings = plan.settings.model_copy(update={"encryption": encryption})
     if kind is MigrationKind.RELOCATE and body.datastore is not None:
         # a relocate never hands the VM over before its disks are complete: no post-copy
         plan.settings = plan.settings.model_copy(update={"allow_postcopy": False, "postcopy_after_s": None})
@@ -233,7 +239,8 @@ async def plan_migration(
         reachable, plan.bandwidth_bps, failure = await measure_link(
             agents, plan.source_address, plan.target_address
         )
-    report = run_checks(vm_view, src_view, dst_view, reachable=reachable)
+    report = run_checks(vm_view, src_view, dst_view, reachable=reachable,
+                        requested_encryption=body.encryption)
     report = _replace(report, concurrency)
     if failure is not None:
         report = _replace(report, failure)

@@ -62,6 +62,7 @@ def migration_view(m: MigrationRow) -> Migration:
         actions=[MigrationAction.model_validate(a) for a in m.actions or []],
         error=ErrorInfo.model_validate(m.error) if m.error else None,
         progress=MigrationLive.model_validate(m.progress) if m.progress else None,
+        encrypted=m.encrypted,
     )
 
 
@@ -104,6 +105,8 @@ def mirror(sessions: Sessions, migration_id: int, p: MigrationProgress) -> None:
             row.phase = p.phase
         row.metrics = p.metrics.model_dump(mode="json")
         row.actions = [a.model_dump(mode="json") for a in p.actions]
+        if p.encrypted is not None:  # what the source's QEMU does replaces the server's decision
+            row.encrypted = p.encrypted
         row.progress = p.model_dump(
             mode="json",
             include=set(MigrationLive.model_fields),

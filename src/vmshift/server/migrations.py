@@ -49,6 +49,7 @@ from vmshift.server.migration_store import (
     needs_finalize,
     set_phase,
 )
+from vmshift.server.migration_stream import plan_stream, record_stream
 from vmshift.server.settings import ServerSettings
 from vmshift.server.tasks import TaskBody, TaskContext, TaskEngine
 
@@ -226,7 +227,8 @@ class MigrationOrchestrator:
             row = get_migration_row(s, mid)
             vm, kind = row.vm, row.kind
             body = MigrationCreate(host=row.target_host, datastore=row.target_datastore,
-                                   disk_format=row.disk_format)
+                                   disk_format=row.disk_format,
+                                   encryption=MigrationSettings.model_validate(row.settings or {}).encryption)
         plan = await plan_migration(self._sessions, self._agents, vm, body, kind)
         with self._sessions.begin() as s:
             row = get_migration_row(s, mid)
@@ -270,14 +272,21 @@ class MigrationOrchestrator:
 
     async def _prepare_and_start(self, ctx: TaskContext, mid: int) -> MigrationProgress:
         row, spec, src_addr, dst_addr, bandwidth = self._context(mid)
+        stream = plan_stream(self._sessions, mid)  # before anything starts: encryption, the address
         set_phase(self._sessions, mid, MigrationPhase.PREPARE)
         ctx.progress("prepare target", 5)
         identity = {"server_id": self.server_id, "nonce": row.nonce}
         relocate = row.kind is MigrationKind.RELOCATE
         target_spec = VmSpec.model_validate(row.target_spec) if relocate and row.target_spec else spec
         incoming = await self._agents.get(dst_addr).migration_incoming(
-            IncomingRequest(migration_id=mid, spec=target_spec, relocate=relocate, **identity)
+            IncomingRequest(migration_id=mid, spec=target_spec, relocate=relocate, tls=stream.target_tls,
+                            **identity)
         )
+        try:
+            uri = stream.uri(incoming)  # built here: the target's own URI string is never passed on
+        except VmshiftError:
+            await self._rollback_target(dst_addr, mid)
+            raise
         if relocate and len(incoming.nbd) != len(target_spec.disks):
             await self._rollback_target(dst_addr, mid)
             raise ConflictError(
@@ -289,14 +298,17 @@ class MigrationOrchestrator:
         outgoing = OutgoingMigration(
             migration_id=mid,
             vm=row.vm,
-            uri=incoming.uri,
+            uri=uri,
+            target_migration_address=stream.target_migration_address,
             target_agent=AgentRef(address=dst_addr, token=self._settings.agent_token),
             settings=MigrationSettings.model_validate(row.settings or {}),
             bandwidth_bps=bandwidth,
             dirty_rate_bps=prediction.dirty_rate_bps if prediction else None,
             mirror_targets=incoming.nbd,
+            tls=stream.source_tls,
             **identity,
         )
+        record_stream(self._sessions, mid, stream)
         progress = await self._agents.get(src_addr).migration_start(outgoing)
         self._check_identity(row, progress)
         set_phase(self._sessions, mid, MigrationPhase.COPY if relocate else MigrationPhase.PRECOPY)

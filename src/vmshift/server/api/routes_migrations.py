@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from vmshift.model.api import Task, TaskKind
-from vmshift.model.enums import PowerAction
+from vmshift.model.enums import MigrationEncryption, PowerAction
 from vmshift.model.migration import (
     Migration,
     MigrationCreate,
@@ -34,6 +34,9 @@ class VmMigrationSettings(BaseModel):
 
     max_downtime_ms: int = Field(default=500, gt=0)
     allow_postcopy: bool = False
+    encryption: MigrationEncryption = Field(
+        default=MigrationEncryption.OPPORTUNISTIC, description="encrypted vMotion (docs/encrypted-vmotion.md)"
+    )
 
 
 class HostMigrationSettings(BaseModel):
@@ -42,6 +45,10 @@ class HostMigrationSettings(BaseModel):
     bandwidth_limit_bps: float | None = Field(default=None, gt=0)
     link_rate_bps: float | None = Field(default=None, gt=0)
     migration_limit: int = Field(default=4, ge=1, le=64)
+    encryption: MigrationEncryption = Field(
+        default=MigrationEncryption.OPPORTUNISTIC,
+        description="encrypted vMotion of every migration from or to this host (docs/encrypted-vmotion.md)",
+    )
 
 
 @router.post("/vms/{name}/migrate", response_model=None)
@@ -113,11 +120,14 @@ async def resume_vm(name: str, body: ResumeRequest, core: ServerCore = Depends(c
 async def set_vm_migration_settings(
     name: str, body: VmMigrationSettings, core: ServerCore = Depends(core_of)
 ) -> VmMigrationSettings:
+    columns = {"max_downtime_ms": "max_downtime_ms", "allow_postcopy": "allow_postcopy",
+               "encryption": "migration_encryption"}
     with core.sessions.begin() as s:
         vm = get_vm(s, name)
         for field in body.model_fields_set:
-            setattr(vm, field, getattr(body, field))
-        return VmMigrationSettings(max_downtime_ms=vm.max_downtime_ms, allow_postcopy=vm.allow_postcopy)
+            setattr(vm, columns[field], getattr(body, field))
+        return VmMigrationSettings(max_downtime_ms=vm.max_downtime_ms, allow_postcopy=vm.allow_postcopy,
+                                   encryption=vm.migration_encryption)
 
 
 @router.patch("/hosts/{name}/migration-settings")
@@ -128,6 +138,7 @@ async def set_host_migration_settings(
         "bandwidth_limit_bps": "migration_bandwidth_limit_bps",
         "link_rate_bps": "migration_link_rate_bps",
         "migration_limit": "migration_limit",
+        "encryption": "migration_encryption",
     }
     with core.sessions.begin() as s:
         host = get_host(s, name)
@@ -137,4 +148,5 @@ async def set_host_migration_settings(
             bandwidth_limit_bps=host.migration_bandwidth_limit_bps,
             link_rate_bps=host.migration_link_rate_bps,
             migration_limit=host.migration_limit,
+            encryption=host.migration_encryption,
         )
