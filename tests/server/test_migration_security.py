@@ -39,7 +39,7 @@ def issue_certificates(server: ServerHarness, *hosts: str) -> None:
 
 
 def cli(server: ServerHarness, *args: str) -> tuple[int, str]:
-    base = ["--server", f"http://127.0.0.1:{server.port}", "--token", TOKEN]
+    base = server.cli_args()
     result = CliRunner().invoke(app, [*base, *args])
     return result.exit_code, result.stdout
 
