@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
 from vmshift.errors import AuthError, VmshiftError
+from vmshift.model.inputs import PATTERN_RULES, shown
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,8 @@ def validation_message(exc: RequestValidationError) -> tuple[int, str, str]:
         )
     if kind == "string_pattern_mismatch":
         pattern = first.get("ctx", {}).get("pattern", "")
-        value = first.get("input")
-        return 422, f"{what} '{field}' is invalid: {value!r} does not match {pattern}{more}.", hint
+        rule = PATTERN_RULES.get(pattern, f"of the form {pattern}")
+        return 422, f"{what} '{field}' is invalid: {shown(first.get('input'))} is not {rule}{more}.", hint
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ").rstrip(".")
     return 422, f"{what} '{field}' is invalid: {msg}{more}.", hint
 

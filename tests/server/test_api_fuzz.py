@@ -91,10 +91,10 @@ def test_schemathesis_finds_nothing(real_server: Server) -> None:
     auth = {"Authorization": f"Bearer {token}"}
     spec = httpx.get(f"{base}/api/v1/openapi.json", verify=verify).json()
     operations = _operations(spec)
-    assert EXCLUDED <= operations
+    assert operations >= EXCLUDED
     cmd = [str(BIN / "schemathesis"), "--config-file", str(CONFIG), "run", f"{base}/api/v1/openapi.json",
-           "--header", f"Authorization: Bearer {token}", "--checks", "all",
-           "--max-examples", str(EXAMPLES), "--workers", "2", "--generation-database", "none", "--no-color"]  # fmt: skip
+           "--header", f"Authorization: Bearer {token}", "--checks", "all", "--max-examples", str(EXAMPLES),
+           "--workers", "2", "--generation-database", "none", "--no-color"]  # fmt: skip
     if isinstance(verify, str):
         cmd += ["--tls-verify", verify]
     if os.environ.get("VMSHIFT_FUZZ_SEED"):

@@ -49,20 +49,36 @@ MAX_DURATION_S = 86_400.0  # a day: the longest timeout, post-copy delay or grac
 MAX_MIGRATION_LIMIT = 64
 MAX_LIST = 10_000  # the longest page a list call returns
 
+#: What each pattern asks for, in words (the API's refusals say this rather than the regex).
+PATTERN_RULES = {
+    NAME_PATTERN: NAME_RULE,
+    LABEL_PATTERN: LABEL_RULE,
+    TEXT_PATTERN: "printable text without control characters (no newlines or tabs)",
+    IPV4_PATTERN: "an IPv4 address such as 10.0.0.10",
+    CIDR_PATTERN: "an IPv4 network such as 10.0.0.0/24",
+    ADDRESS_PATTERN: "HOST:PORT with a port of 1-65535, such as 192.0.2.10:8101",
+}
+
 _NAME_RE = re.compile(NAME_PATTERN.removeprefix("^").removesuffix("$"))
 _LABEL_RE = re.compile(LABEL_PATTERN.removeprefix("^").removesuffix("$"))
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error message quotes what was sent, not all of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
 
 
 def check_name(name: str, what: str = "VM") -> str:
     """``name`` if it is a valid object name, else ValueError saying the rule."""
     if not _NAME_RE.fullmatch(name):
-        raise ValueError(f"{what} name {name!r} is not valid: use {NAME_RULE}")
+        raise ValueError(f"{what} name {shown(name)} is not valid: use {NAME_RULE}")
     return name
 
 
 def check_label(label: str, what: str = "Network") -> str:
     if not _LABEL_RE.fullmatch(label):
-        raise ValueError(f"{what} name {label!r} is not valid: use {LABEL_RULE}")
+        raise ValueError(f"{what} name {shown(label)} is not valid: use {LABEL_RULE}")
     return label
 
 
