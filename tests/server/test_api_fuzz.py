@@ -56,6 +56,8 @@ def real_server(tmp_path: Path) -> Iterator[Server]:
          "--token-file", str(token), "--agent-token-file", str(agent_token)],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
+    # With TLS: "https://..." and verify = str(state / "tls" / "ca.pem") (the CA the server makes at its
+    # first start); the test passes verify on to httpx and to Schemathesis (--tls-verify).
     base, verify = f"http://127.0.0.1:{port}", True
     try:
         deadline = time.monotonic() + 60

@@ -255,7 +255,8 @@ def _unbounded(prop: dict[str, Any]) -> bool:
 def test_openapi_documents_every_status_and_constraint(server: ServerHarness) -> None:
     spec = httpx.get(str(server.client.base_url).rstrip("/") + "/openapi.json").json()
     assert spec["components"]["securitySchemes"]["HTTPBearer"] == {
-        "type": "http", "scheme": "bearer", "description": "the API token (the server's --token-file)",
+        "type": "http", "scheme": "bearer",
+        "description": "the API's token (the server's --token-file; an agent's token_file)",
     }  # fmt: skip
     error_schemas = {"#/components/schemas/ErrorBody", "#/components/schemas/CheckFailedBody"}
     for path, ops in spec["paths"].items():
