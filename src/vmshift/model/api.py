@@ -97,7 +97,7 @@ class ErrorInfo(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """Every refusal of the server's and the agents' APIs (docs/design/contracts.md, "Errors")."""
+    """Every refusal of the server's and the agents' APIs (docs/design/contracts.md, "Error body")."""
 
     error: ErrorInfo
 

@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from vmshift.model.enums import BootKind, DiskFormat, PowerState
 from vmshift.model.inputs import VmName
+from vmshift.model.inputs import check_name as check_name  # re-exported: it lived here before
 
 MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 
