@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import TOKEN, ServerHarness, wait_for
+from conftest import ServerHarness, wait_for
 from sqlalchemy import create_engine, update
 from test_migrations import migrate, migration_count
 from test_migrations_fakes import Pair, migrating_agents_fixture, pair_fixture  # noqa: F401

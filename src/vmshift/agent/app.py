@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from vmshift.agent.config import AgentConfig
 from vmshift.agent.datastores import Datastores
@@ -32,15 +32,17 @@ from vmshift.agent.supervisor import Supervisor
 from vmshift.agent.vmfiles import VmFiles
 from vmshift.errors import InvalidInputError
 from vmshift.http_edge import bearer_auth, install_error_handlers
+from vmshift.model.base import RequestModel
 from vmshift.model.enums import PowerAction
 from vmshift.model.host import HostFacts
+from vmshift.model.inputs import VmName
 from vmshift.model.vm import VmRuntime, VmSpec
 
 log = logging.getLogger(__name__)
 REFRESH_INTERVAL_S = 1.0
 
 
-class AgentPowerRequest(BaseModel):
+class AgentPowerRequest(RequestModel):
     action: PowerAction
     timeout_s: float = Field(default=30.0, gt=0, le=3600)
 
@@ -131,22 +133,22 @@ def create_app(config: AgentConfig) -> FastAPI:
         return await agent.supervisor.list_vms()
 
     @app.put("/api/v1/vms/{name}")
-    async def define_vm(name: str, spec: VmSpec, agent: State) -> VmRuntime:
+    async def define_vm(name: VmName, spec: VmSpec, agent: State) -> VmRuntime:
         if spec.name != name:
             raise InvalidInputError(f"The URL names VM {name!r} but the body names {spec.name!r}.",
                                     hint="Use the same name in both.")
         return await agent.supervisor.define(spec)
 
     @app.get("/api/v1/vms/{name}")
-    async def get_vm(name: str, agent: State) -> VmRuntime:
+    async def get_vm(name: VmName, agent: State) -> VmRuntime:
         return await agent.supervisor.runtime(name)
 
     @app.post("/api/v1/vms/{name}/power")
-    async def power_vm(name: str, body: AgentPowerRequest, agent: State) -> VmRuntime:
+    async def power_vm(name: VmName, body: AgentPowerRequest, agent: State) -> VmRuntime:
         return await agent.supervisor.power(name, body.action, body.timeout_s)
 
     @app.delete("/api/v1/vms/{name}")
-    async def delete_vm(name: str, agent: State, keep_files: bool = False) -> dict[str, str]:
+    async def delete_vm(name: VmName, agent: State, keep_files: bool = False) -> dict[str, str]:
         """Delete the VM and its files; ``keep_files``: only forget it here (its files moved on)."""
         if keep_files:
             await agent.supervisor.unregister_stopped(name)
@@ -155,7 +157,7 @@ def create_app(config: AgentConfig) -> FastAPI:
         return {"deleted": name}
 
     @app.get("/api/v1/vms/{name}/serial", response_class=PlainTextResponse)
-    async def serial(name: str, agent: State,
+    async def serial(name: VmName, agent: State,
                      tail_bytes: Annotated[int, Query(ge=0, le=16 << 20)] = 65536) -> str:
         return agent.supervisor.serial_tail(name, tail_bytes)
 

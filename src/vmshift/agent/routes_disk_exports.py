@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 
 from vmshift.agent.nbd_export import TargetExports
+from vmshift.model.inputs import ObjectId
 from vmshift.model.moves import DiskExportRequest, DiskExports
 
 router = APIRouter(prefix="/api/v1")
@@ -44,7 +45,7 @@ async def list_exports(exports: Exports) -> list[DiskExports]:
 
 
 @router.delete("/disk-exports/{move_id}")
-async def delete_exports(move_id: int, exports: Exports,
+async def delete_exports(move_id: ObjectId, exports: Exports,
                          keep_files: Annotated[bool, Query()] = False) -> dict[str, int | bool]:
     """Idempotent: an unknown move answers ``found: false``."""
     found = await exports.delete(move_id, keep_files=keep_files)

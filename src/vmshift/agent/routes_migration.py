@@ -25,6 +25,7 @@ from vmshift.model.agent_migration import (
     Sink,
     SinkRequest,
 )
+from vmshift.model.inputs import ObjectId, VmName
 from vmshift.model.vm import VmRuntime
 from vmshift.qemu.migration_qmp import measure_dirty_rate
 
@@ -55,7 +56,7 @@ router = APIRouter(prefix="/api/v1")
 
 
 @router.post("/vms/{name}/dirty-rate")
-async def dirty_rate(name: str, body: DirtyRateRequest, roles: Roles) -> DirtyRate:
+async def dirty_rate(name: VmName, body: DirtyRateRequest, roles: Roles) -> DirtyRate:
     qmp = roles.supervisor.qmp_session(name)
     rate = await measure_dirty_rate(qmp, body.seconds)
     zeros = await asyncio.to_thread(roles.supervisor.guest_ram_zero_fraction, name)
@@ -79,17 +80,17 @@ async def incoming(body: IncomingRequest, roles: Roles) -> Incoming:
 
 
 @router.get("/migrations/{migration_id}/incoming")
-async def incoming_state(migration_id: int, roles: Roles) -> IncomingState:
+async def incoming_state(migration_id: ObjectId, roles: Roles) -> IncomingState:
     return await roles.incoming.state(migration_id)
 
 
 @router.post("/migrations/{migration_id}/activate")
-async def activate(migration_id: int, roles: Roles) -> VmRuntime:
+async def activate(migration_id: ObjectId, roles: Roles) -> VmRuntime:
     return await roles.incoming.activate(migration_id)
 
 
 @router.delete("/migrations/{migration_id}")
-async def rollback(migration_id: int, roles: Roles) -> dict[str, int]:
+async def rollback(migration_id: ObjectId, roles: Roles) -> dict[str, int]:
     await roles.incoming.rollback(migration_id)
     return {"rolled_back": migration_id}
 
@@ -100,15 +101,15 @@ async def outgoing(body: OutgoingMigration, roles: Roles) -> MigrationProgress:
 
 
 @router.get("/migrations/{migration_id}")
-async def progress(migration_id: int, roles: Roles) -> MigrationProgress:
+async def progress(migration_id: ObjectId, roles: Roles) -> MigrationProgress:
     return roles.outgoing.get(migration_id)
 
 
 @router.post("/migrations/{migration_id}/finalize")
-async def finalize(migration_id: int, body: FinalizeRequest, roles: Roles) -> MigrationProgress:
+async def finalize(migration_id: ObjectId, body: FinalizeRequest, roles: Roles) -> MigrationProgress:
     return await roles.outgoing.finalize(migration_id, body)
 
 
 @router.post("/migrations/{migration_id}/cancel")
-async def cancel(migration_id: int, roles: Roles) -> MigrationProgress:
+async def cancel(migration_id: ObjectId, roles: Roles) -> MigrationProgress:
     return await roles.outgoing.cancel(migration_id)

@@ -11,6 +11,7 @@ from vmshift.agent.datastores import Datastores
 from vmshift.agent.moves.jobs import MoveContext, MoveJobs
 from vmshift.agent.moves.store import MoveStore
 from vmshift.agent.supervisor import Supervisor
+from vmshift.model.inputs import ObjectId
 from vmshift.model.moves import DiskMoveRequest, MoveProgress
 
 
@@ -39,10 +40,10 @@ async def move_start(body: DiskMoveRequest, moves: Moves) -> MoveProgress:
 
 
 @router.get("/moves/{move_id}")
-async def move_progress(move_id: int, moves: Moves) -> MoveProgress:
+async def move_progress(move_id: ObjectId, moves: Moves) -> MoveProgress:
     return moves.get(move_id)
 
 
 @router.post("/moves/{move_id}/cancel")
-async def move_cancel(move_id: int, moves: Moves) -> MoveProgress:
+async def move_cancel(move_id: ObjectId, moves: Moves) -> MoveProgress:
     return await moves.cancel(move_id)

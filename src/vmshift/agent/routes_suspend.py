@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 
 from vmshift.agent.supervisor import Supervisor
 from vmshift.errors import NotFoundError
+from vmshift.model.inputs import VmName
 from vmshift.model.suspend import SuspendProgress, SuspendResult
 
 
@@ -21,14 +22,14 @@ router = APIRouter(prefix="/api/v1")
 
 
 @router.post("/vms/{name}/suspend")
-async def suspend_vm(name: str, supervisor: Sup) -> SuspendResult:
+async def suspend_vm(name: VmName, supervisor: Sup) -> SuspendResult:
     """Save the VM's state and stop its QEMU; answers when the VM is suspended (or runs on after a
     failure, which is the error answered)."""
     return await supervisor.suspend(name)
 
 
 @router.get("/vms/{name}/suspend")
-async def suspend_progress(name: str, supervisor: Sup) -> SuspendProgress:
+async def suspend_progress(name: VmName, supervisor: Sup) -> SuspendProgress:
     """The running (or the last) suspend of the VM on this host since the agent started."""
     progress = supervisor.suspends.get(name)
     if progress is None:

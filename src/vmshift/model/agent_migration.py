@@ -7,6 +7,7 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from vmshift.model.api import ErrorInfo
+from vmshift.model.base import RequestModel
 from vmshift.model.migration import (
     FinalizeResolution,
     MigrationAction,
@@ -21,7 +22,7 @@ from vmshift.model.moves import NbdTarget
 from vmshift.model.vm import VmSpec
 
 
-class DirtyRateRequest(BaseModel):
+class DirtyRateRequest(RequestModel):
     seconds: int = Field(default=1, ge=1, le=60)
 
 
@@ -40,7 +41,7 @@ class DirtyRate(BaseModel):
     )
 
 
-class SinkRequest(BaseModel):
+class SinkRequest(RequestModel):
     seconds: float = Field(default=5.0, gt=0, le=60)
 
 
@@ -49,9 +50,9 @@ class Sink(BaseModel):
     port: int
 
 
-class MeasureRequest(BaseModel):
-    address: str
-    port: int
+class MeasureRequest(RequestModel):
+    address: str = Field(max_length=255)
+    port: int = Field(ge=1, le=65535)
     seconds: float = Field(default=0.5, gt=0, le=10)
 
 
@@ -61,7 +62,7 @@ class Measurement(BaseModel):
     error: str | None = None
 
 
-class MigrationIdentity(BaseModel):
+class MigrationIdentity(RequestModel):
     """Which server's which migration a request belongs to: migration ids restart with a new
     database, so an agent tells records apart by the server's id and a nonce per migration."""
 
@@ -153,7 +154,7 @@ class OutgoingMigration(MigrationIdentity):
     tls: MigrationTls | None = Field(default=None, description="None: the stream is not encrypted")
 
 
-class FinalizeRequest(BaseModel):
+class FinalizeRequest(RequestModel):
     resolution: FinalizeResolution = FinalizeResolution.RETRY
 
 

@@ -4,14 +4,36 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from vmshift.model.addressing import check_pool
+from vmshift.model.base import RequestModel
 from vmshift.model.enums import ConnectionState, EventSeverity, PowerAction, PowerState, TaskState
 from vmshift.model.host import HostFacts
-from vmshift.model.vm import DiskSpec, check_name
+from vmshift.model.inputs import (
+    ADDRESS_PATTERN,
+    CIDR_PATTERN,
+    IPV4_PATTERN,
+    MAX_CPUS,
+    MAX_DISK_MIB,
+    MAX_DISKS,
+    MAX_KERNEL_ARGS,
+    MAX_MEMORY_MIB,
+    MAX_NICS,
+    MIN_MEMORY_MIB,
+    TEXT_PATTERN,
+    ClusterName,
+    DatacenterName,
+    DatastoreName,
+    HostName,
+    ImageName,
+    Name,
+    NetworkName,
+    VmName,
+)
+from vmshift.model.vm import DiskSpec
 
 
 class DatabaseKind(StrEnum):
@@ -71,12 +93,14 @@ class EventKind(StrEnum):
 
 
 class ErrorInfo(BaseModel):
-    code: str
-    message: str
-    hint: str | None = None
+    code: str = Field(description="stable machine-readable reason, e.g. not_found, conflict, invalid_input")
+    message: str = Field(description="one sentence saying what is wrong")
+    hint: str | None = Field(default=None, description="what to do about it")
 
 
 class ErrorBody(BaseModel):
+    """Every refusal of the server's and the agents' APIs (docs/design/contracts.md, "Error body")."""
+
     error: ErrorInfo
 
 
@@ -85,13 +109,8 @@ class About(BaseModel):
     database: DatabaseKind
 
 
-class DatacenterCreate(BaseModel):
-    name: str
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_name(v, "Datacenter")
+class DatacenterCreate(RequestModel):
+    name: DatacenterName
 
 
 class Datacenter(BaseModel):
@@ -99,14 +118,9 @@ class Datacenter(BaseModel):
     clusters: list[str] = Field(default_factory=list)
 
 
-class ClusterCreate(BaseModel):
-    name: str
-    datacenter: str = "Datacenter"
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_name(v, "Cluster")
+class ClusterCreate(RequestModel):
+    name: ClusterName
+    datacenter: DatacenterName = "Datacenter"
 
 
 class Cluster(BaseModel):
@@ -116,17 +130,12 @@ class Cluster(BaseModel):
     cpu_baseline: str | None = Field(default=None, description="newest CPU model all connected hosts run")
 
 
-class HostAdd(BaseModel):
-    address: str = Field(description="HOST:PORT of the agent")
-    cluster: str | None = Field(default=None, description="cluster name; None = the default cluster")
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"address {v!r} is not HOST:PORT")
-        return v
+class HostAdd(RequestModel):
+    address: str = Field(
+        description="HOST:PORT of the agent (an IPv4 address or DNS name, or [IPv6])",
+        min_length=3, max_length=262, pattern=ADDRESS_PATTERN,
+    )
+    cluster: ClusterName | None = Field(default=None, description="cluster name; None = the default cluster")
 
 
 class Host(BaseModel):
@@ -140,7 +149,7 @@ class Host(BaseModel):
     vms: list[str] = Field(default_factory=list)
 
 
-class MaintenanceRequest(BaseModel):
+class MaintenanceRequest(RequestModel):
     enter: bool
 
 
@@ -153,10 +162,12 @@ class Datastore(BaseModel):
     free_mib: int
 
 
-class IpPool(BaseModel):
-    cidr: str
-    first: str
-    last: str
+class IpPool(RequestModel):
+    """An IPv4 range inside a network for the VMs' addresses (first and last inside cidr, first <= last)."""
+
+    cidr: str = Field(pattern=CIDR_PATTERN, max_length=18, description="IPv4 network, e.g. 10.0.0.0/24")
+    first: str = Field(pattern=IPV4_PATTERN, max_length=15, description="first address of the pool")
+    last: str = Field(pattern=IPV4_PATTERN, max_length=15, description="last address of the pool")
 
     @model_validator(mode="after")
     def _check(self) -> IpPool:
@@ -173,31 +184,25 @@ class Network(BaseModel):
     ip_pool: IpPool | None = None
 
 
-class VmCreate(BaseModel):
-    name: str
-    host: str
-    cpus: int = Field(default=1, ge=1, le=64)
-    memory_mib: int = Field(default=256, ge=16)
-    datastore: str
-    networks: list[str] = Field(default_factory=lambda: ["VM Network"])
-    disks_mib: list[int] = Field(default_factory=lambda: [64])
-    image: str = "lab-guest"
-    kernel_args: str = ""
-    cpu_model: str | None = None
-    machine_type: str | None = None
+DiskSizeMib = Annotated[int, Field(ge=1, le=MAX_DISK_MIB)]
+
+
+class VmCreate(RequestModel):
+    name: VmName
+    host: HostName
+    cpus: int = Field(default=1, ge=1, le=MAX_CPUS)
+    memory_mib: int = Field(default=256, ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
+    datastore: DatastoreName
+    networks: list[NetworkName] = Field(default_factory=lambda: ["VM Network"], max_length=MAX_NICS,
+                                        description="one NIC on each network, in order")
+    disks_mib: list[DiskSizeMib] = Field(default_factory=lambda: [64], max_length=MAX_DISKS,
+                                         description="size of each disk; the first is backed by the image")
+    image: ImageName = Field(default="lab-guest", description="image on the datastore the VM boots")
+    kernel_args: str = Field(default="", max_length=MAX_KERNEL_ARGS, pattern=TEXT_PATTERN,
+                             description="appended to the guest kernel's command line")
+    cpu_model: Name | None = Field(default=None, description="QEMU CPU model; None = the cluster baseline")
+    machine_type: Name | None = Field(default=None, description="QEMU machine type; None = the host's")
     start: bool = False
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_name(v)
-
-    @field_validator("disks_mib")
-    @classmethod
-    def _disks(cls, v: list[int]) -> list[int]:
-        if any(size <= 0 for size in v):
-            raise ValueError("every disk size must be a positive number of MiB")
-        return v
 
 
 class Nic(BaseModel):
@@ -230,7 +235,7 @@ class Vm(BaseModel):
     created_at: datetime
 
 
-class PowerRequest(BaseModel):
+class PowerRequest(RequestModel):
     action: PowerAction
 
 

@@ -12,7 +12,9 @@ from enum import StrEnum
 from pydantic import BaseModel, Field, computed_field
 
 from vmshift.model.api import ErrorInfo
+from vmshift.model.base import RequestModel
 from vmshift.model.enums import DiskFormat, MigrationEncryption, MigrationKind
+from vmshift.model.inputs import MAX_DOWNTIME_MS, MAX_DURATION_S, MAX_RATE_BPS, DatastoreName, HostName
 
 
 class MigrationStatus(StrEnum):
@@ -234,36 +236,41 @@ class MigrationMetrics(BaseModel):
 class MigrationSettings(BaseModel):
     """Per-migration knobs (defaults from the VM and the hosts)."""
 
-    max_downtime_ms: int = Field(default=500, gt=0)
+    max_downtime_ms: int = Field(default=500, gt=0, le=MAX_DOWNTIME_MS)
     allow_postcopy: bool = False
     postcopy_after_s: float | None = Field(
-        default=None, gt=0, description="with allow_postcopy: switch to post-copy after this long in pre-copy"
+        default=None, gt=0, le=MAX_DURATION_S,
+        description="with allow_postcopy: switch to post-copy after this long in pre-copy",
     )
-    bandwidth_limit_bps: float | None = Field(default=None, gt=0, description="None = unlimited")
+    bandwidth_limit_bps: float | None = Field(
+        default=None, gt=0, le=MAX_RATE_BPS, description="None = unlimited"
+    )
     encryption: MigrationEncryption = Field(
         default=MigrationEncryption.OPPORTUNISTIC,
         description="what the VM, the hosts and the request asked for together (migration/encryption.py)",
     )
-    timeout_s_per_gib: float = Field(default=60.0, gt=0)
+    timeout_s_per_gib: float = Field(default=60.0, gt=0, le=MAX_DURATION_S)
     # at least a minute: each throttle step needs two of QEMU's bitmap syncs (rounds) to take effect,
     # and a guest on a slow link needs several steps (make soak: 192 MiB over 100 Mbit/s took ~25 s)
-    timeout_min_s: float = Field(default=60.0, gt=0)
+    timeout_min_s: float = Field(default=60.0, gt=0, le=MAX_DURATION_S)
 
 
-class MigrationCreate(BaseModel):
+class MigrationCreate(RequestModel):
     """Body of a migrate request: a target host, a target datastore, or both (the kind follows)."""
 
-    host: str | None = Field(default=None, description="target host name (default: stay on the VM's host)")
-    datastore: str | None = Field(
+    host: HostName | None = Field(
+        default=None, description="target host name (default: stay on the VM's host)"
+    )
+    datastore: DatastoreName | None = Field(
         default=None, description="target datastore for all the VM's files (default: keep them)"
     )
     disk_format: DiskFormat | None = Field(default=None, description="format of the copies (default: keep)")
     check_only: bool = False
     dry_run: bool = False
-    max_downtime_ms: int | None = Field(default=None, gt=0)
+    max_downtime_ms: int | None = Field(default=None, gt=0, le=MAX_DOWNTIME_MS)
     allow_postcopy: bool | None = None
-    postcopy_after_s: float | None = Field(default=None, gt=0)
-    bandwidth_limit_bps: float | None = Field(default=None, gt=0)
+    postcopy_after_s: float | None = Field(default=None, gt=0, le=MAX_DURATION_S)
+    bandwidth_limit_bps: float | None = Field(default=None, gt=0, le=MAX_RATE_BPS)
     encryption: MigrationEncryption | None = Field(
         default=None, description="override the VM's setting for this migration (default: the VM's)"
     )

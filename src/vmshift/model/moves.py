@@ -13,6 +13,7 @@ from enum import StrEnum
 from pydantic import BaseModel, Field
 
 from vmshift.model.api import ErrorInfo
+from vmshift.model.base import RequestModel
 from vmshift.model.enums import DiskFormat, MigrationKind
 from vmshift.model.migration import MigrationPhase
 from vmshift.model.vm import VmSpec
@@ -44,7 +45,7 @@ class NbdTarget(BaseModel):
     size_bytes: int = Field(ge=0, description="virtual size the export offers")
 
 
-class DiskExportRequest(BaseModel):
+class DiskExportRequest(RequestModel):
     """Target side: create the VM's disks on its datastore and export them over NBD."""
 
     move_id: int
@@ -64,7 +65,7 @@ class DiskExports(BaseModel):
     )
 
 
-class DiskMoveRequest(BaseModel):
+class DiskMoveRequest(RequestModel):
     """Source side: start copying the VM's files (``POST /api/v1/moves``)."""
 
     move_id: int

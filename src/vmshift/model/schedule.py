@@ -12,8 +12,12 @@ from enum import StrEnum
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from vmshift.model.base import RequestModel
+from vmshift.model.inputs import MAX_CRON, TEXT_PATTERN, ScheduleName, VmName
 from vmshift.model.migration import MigrationCreate, MigrationStatus
-from vmshift.model.vm import check_name
+
+#: An IANA zone name as the tz database spells them ("Europe/Berlin", "America/Argentina/Buenos_Aires").
+ZONE_PATTERN = r"^[A-Za-z][A-Za-z0-9_+-]*(?:/[A-Za-z0-9_+-]+){0,2}$"
 
 
 class ScheduleRunOutcome(StrEnum):
@@ -27,20 +31,17 @@ class ScheduleRunOutcome(StrEnum):
     SKIPPED = "skipped"  # checks failed, the VM was busy, the time was missed: see message
 
 
-class ScheduleCreate(BaseModel):
+class ScheduleCreate(RequestModel):
     """Body of ``POST /schedules``: exactly one of ``at`` and ``cron``."""
 
-    vm: str
-    name: str | None = Field(default=None, description="unique; default VM-ID")
+    vm: VmName
+    name: ScheduleName | None = Field(default=None, description="unique; default VM-ID")
     at: datetime | None = Field(default=None, description="once, at this time (with a zone)")
-    cron: str | None = Field(default=None, description="a five-field cron expression, e.g. '0 2 * * *'")
-    timezone: str = Field(default="UTC", description="IANA zone the cron expression is read in")
+    cron: str | None = Field(default=None, max_length=MAX_CRON, pattern=TEXT_PATTERN,
+                             description="a five-field cron expression, e.g. '0 2 * * *'")
+    timezone: str = Field(default="UTC", max_length=64, pattern=ZONE_PATTERN,
+                          description="IANA zone the cron expression is read in")
     migrate: MigrationCreate = Field(description="the migrate request each run sends")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str | None) -> str | None:
-        return None if v is None else check_name(v, "Schedule")
 
     @field_validator("at")
     @classmethod

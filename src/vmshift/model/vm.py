@@ -7,18 +7,10 @@ import re
 from pydantic import BaseModel, Field, field_validator
 
 from vmshift.model.enums import BootKind, DiskFormat, PowerState
+from vmshift.model.inputs import VmName
+from vmshift.model.inputs import check_name as check_name  # re-exported: it lived here before
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
-
-
-def check_name(name: str, what: str = "VM") -> str:
-    if not NAME_RE.match(name):
-        raise ValueError(
-            f"{what} name {name!r} is not valid: use 1-63 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
+MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 
 
 class DiskSpec(BaseModel):
@@ -39,7 +31,7 @@ class NicSpec(BaseModel):
     @classmethod
     def _mac(cls, v: str) -> str:
         v = v.lower()
-        if not MAC_RE.match(v):
+        if not MAC_RE.fullmatch(v):
             raise ValueError(f"MAC address {v!r} is not valid: use six hex pairs like 52:54:00:12:34:56")
         return v
 
@@ -53,7 +45,7 @@ class BootSpec(BaseModel):
 class VmSpec(BaseModel):
     """Everything an agent needs to define and run a VM. Paths are datastore-relative."""
 
-    name: str
+    name: VmName
     uuid: str
     cpus: int = Field(ge=1, le=64)
     memory_mib: int = Field(ge=16)
@@ -63,11 +55,6 @@ class VmSpec(BaseModel):
     disks: list[DiskSpec] = Field(default_factory=list)
     nics: list[NicSpec] = Field(default_factory=list)
     boot: BootSpec
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_name(v)
 
 
 class VmRuntime(BaseModel):

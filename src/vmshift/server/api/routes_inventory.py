@@ -21,7 +21,9 @@ from vmshift.model.api import (
     MaintenanceRequest,
     Network,
 )
+from vmshift.model.inputs import HostName, NetworkName
 from vmshift.server.api.deps import core_of
+from vmshift.server.api.openapi import BODY, PARAMS, errors
 from vmshift.server.core import ServerCore
 from vmshift.server.db.schema import ClusterRow, DatacenterRow, DatastoreRow, HostRow, NetworkRow
 from vmshift.server.db.setup import DEFAULT_CLUSTER
@@ -43,7 +45,7 @@ async def list_datacenters(core: ServerCore = Depends(core_of)) -> list[Datacent
         return [datacenter_view(d) for d in s.scalars(select(DatacenterRow).order_by(DatacenterRow.name))]
 
 
-@router.post("/datacenters", status_code=201)
+@router.post("/datacenters", status_code=201, responses=errors(*BODY, 409))
 async def create_datacenter(body: DatacenterCreate, core: ServerCore = Depends(core_of)) -> Datacenter:
     with core.sessions.begin() as s:
         if s.scalar(select(DatacenterRow).where(DatacenterRow.name == body.name)) is not None:
@@ -61,7 +63,7 @@ async def list_clusters(core: ServerCore = Depends(core_of)) -> list[Cluster]:
         return [cluster_view(s, c) for c in s.scalars(select(ClusterRow).order_by(ClusterRow.name))]
 
 
-@router.post("/clusters", status_code=201)
+@router.post("/clusters", status_code=201, responses=errors(*BODY, 404, 409))
 async def create_cluster(body: ClusterCreate, core: ServerCore = Depends(core_of)) -> Cluster:
     with core.sessions.begin() as s:
         dc = get_datacenter(s, body.datacenter)
@@ -80,7 +82,7 @@ async def list_hosts(core: ServerCore = Depends(core_of)) -> list[Host]:
         return [host_view(h) for h in s.scalars(select(HostRow).order_by(HostRow.name))]
 
 
-@router.post("/hosts", status_code=201)
+@router.post("/hosts", status_code=201, responses=errors(*BODY, 404, 409, 502))
 async def create_host(body: HostAdd, core: ServerCore = Depends(core_of)) -> Host:
     with core.sessions() as s:  # fail fast on an unknown cluster before talking to the agent
         get_cluster(s, body.cluster or DEFAULT_CLUSTER)
@@ -95,14 +97,14 @@ async def create_host(body: HostAdd, core: ServerCore = Depends(core_of)) -> Hos
         return host_view(host)
 
 
-@router.get("/hosts/{name}")
-async def get_host_route(name: str, core: ServerCore = Depends(core_of)) -> Host:
+@router.get("/hosts/{name}", responses=errors(*PARAMS, 404))
+async def get_host_route(name: HostName, core: ServerCore = Depends(core_of)) -> Host:
     with core.sessions() as s:
         return host_view(get_host(s, name))
 
 
-@router.delete("/hosts/{name}", status_code=204)
-async def delete_host(name: str, core: ServerCore = Depends(core_of)) -> None:
+@router.delete("/hosts/{name}", status_code=204, responses=errors(*PARAMS, 404, 409))
+async def delete_host(name: HostName, core: ServerCore = Depends(core_of)) -> None:
     with core.sessions.begin() as s:
         host = get_host(s, name)
         if host.vms:
@@ -114,8 +116,10 @@ async def delete_host(name: str, core: ServerCore = Depends(core_of)) -> None:
         record_event(s, EventKind.HOST_REMOVED, name, f"Host {name} removed from the inventory.")
 
 
-@router.post("/hosts/{name}/maintenance")
-async def host_maintenance(name: str, body: MaintenanceRequest, core: ServerCore = Depends(core_of)) -> Host:
+@router.post("/hosts/{name}/maintenance", responses=errors(*BODY, 404))
+async def host_maintenance(
+    name: HostName, body: MaintenanceRequest, core: ServerCore = Depends(core_of)
+) -> Host:
     with core.sessions.begin() as s:
         host = get_host(s, name)
         if host.maintenance != body.enter:
@@ -142,8 +146,8 @@ async def list_networks(core: ServerCore = Depends(core_of)) -> list[Network]:
         return [network_view(n) for n in s.scalars(select(NetworkRow).order_by(NetworkRow.name))]
 
 
-@router.put("/networks/{name}/ip-pool")
-async def set_ip_pool(name: str, body: IpPool, core: ServerCore = Depends(core_of)) -> Network:
+@router.put("/networks/{name}/ip-pool", responses=errors(*BODY, 404))
+async def set_ip_pool(name: NetworkName, body: IpPool, core: ServerCore = Depends(core_of)) -> Network:
     with core.sessions.begin() as s:
         net = get_network(s, name)
         net.pool_cidr, net.pool_first, net.pool_last = body.cidr, body.first, body.last

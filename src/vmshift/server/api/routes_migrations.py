@@ -6,21 +6,38 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 from sqlalchemy import select
 
-from vmshift.model.api import Task, TaskKind
+from vmshift.model.api import ErrorBody, Task, TaskKind
+from vmshift.model.base import RequestModel
 from vmshift.model.enums import MigrationEncryption, PowerAction
+from vmshift.model.inputs import (
+    MAX_DOWNTIME_MS,
+    MAX_MIGRATION_LIMIT,
+    MAX_RATE_BPS,
+    HostName,
+    ObjectId,
+    VmName,
+)
 from vmshift.model.migration import (
+    CheckReport,
     Migration,
     MigrationCreate,
 )
 from vmshift.server.api.deps import core_of
+from vmshift.server.api.openapi import BODY, PARAMS, Responses, errors
 from vmshift.server.core import ServerCore
 from vmshift.server.db.schema import MigrationRow
 from vmshift.server.inventory import get_host, get_vm
 from vmshift.server.migration_finalize import Intent, waiting_migration
-from vmshift.server.migration_start import MigrationCheckFailedError, MigrationStarted, migrate
+from vmshift.server.migration_start import (
+    DiskMovePreview,
+    MigrationCheckFailedError,
+    MigrationPreview,
+    MigrationStarted,
+    migrate,
+)
 from vmshift.server.migration_store import get_migration_row, migration_view
 from vmshift.server.tasks import TaskEngine
 from vmshift.server.views import task_view
@@ -29,30 +46,49 @@ from vmshift.server.vm_tasks import power_body
 router = APIRouter()
 
 
-class VmMigrationSettings(BaseModel):
+class VmMigrationSettings(RequestModel):
     """A VM's migration SLA (PATCH: only the fields sent change)."""
 
-    max_downtime_ms: int = Field(default=500, gt=0)
+    max_downtime_ms: int = Field(default=500, gt=0, le=MAX_DOWNTIME_MS)
     allow_postcopy: bool = False
     encryption: MigrationEncryption = Field(
         default=MigrationEncryption.OPPORTUNISTIC, description="encrypted vMotion (docs/encrypted-vmotion.md)"
     )
 
 
-class HostMigrationSettings(BaseModel):
+class HostMigrationSettings(RequestModel):
     """A host's migration settings (PATCH: only the fields sent change; null = none)."""
 
-    bandwidth_limit_bps: float | None = Field(default=None, gt=0)
-    link_rate_bps: float | None = Field(default=None, gt=0)
-    migration_limit: int = Field(default=4, ge=1, le=64)
+    bandwidth_limit_bps: float | None = Field(default=None, gt=0, le=MAX_RATE_BPS)
+    link_rate_bps: float | None = Field(default=None, gt=0, le=MAX_RATE_BPS)
+    migration_limit: int = Field(default=4, ge=1, le=MAX_MIGRATION_LIMIT)
     encryption: MigrationEncryption = Field(
         default=MigrationEncryption.OPPORTUNISTIC,
         description="encrypted vMotion of every migration from or to this host (docs/encrypted-vmotion.md)",
     )
 
 
-@router.post("/vms/{name}/migrate", response_model=None)
-async def migrate_vm(name: str, body: MigrationCreate, core: ServerCore = Depends(core_of)) -> Any:
+class CheckFailedBody(ErrorBody):
+    """A refused migrate request; when a pre-migration check refused it, every check's result."""
+
+    report: CheckReport | None = Field(
+        default=None, description="present when a check failed: the result of every check"
+    )
+
+
+_MIGRATE_ANSWERS: Responses = {
+    200: {"model": CheckReport | MigrationPreview | DiskMovePreview,
+          "description": "check_only: the report; dry_run: the preview of the move"},
+    202: {"model": MigrationStarted, "description": "the move started: its task and migration id"},
+    409: {"model": CheckFailedBody, "description": "The VM is busy with another move, or a check found "
+          "the state in the way (the report says which): nothing was started."},
+    422: {"model": CheckFailedBody, "description": "A field is invalid, or a check found the target "
+          "lacking what the VM needs (the report says which): nothing was started."},
+}  # fmt: skip
+
+
+@router.post("/vms/{name}/migrate", response_model=None, responses=errors(*BODY, 404, extra=_MIGRATE_ANSWERS))
+async def migrate_vm(name: VmName, body: MigrationCreate, core: ServerCore = Depends(core_of)) -> Any:
     """Checks (always), then: the report (check_only), a preview (dry_run), or a started task (202).
 
     The kind of move follows from the request and the VM's power state: a host for a running VM is a
@@ -67,10 +103,10 @@ async def migrate_vm(name: str, body: MigrationCreate, core: ServerCore = Depend
     return answer.model_dump(mode="json")
 
 
-@router.get("/migrations")
+@router.get("/migrations", responses=errors(*PARAMS))
 async def list_migrations(
-    limit: int = Query(50, ge=1, le=1000),
-    vm: str | None = None,
+    limit: int = Query(50, ge=1, le=1000, description="newest first"),
+    vm: VmName | None = Query(None, description="only this VM's migrations"),
     core: ServerCore = Depends(core_of),
 ) -> list[Migration]:
     q = select(MigrationRow).order_by(MigrationRow.id.desc()).limit(limit)
@@ -80,27 +116,27 @@ async def list_migrations(
         return [migration_view(m) for m in s.scalars(q)]
 
 
-@router.get("/migrations/{migration_id}")
-async def get_migration(migration_id: int, core: ServerCore = Depends(core_of)) -> Migration:
+@router.get("/migrations/{migration_id}", responses=errors(*PARAMS, 404))
+async def get_migration(migration_id: ObjectId, core: ServerCore = Depends(core_of)) -> Migration:
     with core.sessions() as s:
         return migration_view(get_migration_row(s, migration_id))
 
 
-@router.post("/migrations/{migration_id}/finalize", status_code=202)
-async def finalize_migration(migration_id: int, core: ServerCore = Depends(core_of)) -> Task:
+@router.post("/migrations/{migration_id}/finalize", status_code=202, responses=errors(*PARAMS, 404, 409))
+async def finalize_migration(migration_id: ObjectId, core: ServerCore = Depends(core_of)) -> Task:
     """Finish a migration that waits paused on both hosts, from the target's proof (a task)."""
     return task_view(core.finalizer.start(migration_id, Intent.FINISH))
 
 
-class ResumeRequest(BaseModel):
+class ResumeRequest(RequestModel):
     force: bool = Field(
         default=False,
         description="resume the source although the target cannot be reached (only when it is down for good)",
     )
 
 
-@router.post("/vms/{name}/resume", status_code=202)
-async def resume_vm(name: str, body: ResumeRequest, core: ServerCore = Depends(core_of)) -> Task:
+@router.post("/vms/{name}/resume", status_code=202, responses=errors(*BODY, 404, 409))
+async def resume_vm(name: VmName, body: ResumeRequest, core: ServerCore = Depends(core_of)) -> Task:
     """Resume a paused VM; one that waits for a migration's finalize only if the target never ran it."""
     with core.sessions() as s:
         get_vm(s, name)
@@ -116,9 +152,9 @@ async def resume_vm(name: str, body: ResumeRequest, core: ServerCore = Depends(c
     return view
 
 
-@router.patch("/vms/{name}/migration-settings")
+@router.patch("/vms/{name}/migration-settings", responses=errors(*BODY, 404))
 async def set_vm_migration_settings(
-    name: str, body: VmMigrationSettings, core: ServerCore = Depends(core_of)
+    name: VmName, body: VmMigrationSettings, core: ServerCore = Depends(core_of)
 ) -> VmMigrationSettings:
     columns = {"max_downtime_ms": "max_downtime_ms", "allow_postcopy": "allow_postcopy",
                "encryption": "migration_encryption"}
@@ -130,9 +166,9 @@ async def set_vm_migration_settings(
                                    encryption=vm.migration_encryption)
 
 
-@router.patch("/hosts/{name}/migration-settings")
+@router.patch("/hosts/{name}/migration-settings", responses=errors(*BODY, 404))
 async def set_host_migration_settings(
-    name: str, body: HostMigrationSettings, core: ServerCore = Depends(core_of)
+    name: HostName, body: HostMigrationSettings, core: ServerCore = Depends(core_of)
 ) -> HostMigrationSettings:
     columns = {
         "bandwidth_limit_bps": "migration_bandwidth_limit_bps",

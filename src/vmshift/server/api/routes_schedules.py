@@ -10,9 +10,11 @@ from sqlalchemy.orm import Session
 
 from vmshift.errors import ConflictError, InvalidInputError, NotFoundError
 from vmshift.model.api import EventKind
+from vmshift.model.inputs import ScheduleName, VmName
 from vmshift.model.schedule import Schedule, ScheduleCreate, ScheduleRun
 from vmshift.model.schedule_times import COLLISION_WINDOW_S, When, check_cron, clash, zone
 from vmshift.server.api.deps import core_of
+from vmshift.server.api.openapi import BODY, PARAMS, errors
 from vmshift.server.core import ServerCore
 from vmshift.server.db.schema import DatastoreRow, MigrationRow, ScheduleRow, utcnow
 from vmshift.server.events import record_event
@@ -91,7 +93,7 @@ def _refuse_clash(s: Session, vm: str, when: When, first: datetime) -> None:
             )
 
 
-@router.post("/schedules", status_code=201)
+@router.post("/schedules", status_code=201, responses=errors(*BODY, 404, 409))
 async def add_schedule(body: ScheduleCreate, core: ServerCore = Depends(core_of)) -> Schedule:
     now = utcnow()
     when = _when(body, now)
@@ -125,8 +127,11 @@ async def add_schedule(body: ScheduleCreate, core: ServerCore = Depends(core_of)
     return view
 
 
-@router.get("/schedules")
-async def list_schedules(vm: str | None = None, core: ServerCore = Depends(core_of)) -> list[Schedule]:
+@router.get("/schedules", responses=errors(*PARAMS))
+async def list_schedules(
+    vm: VmName | None = Query(None, description="only this VM's schedules"),
+    core: ServerCore = Depends(core_of),
+) -> list[Schedule]:
     """Every schedule with its latest run."""
     q = select(ScheduleRow).order_by(ScheduleRow.id)
     if vm is not None:
@@ -135,17 +140,17 @@ async def list_schedules(vm: str | None = None, core: ServerCore = Depends(core_
         return [schedule_view(s, row, runs=1) for row in s.scalars(q)]
 
 
-@router.get("/schedules/{name}")
+@router.get("/schedules/{name}", responses=errors(*PARAMS, 404))
 async def get_schedule(
-    name: str, runs: int = Query(RUNS_SHOWN, ge=0, le=1000), core: ServerCore = Depends(core_of)
+    name: ScheduleName, runs: int = Query(RUNS_SHOWN, ge=0, le=1000), core: ServerCore = Depends(core_of)
 ) -> Schedule:
     """One schedule with its runs, newest first (each names its migration and that migration's status)."""
     with core.sessions() as s:
         return schedule_view(s, get_schedule_row(s, name), runs)
 
 
-@router.delete("/schedules/{name}")
-async def delete_schedule(name: str, core: ServerCore = Depends(core_of)) -> Schedule:
+@router.delete("/schedules/{name}", responses=errors(*PARAMS, 404))
+async def delete_schedule(name: ScheduleName, core: ServerCore = Depends(core_of)) -> Schedule:
     """Remove a schedule and its run records; migrations it started are left alone."""
     with core.sessions.begin() as s:
         row = get_schedule_row(s, name)

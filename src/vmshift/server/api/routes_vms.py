@@ -8,7 +8,9 @@ from sqlalchemy import select
 from vmshift.errors import ConflictError
 from vmshift.model.api import PowerRequest, Task, TaskKind, Vm, VmCreate
 from vmshift.model.enums import ConnectionState, PowerState
+from vmshift.model.inputs import VmName
 from vmshift.server.api.deps import core_of
+from vmshift.server.api.openapi import BODY, PARAMS, errors
 from vmshift.server.core import ServerCore
 from vmshift.server.db.schema import VmRow
 from vmshift.server.inventory import get_vm
@@ -32,13 +34,13 @@ async def list_vms(core: ServerCore = Depends(core_of)) -> list[Vm]:
         return [vm_view(v) for v in s.scalars(select(VmRow).order_by(VmRow.name))]
 
 
-@router.get("/vms/{name}")
-async def get_vm_route(name: str, core: ServerCore = Depends(core_of)) -> Vm:
+@router.get("/vms/{name}", responses=errors(*PARAMS, 404))
+async def get_vm_route(name: VmName, core: ServerCore = Depends(core_of)) -> Vm:
     with core.sessions() as s:
         return vm_view(get_vm(s, name))
 
 
-@router.post("/vms", status_code=202)
+@router.post("/vms", status_code=202, responses=errors(*BODY, 404, 409))
 async def create_vm(body: VmCreate, core: ServerCore = Depends(core_of)) -> Task:
     with core.sessions.begin() as s:
         create_vm_row(s, body)
@@ -48,8 +50,8 @@ async def create_vm(body: VmCreate, core: ServerCore = Depends(core_of)) -> Task
     return view
 
 
-@router.post("/vms/{name}/power", status_code=202)
-async def power_vm(name: str, body: PowerRequest, core: ServerCore = Depends(core_of)) -> Task:
+@router.post("/vms/{name}/power", status_code=202, responses=errors(*BODY, 404, 409))
+async def power_vm(name: VmName, body: PowerRequest, core: ServerCore = Depends(core_of)) -> Task:
     with core.sessions.begin() as s:
         vm = get_vm(s, name)
         if vm.host.connection_state is not ConnectionState.CONNECTED:
@@ -63,8 +65,8 @@ async def power_vm(name: str, body: PowerRequest, core: ServerCore = Depends(cor
     return view
 
 
-@router.post("/vms/{name}/suspend", status_code=202)
-async def suspend_vm(name: str, core: ServerCore = Depends(core_of)) -> Task:
+@router.post("/vms/{name}/suspend", status_code=202, responses=errors(*PARAMS, 404, 409))
+async def suspend_vm(name: VmName, core: ServerCore = Depends(core_of)) -> Task:
     """Save a running or paused VM's state to its folder and stop it; resume it with power 'resume'
     or 'start' (POST /vms/NAME/resume does that too). docs/suspend.md."""
     with core.sessions.begin() as s:
@@ -85,8 +87,8 @@ async def suspend_vm(name: str, core: ServerCore = Depends(core_of)) -> Task:
     return view
 
 
-@router.delete("/vms/{name}", status_code=202)
-async def delete_vm(name: str, core: ServerCore = Depends(core_of)) -> Task:
+@router.delete("/vms/{name}", status_code=202, responses=errors(*PARAMS, 404, 409, 502))
+async def delete_vm(name: VmName, core: ServerCore = Depends(core_of)) -> Task:
     with core.sessions() as s:
         vm = get_vm(s, name)
         if vm.power_state in (PowerState.POWERED_ON, PowerState.PAUSED):
