@@ -132,15 +132,18 @@ class IncomingMigrations:
         alive = self.supervisor.is_alive(rec.vm)
         run_state: str | None = None
         stream: str | None = None
+        encrypted: bool | None = None
         if alive:
             with contextlib.suppress(VmshiftError):
                 qmp = self.supervisor.qmp_session(rec.vm)
                 run_state = (await qmp.query_status()).status
                 stream = str((await mq.query_migrate(qmp)).get("status", "none"))
+                if rec.target_state is TargetState.LISTENING:  # afterwards its parameters are reset
+                    encrypted = await migration_tls.encrypted(qmp)
         assert rec.target_state is not None
         return IncomingState(migration_id=migration_id, vm=rec.vm, state=rec.target_state.value,
                              qemu_alive=alive, qemu_status=run_state, stream=stream,
-                             timeline=rec.timeline)
+                             timeline=rec.timeline, encrypted=encrypted)
 
     async def activate(self, migration_id: int) -> VmRuntime:
         """The source confirmed its stream completed: run the received VM (``cont``) and announce it.
