@@ -40,7 +40,7 @@ VM = "enc-1"
 MIB = 1 << 20
 CAPTURE = Path(link_capture.__file__)
 #: slow enough for the capture to keep up and for the test to see the stream while it runs
-RATE = {"bandwidth_limit_bps": 16 * MIB}
+RATE = {"bandwidth_limit_bps": 32 * MIB}
 
 
 def name_of(lab: Lab, k: int) -> str:
@@ -201,7 +201,7 @@ def test_wrong_peer_is_refused_and_the_vm_stays(elab: Lab, vm: dict[str, Any]) -
     before = elab.check(VM)
     start(elab, src, dst, mid, tls=True, authorised=name_of(elab, dst))
     p = wait_finished(elab, src, mid, timeout=60)
-    assert p["status"] == "failed", p
+    assert p["status"] == "failed" and "The stream was encrypted" in p["error"]["message"], p
     print("wrong peer:", p["error"])
     assert runs_unpaused_on(elab, src, VM)["pid"] == running["pid"]
     with elab.agent(dst) as a:

@@ -115,7 +115,7 @@ class SourceLoop(SourceEndings):
                 if self.rec.cancel_requested:
                     raise Rollback("The migration was cancelled by the user.", "cancelled")
                 raise Rollback(f"QEMU reports the migration {sample.status.value}: "
-                                f"{sample.error or 'no reason given'}.", "migration_failed")
+                                f"{sample.error or 'no reason given'}.{self._tls_note()}", "migration_failed")
             if self.rec.cancel_requested:
                 if sample.status is not Q.CANCELLING:
                     await self._cancel_qemu()  # then wait for QEMU's event, not spin
@@ -172,6 +172,14 @@ class SourceLoop(SourceEndings):
         if current is Q.COMPLETED:
             return (await self.qmp().query_status()).state is RunState.POSTMIGRATE
         return True
+
+    def _tls_note(self) -> str:
+        """What to look at when an encrypted stream fails (QEMU's reason is only a broken socket)."""
+        if self.req.tls is None:
+            return ""
+        return (f" The stream was encrypted: {self.req.tls.peer} accepts only the host it was told to "
+                "expect, and this host only a target certificate naming the migration address; the "
+                "target's QEMU log says which check failed.")
 
     async def _setup_tls(self) -> None:
         """An encrypted migration: this QEMU speaks TLS to the target (agent/migration_tls.py);
