@@ -31,11 +31,11 @@ demo-down: venv
 
 lint: venv
 	$(BIN)/ruff check src tests bench/suite bench/storage.py bench/storage_lab.py bench/storage_report.py \
-		bench/encryption.py
+		bench/encryption.py bench/encryption_records.py
 	$(BIN)/mypy
 	$(BIN)/mypy --strict bench/suite
 	$(BIN)/mypy --strict bench/storage.py
-	$(BIN)/mypy --strict bench/encryption.py
+	$(BIN)/mypy --strict bench/encryption.py bench/encryption_records.py
 
 test-unit: venv
 	$(BIN)/pytest -q tests/unit
