@@ -33,6 +33,8 @@ from tests.lab.test_agent_migration import (
 )
 from vmshift.lab import certs
 from vmshift.lab.layout import HOST_MIG, load_record
+from vmshift.migration.disk_plan import relocated_spec
+from vmshift.model.vm import VmSpec
 from vmshift.tls.files import HostTlsFiles
 
 pytestmark = pytest.mark.lab
@@ -211,5 +213,32 @@ def test_wrong_peer_is_refused_and_the_vm_stays(elab: Lab, vm: dict[str, Any]) -
     start(elab, src, dst, again, tls=False)
     p = wait_finished(elab, src, again)
     assert p["status"] == "completed" and p["encrypted"] is False, p
+    runs_unpaused_on(elab, dst, VM)
+    guest_intact_after(elab, before, VM)
+
+
+def test_encrypted_relocate_moves_the_disks_over_tls_too(elab: Lab, vm: dict[str, Any]) -> None:
+    """Shared-nothing: the target's NBD server takes only TLS clients with the source's certificate
+    (tls-creds + tls-authz), so the mirrors completing proves the disks went over TLS as well. Last
+    in the module: the VM leaves shared-1 for the target's local datastore."""
+    src = host_of(elab)
+    dst, mid = 3 - src, new_id()
+    before = elab.check(VM)
+    target_spec = relocated_spec(VmSpec.model_validate(elab.spec(VM)), f"local-host-{dst}")
+    with elab.agent(dst) as a:
+        r = a.post("/migrations/incoming", json={
+            "migration_id": mid, "spec": target_spec.model_dump(mode="json"), "relocate": True,
+            "tls": {"peer": name_of(elab, src)}})
+        assert r.status_code == 200, r.text
+        incoming = r.json()
+    assert len(incoming["nbd"]) == len(target_spec.disks)
+    with elab.agent(src) as a:
+        r = a.post("/migrations", json={
+            "migration_id": mid, "vm": VM, "uri": incoming["uri"], "settings": RATE,
+            "target_agent": {"address": elab.addr(dst), "token": elab.agent_token},
+            "mirror_targets": incoming["nbd"], "tls": {"peer": name_of(elab, dst)}})
+        assert r.status_code == 200, r.text
+    p = wait_finished(elab, src, mid)
+    assert p["status"] == "completed" and p["encrypted"] is True and p["mirror_bytes"] > 0, p
     runs_unpaused_on(elab, dst, VM)
     guest_intact_after(elab, before, VM)
