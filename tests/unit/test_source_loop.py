@@ -834,3 +834,17 @@ async def test_encrypted_migration_refused_without_a_certificate(make_rig: RigFa
         await rig.start(tls=MigrationTls(peer="host-2"))
     assert "vmshift host add" in (err.value.hint or "")
     assert rig.qmp.commands == [] and rig.store.load(MID) is None  # nothing started, nothing written
+
+
+async def test_an_encrypted_migration_resumed_by_finalize_leaves_the_source_plain(
+        make_rig: RigFactory, tmp_path: Path) -> None:
+    rig = make_rig(load_trace("converging"))
+    _enroll(tmp_path / "host")
+    rig.supervisor.config = SimpleNamespace(state_dir=tmp_path / "host")
+    rig.target.activate_mode = "unreachable"
+    await rig.start(tls=MigrationTls(peer="host-2"))
+    assert (await rig.settle()).status is S.NEEDS_FINALIZE
+    assert rig.qmp.parameters["tls-creds"] == tls_qmp.CREDS_ID  # waiting: nothing is reset yet
+    progress = await rig.om.finalize(MID, FinalizeRequest(resolution=FinalizeResolution.RESUME_SOURCE))
+    assert progress.status is S.FAILED and rig.qmp.run_state is RunState.RUNNING
+    assert rig.qmp.parameters["tls-creds"] == "" and rig.qmp.objects == {}

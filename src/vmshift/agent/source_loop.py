@@ -38,8 +38,7 @@ class SourceLoop(SourceEndings):
                 await self._decide_from_target(f"The source QEMU exited during the migration ({exc.message})")
             else:
                 await self._rollback(exc.message, exc.code)
-        if self.req.tls is not None and self.p.status.finished and self.source_alive():
-            await migration_tls.teardown(self.qmp(), self.rec.migration_id)  # the VM stays: plain again
+        await self._reset_tls()
 
     async def crashed(self, exc: Exception) -> None:
         """The loop hit a bug: end the record in a state the server reports (never silently running)."""
@@ -65,6 +64,13 @@ class SourceLoop(SourceEndings):
             await self._complete()
         else:
             await self._decide_from_target("The source QEMU is gone")
+        await self._reset_tls()
+
+    async def _reset_tls(self) -> None:
+        """The migration ended and the VM still runs here (failed, cancelled, resumed): its next
+        migration starts from plain QEMU parameters."""
+        if self.req.tls is not None and self.p.status.finished and self.source_alive():
+            await migration_tls.teardown(self.qmp(), self.rec.migration_id)
 
     async def _drive(self) -> None:
         """Set up, then follow QEMU until the stream completed; raises Rollback or SourceGone."""
