@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LAB ?= demo
 
 .PHONY: install system venv image demo demo-down test test-unit test-server test-lab lint clean \
-	bench-system bench bench-quick bench-storage soak
+	bench-system bench bench-quick bench-storage bench-encryption soak
 
 install: system venv image
 
@@ -30,10 +30,12 @@ demo-down: venv
 	$(BIN)/vmshift lab down --name $(LAB)
 
 lint: venv
-	$(BIN)/ruff check src tests bench/suite bench/storage.py bench/storage_lab.py bench/storage_report.py
+	$(BIN)/ruff check src tests bench/suite bench/storage.py bench/storage_lab.py bench/storage_report.py \
+		bench/encryption.py bench/encryption_records.py
 	$(BIN)/mypy
 	$(BIN)/mypy --strict bench/suite
 	$(BIN)/mypy --strict bench/storage.py
+	$(BIN)/mypy --strict bench/encryption.py bench/encryption_records.py
 
 test-unit: venv
 	$(BIN)/pytest -q tests/unit
@@ -65,6 +67,9 @@ bench-quick: install bench-system
 # issue 8's storage figures (mirror, pivot stall, sparse cold moves, suspend): docs/performance-storage.md
 bench-storage: install
 	$(BIN)/python -m bench.storage --out $(BENCH_OUT)
+
+bench-encryption: install
+	$(BIN)/python -m bench.encryption --out $(BENCH_OUT)
 
 soak: install
 	$(BIN)/python bench/soak.py --count $(N) $(if $(SEED),--seed $(SEED)) \

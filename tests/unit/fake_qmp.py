@@ -27,10 +27,12 @@ import asyncio
 import contextlib
 import copy
 import json
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import httpx
@@ -107,6 +109,7 @@ class FakeQmp:
         self.commands: list[QmpCall] = []
         self.reported: list[Q] = []  # every status query-migrate answered, in order
         self.parameters: dict[str, Any] = {}
+        self.objects: dict[str, dict[str, Any]] = {}  # object-add'ed, by id
         self.capabilities = dict.fromkeys(CAPABILITIES, False)
         self.postcopy = False
         self._gates: dict[str, asyncio.Event] = {}
@@ -260,6 +263,20 @@ class FakeQmp:
         self.parameters.update(args)
         return {}
 
+    def _do_query_migrate_parameters(self, args: dict[str, Any]) -> Answer:
+        return {"tls-creds": "", "tls-hostname": "", "tls-authz": "", **self.parameters}
+
+    def _do_object_add(self, args: dict[str, Any]) -> Answer:
+        if args["id"] in self.objects:
+            raise QemuError(f"QEMU refused the QMP command 'object-add': duplicate ID '{args['id']}'")
+        self.objects[args["id"]] = dict(args)
+        return {}
+
+    def _do_object_del(self, args: dict[str, Any]) -> Answer:
+        if self.objects.pop(args["id"], None) is None:
+            raise QemuError(f"QEMU refused the QMP command 'object-del': object '{args['id']}' not found")
+        return {}
+
     def _do_migrate(self, args: dict[str, Any]) -> Answer:
         if self._migrating():
             raise QemuError("QEMU refused the QMP command 'migrate': There's a migration process in progress")
@@ -325,6 +342,10 @@ class FakeSupervisor:
     journal: list[str] = field(default_factory=list)
     registered: bool = True
     stopped: list[str] = field(default_factory=list)
+    config: Any = None  # what the loop reads of AgentConfig: state_dir (an encrypted migration)
+
+    async def runtime(self, name: str) -> Any:
+        return SimpleNamespace(pid=os.getpid() if self.is_alive(name) else None)
 
     def is_alive(self, name: str) -> bool:
         return name == self.vm and self.registered and self.qmp.alive

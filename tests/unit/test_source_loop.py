@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import httpx
@@ -34,12 +35,18 @@ from vmshift.agent import source_loop
 from vmshift.agent.migration_source import OutgoingMigrations
 from vmshift.agent.migration_store import MigrationRole, MigrationStore, StoredMigration
 from vmshift.agent.supervisor import Supervisor
-from vmshift.errors import SwitchoverStartedError
+from vmshift.errors import ConflictError, SwitchoverStartedError
 from vmshift.migration.policy import ConvergencePolicy, PolicySettings
 from vmshift.migration.samples import MigrationSample
 from vmshift.migration.samples import QemuMigrationStatus as Q
 from vmshift.migration.uri import MigrationUriError
-from vmshift.model.agent_migration import AgentRef, FinalizeRequest, MigrationProgress, OutgoingMigration
+from vmshift.model.agent_migration import (
+    AgentRef,
+    FinalizeRequest,
+    MigrationProgress,
+    MigrationTls,
+    OutgoingMigration,
+)
 from vmshift.model.enums import QemuRunState as RunState
 from vmshift.model.migration import (
     ActionKind,
@@ -49,6 +56,8 @@ from vmshift.model.migration import (
     MigrationStatus,
 )
 from vmshift.qemu import migration_qmp as mq
+from vmshift.qemu import tls_qmp
+from vmshift.tls.files import HostTlsFiles
 
 P = MigrationPhase
 S = MigrationStatus
@@ -780,3 +789,77 @@ async def test_a_uri_other_than_tcp_to_the_targets_migration_address_is_refused_
     assert refused.value.status == 400 and repr(uri) in refused.value.message
     # nothing reached QEMU, the target or the store
     assert rig.qmp.commands == [] and rig.journal == [] and rig.store.load(MID) is None
+
+
+# ----- an encrypted stream (agent/migration_tls.py) -----------------------------------------------
+def _enroll(state_dir: Path) -> HostTlsFiles:
+    from vmshift.tls import pki
+    from vmshift.tls.files import write_private
+
+    files = HostTlsFiles.of(state_dir)
+    ca = pki.create_ca()
+    req = pki.make_key_and_csr("host-1")
+    write_private(files.key, req.key_pem)
+    write_private(files.cert, pki.issue(ca, req.cert_pem, common_name="host-1", role=pki.Role.HOST,
+                                        sans=["host-1", "10.0.1.1"]), 0o644)
+    write_private(files.ca_cert, ca.cert_pem, 0o644)
+    return files
+
+
+async def test_an_encrypted_migration_sets_qemus_tls_before_migrate(make_rig: RigFactory,
+                                                                   tmp_path: Path) -> None:
+    rig = make_rig(load_trace("converging"))
+    files = _enroll(tmp_path / "host")
+    rig.supervisor.config = SimpleNamespace(state_dir=tmp_path / "host")
+    await rig.start(tls=MigrationTls(peer="host-2"))
+    progress = await rig.settle()
+    assert progress.status is S.COMPLETED and progress.encrypted is True
+    names = [c.cmd for c in rig.qmp.commands]
+    creds = rig.qmp.objects[tls_qmp.CREDS_ID]
+    assert creds == {"qom-type": "tls-creds-x509", "id": tls_qmp.CREDS_ID, "dir": str(files.qemu_dir),
+                     "endpoint": "client", "verify-peer": True}
+    assert sorted(p.name for p in files.qemu_dir.iterdir()) == [
+        "ca-cert.pem", "client-cert.pem", "client-key.pem", "server-cert.pem", "server-key.pem"]
+    tls_set = next(c for c in rig.qmp.sent("migrate-set-parameters") if c.args and "tls-creds" in c.args
+                   and c.args["tls-creds"])
+    assert tls_set.args == {"tls-creds": tls_qmp.CREDS_ID, "tls-hostname": "10.0.1.2"}  # the URI's address
+    assert names.index("object-add") < rig.qmp.commands.index(tls_set) < names.index("migrate")
+
+
+async def test_a_rolled_back_encrypted_migration_leaves_the_source_plain(make_rig: RigFactory,
+                                                                        tmp_path: Path) -> None:
+    trace = load_trace("converging")
+    rig = make_rig(trace, hold_at=3)
+    _enroll(tmp_path / "host")
+    rig.supervisor.config = SimpleNamespace(state_dir=tmp_path / "host")
+    await rig.start(tls=MigrationTls(peer="host-2"))
+    await asyncio.wait_for(rig.qmp.held.wait(), 5)
+    progress = await rig.om.cancel(MID)
+    assert progress.status is S.CANCELLED and progress.encrypted is True
+    await rig.settle()
+    # the VM stays here: its next migration must not try TLS
+    assert rig.qmp.parameters["tls-creds"] == "" and rig.qmp.objects == {}
+
+
+async def test_encrypted_migration_refused_without_a_certificate(make_rig: RigFactory,
+                                                                 tmp_path: Path) -> None:
+    rig = make_rig(load_trace("converging"))
+    rig.supervisor.config = SimpleNamespace(state_dir=tmp_path / "bare")
+    with pytest.raises(ConflictError, match="no cluster certificate") as err:
+        await rig.start(tls=MigrationTls(peer="host-2"))
+    assert "vmshift host add" in (err.value.hint or "")
+    assert rig.qmp.commands == [] and rig.store.load(MID) is None  # nothing started, nothing written
+
+
+async def test_an_encrypted_migration_resumed_by_finalize_leaves_the_source_plain(
+        make_rig: RigFactory, tmp_path: Path) -> None:
+    rig = make_rig(load_trace("converging"))
+    _enroll(tmp_path / "host")
+    rig.supervisor.config = SimpleNamespace(state_dir=tmp_path / "host")
+    rig.target.activate_mode = "unreachable"
+    await rig.start(tls=MigrationTls(peer="host-2"))
+    assert (await rig.settle()).status is S.NEEDS_FINALIZE
+    assert rig.qmp.parameters["tls-creds"] == tls_qmp.CREDS_ID  # waiting: nothing is reset yet
+    progress = await rig.om.finalize(MID, FinalizeRequest(resolution=FinalizeResolution.RESUME_SOURCE))
+    assert progress.status is S.FAILED and rig.qmp.run_state is RunState.RUNNING
+    assert rig.qmp.parameters["tls-creds"] == "" and rig.qmp.objects == {}

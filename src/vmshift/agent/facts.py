@@ -20,6 +20,7 @@ from vmshift.qemu.probe import (
     qemu_capabilities,
     read_cpuinfo,
 )
+from vmshift.tls.files import HostTlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -55,4 +56,5 @@ def host_facts(config: AgentConfig, probe: HostProbe, datastores: Datastores) ->
         datastores=[ds.info() for ds in datastores.all()], networks=dict(config.networks),
         management_address=config.management_address, migration_address=config.migration_address,
         agent_version=package_version("vmshift"),
+        migration_tls=HostTlsFiles.of(config.state_dir).enrolled,
     )

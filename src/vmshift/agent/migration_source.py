@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 
 import httpx
 
+from vmshift.agent import migration_tls
 from vmshift.agent.migration_store import MigrationRole, MigrationStore, StoredMigration
 from vmshift.agent.source_loop import SourceLoop
 from vmshift.agent.supervisor import Supervisor
@@ -45,6 +46,7 @@ from vmshift.model.migration import (
     MigrationStatus,
 )
 from vmshift.qemu import migration_qmp as mq
+from vmshift.tls.files import HostTlsFiles
 
 log = logging.getLogger(__name__)
 Q = QemuMigrationStatus
@@ -90,6 +92,8 @@ class OutgoingMigrations:
                                     f"(VM {existing.vm}, from another server or an older database).",
                                     hint="Let it end, or remove its record from the agent's state directory.")
             log.info("migration %d: replacing a finished record of another server", req.migration_id)
+        if req.tls is not None:
+            migration_tls.require_enrolled(self.tls_files)
         if not self.supervisor.is_alive(req.vm):
             raise ConflictError(f"VM {req.vm!r} is not running on this host, so it cannot be live-migrated.",
                                 hint="Start it first, or use a cold migration.")
@@ -187,6 +191,10 @@ class OutgoingMigrations:
         return True
 
     # ----- bookkeeping ---------------------------------------------------------------------------
+    @property
+    def tls_files(self) -> HostTlsFiles:
+        return HostTlsFiles.of(self.supervisor.config.state_dir)
+
     def _get(self, migration_id: int) -> StoredMigration | None:
         rec = self._records.get(migration_id)
         if rec is None:

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 
-from vmshift.agent import relocate_target
+from vmshift.agent import migration_tls, relocate_target
 from vmshift.agent.migration_store import MigrationRole, MigrationStore, StoredMigration, TargetState
 from vmshift.agent.supervisor import Supervisor
 from vmshift.errors import (
@@ -37,6 +37,7 @@ from vmshift.model.enums import QemuRunState as RunState
 from vmshift.model.vm import VmRuntime
 from vmshift.qemu import migration_qmp as mq
 from vmshift.qemu.qmp import QmpSession
+from vmshift.tls.files import HostTlsFiles
 
 log = logging.getLogger(__name__)
 ACTIVATE_TIMEOUT_S = 30.0
@@ -66,6 +67,9 @@ class IncomingMigrations:
             raise InvalidInputError("This host has no migration address, so it cannot receive a VM.",
                                     hint="Set 'migration_address' in the agent config.")
         spec = req.spec
+        tls_files = HostTlsFiles.of(self.supervisor.config.state_dir)
+        if req.tls is not None:
+            migration_tls.require_enrolled(tls_files)
         async with self._lock:
             old = self.store.load(req.migration_id)
             if (old is not None and old.role is MigrationRole.TARGET and old.uri
@@ -97,10 +101,13 @@ class IncomingMigrations:
                 files.mark_incoming(spec.name, req.migration_id)
                 runtime = await self.supervisor.start(spec.name, incoming="defer")
                 qmp = self.supervisor.qmp_session(spec.name)
+                assert runtime.pid is not None
+                if req.tls is not None:  # before the NBD server of a relocate: it serves TLS too
+                    await migration_tls.setup_target(qmp, tls_files, runtime.pid, req.tls)
                 if req.relocate:
-                    assert runtime.pid is not None
                     rec.exports = await relocate_target.export_disks(qmp, runtime.pid, self.address, spec,
-                                                                     req.migration_id)
+                                                                     req.migration_id,
+                                                                     tls=req.tls is not None)
                     self.store.save(rec)
                 caps = await mq.query_capabilities(qmp)
                 # postcopy-ram must be set on both sides before the stream starts; harmless if unused.
@@ -128,15 +135,18 @@ class IncomingMigrations:
         alive = self.supervisor.is_alive(rec.vm)
         run_state: str | None = None
         stream: str | None = None
+        encrypted: bool | None = None
         if alive:
             with contextlib.suppress(VmshiftError):
                 qmp = self.supervisor.qmp_session(rec.vm)
                 run_state = (await qmp.query_status()).status
                 stream = str((await mq.query_migrate(qmp)).get("status", "none"))
+                if rec.target_state is TargetState.LISTENING:  # afterwards its parameters are reset
+                    encrypted = await migration_tls.encrypted(qmp)
         assert rec.target_state is not None
         return IncomingState(migration_id=migration_id, vm=rec.vm, state=rec.target_state.value,
                              qemu_alive=alive, qemu_status=run_state, stream=stream,
-                             timeline=rec.timeline)
+                             timeline=rec.timeline, encrypted=encrypted)
 
     async def activate(self, migration_id: int) -> VmRuntime:
         """The source confirmed its stream completed: run the received VM (``cont``) and announce it.
@@ -192,6 +202,7 @@ class IncomingMigrations:
             await mq.announce_self(qmp)
         except QemuError as exc:  # the VM runs; a missed announcement only delays the switches
             log.warning("migration %d: announce-self failed: %s", migration_id, exc)
+        await migration_tls.teardown(qmp, migration_id)  # its next migration may be plain
         self.supervisor.files.clear_incoming(rec.vm)
         rec.target_state = TargetState.ACTIVATED
         self.store.save(rec)

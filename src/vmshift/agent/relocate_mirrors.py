@@ -48,6 +48,7 @@ from vmshift.model.migration import MigrationPhase
 from vmshift.model.moves import NbdTarget
 from vmshift.model.vm import VmSpec
 from vmshift.qemu import block_qmp as bq
+from vmshift.qemu import tls_qmp
 from vmshift.qemu.cmdline import disk_device_id
 from vmshift.qemu.qmp import QmpSession
 
@@ -112,11 +113,14 @@ class RelocateMirrors:
                     f"offers {target.size_bytes}.", hint="Fix the VM's disk size in its spec, then retry.")
             url = urlsplit(target.uri)
             job = self.job_id(target.index)
-            await qmp.execute("blockdev-add", {
+            node: dict[str, object] = {
                 "driver": "nbd", "node-name": job, "export": url.path.lstrip("/"),
                 "reconnect-delay": RECONNECT_DELAY_S,
                 "server": {"type": "inet", "host": url.hostname or "", "port": str(url.port)},
-            })
+            }
+            if loop.req.tls is not None:  # an encrypted migration: its disks travel over TLS too
+                node.update({"tls-creds": tls_qmp.CREDS_ID, "tls-hostname": url.hostname or ""})
+            await qmp.execute("blockdev-add", node)
             await bq.blockdev_mirror(qmp, job_id=job, device=dev.node_name, target=job)
         log.info("migration %d: mirroring %d disk(s) of %s to the target", loop.rec.migration_id,
                  len(self.targets), loop.rec.vm)

@@ -25,6 +25,7 @@ from vmshift.errors import ConflictError, QemuError
 from vmshift.model.moves import NbdTarget
 from vmshift.model.vm import VmSpec
 from vmshift.qemu import block_qmp as bq
+from vmshift.qemu import tls_qmp
 from vmshift.qemu.cmdline import disk_device_id, disk_node_name
 from vmshift.qemu.qmp import QmpSession
 
@@ -72,14 +73,20 @@ def _listening_ports(pid: int) -> set[int]:
 
 
 async def export_disks(qmp: QmpSession, pid: int, address: str, spec: VmSpec,
-                       migration_id: int) -> list[NbdTarget]:
+                       migration_id: int, *, tls: bool = False) -> list[NbdTarget]:
     """Start the NBD server on ``address`` (a free port) and export each drive writable.
+
+    ``tls``: the migration is encrypted, so is the NBD server, with the migration's credentials and
+    peer check (agent/migration_tls.py made them): only the source host may write the disks.
 
     Called before ``migrate-incoming``: the NBD server is then QEMU's only listening TCP socket, which
     is how its port is found (QEMU reports no address of its NBD server).
     """
     before = _listening_ports(pid)
-    await qmp.execute("nbd-server-start", {"addr": {"type": "inet", "data": {"host": address, "port": "0"}}})
+    args: dict[str, object] = {"addr": {"type": "inet", "data": {"host": address, "port": "0"}}}
+    if tls:
+        args.update({"tls-creds": tls_qmp.CREDS_ID, "tls-authz": tls_qmp.AUTHZ_ID})
+    await qmp.execute("nbd-server-start", args)
     ports = _listening_ports(pid) - before
     if len(ports) != 1:
         raise QemuError(f"The NBD server of the receiving QEMU listens on {sorted(ports) or 'no port'}.",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+from vmshift.agent import migration_tls
 from vmshift.agent.source_endings import Q, Rollback, SourceEndings, SourceGone, log
 from vmshift.errors import QemuError, VmshiftError
 from vmshift.migration.policy import Action
@@ -37,6 +38,7 @@ class SourceLoop(SourceEndings):
                 await self._decide_from_target(f"The source QEMU exited during the migration ({exc.message})")
             else:
                 await self._rollback(exc.message, exc.code)
+        await self._reset_tls()
 
     async def crashed(self, exc: Exception) -> None:
         """The loop hit a bug: end the record in a state the server reports (never silently running)."""
@@ -62,6 +64,13 @@ class SourceLoop(SourceEndings):
             await self._complete()
         else:
             await self._decide_from_target("The source QEMU is gone")
+        await self._reset_tls()
+
+    async def _reset_tls(self) -> None:
+        """The migration ended and the VM still runs here (failed, cancelled, resumed): its next
+        migration starts from plain QEMU parameters."""
+        if self.req.tls is not None and self.p.status.finished and self.source_alive():
+            await migration_tls.teardown(self.qmp(), self.rec.migration_id)
 
     async def _drive(self) -> None:
         """Set up, then follow QEMU until the stream completed; raises Rollback or SourceGone."""
@@ -77,6 +86,7 @@ class SourceLoop(SourceEndings):
             self.set_phase(P.PRECOPY)
             self.save()
         elif not self.rec.migrate_sent:
+            await self._setup_tls()  # before a relocate's mirrors: their NBD connections use it too
             if self.mirrors.active:
                 await self.mirrors.copy()  # every disk READY on the target before memory moves
             await self._setup()
@@ -111,7 +121,7 @@ class SourceLoop(SourceEndings):
                 if self.rec.cancel_requested:
                     raise Rollback("The migration was cancelled by the user.", "cancelled")
                 raise Rollback(f"QEMU reports the migration {sample.status.value}: "
-                                f"{sample.error or 'no reason given'}.", "migration_failed")
+                                f"{sample.error or 'no reason given'}.{self._tls_note()}", "migration_failed")
             if self.rec.cancel_requested:
                 if sample.status is not Q.CANCELLING:
                     await self._cancel_qemu()  # then wait for QEMU's event, not spin
@@ -168,6 +178,28 @@ class SourceLoop(SourceEndings):
         if current is Q.COMPLETED:
             return (await self.qmp().query_status()).state is RunState.POSTMIGRATE
         return True
+
+    def _tls_note(self) -> str:
+        """What to look at when an encrypted stream fails (QEMU's reason is only a broken socket)."""
+        if self.req.tls is None:
+            return ""
+        return (f" The stream was encrypted: {self.req.tls.peer} accepts only the host it was told to "
+                "expect, and this host only a target certificate naming the migration address; the "
+                "target's QEMU log says which check failed.")
+
+    async def _setup_tls(self) -> None:
+        """An encrypted migration: this QEMU speaks TLS to the target (agent/migration_tls.py);
+        ``encrypted`` in the progress is read back from QEMU's own parameters."""
+        qmp = self.qmp()
+        if self.req.tls is not None:
+            pid = (await self.o.supervisor.runtime(self.rec.vm)).pid
+            if pid is None:
+                raise Rollback(f"The source QEMU of VM {self.rec.vm!r} is not running.", "qemu_error")
+            await migration_tls.setup_source(qmp, self.o.tls_files, pid, self.req.uri)
+        else:  # a plain migration: nothing left of an earlier encrypted one may be in force
+            await migration_tls.teardown(qmp, self.rec.migration_id)
+        self.p.encrypted = await migration_tls.encrypted(qmp)
+        self.save()
 
     async def _setup(self) -> None:
         qmp, s = self.qmp(), self.req.settings

@@ -127,6 +127,8 @@ class IncomingState(BaseModel):
         default=None, description="the incoming side's query-migrate status: \"active\", \"completed\", ..."
     )
     timeline: SwitchoverTimeline = Field(default_factory=SwitchoverTimeline)
+    encrypted: bool | None = Field(
+        default=None, description="the receiving QEMU takes the stream over TLS only (None: QEMU not read)")
 
 
 class AgentRef(BaseModel):

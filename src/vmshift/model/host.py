@@ -47,3 +47,5 @@ class HostFacts(BaseModel):
     management_address: str = ""
     migration_address: str = ""
     agent_version: str = ""
+    migration_tls: bool = Field(
+        default=False, description="the host holds its cluster certificate, so it can encrypt a migration")

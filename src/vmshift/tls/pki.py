@@ -231,6 +231,19 @@ def _info(cert: x509.Certificate, der: bytes) -> CertInfo:
                     fingerprint=fingerprint(der), not_after=cert.not_valid_after_utc, sans=sans)
 
 
+def _gnutls_dn(name: x509.Name) -> str:
+    """The DN as GnuTLS's ``gnutls_x509_crt_get_dn`` writes it, which QEMU's TLS authz compares:
+    RFC 4514 escaping but in the certificate's own order (``O=vmshift,OU=vmshift-host,CN=host-1``),
+    not RFC 4514's reversed one (checked on QEMU 10.0.2 with GnuTLS 3.8)."""
+    return ",".join(rdn.rfc4514_string() for rdn in name.rdns)
+
+
 def subject_dn(cert_pem: bytes) -> str:
-    """The subject as QEMU's ``authz-simple`` identity expects it (GnuTLS's RFC 4514 order)."""
-    return _load_cert(cert_pem).subject.rfc4514_string()
+    """The subject as QEMU's ``authz-simple`` identity expects it (see :func:`_gnutls_dn`)."""
+    return _gnutls_dn(_load_cert(cert_pem).subject)
+
+
+def subject_dn_of(common_name: str, role: Role = Role.HOST) -> str:
+    """The subject DN the CA writes into ``role``/``common_name``'s certificate, as
+    :func:`subject_dn` reads it (what a migration target's ``authz-simple`` expects of its peer)."""
+    return _gnutls_dn(_name(common_name, role))
