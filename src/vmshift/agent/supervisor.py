@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -22,8 +23,11 @@ from pathlib import Path
 
 import psutil
 
+from vmshift.agent import serial_log
 from vmshift.agent.config import AgentConfig
 from vmshift.agent.guest_memory import guest_ram_zero_fraction
+from vmshift.agent.qemu_user import QemuIdentity, prepare_vm_files
+from vmshift.agent.qemu_user import resolve as resolve_qemu_user
 from vmshift.agent.suspend import (
     SuspendSettings,
     discard_state,
@@ -35,13 +39,13 @@ from vmshift.agent.suspend import (
     saved_and_stopped,
     saved_state,
 )
-from vmshift.agent.taps import create_tap, delete_tap
+from vmshift.agent.taps import create_tap, delete_tap, open_tap
 from vmshift.agent.vmfiles import VmFiles
 from vmshift.errors import ConflictError, NotFoundError, QemuError
 from vmshift.model.enums import MIGRATION_RUN_STATES, Accelerator, PowerAction, PowerState, QemuRunState
 from vmshift.model.suspend import SuspendProgress, SuspendResult
 from vmshift.model.vm import VmRuntime, VmSpec
-from vmshift.qemu.cmdline import VmPaths, build_qemu_argv, tap_name
+from vmshift.qemu.cmdline import PassedFds, VmPaths, build_qemu_argv, tap_name
 from vmshift.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
@@ -86,10 +90,13 @@ def process_is_qemu_of(pid: int, vm_uuid: str) -> bool:
 
 
 class Supervisor:
-    def __init__(self, config: AgentConfig, files: VmFiles, accelerator: Accelerator) -> None:
+    def __init__(self, config: AgentConfig, files: VmFiles, accelerator: Accelerator,
+                 qemu_identity: QemuIdentity | None = None) -> None:
         self.config = config
         self.files = files
         self.accelerator = accelerator
+        self.qemu_identity = qemu_identity or resolve_qemu_user(config.qemu_user, accelerator)
+        self.serial = serial_log.SerialLogs(config.serial_log_cap_bytes)
         self._vms: dict[str, VmProcess] = {}
         self.suspend_settings = SuspendSettings()
         self.suspends: dict[str, SuspendProgress] = {}  # the last suspend of each VM (GET .../suspend)
@@ -270,13 +277,29 @@ class Supervisor:
             log.warning("sampling the memory of VM %s failed: %s", name, exc)
             return None
 
-    def serial_tail(self, name: str, tail_bytes: int) -> str:
-        path = self._entry(name).paths.serial_log
-        if not path.exists():
-            return ""
-        with path.open("rb") as f:
-            f.seek(max(0, path.stat().st_size - max(0, tail_bytes)))
-            return f.read().decode(errors="replace")
+    async def serial_tail(self, name: str, tail_bytes: int) -> str:
+        """The last ``tail_bytes`` of the serial log, with what the guest wrote until now."""
+        vm = self._entry(name)
+        await self._drain_serial(vm)
+        data = await self.serial.tail(name, vm.paths, max(0, tail_bytes))
+        return data.decode(errors="replace")
+
+    async def _drain_serial(self, vm: VmProcess) -> None:
+        if vm.pid is not None and vm.qmp is not None and vm.qmp.connected:
+            await self.serial.drain(vm.spec.name, vm.qmp, vm.paths)
+
+    async def drain_serial_all(self) -> None:
+        """Called every drain interval: move each running guest's console output into its log."""
+        for vm in list(self._vms.values()):
+            try:
+                await self._drain_serial(vm)
+            except OSError as exc:  # a full or vanished datastore: the ring keeps the rest
+                log.warning("writing the serial log of VM %s failed: %s", vm.spec.name, exc)
+
+    async def move_serial_log(self, name: str, old: VmPaths, new: VmPaths) -> bool:
+        """The VM's home moved while it runs (Storage vMotion): bring its log to the new folder.
+        False when its QEMU writes the log itself (started by an older agent)."""
+        return await self.serial.move(name, self.qmp_session(name), old, new)
 
     # ----- define / delete ---------------------------------------------------------------------
     async def define(self, spec: VmSpec) -> VmRuntime:
@@ -405,7 +428,8 @@ class Supervisor:
                                     "suspended.", hint="Suspend it once the migration has finished.")
             began = time.monotonic()
             sink = functools.partial(self.suspends.__setitem__, name)
-            outcome = await save_state(self._qmp(vm), vm.paths, vm.spec, self.suspend_settings, sink)
+            outcome = await save_state(self._qmp(vm), vm.paths, vm.spec, self.suspend_settings, sink,
+                                       create_file=self.qemu_identity.create_file)
             await self._hard_stop(vm, reason="suspended")
             saved_and_stopped(vm.paths, vm.spec, sink, outcome)
             return outcome.result(await self._view(vm), vm.paths, vm.spec, time.monotonic() - began)
@@ -458,27 +482,41 @@ class Supervisor:
 
     async def _start(self, vm: VmProcess, incoming: str | None = None) -> None:
         self._refuse_if_moving(vm.spec.name, "start")
-        spec, paths = vm.spec, vm.paths
+        spec, paths, identity = vm.spec, vm.paths, self.qemu_identity
         kernel = self.files.kernel_boot(spec)
         taps = [tap_name(spec.uuid, i) for i in range(len(spec.nics))]
         paths.run_dir.mkdir(parents=True, exist_ok=True)
         paths.vm_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (paths.qmp_socket, paths.pidfile, paths.run_dir / EXIT_FILE):
+        for stale in (paths.qmp_socket, paths.run_dir / EXIT_FILE):
             stale.unlink(missing_ok=True)
+        prepare_vm_files(identity, paths, kernel)
+        serial_log.touch(paths)
+        self.serial.forget(spec.name)
         vm.died, vm.exit_reason = False, None
-        argv = build_qemu_argv(spec, paths, accelerator=self.accelerator, taps=taps, kernel_boot=kernel,
-                               incoming=incoming, qemu_binary=self.config.qemu_binary)
         vm.taps = []
+        passed: list[int] = []
         try:
             for nic, tap in zip(spec.nics, taps, strict=True):
-                await create_tap(tap, self.config.networks[nic.network])
+                await create_tap(tap, self.config.networks[nic.network], identity.user)
                 vm.taps.append(tap)
+            qmp_fd = _listen_unix(paths.qmp_socket)
+            passed.append(qmp_fd)
+            tap_fds = [open_tap(tap) for tap in taps]
+            passed += tap_fds
+            argv = build_qemu_argv(spec, paths, accelerator=self.accelerator, taps=taps, kernel_boot=kernel,
+                                   incoming=incoming, qemu_binary=self.config.qemu_binary,
+                                   fds=PassedFds(qmp=qmp_fd, taps=tap_fds))
             qemu_log = paths.run_dir / QEMU_LOG
             with qemu_log.open("ab") as logf:
-                logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
+                who = identity.user or "root"
+                logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} as {who}: {' '.join(argv)}\n".encode())
                 logf.flush()
                 vm.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                            cwd=paths.run_dir, start_new_session=True, close_fds=True)
+                                            cwd="/", start_new_session=True, close_fds=True,
+                                            pass_fds=passed, umask=0o077, **identity.popen_kwargs())
+            for fd in passed:
+                os.close(fd)
+            passed = []
             vm.pid = vm.popen.pid
             (paths.run_dir / RUNNING_FILE).write_text(json.dumps({"pid": vm.pid, "taps": vm.taps}))
             vm.qmp = await self._connect_while_alive(vm, qemu_log)
@@ -487,10 +525,12 @@ class Supervisor:
                 raise QemuError(f"VM {spec.name!r} started but QEMU reports status {status.status!r}.",
                                 hint=f"See {qemu_log}.")
         except BaseException:
+            for fd in passed:
+                os.close(fd)
             await self._kill(vm)
             await self._handle_exit(vm, stopped_by_us=True)
             raise
-        log.info("started VM %s (pid %d)", spec.name, vm.pid)
+        log.info("started VM %s (pid %d, as %s)", spec.name, vm.pid, identity.user or "root")
 
     async def _connect_while_alive(self, vm: VmProcess, qemu_log: Path) -> QmpSession:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -521,6 +561,8 @@ class Supervisor:
             await self._wait_exit(vm, 5.0)
 
     async def _hard_stop(self, vm: VmProcess, reason: str = "stopped") -> None:
+        with contextlib.suppress(QemuError, OSError):
+            await self._drain_serial(vm)  # the guest's last words
         if vm.qmp is not None:
             with contextlib.suppress(QemuError, TimeoutError):
                 await asyncio.wait_for(vm.qmp.quit(), timeout=QUIT_TIMEOUT_S)
@@ -550,3 +592,17 @@ class Supervisor:
             if vm.qmp is not None:
                 await vm.qmp.close()
                 vm.qmp = None
+
+
+def _listen_unix(path: Path) -> int:
+    """Bind and listen on the QMP socket for QEMU (root-owned, 0600 by the agent's umask) and return
+    the fd QEMU inherits: QEMU never needs to reach the agent's state dir."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(4)
+    except OSError:
+        sock.close()
+        raise
+    return sock.detach()

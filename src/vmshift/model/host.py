@@ -47,3 +47,6 @@ class HostFacts(BaseModel):
     management_address: str = ""
     migration_address: str = ""
     agent_version: str = ""
+    qemu_user: str = Field(default="", description="the unprivileged user this host's QEMUs run as; "
+                                                   "empty: root (older agents say nothing, hence empty)")
+    qemu_confined_why_not: str = Field(default="", description="why QEMU runs as root here, if it does")

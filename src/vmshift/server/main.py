@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -49,9 +50,12 @@ def build_settings(argv: list[str] | None = None) -> ServerSettings:
 
 def run(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.umask(0o077)  # the database and every record: readable by root alone
     try:
         settings = build_settings(argv)
         host, port = parse_listen(settings.listen)
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(settings.state_dir, 0o700)
     except VmshiftError as e:
         print(f"vmshift-server: {e}", file=sys.stderr)
         raise SystemExit(2) from e
