@@ -73,7 +73,8 @@ def test_serial_and_qmp() -> None:
 
 def test_sandbox_denies_what_qemu_never_needs() -> None:
     spec = make_spec()
-    argv = build_qemu_argv(spec, make_paths(spec), accelerator=Accelerator.TCG, taps=["t0"], kernel_boot=KERNEL)
+    argv = build_qemu_argv(spec, make_paths(spec), accelerator=Accelerator.TCG, taps=["t0"],
+                           kernel_boot=KERNEL)
     assert opt(argv, "-sandbox") == [SANDBOX]
     for deny in ("obsolete", "elevateprivileges", "spawn", "resourcecontrol"):
         assert f"{deny}=deny" in SANDBOX

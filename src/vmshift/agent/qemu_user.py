@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 KVM_DEVICE = Path("/dev/kvm")
 KVM_GROUP = "kvm"
+USERFAULTFD_DEVICE = Path("/dev/userfaultfd")
+UNPRIVILEGED_USERFAULTFD = Path("/proc/sys/vm/unprivileged_userfaultfd")
 FILE_MODE = 0o600
 DIR_MODE = 0o700  # the VM's folders when QEMU runs as root
 CONFINED_DIR_MODE = 0o710  # root's, QEMU's group may only pass through
@@ -153,12 +155,13 @@ def _device_usable(device: Path, uid: int, groups: set[int]) -> bool:
     return st.st_mode & (stat.S_IROTH | stat.S_IWOTH) == stat.S_IROTH | stat.S_IWOTH
 
 
-def resolve(user: str, accelerator: Accelerator) -> QemuIdentity:
-    """The identity for the configured ``qemu_user`` ("" asks for root) on this host, logged once."""
+def resolve(user: str, accelerator: Accelerator, *, grant_devices: bool = True) -> QemuIdentity:
+    """The identity for the configured ``qemu_user`` ("" asks for root) on this host, logged once;
+    ``grant_devices`` may give the user ``/dev/userfaultfd`` (see :func:`grant_userfaultfd`)."""
     if not user:
         identity = QemuIdentity(why_root="the agent config sets qemu_user to \"\"")
     else:
-        identity = _lookup(user, accelerator)
+        identity = _lookup(user, accelerator, grant_devices)
     if identity.confined:
         log.info("QEMU runs as %s (uid %d, gid %d) under its seccomp sandbox",
                  identity.user, identity.uid, identity.gid)
@@ -167,7 +170,7 @@ def resolve(user: str, accelerator: Accelerator) -> QemuIdentity:
     return identity
 
 
-def _lookup(user: str, accelerator: Accelerator) -> QemuIdentity:
+def _lookup(user: str, accelerator: Accelerator, grant_devices: bool) -> QemuIdentity:
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
@@ -184,4 +187,41 @@ def _lookup(user: str, accelerator: Accelerator) -> QemuIdentity:
                                                              groups | {entry.pw_gid}):
         return QemuIdentity(why_root=f"user {user!r} cannot open {KVM_DEVICE} (make it root:{KVM_GROUP} "
                                      "0660, as Debian's udev rule does)")
+    all_groups = groups | {entry.pw_gid}
+    why_not = grant_userfaultfd(user, entry.pw_uid, entry.pw_gid, all_groups) if grant_devices else ""
+    if why_not:
+        return QemuIdentity(why_root=why_not)
     return QemuIdentity(user=user, uid=entry.pw_uid, gid=entry.pw_gid, groups=sorted(groups))
+
+
+def grant_userfaultfd(user: str, uid: int, gid: int, groups: set[int]) -> str:
+    """Let ``user`` create userfaultfds, or say why not ("" when it can).
+
+    Every live migration turns QEMU's ``postcopy-ram`` on on both sides (the target always, to be
+    able to switch to post-copy), and QEMU checks then that it can register its RAM with a
+    userfaultfd. An unprivileged process may not (``vm.unprivileged_userfaultfd`` is 0 by default)
+    except through ``/dev/userfaultfd``, root's 0600: the agent gives the device to QEMU's group
+    (root:vmshift-qemu 0660) as libvirt grants QEMU an ACL on it. A device someone already gave to
+    another group is left alone."""
+    try:
+        if UNPRIVILEGED_USERFAULTFD.read_text().strip() == "1":
+            return ""
+    except OSError:
+        pass
+    if _device_usable(USERFAULTFD_DEVICE, uid, groups):
+        return ""
+    try:
+        st = USERFAULTFD_DEVICE.stat()
+    except OSError:
+        return (f"user {user!r} could not use post-copy or live migration: this kernel has no "
+                f"{USERFAULTFD_DEVICE} and vm.unprivileged_userfaultfd is 0 (set it to 1)")
+    if st.st_gid != 0:
+        return (f"user {user!r} cannot open {USERFAULTFD_DEVICE} (group {st.st_gid}), which live migration "
+                f"needs (add {user} to that group, or make it root:{user} 0660)")
+    try:
+        os.chown(USERFAULTFD_DEVICE, st.st_uid, gid)
+        os.chmod(USERFAULTFD_DEVICE, 0o660)
+    except OSError as exc:
+        return f"user {user!r} cannot open {USERFAULTFD_DEVICE}, which live migration needs ({exc.strerror})"
+    log.info("gave %s to group %s (root:%s 0660) for post-copy", USERFAULTFD_DEVICE, user, user)
+    return ""
