@@ -79,6 +79,7 @@ def test_sandbox_denies_what_qemu_never_needs() -> None:
     for deny in ("obsolete", "elevateprivileges", "spawn", "resourcecontrol"):
         assert f"{deny}=deny" in SANDBOX
     assert "-runas" not in argv  # the agent starts QEMU as its user; the sandbox forbids setuid
+    assert opt(argv, "-action") == ["shutdown=pause"]  # the agent reads the guest's last words, then quits
 
 
 def test_passed_fds_replace_paths() -> None:

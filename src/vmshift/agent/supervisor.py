@@ -56,6 +56,9 @@ QEMU_LOG = "qemu.log"
 START_TIMEOUT_S = 15.0
 QUIT_TIMEOUT_S = 5.0
 POWER_BUTTON_REPEAT_S = 5.0
+#: SHUTDOWN reasons after which QEMU (``-action shutdown=pause``) waits paused for the agent to end it
+GUEST_ENDINGS = ("guest-shutdown", "guest-panic")
+QEMU_SHUTDOWN_STATUS = "shutdown"
 
 _NO_RESUME_BECAUSE: dict[str, str] = {  # why each of MIGRATION_RUN_STATES forbids a plain resume
     QemuRunState.INMIGRATE: "waits for or loads an incoming live migration",
@@ -78,6 +81,7 @@ class VmProcess:
     exit_reason: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     qmp_lost: bool = False  # a reconnect failed and was logged; log again only after success
+    ended_unseen: str | None = None  # the guest ended while no QMP session listened (found by status)
 
 
 def process_is_qemu_of(pid: int, vm_uuid: str) -> bool:
@@ -145,6 +149,8 @@ class Supervisor:
                     log.info("re-attached to VM %s (pid %d)", name, vm.pid)
                     if await recover(vm.qmp, vm.paths, vm.spec):  # a suspend or resume was cut short
                         await self._hard_stop(vm, reason="suspended")
+                    else:
+                        await self._note_ended_unseen(vm)
                 except QemuError as exc:
                     log.warning("VM %s runs (pid %d) but QMP is unreachable: %s", name, vm.pid, exc)
             else:
@@ -165,25 +171,64 @@ class Supervisor:
         vm.exit_reason = override_reason or reason or ("stopped" if stopped_by_us else "process vanished")
         for tap in vm.taps:
             await delete_tap(tap)
-        vm.pid, vm.popen, vm.taps = None, None, []
+        vm.pid, vm.popen, vm.taps, vm.ended_unseen = None, None, [], None
         (vm.paths.run_dir / RUNNING_FILE).unlink(missing_ok=True)
         outcome = {"died": vm.died, "exit_reason": vm.exit_reason}
         (vm.paths.run_dir / EXIT_FILE).write_text(json.dumps(outcome))
         if vm.died:
             log.warning("VM %s died (%s)", vm.spec.name, vm.exit_reason)
 
+    def _guest_ended(self, vm: VmProcess) -> str | None:
+        """The reason the guest powered off or panicked, if it did: its QEMU waits paused to be ended."""
+        if vm.ended_unseen is not None:
+            return vm.ended_unseen
+        if vm.qmp is None:
+            return None
+        for event in reversed(vm.qmp.events_named("SHUTDOWN")):
+            reason = str(event.data.get("reason", ""))
+            if reason in GUEST_ENDINGS:
+                return reason
+        return None
+
+    async def _note_ended_unseen(self, vm: VmProcess) -> None:
+        """After a (re)connect: a guest that powered off while nobody listened left no event."""
+        if vm.qmp is not None:
+            with contextlib.suppress(QemuError):
+                if (await vm.qmp.query_status()).status == QEMU_SHUTDOWN_STATUS:
+                    vm.ended_unseen = GUEST_ENDINGS[0]
+
+    async def _end_guest_ended(self, vm: VmProcess, reason: str) -> None:
+        """The guest powered off (or panicked) and QEMU paused: keep its last serial output, then quit
+        QEMU. A power-off is a normal stop; a panic counts as the VM dying."""
+        with contextlib.suppress(QemuError, OSError):
+            await self._drain_serial(vm)
+        if vm.qmp is not None:
+            with contextlib.suppress(QemuError, TimeoutError):
+                await asyncio.wait_for(vm.qmp.quit(), timeout=QUIT_TIMEOUT_S)
+        if not await self._wait_exit(vm, QUIT_TIMEOUT_S):
+            await self._kill(vm)
+        vm.ended_unseen = None
+        await self._handle_exit(vm, stopped_by_us=reason == GUEST_ENDINGS[0], override_reason=reason)
+
+    async def _settle(self, vm: VmProcess) -> None:
+        """With the VM's lock held: record an exit, or end a QEMU whose guest powered off."""
+        if vm.pid is None:
+            return
+        if not self._alive(vm):
+            await self._handle_exit(vm)
+        elif (ended := self._guest_ended(vm)) is not None:
+            await self._end_guest_ended(vm, ended)
+
     async def refresh(self) -> None:
-        """Called periodically: notice processes that exited since the last look, and reconnect QMP
-        to live QEMUs whose connection broke (or never came up at re-attach)."""
+        """Called periodically: notice processes that exited since the last look, end QEMUs whose
+        guest powered off, and reconnect QMP to live QEMUs whose connection broke (or never came up
+        at re-attach)."""
         for vm in list(self._vms.values()):
             if vm.pid is None or vm.lock.locked():
                 continue
             async with vm.lock:
-                if vm.pid is None:
-                    continue
-                if not self._alive(vm):
-                    await self._handle_exit(vm)
-                elif vm.qmp is None or not vm.qmp.connected:
+                await self._settle(vm)
+                if vm.pid is not None and (vm.qmp is None or not vm.qmp.connected):
                     await self._reconnect_qmp(vm)
 
     async def _reconnect_qmp(self, vm: VmProcess) -> None:
@@ -203,13 +248,14 @@ class Supervisor:
             await old.close()
         vm.qmp, vm.qmp_lost = new, False
         log.info("reconnected QMP to VM %s (pid %s)", vm.spec.name, vm.pid)
+        await self._note_ended_unseen(vm)
 
     # ----- views -------------------------------------------------------------------------------
     async def runtime(self, name: str) -> VmRuntime:
         vm = self._entry(name)
-        if vm.pid is not None and not vm.lock.locked() and not self._alive(vm):
+        if vm.pid is not None and not vm.lock.locked() and (not self._alive(vm) or self._guest_ended(vm)):
             async with vm.lock:
-                await self._handle_exit(vm)
+                await self._settle(vm)
         return await self._view(vm)
 
     async def _view(self, vm: VmProcess) -> VmRuntime:
@@ -316,6 +362,7 @@ class Supervisor:
         self._refuse_if_moving(name, "be deleted")
         vm = self._entry(name)
         async with vm.lock:
+            await self._settle(vm)
             if self._alive(vm):
                 raise ConflictError(f"VM {name!r} is running and cannot be deleted.",
                                     hint="Stop or shut it down first.")
@@ -328,6 +375,7 @@ class Supervisor:
         """Forget a VM that runs no QEMU here, keeping its files (a cold move registered it elsewhere)."""
         vm = self._entry(name)
         async with vm.lock:
+            await self._settle(vm)
             if self._alive(vm):
                 raise ConflictError(f"VM {name!r} is running here and cannot be unregistered.",
                                     hint="Stop it first, or move it live.")
@@ -366,9 +414,8 @@ class Supervisor:
     async def power(self, name: str, action: PowerAction, timeout_s: float = 30.0) -> VmRuntime:
         vm = self._entry(name)
         async with vm.lock:
+            await self._settle(vm)
             running = self._alive(vm)
-            if vm.pid is not None and not running:
-                await self._handle_exit(vm)
             if not running and saved_state(vm.paths) is not None:
                 await self._power_suspended(vm, action)
             elif action is PowerAction.START:
@@ -418,6 +465,7 @@ class Supervisor:
         """Save the running (or paused) VM's state to its folder and stop QEMU (agent/suspend.py)."""
         vm = self._entry(name)
         async with vm.lock:
+            await self._settle(vm)
             if not self._alive(vm):
                 if saved_state(vm.paths) is not None:
                     raise ConflictError(f"VM {name!r} is already suspended.", hint="Nothing to do.")
@@ -455,6 +503,7 @@ class Supervisor:
         """Start a VM; with ``incoming`` (e.g. "defer") QEMU waits paused for a migration stream."""
         vm = self._entry(name)
         async with vm.lock:
+            await self._settle(vm)
             if self._alive(vm):
                 raise ConflictError(f"VM {name!r} is already running.", hint="Stop it first.")
             if vm.pid is not None:
@@ -554,6 +603,15 @@ class Supervisor:
             await asyncio.sleep(0.05)
         return True
 
+    async def _wait_off(self, vm: VmProcess, timeout_s: float) -> bool:
+        """Wait until QEMU exited or its guest powered off (QEMU then waits paused)."""
+        deadline = time.monotonic() + timeout_s
+        while self._alive(vm) and self._guest_ended(vm) is None:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     async def _kill(self, vm: VmProcess) -> None:
         if vm.pid is not None and self._alive(vm):
             with contextlib.suppress(ProcessLookupError):
@@ -575,12 +633,14 @@ class Supervisor:
         first press), and stop hard when the guest has not powered off within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         await self._qmp(vm).system_powerdown()
-        exited = await self._wait_exit(vm, min(POWER_BUTTON_REPEAT_S, timeout_s))
+        exited = await self._wait_off(vm, min(POWER_BUTTON_REPEAT_S, timeout_s))
         while not exited and (left := deadline - time.monotonic()) > 0:
             with contextlib.suppress(QemuError):  # QEMU may be on its way out already
                 await self._qmp(vm).system_powerdown()
-            exited = await self._wait_exit(vm, min(POWER_BUTTON_REPEAT_S, left))
-        if exited:
+            exited = await self._wait_off(vm, min(POWER_BUTTON_REPEAT_S, left))
+        if exited and (ended := self._guest_ended(vm)) is not None and self._alive(vm):
+            await self._end_guest_ended(vm, ended)
+        elif exited:
             await self._handle_exit(vm, stopped_by_us=True)
         else:
             log.info("VM %s did not shut down within %g s; stopping it hard", vm.spec.name, timeout_s)

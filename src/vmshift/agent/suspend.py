@@ -164,7 +164,13 @@ async def save_state(qmp: QmpSession, paths: VmPaths, spec: VmSpec, settings: Su
         stale.unlink(missing_ok=True)
     try:
         if create_file is not None:
-            create_file(partial)
+            try:
+                create_file(partial)
+            except OSError as exc:
+                raise QemuError(f"The state file of VM {spec.name!r} cannot be created in {paths.vm_dir} "
+                                f"({exc.strerror}).",
+                                hint=f"The VM runs on as before; check that {paths.vm_dir} is writable and "
+                                     "has room for the VM's memory.") from exc
         on_progress(_progress(spec, SuspendPhase.STOPPING, None))
         await qmp.stop()
         try:

@@ -155,6 +155,9 @@ def build_qemu_argv(
         "-display", "none",
         "-msg", "timestamp=on",
         "-sandbox", SANDBOX,
+        # A guest that powers off (or panics) leaves QEMU paused in state "shutdown" instead of exiting:
+        # the agent drains the serial ring (the guest's last words) and then quits it (supervisor.py).
+        "-action", "shutdown=pause",
         "-chardev", f"ringbuf,id={SERIAL_CHARDEV},size={SERIAL_RING_BYTES}",
         "-serial", f"chardev:{SERIAL_CHARDEV}",
         "-chardev", qmp,
