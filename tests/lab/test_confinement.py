@@ -197,3 +197,22 @@ def test_a_flooding_guest_stays_under_the_serial_cap(lab: LabHandle, api: Vmshif
     assert (local / "serial.log.1").exists(), "the log rotated"
     assert f"vmshift-flood {lines} " in serial(lab, 2, 8192), "the guest's last lines are in the log"
     assert os.stat(local / "serial.log").st_uid == 0
+
+
+def test_files_made_by_moves_and_suspend_are_qemus(lab: LabHandle, vm: dict[str, Any]) -> None:
+    """Runs after the flood test moved the VM: the Storage vMotion's new disk, then a suspend's state
+    file (QEMU writes it into a file the agent created for it) and the resume that reads it."""
+    user = pwd.getpwnam(QEMU_USER)
+    local = layout(lab).local_datastore(2) / VM
+    assert mode_owner(local) == (0o710, 0, user.pw_gid)
+    disks = list(local.glob("*.qcow2"))
+    assert disks and all(mode_owner(d) == (0o600, user.pw_uid, user.pw_gid) for d in disks)
+
+    vmshift_json(lab, "vm", "suspend", VM, timeout=300)
+    assert mode_owner(local / "suspended.state") == (0o600, user.pw_uid, user.pw_gid)
+    assert qemu_pids(vm["uuid"]) == []
+    resumed = vmshift_json(lab, "vm", "start", VM, timeout=300)
+    assert resumed["power_state"] == "poweredOn", resumed
+    pids = qemu_pids(vm["uuid"])
+    assert len(pids) == 1 and set(psutil.Process(pids[0]).uids()) == {user.pw_uid}
+    assert guest_check(lab, VM)["echo"]
