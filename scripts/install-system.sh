@@ -32,4 +32,8 @@ if [ -z "$qv" ] || [ "$qv" -lt 10 ]; then
   apt-get update -q || true
   apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
 fi
+# The unprivileged user vmshift-agent runs QEMU as (docs/confinement.md).
+if ! getent passwd vmshift-qemu >/dev/null; then
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin vmshift-qemu
+fi
 qemu-system-x86_64 --version | head -1

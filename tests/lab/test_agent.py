@@ -171,6 +171,7 @@ def env() -> Iterator[AgentEnv]:
     k = secrets.randbelow(60) + 1
     root_ip, ns_ip = f"10.213.250.{4 * k + 1}", f"10.213.250.{4 * k + 2}"
     workdir = Path(tempfile.mkdtemp(prefix="vmsa-"))
+    os.chmod(workdir, 0o755)  # a confined QEMU (user vmshift-qemu, if it exists) must reach its datastore
     env = AgentEnv(ns=ns, url=f"http://{ns_ip}:8101", token=secrets.token_hex(16),
                    config=workdir / "agent.json", workdir=workdir,
                    datastore=workdir / "ds1", state_dir=workdir / "st")

@@ -9,7 +9,7 @@ import pytest
 
 from vmshift.model.enums import Accelerator, BootKind
 from vmshift.model.vm import BootSpec, DiskSpec, NicSpec, VmSpec
-from vmshift.qemu.cmdline import KernelBoot, VmPaths, build_qemu_argv, tap_name
+from vmshift.qemu.cmdline import SANDBOX, KernelBoot, PassedFds, VmPaths, build_qemu_argv, tap_name
 
 UUID = "0b7c5a4e-1f2d-4c3b-9a8e-7d6c5b4a3f21"
 
@@ -55,7 +55,7 @@ def test_basic_options() -> None:
     for flag in ("-nodefaults", "-no-user-config"):
         assert flag in argv
     assert opt(argv, "-display") == ["none"]
-    assert opt(argv, "-pidfile") == ["/run/vms/web-1/qemu.pid"]
+    assert "-pidfile" not in argv  # QEMU may not write into the agent's state dir; running.json has the pid
     assert "-incoming" not in argv
 
 
@@ -64,20 +64,42 @@ def test_serial_and_qmp() -> None:
     argv = build_qemu_argv(spec, make_paths(spec), accelerator=Accelerator.KVM,
                            taps=["vt-0b7c5a4e-0"], kernel_boot=KERNEL)
     chardevs = opt(argv, "-chardev")
-    assert "file,id=serial0,path=/ds/shared-1/web-1/serial.log,append=on" in chardevs
+    assert "ringbuf,id=serial0,size=1048576" in chardevs  # the agent drains it into the capped log
     assert "socket,id=qmp0,path=/run/vms/web-1/qmp.sock,server=on,wait=off" in chardevs
     assert opt(argv, "-serial") == ["chardev:serial0"]
     assert opt(argv, "-mon") == ["chardev=qmp0,mode=control"]
     assert opt(argv, "-accel") == ["kvm"]
 
 
+def test_sandbox_denies_what_qemu_never_needs() -> None:
+    spec = make_spec()
+    argv = build_qemu_argv(spec, make_paths(spec), accelerator=Accelerator.TCG, taps=["t0"],
+                           kernel_boot=KERNEL)
+    assert opt(argv, "-sandbox") == [SANDBOX]
+    for deny in ("obsolete", "elevateprivileges", "spawn", "resourcecontrol"):
+        assert f"{deny}=deny" in SANDBOX
+    assert "-runas" not in argv  # the agent starts QEMU as its user; the sandbox forbids setuid
+    assert opt(argv, "-action") == ["shutdown=pause"]  # the agent reads the guest's last words, then quits
+
+
+def test_passed_fds_replace_paths() -> None:
+    spec = make_spec(nics=2)
+    argv = build_qemu_argv(spec, make_paths(spec), accelerator=Accelerator.TCG, taps=["tapA", "tapB"],
+                           kernel_boot=KERNEL, fds=PassedFds(qmp=3, taps=[4, 5]))
+    assert "socket,id=qmp0,fd=3,server=on,wait=off" in opt(argv, "-chardev")
+    assert opt(argv, "-netdev") == ["tap,id=net0,fd=4", "tap,id=net1,fd=5"]
+    with pytest.raises(ValueError, match="tap fds"):
+        build_qemu_argv(spec, make_paths(spec), accelerator=Accelerator.TCG, taps=["tapA", "tapB"],
+                        kernel_boot=KERNEL, fds=PassedFds(qmp=3, taps=[4]))
+
+
 def test_comma_in_path_is_escaped() -> None:
     spec = make_spec()
-    paths = VmPaths(vm_dir=Path("/ds/a,b/web-1"), run_dir=Path("/run/vms/web-1"),
+    paths = VmPaths(vm_dir=Path("/ds/a,b/web-1"), run_dir=Path("/run/a,b/web-1"),
                     disks=[Path("/ds/a,b/web-1/disk0.qcow2"), Path("/ds/a,b/web-1/disk1.qcow2")])
     argv = build_qemu_argv(spec, paths, accelerator=Accelerator.TCG, taps=["t0"],
                            kernel_boot=KERNEL)
-    assert "file,id=serial0,path=/ds/a,,b/web-1/serial.log,append=on" in opt(argv, "-chardev")
+    assert "socket,id=qmp0,path=/run/a,,b/web-1/qmp.sock,server=on,wait=off" in opt(argv, "-chardev")
     # -blockdev uses JSON, where a comma needs no escaping
     assert json.loads(opt(argv, "-blockdev")[0])["filename"] == "/ds/a,b/web-1/disk0.qcow2"
 
@@ -177,10 +199,13 @@ def test_argv_is_accepted_by_qemu(tmp_path: Path) -> None:
     paths = VmPaths(vm_dir=tmp_path, run_dir=tmp_path, disks=[disk])
     argv = build_qemu_argv(spec, paths, accelerator=Accelerator.TCG, taps=[])
     argv = [*argv, "-S", "-qmp", "stdio"]
-    commands = '{"execute":"qmp_capabilities"}\n{"execute":"query-block","id":"b"}\n{"execute":"quit"}\n'
+    commands = ('{"execute":"qmp_capabilities"}\n{"execute":"query-block","id":"b"}\n'
+                '{"execute":"ringbuf-read","id":"r","arguments":{"device":"serial0","size":4096}}\n'
+                '{"execute":"quit"}\n')
     proc = subprocess.run(argv, input=commands, capture_output=True, text=True, timeout=30, check=False)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0, proc.stderr  # the sandbox is accepted too (QEMU built with seccomp)
     replies = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     blocks = next(r["return"] for r in replies if r.get("id") == "b")
     assert [b["qdev"] for b in blocks] == ["/machine/peripheral/disk0/virtio-backend"]
-    assert (tmp_path / "serial.log").exists()
+    assert next(r for r in replies if r.get("id") == "r") == {"return": "", "id": "r"}  # the serial ring
+    assert not (tmp_path / "serial.log").exists()  # QEMU writes no log file: the agent does

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,6 +29,7 @@ from vmshift.agent.routes_migration import router as migration_router
 from vmshift.agent.routes_moves import router as moves_router
 from vmshift.agent.routes_moves import start_moves
 from vmshift.agent.routes_suspend import router as suspend_router
+from vmshift.agent.serial_log import DRAIN_INTERVAL_S
 from vmshift.agent.supervisor import Supervisor
 from vmshift.agent.vmfiles import VmFiles
 from vmshift.errors import InvalidInputError
@@ -66,6 +68,15 @@ def _state(request: Request) -> AgentState:
 State = Annotated[AgentState, Depends(_state)]
 
 
+async def _serial_loop(supervisor: Supervisor) -> None:
+    while True:
+        await asyncio.sleep(DRAIN_INTERVAL_S)
+        try:
+            await supervisor.drain_serial_all()
+        except Exception:
+            log.exception("draining the serial consoles failed")
+
+
 async def _refresh_loop(supervisor: Supervisor) -> None:
     while True:
         await asyncio.sleep(REFRESH_INTERVAL_S)
@@ -81,6 +92,7 @@ def create_app(config: AgentConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         config.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(config.state_dir, 0o700)  # records, sockets and logs: root's alone
         datastores = Datastores(config.datastores)
         probe = await probe_host(config, datastores)
         supervisor = Supervisor(config, VmFiles(datastores, config.state_dir, config.qemu_img),
@@ -99,13 +111,15 @@ def create_app(config: AgentConfig) -> FastAPI:
                                     roles.outgoing.release, moves.release)
         retention.start()  # after the resumes: what they picked up is unfinished, never removed
         refresher = asyncio.create_task(_refresh_loop(supervisor), name="agent-refresh")
+        drainer = asyncio.create_task(_serial_loop(supervisor), name="agent-serial-drain")
         log.info("agent %s ready on %s", config.name, config.listen)
         try:
             yield
         finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+            for task in (refresher, drainer):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await retention.stop()
             await roles.close()
             await moves.close()
@@ -126,7 +140,8 @@ def create_app(config: AgentConfig) -> FastAPI:
 
     @app.get("/api/v1/facts")
     async def facts(agent: State) -> HostFacts:
-        return await asyncio.to_thread(host_facts, agent.config, agent.probe, agent.datastores)
+        return await asyncio.to_thread(host_facts, agent.config, agent.probe, agent.datastores,
+                                       agent.supervisor.qemu_identity)
 
     @app.get("/api/v1/vms")
     async def list_vms(agent: State) -> list[VmRuntime]:
@@ -159,7 +174,7 @@ def create_app(config: AgentConfig) -> FastAPI:
     @app.get("/api/v1/vms/{name}/serial", response_class=PlainTextResponse)
     async def serial(name: VmName, agent: State,
                      tail_bytes: Annotated[int, Query(ge=0, le=16 << 20)] = 65536) -> str:
-        return agent.supervisor.serial_tail(name, tail_bytes)
+        return await agent.supervisor.serial_tail(name, tail_bytes)
 
     app.include_router(migration_router)
     app.include_router(disk_exports_router)

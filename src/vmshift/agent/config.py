@@ -10,6 +10,9 @@ from typing import Any
 from vmshift.errors import InvalidInputError
 
 ACCELERATOR_CHOICES = ("auto", "kvm", "tcg")
+DEFAULT_QEMU_USER = "vmshift-qemu"
+DEFAULT_SERIAL_LOG_CAP_BYTES = 4 << 20
+MIN_SERIAL_LOG_CAP_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,10 @@ class AgentConfig:
     qemu_binary: str = "qemu-system-x86_64"
     qemu_img: str = "qemu-img"
     record_retention_days: int = 30  # finished migration and move records in state_dir; 0 keeps them
+    #: the unprivileged user QEMU runs as; "" (or a user this host lacks): root (docs/confinement.md)
+    qemu_user: str = DEFAULT_QEMU_USER
+    #: the most the two files of a VM's serial log (serial.log, serial.log.1) hold together
+    serial_log_cap_bytes: int = DEFAULT_SERIAL_LOG_CAP_BYTES
 
     @property
     def listen_host(self) -> str:
@@ -74,8 +81,16 @@ def config_from_dict(data: dict[str, Any], source: Path = Path("<dict>")) -> Age
     retention = data.get("record_retention_days", AgentConfig.record_retention_days)
     if isinstance(retention, bool) or not isinstance(retention, int) or retention < 0:
         raise _bad(source, "'record_retention_days' must be a whole number of days (0 keeps records forever)")
+    qemu_user = data.get("qemu_user", DEFAULT_QEMU_USER)
+    if not isinstance(qemu_user, str):
+        raise _bad(source, "'qemu_user' must be a user name (\"\" runs QEMU as root)")
+    cap = data.get("serial_log_cap_bytes", DEFAULT_SERIAL_LOG_CAP_BYTES)
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < MIN_SERIAL_LOG_CAP_BYTES:
+        raise _bad(source, "'serial_log_cap_bytes' must be a whole number of at least "
+                           f"{MIN_SERIAL_LOG_CAP_BYTES}")
     known = {"name", "listen", "token_file", "state_dir", "datastores", "networks", "management_address",
-             "migration_address", "accelerator", "qemu_binary", "qemu_img", "record_retention_days"}
+             "migration_address", "accelerator", "qemu_binary", "qemu_img", "record_retention_days",
+             "qemu_user", "serial_log_cap_bytes"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise _bad(source, f"unknown key(s) {', '.join(unknown)}")
@@ -86,6 +101,7 @@ def config_from_dict(data: dict[str, Any], source: Path = Path("<dict>")) -> Age
         migration_address=str(data.get("migration_address", "")), accelerator=accel,
         qemu_binary=str(data.get("qemu_binary", "qemu-system-x86_64")),
         qemu_img=str(data.get("qemu_img", "qemu-img")), record_retention_days=retention,
+        qemu_user=qemu_user, serial_log_cap_bytes=cap,
     )
 
 

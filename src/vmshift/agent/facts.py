@@ -10,6 +10,7 @@ from importlib.metadata import version as package_version
 
 from vmshift.agent.config import AgentConfig
 from vmshift.agent.datastores import Datastores
+from vmshift.agent.qemu_user import QemuIdentity
 from vmshift.model.enums import Accelerator
 from vmshift.model.host import HostFacts
 from vmshift.qemu.probe import (
@@ -45,8 +46,10 @@ async def probe_host(config: AgentConfig, datastores: Datastores) -> HostProbe:
     return HostProbe(cpu=read_cpuinfo(), qemu=caps, accelerator=accel)
 
 
-def host_facts(config: AgentConfig, probe: HostProbe, datastores: Datastores) -> HostFacts:
+def host_facts(config: AgentConfig, probe: HostProbe, datastores: Datastores,
+               qemu_identity: QemuIdentity | None = None) -> HostFacts:
     total, free = memory_mib()
+    identity = qemu_identity or QemuIdentity(why_root="unknown")
     return HostFacts(
         name=config.name, cpu_vendor=probe.cpu.vendor, cpu_model=probe.cpu.model,
         cpu_flags=probe.cpu.flags, cpus=probe.cpu.cpus, qemu_version=probe.qemu.version,
@@ -57,4 +60,5 @@ def host_facts(config: AgentConfig, probe: HostProbe, datastores: Datastores) ->
         management_address=config.management_address, migration_address=config.migration_address,
         agent_version=package_version("vmshift"),
         migration_tls=HostTlsFiles.of(config.state_dir).enrolled,
+        qemu_user=identity.user or "", qemu_confined_why_not=identity.why_root,
     )

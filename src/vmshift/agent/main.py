@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def run(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, type=Path, help="agent config file (JSON)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
+    os.umask(0o077)  # every record, disk and log the agent (and its qemu-img) creates is 0600
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -22,8 +23,11 @@ from pathlib import Path
 
 import psutil
 
+from vmshift.agent import serial_log
 from vmshift.agent.config import AgentConfig
 from vmshift.agent.guest_memory import guest_ram_zero_fraction
+from vmshift.agent.qemu_user import QemuIdentity, prepare_vm_files
+from vmshift.agent.qemu_user import resolve as resolve_qemu_user
 from vmshift.agent.suspend import (
     SuspendSettings,
     discard_state,
@@ -35,13 +39,13 @@ from vmshift.agent.suspend import (
     saved_and_stopped,
     saved_state,
 )
-from vmshift.agent.taps import create_tap, delete_tap
+from vmshift.agent.taps import create_tap, delete_tap, open_tap
 from vmshift.agent.vmfiles import VmFiles
 from vmshift.errors import ConflictError, NotFoundError, QemuError
 from vmshift.model.enums import MIGRATION_RUN_STATES, Accelerator, PowerAction, PowerState, QemuRunState
 from vmshift.model.suspend import SuspendProgress, SuspendResult
 from vmshift.model.vm import VmRuntime, VmSpec
-from vmshift.qemu.cmdline import VmPaths, build_qemu_argv, tap_name
+from vmshift.qemu.cmdline import PassedFds, VmPaths, build_qemu_argv, tap_name
 from vmshift.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,9 @@ QEMU_LOG = "qemu.log"
 START_TIMEOUT_S = 15.0
 QUIT_TIMEOUT_S = 5.0
 POWER_BUTTON_REPEAT_S = 5.0
+#: SHUTDOWN reasons after which QEMU (``-action shutdown=pause``) waits paused for the agent to end it
+GUEST_ENDINGS = ("guest-shutdown", "guest-panic")
+QEMU_SHUTDOWN_STATUS = "shutdown"
 
 _NO_RESUME_BECAUSE: dict[str, str] = {  # why each of MIGRATION_RUN_STATES forbids a plain resume
     QemuRunState.INMIGRATE: "waits for or loads an incoming live migration",
@@ -74,6 +81,7 @@ class VmProcess:
     exit_reason: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     qmp_lost: bool = False  # a reconnect failed and was logged; log again only after success
+    ended_unseen: str | None = None  # the guest ended while no QMP session listened (found by status)
 
 
 def process_is_qemu_of(pid: int, vm_uuid: str) -> bool:
@@ -86,10 +94,13 @@ def process_is_qemu_of(pid: int, vm_uuid: str) -> bool:
 
 
 class Supervisor:
-    def __init__(self, config: AgentConfig, files: VmFiles, accelerator: Accelerator) -> None:
+    def __init__(self, config: AgentConfig, files: VmFiles, accelerator: Accelerator,
+                 qemu_identity: QemuIdentity | None = None) -> None:
         self.config = config
         self.files = files
         self.accelerator = accelerator
+        self.qemu_identity = qemu_identity or resolve_qemu_user(config.qemu_user, accelerator)
+        self.serial = serial_log.SerialLogs(config.serial_log_cap_bytes)
         self._vms: dict[str, VmProcess] = {}
         self.suspend_settings = SuspendSettings()
         self.suspends: dict[str, SuspendProgress] = {}  # the last suspend of each VM (GET .../suspend)
@@ -138,6 +149,8 @@ class Supervisor:
                     log.info("re-attached to VM %s (pid %d)", name, vm.pid)
                     if await recover(vm.qmp, vm.paths, vm.spec):  # a suspend or resume was cut short
                         await self._hard_stop(vm, reason="suspended")
+                    else:
+                        await self._note_ended_unseen(vm)
                 except QemuError as exc:
                     log.warning("VM %s runs (pid %d) but QMP is unreachable: %s", name, vm.pid, exc)
             else:
@@ -158,25 +171,64 @@ class Supervisor:
         vm.exit_reason = override_reason or reason or ("stopped" if stopped_by_us else "process vanished")
         for tap in vm.taps:
             await delete_tap(tap)
-        vm.pid, vm.popen, vm.taps = None, None, []
+        vm.pid, vm.popen, vm.taps, vm.ended_unseen = None, None, [], None
         (vm.paths.run_dir / RUNNING_FILE).unlink(missing_ok=True)
         outcome = {"died": vm.died, "exit_reason": vm.exit_reason}
         (vm.paths.run_dir / EXIT_FILE).write_text(json.dumps(outcome))
         if vm.died:
             log.warning("VM %s died (%s)", vm.spec.name, vm.exit_reason)
 
+    def _guest_ended(self, vm: VmProcess) -> str | None:
+        """The reason the guest powered off or panicked, if it did: its QEMU waits paused to be ended."""
+        if vm.ended_unseen is not None:
+            return vm.ended_unseen
+        if vm.qmp is None:
+            return None
+        for event in reversed(vm.qmp.events_named("SHUTDOWN")):
+            reason = str(event.data.get("reason", ""))
+            if reason in GUEST_ENDINGS:
+                return reason
+        return None
+
+    async def _note_ended_unseen(self, vm: VmProcess) -> None:
+        """After a (re)connect: a guest that powered off while nobody listened left no event."""
+        if vm.qmp is not None:
+            with contextlib.suppress(QemuError):
+                if (await vm.qmp.query_status()).status == QEMU_SHUTDOWN_STATUS:
+                    vm.ended_unseen = GUEST_ENDINGS[0]
+
+    async def _end_guest_ended(self, vm: VmProcess, reason: str) -> None:
+        """The guest powered off (or panicked) and QEMU paused: keep its last serial output, then quit
+        QEMU. A power-off is a normal stop; a panic counts as the VM dying."""
+        with contextlib.suppress(QemuError, OSError):
+            await self._drain_serial(vm)
+        if vm.qmp is not None:
+            with contextlib.suppress(QemuError, TimeoutError):
+                await asyncio.wait_for(vm.qmp.quit(), timeout=QUIT_TIMEOUT_S)
+        if not await self._wait_exit(vm, QUIT_TIMEOUT_S):
+            await self._kill(vm)
+        vm.ended_unseen = None
+        await self._handle_exit(vm, stopped_by_us=reason == GUEST_ENDINGS[0], override_reason=reason)
+
+    async def _settle(self, vm: VmProcess) -> None:
+        """With the VM's lock held: record an exit, or end a QEMU whose guest powered off."""
+        if vm.pid is None:
+            return
+        if not self._alive(vm):
+            await self._handle_exit(vm)
+        elif (ended := self._guest_ended(vm)) is not None:
+            await self._end_guest_ended(vm, ended)
+
     async def refresh(self) -> None:
-        """Called periodically: notice processes that exited since the last look, and reconnect QMP
-        to live QEMUs whose connection broke (or never came up at re-attach)."""
+        """Called periodically: notice processes that exited since the last look, end QEMUs whose
+        guest powered off, and reconnect QMP to live QEMUs whose connection broke (or never came up
+        at re-attach)."""
         for vm in list(self._vms.values()):
             if vm.pid is None or vm.lock.locked():
                 continue
             async with vm.lock:
-                if vm.pid is None:
-                    continue
-                if not self._alive(vm):
-                    await self._handle_exit(vm)
-                elif vm.qmp is None or not vm.qmp.connected:
+                await self._settle(vm)
+                if vm.pid is not None and (vm.qmp is None or not vm.qmp.connected):
                     await self._reconnect_qmp(vm)
 
     async def _reconnect_qmp(self, vm: VmProcess) -> None:
@@ -196,13 +248,14 @@ class Supervisor:
             await old.close()
         vm.qmp, vm.qmp_lost = new, False
         log.info("reconnected QMP to VM %s (pid %s)", vm.spec.name, vm.pid)
+        await self._note_ended_unseen(vm)
 
     # ----- views -------------------------------------------------------------------------------
     async def runtime(self, name: str) -> VmRuntime:
         vm = self._entry(name)
-        if vm.pid is not None and not vm.lock.locked() and not self._alive(vm):
+        if vm.pid is not None and not vm.lock.locked() and (not self._alive(vm) or self._guest_ended(vm)):
             async with vm.lock:
-                await self._handle_exit(vm)
+                await self._settle(vm)
         return await self._view(vm)
 
     async def _view(self, vm: VmProcess) -> VmRuntime:
@@ -270,13 +323,29 @@ class Supervisor:
             log.warning("sampling the memory of VM %s failed: %s", name, exc)
             return None
 
-    def serial_tail(self, name: str, tail_bytes: int) -> str:
-        path = self._entry(name).paths.serial_log
-        if not path.exists():
-            return ""
-        with path.open("rb") as f:
-            f.seek(max(0, path.stat().st_size - max(0, tail_bytes)))
-            return f.read().decode(errors="replace")
+    async def serial_tail(self, name: str, tail_bytes: int) -> str:
+        """The last ``tail_bytes`` of the serial log, with what the guest wrote until now."""
+        vm = self._entry(name)
+        await self._drain_serial(vm)
+        data = await self.serial.tail(name, vm.paths, max(0, tail_bytes))
+        return data.decode(errors="replace")
+
+    async def _drain_serial(self, vm: VmProcess) -> None:
+        if vm.pid is not None and vm.qmp is not None and vm.qmp.connected:
+            await self.serial.drain(vm.spec.name, vm.qmp, vm.paths)
+
+    async def drain_serial_all(self) -> None:
+        """Called every drain interval: move each running guest's console output into its log."""
+        for vm in list(self._vms.values()):
+            try:
+                await self._drain_serial(vm)
+            except OSError as exc:  # a full or vanished datastore: the ring keeps the rest
+                log.warning("writing the serial log of VM %s failed: %s", vm.spec.name, exc)
+
+    async def move_serial_log(self, name: str, old: VmPaths, new: VmPaths) -> bool:
+        """The VM's home moved while it runs (Storage vMotion): bring its log to the new folder.
+        False when its QEMU writes the log itself (started by an older agent)."""
+        return await self.serial.move(name, self.qmp_session(name), old, new)
 
     # ----- define / delete ---------------------------------------------------------------------
     async def define(self, spec: VmSpec) -> VmRuntime:
@@ -293,6 +362,7 @@ class Supervisor:
         self._refuse_if_moving(name, "be deleted")
         vm = self._entry(name)
         async with vm.lock:
+            await self._settle(vm)
             if self._alive(vm):
                 raise ConflictError(f"VM {name!r} is running and cannot be deleted.",
                                     hint="Stop or shut it down first.")
@@ -305,6 +375,7 @@ class Supervisor:
         """Forget a VM that runs no QEMU here, keeping its files (a cold move registered it elsewhere)."""
         vm = self._entry(name)
         async with vm.lock:
+            await self._settle(vm)
             if self._alive(vm):
                 raise ConflictError(f"VM {name!r} is running here and cannot be unregistered.",
                                     hint="Stop it first, or move it live.")
@@ -343,9 +414,8 @@ class Supervisor:
     async def power(self, name: str, action: PowerAction, timeout_s: float = 30.0) -> VmRuntime:
         vm = self._entry(name)
         async with vm.lock:
+            await self._settle(vm)
             running = self._alive(vm)
-            if vm.pid is not None and not running:
-                await self._handle_exit(vm)
             if not running and saved_state(vm.paths) is not None:
                 await self._power_suspended(vm, action)
             elif action is PowerAction.START:
@@ -395,6 +465,7 @@ class Supervisor:
         """Save the running (or paused) VM's state to its folder and stop QEMU (agent/suspend.py)."""
         vm = self._entry(name)
         async with vm.lock:
+            await self._settle(vm)
             if not self._alive(vm):
                 if saved_state(vm.paths) is not None:
                     raise ConflictError(f"VM {name!r} is already suspended.", hint="Nothing to do.")
@@ -405,7 +476,8 @@ class Supervisor:
                                     "suspended.", hint="Suspend it once the migration has finished.")
             began = time.monotonic()
             sink = functools.partial(self.suspends.__setitem__, name)
-            outcome = await save_state(self._qmp(vm), vm.paths, vm.spec, self.suspend_settings, sink)
+            outcome = await save_state(self._qmp(vm), vm.paths, vm.spec, self.suspend_settings, sink,
+                                       create_file=self.qemu_identity.create_file)
             await self._hard_stop(vm, reason="suspended")
             saved_and_stopped(vm.paths, vm.spec, sink, outcome)
             return outcome.result(await self._view(vm), vm.paths, vm.spec, time.monotonic() - began)
@@ -431,6 +503,7 @@ class Supervisor:
         """Start a VM; with ``incoming`` (e.g. "defer") QEMU waits paused for a migration stream."""
         vm = self._entry(name)
         async with vm.lock:
+            await self._settle(vm)
             if self._alive(vm):
                 raise ConflictError(f"VM {name!r} is already running.", hint="Stop it first.")
             if vm.pid is not None:
@@ -458,27 +531,41 @@ class Supervisor:
 
     async def _start(self, vm: VmProcess, incoming: str | None = None) -> None:
         self._refuse_if_moving(vm.spec.name, "start")
-        spec, paths = vm.spec, vm.paths
+        spec, paths, identity = vm.spec, vm.paths, self.qemu_identity
         kernel = self.files.kernel_boot(spec)
         taps = [tap_name(spec.uuid, i) for i in range(len(spec.nics))]
         paths.run_dir.mkdir(parents=True, exist_ok=True)
         paths.vm_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (paths.qmp_socket, paths.pidfile, paths.run_dir / EXIT_FILE):
+        for stale in (paths.qmp_socket, paths.run_dir / EXIT_FILE):
             stale.unlink(missing_ok=True)
+        prepare_vm_files(identity, paths, kernel)
+        serial_log.touch(paths)
+        self.serial.forget(spec.name)
         vm.died, vm.exit_reason = False, None
-        argv = build_qemu_argv(spec, paths, accelerator=self.accelerator, taps=taps, kernel_boot=kernel,
-                               incoming=incoming, qemu_binary=self.config.qemu_binary)
         vm.taps = []
+        passed: list[int] = []
         try:
             for nic, tap in zip(spec.nics, taps, strict=True):
-                await create_tap(tap, self.config.networks[nic.network])
+                await create_tap(tap, self.config.networks[nic.network], identity.user)
                 vm.taps.append(tap)
+            qmp_fd = _listen_unix(paths.qmp_socket)
+            passed.append(qmp_fd)
+            tap_fds = [open_tap(tap) for tap in taps]
+            passed += tap_fds
+            argv = build_qemu_argv(spec, paths, accelerator=self.accelerator, taps=taps, kernel_boot=kernel,
+                                   incoming=incoming, qemu_binary=self.config.qemu_binary,
+                                   fds=PassedFds(qmp=qmp_fd, taps=tap_fds))
             qemu_log = paths.run_dir / QEMU_LOG
             with qemu_log.open("ab") as logf:
-                logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
+                who = identity.user or "root"
+                logf.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} as {who}: {' '.join(argv)}\n".encode())
                 logf.flush()
                 vm.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                            cwd=paths.run_dir, start_new_session=True, close_fds=True)
+                                            cwd="/", start_new_session=True, close_fds=True,
+                                            pass_fds=passed, umask=0o077, **identity.popen_kwargs())
+            for fd in passed:
+                os.close(fd)
+            passed = []
             vm.pid = vm.popen.pid
             (paths.run_dir / RUNNING_FILE).write_text(json.dumps({"pid": vm.pid, "taps": vm.taps}))
             vm.qmp = await self._connect_while_alive(vm, qemu_log)
@@ -487,10 +574,12 @@ class Supervisor:
                 raise QemuError(f"VM {spec.name!r} started but QEMU reports status {status.status!r}.",
                                 hint=f"See {qemu_log}.")
         except BaseException:
+            for fd in passed:
+                os.close(fd)
             await self._kill(vm)
             await self._handle_exit(vm, stopped_by_us=True)
             raise
-        log.info("started VM %s (pid %d)", spec.name, vm.pid)
+        log.info("started VM %s (pid %d, as %s)", spec.name, vm.pid, identity.user or "root")
 
     async def _connect_while_alive(self, vm: VmProcess, qemu_log: Path) -> QmpSession:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -514,6 +603,15 @@ class Supervisor:
             await asyncio.sleep(0.05)
         return True
 
+    async def _wait_off(self, vm: VmProcess, timeout_s: float) -> bool:
+        """Wait until QEMU exited or its guest powered off (QEMU then waits paused)."""
+        deadline = time.monotonic() + timeout_s
+        while self._alive(vm) and self._guest_ended(vm) is None:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     async def _kill(self, vm: VmProcess) -> None:
         if vm.pid is not None and self._alive(vm):
             with contextlib.suppress(ProcessLookupError):
@@ -521,6 +619,8 @@ class Supervisor:
             await self._wait_exit(vm, 5.0)
 
     async def _hard_stop(self, vm: VmProcess, reason: str = "stopped") -> None:
+        with contextlib.suppress(QemuError, OSError):
+            await self._drain_serial(vm)  # the guest's last words
         if vm.qmp is not None:
             with contextlib.suppress(QemuError, TimeoutError):
                 await asyncio.wait_for(vm.qmp.quit(), timeout=QUIT_TIMEOUT_S)
@@ -533,12 +633,14 @@ class Supervisor:
         first press), and stop hard when the guest has not powered off within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         await self._qmp(vm).system_powerdown()
-        exited = await self._wait_exit(vm, min(POWER_BUTTON_REPEAT_S, timeout_s))
+        exited = await self._wait_off(vm, min(POWER_BUTTON_REPEAT_S, timeout_s))
         while not exited and (left := deadline - time.monotonic()) > 0:
             with contextlib.suppress(QemuError):  # QEMU may be on its way out already
                 await self._qmp(vm).system_powerdown()
-            exited = await self._wait_exit(vm, min(POWER_BUTTON_REPEAT_S, left))
-        if exited:
+            exited = await self._wait_off(vm, min(POWER_BUTTON_REPEAT_S, left))
+        if exited and (ended := self._guest_ended(vm)) is not None and self._alive(vm):
+            await self._end_guest_ended(vm, ended)
+        elif exited:
             await self._handle_exit(vm, stopped_by_us=True)
         else:
             log.info("VM %s did not shut down within %g s; stopping it hard", vm.spec.name, timeout_s)
@@ -550,3 +652,17 @@ class Supervisor:
             if vm.qmp is not None:
                 await vm.qmp.close()
                 vm.qmp = None
+
+
+def _listen_unix(path: Path) -> int:
+    """Bind and listen on the QMP socket for QEMU (root-owned, 0600 by the agent's umask) and return
+    the fd QEMU inherits: QEMU never needs to reach the agent's state dir."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(4)
+    except OSError:
+        sock.close()
+        raise
+    return sock.detach()

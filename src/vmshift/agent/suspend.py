@@ -138,9 +138,13 @@ def _progress(spec: VmSpec, phase: SuspendPhase, t: StateTransfer | None, error:
 
 
 async def save_state(qmp: QmpSession, paths: VmPaths, spec: VmSpec, settings: SuspendSettings,
-                     on_progress: ProgressSink) -> SaveOutcome:
+                     on_progress: ProgressSink, create_file: Callable[[Path], None] | None = None,
+                     ) -> SaveOutcome:
     """Stop the vCPUs and write the VM's state to its folder. On return the state file is durable
-    and QEMU (in ``postmigrate``) must exit; on any error the VM runs again as before."""
+    and QEMU (in ``postmigrate``) must exit; on any error the VM runs again as before.
+
+    ``create_file`` makes the empty file QEMU writes into (a confined QEMU cannot create files in
+    the VM's folder, see agent/qemu_user.py)."""
     status = await qmp.query_status()
     if status.state in MIGRATION_RUN_STATES:
         raise ConflictError(f"VM {spec.name!r} belongs to a live migration (QEMU state {status.status!r}), "
@@ -159,6 +163,14 @@ async def save_state(qmp: QmpSession, paths: VmPaths, spec: VmSpec, settings: Su
     for stale in (partial, loaded_path(paths)):
         stale.unlink(missing_ok=True)
     try:
+        if create_file is not None:
+            try:
+                create_file(partial)
+            except OSError as exc:
+                raise QemuError(f"The state file of VM {spec.name!r} cannot be created in {paths.vm_dir} "
+                                f"({exc.strerror}).",
+                                hint=f"The VM runs on as before; check that {paths.vm_dir} is writable and "
+                                     "has room for the VM's memory.") from exc
         on_progress(_progress(spec, SuspendPhase.STOPPING, None))
         await qmp.stop()
         try:

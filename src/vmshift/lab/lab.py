@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shlex
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from urllib.parse import quote
 
 import httpx
 
+from vmshift.agent.config import DEFAULT_QEMU_USER
 from vmshift.errors import ConflictError, LabError, VmshiftError
 from vmshift.lab import context, processes, topology
 from vmshift.lab.layout import LABS_ROOT, LabRecord, list_records, load_record, validate_name
@@ -97,6 +99,7 @@ def _bring_up(rec: LabRecord, progress: Progress) -> None:
     topology.build(lay, rec.migration_link_rate)
     progress("datastores, tokens and agent configs")
     processes.prepare_files(rec)
+    ensure_qemu_user(progress)
     progress("guest image")
     from vmshift.lab import image  # lazily: building the image pulls in a toolchain
 
@@ -142,6 +145,26 @@ def _expect(r: httpx.Response, what: str) -> None:
     except (ValueError, KeyError, TypeError):
         detail = r.text[:300]
     raise LabError(f"{what} failed with HTTP {r.status_code}: {detail}")
+
+
+def ensure_qemu_user(progress: Progress = _quiet) -> None:
+    """Create the system user the agents run QEMU as, like scripts/install-system.sh does on a real
+    host (docs/confinement.md); an agent without it runs QEMU as root."""
+    try:
+        pwd.getpwnam(DEFAULT_QEMU_USER)
+        return
+    except KeyError:
+        pass
+    progress(f"creating the system user {DEFAULT_QEMU_USER} for QEMU")
+    proc = subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+         "--shell", "/usr/sbin/nologin", DEFAULT_QEMU_USER],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if proc.returncode not in (0, 9):  # 9: it exists (another lab created it just now)
+        raise LabError(f"Could not create the user {DEFAULT_QEMU_USER}: {proc.stderr.strip()}",
+                       hint="Create it by hand: useradd --system --no-create-home --shell /usr/sbin/nologin "
+                            f"{DEFAULT_QEMU_USER}")
 
 
 # ---------------------------------------------------------------- down

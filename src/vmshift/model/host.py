@@ -49,3 +49,6 @@ class HostFacts(BaseModel):
     agent_version: str = ""
     migration_tls: bool = Field(
         default=False, description="the host holds its cluster certificate, so it can encrypt a migration")
+    qemu_user: str = Field(default="", description="the unprivileged user this host's QEMUs run as; "
+                                                   "empty: root (older agents say nothing, hence empty)")
+    qemu_confined_why_not: str = Field(default="", description="why QEMU runs as root here, if it does")

@@ -16,6 +16,15 @@ from vmshift.model.vm import VmSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
 SUSPEND_STATE_FILE = "suspended.state"
+SERIAL_CHARDEV = "serial0"
+#: QEMU's seccomp filter: no obsolete system calls, no set*uid/set*gid, no fork/exec, no changes to
+#: scheduling or CPU affinity. Live migration over TCP, a state file (suspend), blockdev-mirror,
+#: NBD exports and fd-passed taps all work under it (QEMU 10.0.2, docs/confinement.md).
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+#: The guest's serial console goes to an in-QEMU ring buffer the agent drains into the capped serial
+#: log (agent/serial_log.py). A power of two (QEMU requires it); a guest writing faster than this per
+#: drain interval loses its oldest unread output, never the host's disk space.
+SERIAL_RING_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,13 @@ class VmPaths:
 
     @property
     def serial_log(self) -> Path:
+        """The newest part of the serial log (the agent writes it, see agent/serial_log.py)."""
         return self.vm_dir / "serial.log"
+
+    @property
+    def serial_log_old(self) -> Path:
+        """The part before: ``serial.log`` is renamed to this when it reaches half the cap."""
+        return self.vm_dir / "serial.log.1"
 
     @property
     def suspend_state(self) -> Path:
@@ -51,11 +66,17 @@ class VmPaths:
 
     @property
     def qmp_socket(self) -> Path:
+        """Bound by the agent and handed to QEMU as a listening fd, so QEMU needs no access to it."""
         return self.run_dir / "qmp.sock"
 
-    @property
-    def pidfile(self) -> Path:
-        return self.run_dir / "qemu.pid"
+
+@dataclass(frozen=True)
+class PassedFds:
+    """File descriptors the agent opened for QEMU (inherited through exec): the listening QMP socket
+    and one tap per NIC. QEMU then needs no path to the agent's state dir and no /dev/net/tun access."""
+
+    qmp: int
+    taps: list[int] = field(default_factory=list)
 
 
 def disk_node_name(index: int) -> str:
@@ -98,12 +119,16 @@ def build_qemu_argv(
     kernel_boot: KernelBoot | None = None,
     incoming: str | None = None,
     qemu_binary: str = QEMU_BINARY,
+    fds: PassedFds | None = None,
 ) -> list[str]:
     """Return the argv that runs ``spec``; ``taps[i]`` is the host tap of ``spec.nics[i]``.
 
     ``incoming`` (for example ``"defer"``) starts QEMU waiting for a migration stream, with its
     vCPUs stopped (``-S``): a received VM runs only when the agent sends ``cont`` after the source
     confirmed the stream completed (docs/migration.md, "Switchover").
+
+    With ``fds`` QEMU uses the agent's pre-opened QMP socket and taps (how the agent always starts
+    it); without, it opens them by path itself.
     """
     if len(paths.disks) != len(spec.disks):
         raise ValueError(f"{len(spec.disks)} disks in the spec but {len(paths.disks)} disk paths given")
@@ -111,6 +136,10 @@ def build_qemu_argv(
         raise ValueError(f"{len(spec.nics)} NICs in the spec but {len(taps)} tap devices given")
     if spec.boot.kind is BootKind.KERNEL and kernel_boot is None:
         raise ValueError("the spec boots a kernel but no kernel files were given")
+    if fds is not None and len(fds.taps) != len(taps):
+        raise ValueError(f"{len(taps)} tap devices but {len(fds.taps)} tap fds given")
+    qmp = (f"socket,id=qmp0,fd={fds.qmp},server=on,wait=off" if fds is not None
+           else f"socket,id=qmp0,path={_opt_value(str(paths.qmp_socket))},server=on,wait=off")
 
     argv: list[str] = [
         qemu_binary,
@@ -125,11 +154,14 @@ def build_qemu_argv(
         "-no-user-config",
         "-display", "none",
         "-msg", "timestamp=on",
-        "-chardev", f"file,id=serial0,path={_opt_value(str(paths.serial_log))},append=on",
-        "-serial", "chardev:serial0",
-        "-chardev", f"socket,id=qmp0,path={_opt_value(str(paths.qmp_socket))},server=on,wait=off",
+        "-sandbox", SANDBOX,
+        # A guest that powers off (or panics) leaves QEMU paused in state "shutdown" instead of exiting:
+        # the agent drains the serial ring (the guest's last words) and then quits it (supervisor.py).
+        "-action", "shutdown=pause",
+        "-chardev", f"ringbuf,id={SERIAL_CHARDEV},size={SERIAL_RING_BYTES}",
+        "-serial", f"chardev:{SERIAL_CHARDEV}",
+        "-chardev", qmp,
         "-mon", "chardev=qmp0,mode=control",
-        "-pidfile", str(paths.pidfile),
     ]
 
     for index, (disk, disk_path) in enumerate(zip(spec.disks, paths.disks, strict=True)):
@@ -149,7 +181,8 @@ def build_qemu_argv(
 
     for index, (nic, tap) in enumerate(zip(spec.nics, taps, strict=True)):
         netdev = f"net{index}"
-        argv += ["-netdev", f"tap,id={netdev},ifname={tap},script=no,downscript=no"]
+        tap_opt = f"fd={fds.taps[index]}" if fds is not None else f"ifname={tap},script=no,downscript=no"
+        argv += ["-netdev", f"tap,id={netdev},{tap_opt}"]
         argv += ["-device", _json_arg({
             "driver": "virtio-net-pci", "id": nic_device_id(index), "netdev": netdev, "mac": nic.mac,
         })]

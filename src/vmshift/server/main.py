@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -34,9 +35,12 @@ def run(argv: list[str] | None = None) -> None:
     if args[:1] == ["--config"] and args[2:3] == ["ca"]:  # vmshift-server --config FILE ca show
         raise SystemExit(ca_command([*args[3:], "--config", *args[1:2]]))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.umask(0o077)  # the database and every record: readable by root alone
     try:
         settings = build_settings(args)
         host, port = parse_listen(settings.listen)
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(settings.state_dir, 0o700)
         tls = api_tls.prepare(settings, host)
     except VmshiftError as e:
         print(f"vmshift-server: {e}", file=sys.stderr)

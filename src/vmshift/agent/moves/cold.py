@@ -298,10 +298,12 @@ class ColdMover:
         files = self.ctx.files
         old, new = files.paths(detail.source_spec), files.paths(detail.final_spec)
         if not detail.switched:
-            if old.serial_log.exists() and not new.serial_log.exists():
-                tmp = new.serial_log.with_suffix(".tmp")
-                shutil.copyfile(old.serial_log, tmp)
-                tmp.replace(new.serial_log)
+            logs = ((old.serial_log_old, new.serial_log_old), (old.serial_log, new.serial_log))
+            for old_log, new_log in logs:
+                if old_log.exists() and not new_log.exists():
+                    tmp = new_log.with_name(new_log.name + ".tmp")
+                    shutil.copyfile(old_log, tmp)
+                    tmp.replace(new_log)
             files.switch_home(detail.final_spec)
             detail.switched = True
             self._save(detail)
@@ -347,8 +349,8 @@ class ColdMover:
 
 def _remove_old(old: VmPaths, new: VmPaths) -> None:
     """The VM's old files that the new definition does not use, then its old folders if empty."""
-    keep = {*new.disks, new.suspend_state, new.serial_log, new.vm_dir / SPEC_FILE}
-    for path in [*old.disks, old.suspend_state, old.serial_log, old.vm_dir / SPEC_FILE]:
+    keep = {*new.disks, new.suspend_state, new.serial_log, new.serial_log_old, new.vm_dir / SPEC_FILE}
+    for path in [*old.disks, old.suspend_state, old.serial_log, old.serial_log_old, old.vm_dir / SPEC_FILE]:
         if path not in keep:
             path.unlink(missing_ok=True)
     folders = {old.vm_dir, *(d.parent for d in old.disks)} - {new.vm_dir, *(d.parent for d in new.disks)}

@@ -31,6 +31,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from vmshift.agent.moves.jobs import MoveContext, MoveJob
+from vmshift.agent.qemu_user import unreachable
 from vmshift.errors import ConflictError, InvalidInputError, QemuError, VmshiftError
 from vmshift.migration.mirror_policy import (
     DiskView,
@@ -46,12 +47,11 @@ from vmshift.model.migration import MigrationPhase
 from vmshift.model.moves import DiskProgress
 from vmshift.model.vm import VmSpec
 from vmshift.qemu import block_qmp as bq
-from vmshift.qemu.cmdline import disk_device_id
+from vmshift.qemu.cmdline import SERIAL_CHARDEV, disk_device_id
 from vmshift.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
 P = MigrationPhase
-SERIAL_CHARDEV = "serial0"
 PIVOT_TIMEOUT_S = 60.0
 CANCEL_TIMEOUT_S = 30.0
 KEEP_SAMPLES_S = 10.0
@@ -184,6 +184,7 @@ class StorageMover:
 
     async def _prepare(self, qmp: QmpSession, detail: StorageDetail) -> None:
         target_dir = Path(detail.target_dir)
+        identity = self.ctx.supervisor.qemu_identity
         if not target_dir.exists():
             detail.created_dir = True
             self._save(detail)
@@ -192,8 +193,16 @@ class StorageMover:
             self.job.check_cancel()
             disk.created = True
             self._save(detail)
-            Path(disk.target_path).parent.mkdir(parents=True, exist_ok=True)
-            await _qemu_img_create(self.ctx.qemu_img, Path(disk.target_path), disk.format, disk.size_bytes)
+            target = Path(disk.target_path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            blocked = unreachable(identity, target.parent)
+            if blocked is not None:
+                raise ConflictError(f"QEMU runs as {identity.user!r}, which cannot pass through {blocked} "
+                                    f"to reach {target.parent}.",
+                                    hint=f"Let it through (chmod o+x {blocked}) or pick another datastore.")
+            identity.own_dir(target.parent)
+            await _qemu_img_create(self.ctx.qemu_img, target, disk.format, disk.size_bytes)
+            identity.own_file(target)  # QEMU opens it next (blockdev-add)
             disk.node_added = True
             self._save(detail)
             await bq.blockdev_add_file_image(qmp, node_name=disk.target_node,
@@ -322,7 +331,9 @@ class StorageMover:
         src_dir, dst_dir = Path(self.ctx.files.paths(detail.source_spec).vm_dir), Path(detail.target_dir)
         home_moved = spec.datastore != detail.source_spec.datastore
         if home_moved and not detail.serial_moved:
-            await _move_serial_log(qmp, src_dir / "serial.log", dst_dir / "serial.log")
+            old_paths, new_paths = self.ctx.files.paths(detail.source_spec), self.ctx.files.paths(spec)
+            if not await self.ctx.supervisor.move_serial_log(self.job.request.vm, old_paths, new_paths):
+                await _move_serial_log(qmp, src_dir / "serial.log", dst_dir / "serial.log")
             detail.serial_moved = True
             self._save(detail)
         if not detail.old_removed:
@@ -429,8 +440,9 @@ async def _del_nodes(qmp: QmpSession, format_node: str, path: Path) -> None:
 
 
 async def _move_serial_log(qmp: QmpSession, old: Path, new: Path) -> None:
-    """Copy the serial log, point the chardev at the copy (appending), then append what QEMU wrote to
-    the old file in between (a few milliseconds of output at most)."""
+    """For a QEMU that writes its serial log itself (started by an agent before the capped log):
+    copy the log, point the chardev at the copy (appending), then append what QEMU wrote to the old
+    file in between (a few milliseconds of output at most)."""
     copied = 0
     if old.exists():
         await asyncio.to_thread(shutil.copyfile, old, new)
