@@ -24,7 +24,6 @@ from vmshift.server.db.schema import IpAllocationRow, MacAllocationRow, TaskRow,
 from vmshift.server.settings import ServerSettings
 
 TOKEN = "test-server-token"
-AGENT_TOKEN = "test-agent-token"
 
 
 @pytest.fixture
@@ -57,7 +56,6 @@ class ServerHarness:
         self.settings = ServerSettings(
             state_dir=state_dir,
             token=TOKEN,
-            agent_token=AGENT_TOKEN,
             db_url=db_url,
             heartbeat_interval_s=heartbeat_interval_s,
             missed_heartbeats=3,
@@ -105,7 +103,9 @@ class ServerHarness:
             }
 
     def add_host(self, agent: UvicornThread) -> dict[str, Any]:
-        r = self.client.post("/hosts", json={"address": agent.address})
+        """Add a fake agent as an operator does: confirming its bootstrap certificate's fingerprint."""
+        assert agent.tls is not None
+        r = self.client.post("/hosts", json={"address": agent.address, "fingerprint": agent.tls.bootstrap_fingerprint})
         assert r.status_code == 201, r.text
         body: dict[str, Any] = r.json()
         return body
@@ -130,8 +130,8 @@ def agents() -> Iterator[AgentFactory]:
     def start(
         name: str = "host-1", facts: HostFacts | None = None, **kw: Any
     ) -> tuple[FakeAgent, UvicornThread]:
-        agent = FakeAgent(facts=facts or make_facts(name, **kw), token=AGENT_TOKEN)
-        thread = UvicornThread(agent.app()).start()
+        agent = FakeAgent(facts=facts or make_facts(name, **kw))
+        thread = UvicornThread(agent.app(), tls=agent.tls).start()
         running.append(thread)
         return agent, thread
 

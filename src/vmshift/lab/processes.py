@@ -11,6 +11,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -20,9 +21,13 @@ from pathlib import Path
 import httpx
 import psutil
 
+from vmshift.client.agent import AgentCredentials
 from vmshift.errors import LabError
 from vmshift.lab import topology
 from vmshift.lab.layout import LabLayout, LabRecord, load_record
+from vmshift.tls import pki
+from vmshift.tls.contexts import unverified_context
+from vmshift.tls.files import HostTlsFiles, ServerTlsFiles
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -51,9 +56,24 @@ def host_number(host: int | str) -> int:
     return int(text)
 
 
-def token_files(lay: LabLayout) -> tuple[Path, Path]:
-    """(user token file, agent token file)."""
-    return lay.lab_dir / "user-token", lay.lab_dir / "agent-token"
+def token_file(lay: LabLayout) -> Path:
+    """The user's API token (agents take no token: mutual TLS, docs/agent-tls.md)."""
+    return lay.lab_dir / "user-token"
+
+
+def server_tls(lay: LabLayout) -> ServerTlsFiles:
+    """The lab server's CA and certificate (the server makes them on its first start)."""
+    return ServerTlsFiles.of(lay.server_dir)
+
+
+def agent_credentials(lay: LabLayout) -> AgentCredentials:
+    """Call the lab's agents as its server does (tests and benches talk to agents directly)."""
+    return AgentCredentials.of_server(lay.server_dir)
+
+
+def agent_fingerprint(lay: LabLayout, k: int) -> str:
+    """The bootstrap certificate host-k's agent made on its first start (what `host add` confirms)."""
+    return pki.fingerprint(HostTlsFiles.of(lay.agent_state_dir(k)).bootstrap_cert.read_bytes())
 
 
 def free_port() -> int:
@@ -79,10 +99,9 @@ def prepare_files(rec: LabRecord) -> None:
     """Tokens, datastores (with their UUID markers) and one agent config per host."""
     lay = rec.layout
     (lay.lab_dir / "logs").mkdir(parents=True, exist_ok=True)
-    user_tok, agent_tok = token_files(lay)
-    for path in (user_tok, agent_tok):
-        if not path.exists():
-            _write_secret(path, secrets.token_urlsafe(32))
+    user_tok = token_file(lay)
+    if not user_tok.exists():
+        _write_secret(user_tok, secrets.token_urlsafe(32))
     rec.token = user_tok.read_text().strip()
     _make_datastore(lay.shared_datastore)
     for k in lay.host_numbers:
@@ -90,8 +109,8 @@ def prepare_files(rec: LabRecord) -> None:
         config = {
             "name": f"host-{k}",
             "listen": lay.agent_address(k),
-            "token_file": str(agent_tok),
             "state_dir": str(lay.agent_state_dir(k)),
+            "ca_file": str(server_tls(lay).ca_cert),
             "datastores": [str(lay.shared_datastore), str(lay.local_datastore(k))],
             "networks": {"VM Network": "br0"},
             "management_address": lay.host_mgmt_address(k),
@@ -125,13 +144,15 @@ def _log_tail(log: Path, lines: int = 15) -> str:
 
 
 def wait_http(
-    url: str, token: str, proc: subprocess.Popen[bytes] | None, log: Path, what: str,
-    timeout: float = START_TIMEOUT_S,
+    url: str, token: str | None, proc: subprocess.Popen[bytes] | None, log: Path, what: str,
+    timeout: float = START_TIMEOUT_S, verify: ssl.SSLContext | bool = True,
 ) -> None:  # fmt: skip
-    """Poll url until it answers 200; fail early if the process exits, clearly if the time runs out."""
+    """Poll url until it answers 200; fail early if the process exits, clearly if the time runs out.
+    ``token`` None: send none (agents: ``verify`` presents the server's certificate instead)."""
     deadline = time.monotonic() + timeout
     last = "no answer yet"
-    with httpx.Client(trust_env=False, timeout=2.0) as http:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    with httpx.Client(trust_env=False, timeout=2.0, verify=verify) as http:
         while True:
             if proc is not None and proc.poll() is not None:
                 raise LabError(
@@ -139,7 +160,7 @@ def wait_http(
                     hint=f"See its log {log}:\n{_log_tail(log)}",
                 )
             try:
-                r = http.get(url, headers={"Authorization": f"Bearer {token}"})
+                r = http.get(url, headers=headers)
                 if r.status_code == 200:
                     return
                 last = f"HTTP {r.status_code}: {r.text[:300]}"
@@ -164,7 +185,7 @@ def wait_http(
 def start_server(lab: LabRecord | str, timeout: float = START_TIMEOUT_S) -> None:
     rec = _resolve(lab)
     lay = rec.layout
-    user_tok, agent_tok = token_files(lay)
+    user_tok = token_file(lay)
     if rec.server_url is None:
         rec.server_url = f"http://127.0.0.1:{free_port()}"
     listen = rec.server_url.removeprefix("http://")
@@ -172,7 +193,7 @@ def start_server(lab: LabRecord | str, timeout: float = START_TIMEOUT_S) -> None
     log = lay.log_file("server")
     proc = _spawn(
         [str(bin_dir() / "vmshift-server"), "--listen", listen, "--state-dir", str(lay.server_dir),
-         "--token-file", str(user_tok), "--agent-token-file", str(agent_tok)],
+         "--token-file", str(user_tok)],
         log,
     )  # fmt: skip
     rec.pids["server"] = proc.pid
@@ -207,9 +228,11 @@ def start_agent(lab: LabRecord | str, host: int | str, timeout: float = START_TI
     )
     rec.pids[f"host-{host}"] = proc.pid
     rec.save()
-    agent_token = token_files(lay)[1].read_text().strip()
-    url = f"http://{lay.agent_address(host)}/api/v1/health"
-    wait_http(url, agent_token, proc, log, f"agent of host-{host}", timeout)
+    # before `host add` the agent serves its bootstrap certificate: readiness only, no trust
+    tls = server_tls(lay)
+    url = f"https://{lay.agent_address(host)}/api/v1/health"
+    wait_http(url, None, proc, log, f"agent of host-{host}", timeout,
+              verify=unverified_context(cert=tls.cert, key=tls.key))
 
 
 def kill_agent(lab: LabRecord | str, host: int | str, sig: int = signal.SIGKILL) -> None:

@@ -35,6 +35,7 @@ class EventKind(StrEnum):
     HOST_CONNECTED = "host.connected"
     HOST_DISCONNECTED = "host.disconnected"
     HOST_MAINTENANCE = "host.maintenance"
+    HOST_CERT_ROTATED = "host.cert_rotated"
     DATASTORE_ADDED = "datastore.added"
     NETWORK_ADDED = "network.added"
     NETWORK_POOL_SET = "network.pool_set"
@@ -117,6 +118,12 @@ class Cluster(BaseModel):
 class HostAdd(BaseModel):
     address: str = Field(description="HOST:PORT of the agent")
     cluster: str | None = Field(default=None, description="cluster name; None = the default cluster")
+    fingerprint: str | None = Field(
+        default=None,
+        max_length=200,
+        description="the agent's certificate fingerprint as the operator confirmed it "
+        "(vmshift-agent --config FILE fingerprint); missing or different: 409 with the agent's fingerprint",
+    )
 
     @field_validator("address")
     @classmethod
@@ -136,6 +143,10 @@ class Host(BaseModel):
     last_heartbeat: datetime | None
     facts: HostFacts
     vms: list[str] = Field(default_factory=list)
+    cert_fingerprint: str | None = Field(
+        default=None, description="of the certificate the cluster CA issued it (vmshift host rotate-cert)"
+    )
+    cert_not_after: datetime | None = None
 
 
 class MaintenanceRequest(BaseModel):

@@ -28,9 +28,6 @@ def build_settings(argv: list[str] | None = None) -> ServerSettings:
     p.add_argument("--state-dir", required=True, type=Path, help="directory for the server's state")
     p.add_argument("--token-file", required=True, type=Path, help="file holding the API bearer token")
     p.add_argument(
-        "--agent-token-file", required=True, type=Path, help="file holding the token agents accept"
-    )
-    p.add_argument(
         "--db-url",
         default=None,
         help="SQLAlchemy URL (default: $VMSHIFT_DB_URL, else sqlite:///STATE_DIR/vmshift.db)",
@@ -40,7 +37,6 @@ def build_settings(argv: list[str] | None = None) -> ServerSettings:
     return ServerSettings(
         state_dir=a.state_dir,
         token=read_token(a.token_file, "token"),
-        agent_token=read_token(a.agent_token_file, "agent token"),
         db_url=a.db_url,
         listen=a.listen,
         heartbeat_interval_s=a.heartbeat_interval,
