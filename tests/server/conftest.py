@@ -105,7 +105,8 @@ class ServerHarness:
     def add_host(self, agent: UvicornThread) -> dict[str, Any]:
         """Add a fake agent as an operator does: confirming its bootstrap certificate's fingerprint."""
         assert agent.tls is not None
-        r = self.client.post("/hosts", json={"address": agent.address, "fingerprint": agent.tls.bootstrap_fingerprint})
+        body = {"address": agent.address, "fingerprint": agent.tls.bootstrap_fingerprint}
+        r = self.client.post("/hosts", json=body)
         assert r.status_code == 201, r.text
         body: dict[str, Any] = r.json()
         return body

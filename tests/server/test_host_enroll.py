@@ -34,7 +34,9 @@ def test_without_a_fingerprint_409_shows_the_agents_and_registers_nothing(
     assert agent.tls.issued == [] and agent.tls.pending_key is None  # no CSR was even asked for
 
 
-def test_a_wrong_fingerprint_is_409_and_registers_nothing(server: ServerHarness, agents: AgentFactory) -> None:
+def test_a_wrong_fingerprint_is_409_and_registers_nothing(
+    server: ServerHarness, agents: AgentFactory
+) -> None:
     agent, thread = agents("host-1")
     wrong = pki.fingerprint(pki.self_signed("someone-else", ["127.0.0.1"]).cert_pem)
     r = server.client.post("/hosts", json={"address": thread.address, "fingerprint": wrong})
@@ -63,7 +65,9 @@ def _served(server: ServerHarness, address: str) -> pki.CertInfo:
     return pki.info_from_der(der)
 
 
-def test_confirmed_host_gets_a_certificate_of_the_cluster_ca(server: ServerHarness, agents: AgentFactory) -> None:
+def test_confirmed_host_gets_a_certificate_of_the_cluster_ca(
+    server: ServerHarness, agents: AgentFactory
+) -> None:
     agent, thread = agents("host-1")
     # the fingerprint is accepted in any usual spelling (lower case, no prefix)
     typed = agent.tls.bootstrap_fingerprint.removeprefix("SHA256:").lower()

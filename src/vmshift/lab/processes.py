@@ -71,6 +71,13 @@ def agent_credentials(lay: LabLayout) -> AgentCredentials:
     return AgentCredentials.of_server(lay.server_dir)
 
 
+def agent_http(lay: LabLayout, k: int, timeout: float = 60.0) -> httpx.Client:
+    """An HTTP client of host-k's agent API as the server reaches it (its certificate, verified)."""
+    ssl_context = agent_credentials(lay).ssl
+    return httpx.Client(base_url=f"https://{lay.agent_address(k)}/api/v1", trust_env=False, timeout=timeout,
+                        verify=ssl_context if ssl_context is not None else True)
+
+
 def agent_fingerprint(lay: LabLayout, k: int) -> str:
     """The bootstrap certificate host-k's agent made on its first start (what `host add` confirms)."""
     return pki.fingerprint(HostTlsFiles.of(lay.agent_state_dir(k)).bootstrap_cert.read_bytes())
