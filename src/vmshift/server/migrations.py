@@ -502,8 +502,8 @@ class MigrationOrchestrator:
         expires on its own). Not while it waits for finalize: the source still confirms then."""
         if not p.status.finished:
             return
-        _row, _spec, _src, dst_addr, _bw = self._context(mid)
         try:
+            _row, _spec, _src, dst_addr, _bw = self._context(mid)
             await self._agents.get(dst_addr).migration_revoke_grant(mid)
         except VmshiftError as e:
             log.warning("migration %s: revoking the source's grant on the target failed: %s", mid, e)
