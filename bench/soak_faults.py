@@ -61,10 +61,7 @@ class Lab:
         return self.rec.layout
 
     def agent(self, host: str, timeout: float = 5.0) -> httpx.Client:
-        lay = self.lay
-        token = processes.token_files(lay)[1].read_text().strip()
-        return httpx.Client(base_url=f"http://{lay.agent_address(host_num(host))}/api/v1",
-                            headers={"Authorization": f"Bearer {token}"}, timeout=timeout, trust_env=False)
+        return processes.agent_http(self.lay, host_num(host), timeout=timeout)
 
     def agent_get(self, host: str, path: str, timeout: float = 5.0) -> Any:
         """GET on host's agent: the JSON, or None when the agent does not answer or answers an error."""

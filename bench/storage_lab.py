@@ -203,7 +203,7 @@ class AgentWatch:
 
     def __init__(self, rec: LabRecord, host: str, move_id: int) -> None:
         self.address = rec.layout.agent_address(int(host.rsplit("-", 1)[1]))
-        self.token = processes.token_files(rec.layout)[1].read_text().strip()
+        self.credentials = processes.agent_credentials(rec.layout)
         self.move_id = move_id
         self.phases: dict[str, float] = {}
         self.all_ready_s: float | None = None
@@ -219,7 +219,7 @@ class AgentWatch:
         self._thread.join(timeout=10)
 
     async def _poll(self) -> None:
-        client = AgentClient(self.address, self.token, timeout_s=5)
+        client = AgentClient(self.address, self.credentials, timeout_s=5)
         try:
             while not self._stop.is_set():
                 with contextlib.suppress(VmshiftError):  # not started yet, or ended and gone

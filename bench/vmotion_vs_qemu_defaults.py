@@ -102,9 +102,7 @@ def remove_guest(api: VmshiftClient, vm: str) -> None:
 
 
 def agent_http(lay: LabLayout, k: int) -> httpx.Client:
-    token = processes.token_files(lay)[1].read_text().strip()
-    return httpx.Client(base_url=f"http://{lay.agent_address(k)}/api/v1", trust_env=False, timeout=60,
-                        headers={"Authorization": f"Bearer {token}"})
+    return processes.agent_http(lay, k)
 
 
 async def drive_default_migration(sock: Path, uri: str, timeout_s: float) -> Json:

@@ -53,6 +53,13 @@ class AuthError(VmshiftError):
     code = "unauthorized"
 
 
+class ForbiddenError(VmshiftError):
+    """The caller is known (its TLS certificate) but may not do this."""
+
+    status = 403
+    code = "forbidden"
+
+
 class NotFoundError(VmshiftError):
     """A named object (host, VM, datastore, network, task...) does not exist."""
 

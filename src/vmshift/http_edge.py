@@ -109,7 +109,7 @@ def allowed_methods(request: Request) -> str:
 #: Declares the scheme in the OpenAPI document; the check itself is ``require_token``'s, so a missing
 #: token is a 401 with vmshift's error body rather than FastAPI's 403.
 _BEARER = HTTPBearer(
-    auto_error=False, description="the API's token (the server's --token-file; an agent's token_file)"
+    auto_error=False, description="the API's token (the content of the server's token_file)"
 )
 
 

@@ -31,6 +31,9 @@ import psutil
 import pytest
 
 from tests.lab.helpers import wait_for
+from vmshift.tls import pki
+from vmshift.tls.contexts import unverified_context
+from vmshift.tls.files import ServerTlsFiles
 
 pytestmark = pytest.mark.lab
 
@@ -120,7 +123,7 @@ def build_tiny_image(dest: Path) -> None:
 class AgentEnv:
     ns: str
     url: str
-    token: str
+    server_tls: ServerTlsFiles  # a cluster CA and server identity of this test's own
     config: Path
     workdir: Path
     datastore: Path
@@ -128,9 +131,11 @@ class AgentEnv:
     agent: subprocess.Popen[bytes] | None = None
     qemu_pids: set[int] = field(default_factory=set)
 
-    def client(self, token: str | None = None) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {token if token is not None else self.token}"}
-        return httpx.Client(base_url=self.url + "/api/v1", headers=headers, timeout=60)
+    def client(self) -> httpx.Client:
+        """As the server calls it: with the server's certificate (the agent serves its bootstrap
+        certificate here, never added to a server, so nothing to verify it against)."""
+        verify = unverified_context(cert=self.server_tls.cert, key=self.server_tls.key)
+        return httpx.Client(base_url=self.url + "/api/v1", timeout=60, verify=verify)
 
     def start_agent(self) -> None:
         log = (self.workdir / "agent.log").open("ab")
@@ -172,7 +177,7 @@ def env() -> Iterator[AgentEnv]:
     root_ip, ns_ip = f"10.213.250.{4 * k + 1}", f"10.213.250.{4 * k + 2}"
     workdir = Path(tempfile.mkdtemp(prefix="vmsa-"))
     os.chmod(workdir, 0o755)  # a confined QEMU (user vmshift-qemu, if it exists) must reach its datastore
-    env = AgentEnv(ns=ns, url=f"http://{ns_ip}:8101", token=secrets.token_hex(16),
+    env = AgentEnv(ns=ns, url=f"https://{ns_ip}:8101", server_tls=ServerTlsFiles.of(workdir / "server"),
                    config=workdir / "agent.json", workdir=workdir,
                    datastore=workdir / "ds1", state_dir=workdir / "st")
     sh("ip", "netns", "add", ns)
@@ -192,9 +197,9 @@ def env() -> Iterator[AgentEnv]:
         (env.datastore / ".vmshift-datastore.json").write_text(
             json.dumps({"uuid": str(uuid.uuid4()), "name": "ds1"}))
         build_tiny_image(env.datastore / "images" / IMAGE)
-        (workdir / "token").write_text(env.token + "\n")
+        env.server_tls.ensure([])
         env.config.write_text(json.dumps({
-            "name": "host-a", "listen": f"{ns_ip}:8101", "token_file": str(workdir / "token"),
+            "name": "host-a", "listen": f"{ns_ip}:8101", "ca_file": str(env.server_tls.ca_cert),
             "state_dir": str(env.state_dir), "datastores": [str(env.datastore)],
             "networks": {"VM Network": "br0"}, "management_address": ns_ip, "accelerator": "auto",
         }))
@@ -251,17 +256,21 @@ def start(env: AgentEnv, c: httpx.Client) -> dict[str, Any]:
     return rt
 
 
-def test_missing_or_wrong_token_is_refused(env: AgentEnv) -> None:
-    with httpx.Client(base_url=env.url + "/api/v1") as c:
-        r = c.get("/health")
-    assert r.status_code == 401
-    assert r.json()["error"]["code"] == "unauthorized" and r.json()["error"]["message"]
-    with env.client(token="not-the-token") as c:
-        r = c.get("/vms")
-    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+def test_only_the_clusters_server_certificate_is_served(env: AgentEnv) -> None:
+    with pytest.raises(httpx.HTTPError):  # no client certificate: the handshake fails
+        httpx.get(env.url + "/api/v1/health", verify=unverified_context())
+    stranger = ServerTlsFiles.of(env.workdir / "stranger")  # a server of another cluster
+    stranger.ensure([])
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(env.url + "/api/v1/vms", verify=unverified_context(cert=stranger.cert, key=stranger.key))
     with env.client() as c:
         r = c.get("/health")
+        der = r.extensions["network_stream"].get_extra_info("ssl_object").getpeercert(True)
     assert r.status_code == 200 and r.json()["name"] == "host-a"
+    # what `vmshift-agent fingerprint` prints is the certificate it serves (its bootstrap one)
+    printed = sh(str(BIN / "vmshift-agent"), "--config", str(env.config), "fingerprint").strip()
+    assert printed == pki.fingerprint(der)
+    assert pki.info_from_der(der).role is pki.Role.BOOTSTRAP
 
 
 def test_facts(env: AgentEnv) -> None:

@@ -21,6 +21,7 @@ from tests.lab.helpers import qemu_pids, wait_for
 from vmshift.lab import lab as labmod
 from vmshift.lab import processes
 from vmshift.lab.layout import LabRecord
+from vmshift.migration.grants import mint_grant
 
 pytestmark = pytest.mark.lab
 VM = "mig-1"
@@ -30,14 +31,13 @@ MIB = 1 << 20
 class Lab:
     def __init__(self, rec: LabRecord) -> None:
         self.rec = rec
-        self.agent_token = processes.token_files(rec.layout)[1].read_text().strip()
 
     def addr(self, k: int) -> str:
         return self.rec.layout.agent_address(k)
 
     def agent(self, k: int) -> httpx.Client:
-        return httpx.Client(base_url=f"http://{self.addr(k)}/api/v1", trust_env=False, timeout=60,
-                            headers={"Authorization": f"Bearer {self.agent_token}"})
+        """host-k's agent API as the server reaches it (the server's certificate)."""
+        return processes.agent_http(self.rec.layout, k)
 
     def server(self) -> httpx.Client:
         return httpx.Client(base_url=f"{self.rec.server_url}/api/v1", trust_env=False, timeout=60,
@@ -88,8 +88,11 @@ def vm(mlab: Lab) -> dict[str, Any]:
 
 def start_migration(lab: Lab, src: int, dst: int, mid: int, settings: dict[str, Any] | None = None,
                     target_spec: dict[str, Any] | None = None, vm: str = VM) -> str:
+    # as the server does: the target learns who may call it for this migration, the source the capability
+    grant = mint_grant(f"host-{src}", 600)
     with lab.agent(dst) as a:
-        r = a.post("/migrations/incoming", json={"migration_id": mid, "spec": target_spec or lab.spec(vm)})
+        r = a.post("/migrations/incoming", json={"migration_id": mid, "spec": target_spec or lab.spec(vm),
+                                                 "grant": grant.model_dump(mode="json")})
         assert r.status_code == 200, r.text
         uri = str(r.json()["uri"])
         assert uri == f"tcp:{lab.rec.layout.host_mig_address(dst)}:{r.json()['port']}"
@@ -98,7 +101,7 @@ def start_migration(lab: Lab, src: int, dst: int, mid: int, settings: dict[str, 
         assert listed[vm]["incoming_migration"] == mid, listed.get(vm)
     body = {"migration_id": mid, "vm": vm, "uri": uri, "settings": settings or {},
             "target_migration_address": lab.rec.layout.host_mig_address(dst),
-            "target_agent": {"address": lab.addr(dst), "token": lab.agent_token}}
+            "target_agent": {"address": lab.addr(dst), "capability": grant.capability}}
     with lab.agent(src) as a:
         r = a.post("/migrations", json=body)
         assert r.status_code == 200, r.text

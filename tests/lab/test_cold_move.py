@@ -54,11 +54,11 @@ class Lab:
     def __init__(self, rec: LabRecord, env: dict[str, str]) -> None:
         self.rec = rec
         self.env = env
-        self.agent_token = processes.token_files(rec.layout)[1].read_text().strip()
 
     def agent(self, k: int, fn: Callable[[AgentClient], Awaitable[T]]) -> T:
         async def go() -> T:
-            client = AgentClient(self.rec.layout.agent_address(k), self.agent_token, timeout_s=60)
+            lay = self.rec.layout
+            client = AgentClient(lay.agent_address(k), processes.agent_credentials(lay), timeout_s=60)
             try:
                 return await fn(client)
             finally:

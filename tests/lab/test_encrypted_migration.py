@@ -34,6 +34,7 @@ from tests.lab.test_agent_migration import (
 from vmshift.lab import certs
 from vmshift.lab.layout import HOST_MIG, load_record
 from vmshift.migration.disk_plan import relocated_spec
+from vmshift.migration.grants import mint_grant
 from vmshift.model.vm import VmSpec
 from vmshift.tls.files import HostTlsFiles
 
@@ -80,6 +81,18 @@ def host_of(lab: Lab) -> int:
     raise AssertionError(f"{VM} runs on no lab host")
 
 
+def grant_for(lab: Lab, src: int) -> tuple[dict[str, Any], str]:
+    """As the server does: the target's grant for the source host, and the source's capability."""
+    grant = mint_grant(f"host-{src}", 600)
+    return grant.model_dump(mode="json"), grant.capability
+
+
+def target_of(lab: Lab, dst: int, capability: str) -> dict[str, Any]:
+    """The outgoing request's fields naming the target (as the server builds them)."""
+    return {"target_migration_address": lab.rec.layout.host_mig_address(dst),
+            "target_agent": {"address": lab.addr(dst), "capability": capability}}
+
+
 def new_id() -> int:
     return 900_000 + secrets.randbelow(99_999)  # agent-level ids, apart from the server's
 
@@ -87,7 +100,8 @@ def new_id() -> int:
 def start(lab: Lab, src: int, dst: int, mid: int, *, tls: bool, authorised: str | None = None) -> None:
     """Incoming on the target (``tls.peer``: the host it accepts, the source unless ``authorised``),
     then outgoing on the source (``tls.peer``: the target)."""
-    incoming: dict[str, Any] = {"migration_id": mid, "spec": lab.spec(VM)}
+    grant, capability = grant_for(lab, src)
+    incoming: dict[str, Any] = {"migration_id": mid, "spec": lab.spec(VM), "grant": grant}
     if tls:
         incoming["tls"] = {"peer": authorised or name_of(lab, src)}
     with lab.agent(dst) as a:
@@ -95,7 +109,7 @@ def start(lab: Lab, src: int, dst: int, mid: int, *, tls: bool, authorised: str 
         assert r.status_code == 200, r.text
         uri = str(r.json()["uri"])
     body: dict[str, Any] = {"migration_id": mid, "vm": VM, "uri": uri, "settings": RATE,
-                            "target_agent": {"address": lab.addr(dst), "token": lab.agent_token}}
+                            **target_of(lab, dst, capability)}
     if tls:
         body["tls"] = {"peer": name_of(lab, dst)}
     with lab.agent(src) as a:
@@ -133,6 +147,7 @@ def test_host_without_certificate_refuses_tls(elab: Lab, vm: dict[str, Any],
         with elab.agent(dst) as a:
             assert a.get("/facts").json()["migration_tls"] is False
             r = a.post("/migrations/incoming", json={"migration_id": new_id(), "spec": elab.spec(VM),
+                                                     "grant": grant_for(elab, src)[0],
                                                      "tls": {"peer": name_of(elab, src)}})
             assert r.status_code == 409, r.text
             err = r.json()["error"]
@@ -141,8 +156,7 @@ def test_host_without_certificate_refuses_tls(elab: Lab, vm: dict[str, Any],
         with elab.agent(src) as a:
             r = a.post("/migrations", json={
                 "migration_id": new_id(), "vm": VM, "uri": f"tcp:{elab.rec.layout.host_mig_address(dst)}:1",
-                "target_agent": {"address": elab.addr(dst), "token": elab.agent_token},
-                "tls": {"peer": name_of(elab, dst)}})
+                **target_of(elab, dst, grant_for(elab, src)[1]), "tls": {"peer": name_of(elab, dst)}})
             assert r.status_code == 409 and "no cluster certificate" in r.json()["error"]["message"], r.text
         runs_unpaused_on(elab, src, VM)
     finally:
@@ -225,17 +239,18 @@ def test_encrypted_relocate_moves_the_disks_over_tls_too(elab: Lab, vm: dict[str
     dst, mid = 3 - src, new_id()
     before = elab.check(VM)
     target_spec = relocated_spec(VmSpec.model_validate(elab.spec(VM)), f"local-host-{dst}")
+    grant, capability = grant_for(elab, src)
     with elab.agent(dst) as a:
         r = a.post("/migrations/incoming", json={
             "migration_id": mid, "spec": target_spec.model_dump(mode="json"), "relocate": True,
-            "tls": {"peer": name_of(elab, src)}})
+            "grant": grant, "tls": {"peer": name_of(elab, src)}})
         assert r.status_code == 200, r.text
         incoming = r.json()
     assert len(incoming["nbd"]) == len(target_spec.disks)
     with elab.agent(src) as a:
         r = a.post("/migrations", json={
             "migration_id": mid, "vm": VM, "uri": incoming["uri"], "settings": RATE,
-            "target_agent": {"address": elab.addr(dst), "token": elab.agent_token},
+            **target_of(elab, dst, capability),
             "mirror_targets": incoming["nbd"], "tls": {"peer": name_of(elab, dst)}})
         assert r.status_code == 200, r.text
     p = wait_finished(elab, src, mid)

@@ -34,11 +34,8 @@ HEARTBEAT_S = next(f.default for f in dataclasses.fields(ServerSettings) if f.na
 
 
 def agent(lab: LabHandle, k: int) -> httpx.Client:
-    """The host's agent API, with the agent token the lab gave the server."""
-    lay = layout(lab)
-    token = processes.token_files(lay)[1].read_text().strip()
-    return httpx.Client(base_url=f"http://{lay.agent_address(k)}/api/v1", trust_env=False, timeout=60,
-                        headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+    """The host's agent API, as the server reaches it (its certificate)."""
+    return processes.agent_http(layout(lab), k)
 
 
 def runtime(lab: LabHandle, k: int) -> dict[str, Any] | None:

@@ -66,10 +66,8 @@ def open_disks(uuid: str) -> list[str]:
 
 
 def agent_call(lay: LabLayout, fn: str, *args: Any) -> MoveProgress:
-    token = processes.token_files(lay)[1].read_text().strip()
-
     async def call() -> MoveProgress:
-        client = AgentClient(lay.agent_address(1), token, timeout_s=120)
+        client = AgentClient(lay.agent_address(1), processes.agent_credentials(lay), timeout_s=120)
         try:
             result: MoveProgress = await getattr(client, fn)(*args)
             return result

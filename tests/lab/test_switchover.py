@@ -58,12 +58,8 @@ def vm(lab: LabHandle) -> Iterator[dict[str, Any]]:
 
 
 def agent(lab: LabHandle, host: str) -> httpx.Client:
-    """The agent API of host, as the server reaches it (agent token)."""
-    lay = layout(lab)
-    token = processes.token_files(lay)[1].read_text().strip()
-    k = processes.host_number(host)
-    return httpx.Client(base_url=f"http://{lay.agent_address(k)}/api/v1",
-                        headers={"Authorization": f"Bearer {token}"}, timeout=10, trust_env=False)
+    """The agent API of host, as the server reaches it (its certificate)."""
+    return processes.agent_http(layout(lab), processes.host_number(host), timeout=10)
 
 
 def incoming(lab: LabHandle, host: str, mid: int) -> dict[str, Any]:

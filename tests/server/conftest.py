@@ -27,7 +27,6 @@ from vmshift.tls.contexts import client_context
 from vmshift.tls.files import ServerTlsFiles
 
 TOKEN = "test-server-token"
-AGENT_TOKEN = "test-agent-token"
 
 
 @pytest.fixture
@@ -60,7 +59,6 @@ class ServerHarness:
         self.settings = ServerSettings(
             state_dir=state_dir,
             token=TOKEN,
-            agent_token=AGENT_TOKEN,
             db_url=db_url,
             heartbeat_interval_s=heartbeat_interval_s,
             missed_heartbeats=3,
@@ -129,7 +127,10 @@ class ServerHarness:
             }
 
     def add_host(self, agent: UvicornThread) -> dict[str, Any]:
-        r = self.client.post("/hosts", json={"address": agent.address})
+        """Add a fake agent as an operator does: confirming its bootstrap certificate's fingerprint."""
+        assert agent.tls is not None
+        body = {"address": agent.address, "fingerprint": agent.tls.bootstrap_fingerprint}
+        r = self.client.post("/hosts", json=body)
         assert r.status_code == 201, r.text
         body: dict[str, Any] = r.json()
         return body
@@ -154,8 +155,8 @@ def agents() -> Iterator[AgentFactory]:
     def start(
         name: str = "host-1", facts: HostFacts | None = None, **kw: Any
     ) -> tuple[FakeAgent, UvicornThread]:
-        agent = FakeAgent(facts=facts or make_facts(name, **kw), token=AGENT_TOKEN)
-        thread = UvicornThread(agent.app()).start()
+        agent = FakeAgent(facts=facts or make_facts(name, **kw))
+        thread = UvicornThread(agent.app(), tls=agent.tls).start()
         running.append(thread)
         return agent, thread
 

@@ -47,16 +47,15 @@ def real_server(tmp_path: Path) -> Iterator[Server]:
     """A ``vmshift-server`` process on loopback: SQLite in tmp_path, no hosts. The one place that knows
     how it is started, its scheme and what a client must trust."""
     state = tmp_path / "state"
-    token, agent_token = tmp_path / "token", tmp_path / "agent-token"
+    token = tmp_path / "token"
     token.write_text("fuzz-token\n")
-    agent_token.write_text("fuzz-agent-token\n")
-    for f in (token, agent_token):
+    for f in (token,):
         f.chmod(0o600)
     port = _free_port()
     log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen(
         [str(BIN / "vmshift-server"), "--listen", f"127.0.0.1:{port}", "--state-dir", str(state),
-         "--token-file", str(token), "--agent-token-file", str(agent_token)],
+         "--token-file", str(token)],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     # the CA the server makes at its first start; passed on to httpx and to Schemathesis (--tls-verify)

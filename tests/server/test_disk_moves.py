@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from conftest import AGENT_TOKEN, ServerHarness, wait_for
+from conftest import ServerHarness, wait_for
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from vmshift_fake_agent import FakeAgent, UvicornThread, make_facts
@@ -120,8 +120,8 @@ def hosts_fixture(server: ServerHarness) -> Iterator[tuple[MovingAgent, MovingAg
     running = []
     pair = []
     for name in ("host-1", "host-2"):
-        agent = MovingAgent(facts=make_facts(name), token=AGENT_TOKEN)
-        thread = UvicornThread(agent.app()).start()
+        agent = MovingAgent(facts=make_facts(name))
+        thread = UvicornThread(agent.app(), tls=agent.tls).start()
         running.append(thread)
         server.add_host(thread)
         pair.append(agent)

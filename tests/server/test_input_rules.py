@@ -191,7 +191,7 @@ def test_add_host_refuses_unknown_fields_and_clusters_and_closed_ports(
     before = snapshot(server, inventory)
     port = _closed_port()
     for body, status, text in (
-        ({"address": f"127.0.0.1:{port}", "fingerprint": "x"}, 422, "Field 'fingerprint' is not a field"),
+        ({"address": f"127.0.0.1:{port}", "token": "x"}, 422, "Field 'token' is not a field"),
         ({"address": f"127.0.0.1:{port}", "cluster": "Nope"}, 404, "Cluster 'Nope' does not exist"),
         ({"address": f"127.0.0.1:{port}", "cluster": "C\n"}, 422, "Field 'cluster' is invalid"),
         ({"address": f"127.0.0.1:{port}"}, 502, "cannot be reached"),
@@ -256,9 +256,10 @@ def test_openapi_documents_every_status_and_constraint(server: ServerHarness) ->
     spec = httpx.get(str(server.client.base_url).rstrip("/") + "/openapi.json", verify=server.tls()).json()
     assert spec["components"]["securitySchemes"]["HTTPBearer"] == {
         "type": "http", "scheme": "bearer",
-        "description": "the API's token (the server's --token-file; an agent's token_file)",
+        "description": "the API's token (the content of the server's token_file)",
     }  # fmt: skip
-    error_schemas = {"#/components/schemas/ErrorBody", "#/components/schemas/CheckFailedBody"}
+    error_schemas = {"#/components/schemas/ErrorBody", "#/components/schemas/CheckFailedBody",
+                     "#/components/schemas/FingerprintBody"}
     for path, ops in spec["paths"].items():
         for method, op in ops.items():
             where = f"{method.upper()} {path}"

@@ -58,10 +58,15 @@ def test_happy_path_moves_the_vm_and_stores_metrics(server: ServerHarness, pair:
 
     vm = server.client.get("/vms/vm-1").json()
     assert vm["host"] == "host-2" and vm["power_state"] == "poweredOn"
-    # the target got the VM's spec, the source the target's address and the agent token
+    # the target got the VM's spec and a grant for host-1; the source the target's address and
+    # the grant's capability (a new one per migration)
     assert dst.incoming == {} and "vm-1" in dst.vms and "vm-1" not in src.vms
     out = src.outgoing[m.id]
-    assert out.uri == "tcp:127.0.0.1:4444" and out.target_agent.token == "test-agent-token"
+    grant = dst.grants[m.id]
+    assert grant.peer == "host-1" and out.target_agent.capability == grant.capability
+    assert len(grant.capability) >= 43 and grant.expires_at > m.finished_at
+    assert dst.revoked == [m.id]  # once it completed, the source may call the target no more
+    assert out.uri == "tcp:127.0.0.1:4444"
     assert out.bandwidth_bps == BANDWIDTH and out.dirty_rate_bps == DIRTY_RATE
     kinds = [e["kind"] for e in server.client.get("/events?target=vm-1").json()]
     assert "vm.migrated" in kinds and "migration.started" in kinds
@@ -105,8 +110,7 @@ def test_check_only_and_dry_run_answer_without_starting(server: ServerHarness, p
     r = migrate(server, check_only=True)
     assert r.status_code == 200, r.text
     results = {x["check"]: x for x in r.json()["results"]}
-    assert all(x["severity"] == "ok" for k, x in results.items() if k != "encryption"), results
-    assert results["encryption"]["severity"] == "warning"  # no host has a certificate: plain stream
+    assert all(x["severity"] == "ok" for x in results.values()), results  # both hosts hold certificates
     assert "reaches host-2" in results["reachability"]["message"]
 
     r = migrate(server, dry_run=True, bandwidth_limit_bps=50e6)

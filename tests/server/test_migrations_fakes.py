@@ -37,7 +37,7 @@ from enum import StrEnum
 from typing import Any
 
 import pytest
-from conftest import AGENT_TOKEN, ServerHarness
+from conftest import ServerHarness
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from vmshift_fake_agent import FakeAgent, UvicornThread, make_facts
@@ -48,6 +48,7 @@ from vmshift.model.agent_migration import (
     IncomingState,
     MigrationProgress,
     OutgoingMigration,
+    PeerGrant,
 )
 from vmshift.model.api import ErrorInfo
 from vmshift.model.enums import PowerState
@@ -116,6 +117,8 @@ class MigratingAgent(FakeAgent):
     # target role
     incoming: dict[int, IncomingRequest] = field(default_factory=dict)
     prepared: list[IncomingRequest] = field(default_factory=list)  # every prepare request, in order
+    grants: dict[int, PeerGrant] = field(default_factory=dict)  # every grant the server sent, kept
+    revoked: list[int] = field(default_factory=list)  # DELETE /migrations/{id}/grant, in order
     loaded: set[int] = field(default_factory=set)  # streams that completed into this host
     activations: list[int] = field(default_factory=list)
     proof: Proof | None = None
@@ -129,6 +132,8 @@ class MigratingAgent(FakeAgent):
     def _receive(self, req: IncomingRequest) -> None:
         self.prepared.append(req)
         self.incoming[req.migration_id] = req
+        if req.grant is not None:
+            self.grants[req.migration_id] = req.grant
         self.vms[req.spec.name] = VmRuntime(
             name=req.spec.name, uuid=req.spec.uuid, power_state=PowerState.PAUSED, pid=4343,
             qemu_status="inmigrate", incoming_migration=req.migration_id,
@@ -329,6 +334,11 @@ class MigratingAgent(FakeAgent):
                     "resident_bytes": resident}
 
         # -- target role ----------------------------------------------------------------------
+        @app.delete("/api/v1/migrations/{mid}/grant")
+        async def revoke(mid: int) -> Any:
+            self.revoked.append(mid)
+            return {"revoked": mid in self.grants}
+
         @app.post("/api/v1/migrations/incoming")
         async def incoming(req: IncomingRequest) -> Any:
             self._receive(req)
@@ -449,8 +459,8 @@ def migrating_agents_fixture() -> Iterator[AgentStarter]:
     running: list[UvicornThread] = []
 
     def start(name: str, **kw: Any) -> tuple[MigratingAgent, UvicornThread]:
-        agent = MigratingAgent(facts=make_facts(name, **kw), token=AGENT_TOKEN)
-        thread = UvicornThread(agent.app()).start()
+        agent = MigratingAgent(facts=make_facts(name, **kw))
+        thread = UvicornThread(agent.app(), tls=agent.tls).start()
         agent.thread = thread
         running.append(thread)
         return agent, thread

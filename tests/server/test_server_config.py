@@ -37,7 +37,6 @@ def _trust(state_dir: Path) -> ssl.SSLContext | None:
 
 def test_the_server_runs_from_its_config_file_and_a_flag_overrides_it(tmp_path: Path, db_url: str) -> None:
     (tmp_path / "token").write_text(TOKEN + "\n")
-    (tmp_path / "agent-token").write_text("agent\n")
     port = _free_port()
     config = tmp_path / "server.toml"
     config.write_text(f'''
@@ -45,7 +44,6 @@ listen = "127.0.0.1:1"
 state_dir = "{tmp_path / 'state'}"
 db_url = "{db_url}"
 token_file = "{tmp_path / 'token'}"
-agent_token_file = "{tmp_path / 'agent-token'}"
 event_retention_days = 90
 ''')
     env = {k: v for k, v in os.environ.items() if k != "VMSHIFT_DB_URL"}

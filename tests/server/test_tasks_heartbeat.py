@@ -111,7 +111,8 @@ def test_heartbeat_marks_dead_agent_disconnected_and_back(
     r = server.client.post("/vms", json=BODY)
     assert r.status_code == 409 and "disconnected" in r.json()["error"]["message"]
 
-    back = UvicornThread(ag1.app(), port=t1.port).start()  # the agent comes back on the same address
+    # the agent comes back on the same address (with the certificate it was issued)
+    back = UvicornThread(ag1.app(), port=t1.port, tls=ag1.tls).start()
     try:
         wait_for(lambda: _host_state(server) == "connected", 15, "host-1 connected again")
         assert server.client.get("/events?target=host-1&limit=1").json()[0]["kind"] == "host.connected"

@@ -9,11 +9,16 @@ reports the table as it is, and ``vm_lists`` counts those requests (one per hear
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import ssl
+import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -23,6 +28,8 @@ from fastapi.responses import JSONResponse
 from vmshift.model.enums import MIGRATION_RUN_STATES, Accelerator, PowerAction, PowerState
 from vmshift.model.host import CpuModelInfo, DatastoreInfo, HostFacts
 from vmshift.model.vm import VmRuntime, VmSpec
+from vmshift.tls import pki
+from vmshift.tls.contexts import server_context
 
 SHARED_DS_UUID = "11111111-0000-4000-8000-000000000001"
 
@@ -80,10 +87,49 @@ def make_facts(
     )
 
 
+@contextlib.contextmanager
+def pem_files(cert_pem: bytes, key_pem: bytes) -> Iterator[tuple[Path, Path]]:
+    """ssl loads certificates from files only: these exist while the context loads them."""
+    with tempfile.TemporaryDirectory(prefix="fake-agent-") as tmp:
+        cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+        cert.write_bytes(cert_pem)
+        key.write_bytes(key_pem)
+        yield cert, key
+
+
+class FakeAgentTls:
+    """A fake agent's HTTPS like the real one's: a self-signed bootstrap certificate until the
+    server enrolls it (POST /tls/csr, PUT /tls/cert), then the issued one; once enrolled it
+    requires the caller's certificate from the CA it was given (the server's)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        boot = pki.self_signed(name, [name, "127.0.0.1"])
+        self.bootstrap_fingerprint = pki.fingerprint(boot.cert_pem)
+        with pem_files(boot.cert_pem, boot.key_pem) as (cert, key):
+            self.context = server_context(cert, key)
+        self.pending_key: bytes | None = None
+        self.issued: list[str] = []  # fingerprints of the certificates it was given, in order
+
+    def csr(self) -> str:
+        pair = pki.make_key_and_csr(self.name)
+        self.pending_key = pair.key_pem
+        return pair.cert_pem.decode()
+
+    def install(self, cert_pem: str, ca_pem: str) -> str:
+        assert self.pending_key is not None, "PUT /tls/cert before POST /tls/csr"
+        info = pki.check_issued(cert_pem.encode(), self.pending_key, ca_pem.encode(), common_name=self.name)
+        with pem_files(cert_pem.encode(), self.pending_key) as (cert, key):
+            self.context.load_cert_chain(cert, key)
+        self.context.load_verify_locations(cadata=ca_pem)
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.issued.append(info.fingerprint)
+        return info.fingerprint
+
+
 @dataclass
 class FakeAgent:
     facts: HostFacts
-    token: str
     vms: dict[str, VmRuntime] = field(default_factory=dict)
     specs: dict[str, VmSpec] = field(default_factory=dict)
     mutations: list[tuple[str, str]] = field(default_factory=list)
@@ -91,23 +137,31 @@ class FakeAgent:
     fail_define: bool = False
     vm_lists: int = 0  # GET /vms requests so far
     power_requests: list[tuple[str, PowerAction, int]] = field(default_factory=list)  # (vm, action, vm_lists)
+    tls: FakeAgentTls = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tls = FakeAgentTls(self.facts.name)
 
     def app(self) -> FastAPI:
         app = FastAPI()
 
         @app.middleware("http")
-        async def auth(request: Request, call_next: Any) -> Any:
-            if request.headers.get("authorization") != f"Bearer {self.token}":
-                return JSONResponse(
-                    {"error": {"code": "unauthorized", "message": "bad token", "hint": None}}, 401
-                )
-            if request.method != "GET":
+        async def record(request: Request, call_next: Any) -> Any:
+            if request.method != "GET" and not request.url.path.startswith("/api/v1/tls"):
                 self.mutations.append((request.method, request.url.path))
             return await call_next(request)
 
         @app.get("/api/v1/health")
         async def health() -> dict[str, Any]:
             return {"name": self.facts.name, "time": time.time()}
+
+        @app.post("/api/v1/tls/csr")
+        async def tls_csr() -> dict[str, Any]:
+            return {"csr_pem": self.tls.csr()}
+
+        @app.put("/api/v1/tls/cert")
+        async def tls_cert(body: dict[str, Any]) -> dict[str, Any]:
+            return {"fingerprint": self.tls.install(body["cert_pem"], body["ca_pem"])}
 
         @app.get("/api/v1/facts")
         async def facts() -> dict[str, Any]:
@@ -194,9 +248,10 @@ class UvicornThread:
     """Serve an ASGI app on 127.0.0.1 in a thread; ``port`` 0 picks a free one (kept across restarts).
     ``config`` goes to ``uvicorn.Config`` (e.g. ``ssl_certfile``/``ssl_keyfile`` to serve HTTPS)."""
 
-    def __init__(self, app: Any, port: int = 0, **config: Any) -> None:
+    def __init__(self, app: Any, port: int = 0, tls: FakeAgentTls | None = None, **config: Any) -> None:
         self.app = app
         self.port = port
+        self.tls = tls  # None: no client certificates asked (e.g. the server under test, **config: its TLS)
         self.config = config
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -211,7 +266,11 @@ class UvicornThread:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", self.port))
         self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="auto", **self.config)
+        tls = self.tls
+        extra: dict[str, Any] = dict(self.config)
+        if tls is not None:
+            extra["ssl_context_factory"] = lambda _config, _default: tls.context
+        config = uvicorn.Config(self.app, log_level="warning", lifespan="auto", **extra)
         self._server = server = uvicorn.Server(config)
         self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         self._thread.start()

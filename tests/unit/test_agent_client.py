@@ -9,9 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
-from vmshift.client.agent import AgentClient
+from vmshift.client.agent import AgentClient, AgentCredentials
 from vmshift.errors import ApiError, HostUnreachableError
 from vmshift.model.enums import PowerState
+from vmshift.tls.peer import CAPABILITY_HEADER
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
@@ -30,7 +31,8 @@ class Recorder:
 
 def make_client(handler: Handler, **kwargs: Any) -> tuple[AgentClient, Recorder]:
     rec = Recorder(handler)
-    client = AgentClient("10.0.0.2:8301", "s3cret", transport=httpx.MockTransport(rec), **kwargs)
+    creds = AgentCredentials(None, {CAPABILITY_HEADER: "s3cret"})
+    client = AgentClient("10.0.0.2:8301", creds, transport=httpx.MockTransport(rec), **kwargs)
     return client, rec
 
 
@@ -48,7 +50,7 @@ async def test_migration_activate_posts_and_parses_the_runtime() -> None:
     assert vm.power_state is PowerState.POWERED_ON and vm.qemu_status == "running"
     (req,) = rec.requests
     assert (req.method, req.url.path) == ("POST", "/api/v1/migrations/7/activate")
-    assert req.headers["authorization"] == "Bearer s3cret"
+    assert req.headers[CAPABILITY_HEADER] == "s3cret" and "authorization" not in req.headers
     assert req.extensions["timeout"]["read"] == 12.5
     assert req.extensions["timeout"]["connect"] == 3.0
 

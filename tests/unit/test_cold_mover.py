@@ -52,7 +52,7 @@ def _datastore(path: Path, name: str) -> None:
 
 
 async def _open(root: Path) -> Host:
-    config = AgentConfig(name="h", listen="127.0.0.1:0", token_file=root / "token", state_dir=root / "state",
+    config = AgentConfig(name="h", listen="127.0.0.1:0", state_dir=root / "state", ca_file=root / "ca.pem",
                          qemu_user="", datastores=[root / "a", root / "b"])
     files = VmFiles(Datastores(config.datastores), config.state_dir)
     supervisor = Supervisor(config, files, Accelerator.TCG)

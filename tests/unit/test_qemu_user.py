@@ -17,7 +17,7 @@ from vmshift.errors import ConflictError, InvalidInputError
 from vmshift.model.enums import Accelerator
 from vmshift.qemu.cmdline import KernelBoot, VmPaths
 
-BASE = {"name": "h", "listen": "127.0.0.1:1", "token_file": "/t", "state_dir": "/s"}
+BASE = {"name": "h", "listen": "127.0.0.1:1", "ca_file": "/ca.pem", "state_dir": "/s"}
 NOBODY_UID = 65534
 
 

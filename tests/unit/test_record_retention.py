@@ -93,7 +93,7 @@ def test_zero_days_keeps_everything_and_a_record_in_use_stays(tmp_path: Path) ->
     assert _ids(migrations.dir) == [2] and _ids(moves.dir) == [1]
 
 
-BASE = {"name": "h", "listen": "127.0.0.1:1", "token_file": "/t", "state_dir": "/s"}
+BASE = {"name": "h", "listen": "127.0.0.1:1", "ca_file": "/ca.pem", "state_dir": "/s"}
 
 
 def test_agent_config_record_retention_days() -> None:

@@ -18,10 +18,10 @@ EXAMPLE = REPO / "packaging" / "etc" / "vmshift" / "server.toml"
 
 @pytest.fixture
 def tokens(tmp_path: Path) -> tuple[Path, Path]:
-    api, agent = tmp_path / "token", tmp_path / "agent-token"
+    api, other = tmp_path / "token", tmp_path / "other-token"
     api.write_text("api-secret\n")
-    agent.write_text("agent-secret\n")
-    return api, agent
+    other.write_text("other-secret\n")
+    return api, other
 
 
 def _config(tmp_path: Path, body: str) -> Path:
@@ -33,36 +33,34 @@ def _config(tmp_path: Path, body: str) -> Path:
 def test_the_file_sets_options_flags_override_it_and_the_rest_are_defaults(
     tmp_path: Path, tokens: tuple[Path, Path]
 ) -> None:
-    api, agent = tokens
+    api, _ = tokens
     cfg = _config(tmp_path, f'''
 listen = "0.0.0.0:8100"
 state_dir = "{tmp_path / 'state'}"
 token_file = "{api}"
-agent_token_file = "{agent}"
 heartbeat_interval_s = 5
 event_retention_days = 90
 task_retention_days = 0
 ''')
     s = parse_settings(["--config", str(cfg), "--listen", "10.0.0.1:9000", "--task-retention-days", "7"])
     assert s.listen == "10.0.0.1:9000"  # the flag wins
-    assert (s.state_dir, s.token, s.agent_token) == (tmp_path / "state", "api-secret", "agent-secret")
+    assert (s.state_dir, s.token) == (tmp_path / "state", "api-secret")
     assert s.heartbeat_interval_s == 5.0 and s.event_retention_days == 90 and s.task_retention_days == 7
-    defaults = ServerSettings(state_dir=Path("/x"), token="t", agent_token="a")
+    defaults = ServerSettings(state_dir=Path("/x"), token="t")
     assert s.migration_retention_days == defaults.migration_retention_days == 30
     assert s.db_url is None and s.missed_heartbeats == defaults.missed_heartbeats
 
 
 def test_flags_alone_still_work_as_before(tmp_path: Path, tokens: tuple[Path, Path]) -> None:
-    api, agent = tokens
+    api, _ = tokens
     s = parse_settings(["--state-dir", str(tmp_path), "--token-file", str(api),
-                        "--agent-token-file", str(agent),
                         "--heartbeat-interval", "0.5", "--db-url", "sqlite:///x.db"])
     assert s.heartbeat_interval_s == 0.5 and s.db_url == "sqlite:///x.db" and s.listen == "127.0.0.1:8100"
 
 
 def test_a_flag_replaces_a_secret_file_that_is_never_read(tmp_path: Path, tokens: tuple[Path, Path]) -> None:
-    api, agent = tokens
-    cfg = _config(tmp_path, f'state_dir = "/s"\ntoken_file = "/nonexistent"\nagent_token_file = "{agent}"\n')
+    api, _ = tokens
+    cfg = _config(tmp_path, 'state_dir = "/s"\ntoken_file = "/nonexistent"\n')
     assert parse_settings(["--config", str(cfg), "--token-file", str(api)]).token == "api-secret"
 
 
@@ -87,19 +85,18 @@ def test_a_bad_file_is_refused_naming_the_key(tmp_path: Path, body: str, message
 
 
 def test_bad_flags_and_missing_options_are_refused(tmp_path: Path, tokens: tuple[Path, Path]) -> None:
-    api, agent = tokens
+    api, _ = tokens
     with pytest.raises(InvalidInputError, match="option state_dir is not set") as e:
-        parse_settings(["--token-file", str(api), "--agent-token-file", str(agent)])
+        parse_settings(["--token-file", str(api)])
     assert e.value.hint is not None and "--state-dir" in e.value.hint
     with pytest.raises(InvalidInputError,
                        match="--retention-batch-rows must be a whole number of at least 1"):
-        parse_settings(["--state-dir", "/s", "--token-file", str(api), "--agent-token-file", str(agent),
+        parse_settings(["--state-dir", "/s", "--token-file", str(api),
                         "--retention-batch-rows", "0"])
     with pytest.raises(InvalidInputError, match="cannot be read"):
         parse_settings(["--config", str(tmp_path / "missing.toml")])
     with pytest.raises(InvalidInputError, match=r"token file .*missing.* cannot be read"):
-        parse_settings(["--state-dir", "/s", "--token-file", str(tmp_path / "missing"),
-                        "--agent-token-file", str(agent)])
+        parse_settings(["--state-dir", "/s", "--token-file", str(tmp_path / "missing")])
 
 
 def test_every_setting_has_one_option_and_the_example_config_documents_each() -> None:

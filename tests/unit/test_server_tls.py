@@ -16,7 +16,7 @@ from vmshift.tls.files import ServerTlsFiles
 
 
 def settings(tmp_path: Path, **kw: object) -> ServerSettings:
-    return ServerSettings(state_dir=tmp_path / "state", token="t", agent_token="a", **kw)  # type: ignore[arg-type]
+    return ServerSettings(state_dir=tmp_path / "state", token="t", **kw)  # type: ignore[arg-type]
 
 
 def write(path: Path, data: bytes) -> Path:
@@ -26,8 +26,7 @@ def write(path: Path, data: bytes) -> Path:
 
 def test_tls_options_are_settings_fields(tmp_path: Path) -> None:
     (tmp_path / "tok").write_text("t\n")
-    base = ["--state-dir", str(tmp_path), "--token-file", str(tmp_path / "tok"),
-            "--agent-token-file", str(tmp_path / "tok")]
+    base = ["--state-dir", str(tmp_path), "--token-file", str(tmp_path / "tok")]
     plain = build_settings(base)
     assert (plain.tls_cert, plain.tls_key, plain.ca_file) == (None, None, None)
     given = build_settings([*base, "--tls-cert", "/etc/c.pem", "--tls-key", "/etc/k.pem",

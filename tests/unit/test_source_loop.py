@@ -105,7 +105,7 @@ class Rig:
     def request(self, **kw: Any) -> OutgoingMigration:
         return OutgoingMigration(migration_id=MID, vm=VM, uri="tcp:10.0.1.2:49152", nonce="n-1",
                                  target_migration_address="10.0.1.2",
-                                 target_agent=AgentRef(address="10.0.0.2:8301", token="agent-token"), **kw)
+                                 target_agent=AgentRef(address="10.0.0.2:8301", capability="c" * 43), **kw)
 
     async def start(self, **kw: Any) -> MigrationProgress:
         return await self.om.start(self.request(**kw))

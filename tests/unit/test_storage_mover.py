@@ -61,7 +61,7 @@ def make_datastore(path: Path, name: str) -> None:
 
 async def open_host(root: Path, *, speed_bps: int = 0, extra: list[Path] | None = None) -> Host:
     """An agent's worth of objects over ``root`` (a restart is another call on the same root)."""
-    config = AgentConfig(name="h", listen="127.0.0.1:0", token_file=root / "token", state_dir=root / "state",
+    config = AgentConfig(name="h", listen="127.0.0.1:0", state_dir=root / "state", ca_file=root / "ca.pem",
                          qemu_user="",
                          datastores=[root / "a", root / "b", *(extra or [])])
     datastores = Datastores(config.datastores)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +17,7 @@ from pydantic import Field
 from vmshift.agent.config import AgentConfig
 from vmshift.agent.datastores import Datastores
 from vmshift.agent.facts import HostProbe, host_facts, probe_host
+from vmshift.agent.guard import require_allowed
 from vmshift.agent.migration_source import OutgoingMigrations
 from vmshift.agent.migration_store import MigrationStore
 from vmshift.agent.migration_target import IncomingMigrations
@@ -29,16 +29,19 @@ from vmshift.agent.routes_migration import router as migration_router
 from vmshift.agent.routes_moves import router as moves_router
 from vmshift.agent.routes_moves import start_moves
 from vmshift.agent.routes_suspend import router as suspend_router
+from vmshift.agent.routes_tls import router as tls_router
 from vmshift.agent.serial_log import DRAIN_INTERVAL_S
 from vmshift.agent.supervisor import Supervisor
+from vmshift.agent.tls_server import AgentTls
 from vmshift.agent.vmfiles import VmFiles
 from vmshift.errors import InvalidInputError
-from vmshift.http_edge import bearer_auth, install_error_handlers
+from vmshift.http_edge import install_error_handlers
 from vmshift.model.base import RequestModel
 from vmshift.model.enums import PowerAction
 from vmshift.model.host import HostFacts
 from vmshift.model.inputs import VmName
 from vmshift.model.vm import VmRuntime, VmSpec
+from vmshift.tls.files import private_dir
 
 log = logging.getLogger(__name__)
 REFRESH_INTERVAL_S = 1.0
@@ -86,13 +89,14 @@ async def _refresh_loop(supervisor: Supervisor) -> None:
             log.exception("refreshing VM states failed")
 
 
-def create_app(config: AgentConfig) -> FastAPI:
-    token = config.read_token()
+def create_app(config: AgentConfig, tls: AgentTls | None = None) -> FastAPI:
+    """``tls``: the agent's certificates and serving context (agent/tls_server.py); every route
+    requires a caller the guard admits (agent/access.py)."""
+    tls = tls or AgentTls(config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        config.state_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(config.state_dir, 0o700)  # records, sockets and logs: root's alone
+        private_dir(config.state_dir)
         datastores = Datastores(config.datastores)
         probe = await probe_host(config, datastores)
         supervisor = Supervisor(config, VmFiles(datastores, config.state_dir, config.qemu_img),
@@ -126,11 +130,9 @@ def create_app(config: AgentConfig) -> FastAPI:
             await supervisor.close()
             log.info("agent %s stopped; its VMs keep running", config.name)
 
-    require_token = bearer_auth(token, hint_missing="Send 'Authorization: Bearer <agent token>'.",
-                                hint_wrong="Use the agent token the server was given.")
-
     app = FastAPI(title="vmshift agent", version="1", lifespan=lifespan,
-                  dependencies=[Depends(require_token)])
+                  dependencies=[Depends(require_allowed)])
+    app.state.tls = tls
 
     install_error_handlers(app, what="agent", api_doc_hint="See docs/agent.md for the agent API.")
 
@@ -176,6 +178,7 @@ def create_app(config: AgentConfig) -> FastAPI:
                      tail_bytes: Annotated[int, Query(ge=0, le=16 << 20)] = 65536) -> str:
         return await agent.supervisor.serial_tail(name, tail_bytes)
 
+    app.include_router(tls_router)
     app.include_router(migration_router)
     app.include_router(disk_exports_router)
     app.include_router(moves_router)

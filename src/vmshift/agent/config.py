@@ -19,8 +19,8 @@ MIN_SERIAL_LOG_CAP_BYTES = 64 << 10
 class AgentConfig:
     name: str
     listen: str
-    token_file: Path
     state_dir: Path
+    ca_file: Path  # the cluster CA: only clients with a certificate it issued may call this agent
     datastores: list[Path] = field(default_factory=list)
     networks: dict[str, str] = field(default_factory=dict)
     management_address: str = ""
@@ -42,17 +42,6 @@ class AgentConfig:
     def listen_port(self) -> int:
         return int(self.listen.rsplit(":", 1)[1])
 
-    def read_token(self) -> str:
-        try:
-            token = self.token_file.read_text().strip()
-        except OSError as exc:
-            raise InvalidInputError(f"The agent token file {self.token_file} cannot be read ({exc}).",
-                                    hint="Create it with the server's agent token.") from exc
-        if not token:
-            raise InvalidInputError(f"The agent token file {self.token_file} is empty.",
-                                    hint="Write the server's agent token into it.")
-        return token
-
 
 def _bad(path: Path, what: str) -> InvalidInputError:
     return InvalidInputError(f"The agent config {path} is not valid: {what}.",
@@ -60,7 +49,10 @@ def _bad(path: Path, what: str) -> InvalidInputError:
 
 
 def config_from_dict(data: dict[str, Any], source: Path = Path("<dict>")) -> AgentConfig:
-    for key in ("name", "listen", "token_file", "state_dir"):
+    if "token_file" in data:
+        raise _bad(source, "'token_file' is gone: agents accept only clients with a certificate of the "
+                   "cluster CA now; remove it and set 'ca_file' to the server's CA (vmshift-server ca show)")
+    for key in ("name", "listen", "state_dir", "ca_file"):
         if not isinstance(data.get(key), str) or not data[key]:
             raise _bad(source, f"'{key}' must be a non-empty string")
     listen = data["listen"]
@@ -88,15 +80,16 @@ def config_from_dict(data: dict[str, Any], source: Path = Path("<dict>")) -> Age
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < MIN_SERIAL_LOG_CAP_BYTES:
         raise _bad(source, "'serial_log_cap_bytes' must be a whole number of at least "
                            f"{MIN_SERIAL_LOG_CAP_BYTES}")
-    known = {"name", "listen", "token_file", "state_dir", "datastores", "networks", "management_address",
+    known = {"name", "listen", "state_dir", "ca_file", "datastores", "networks", "management_address",
              "migration_address", "accelerator", "qemu_binary", "qemu_img", "record_retention_days",
              "qemu_user", "serial_log_cap_bytes"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise _bad(source, f"unknown key(s) {', '.join(unknown)}")
     return AgentConfig(
-        name=data["name"], listen=listen, token_file=Path(data["token_file"]),
-        state_dir=Path(data["state_dir"]), datastores=[Path(d) for d in datastores],
+        name=data["name"], listen=listen,
+        state_dir=Path(data["state_dir"]), ca_file=Path(data["ca_file"]),
+        datastores=[Path(d) for d in datastores],
         networks=dict(networks), management_address=str(data.get("management_address", "")),
         migration_address=str(data.get("migration_address", "")), accelerator=accel,
         qemu_binary=str(data.get("qemu_binary", "qemu-system-x86_64")),

@@ -1,4 +1,5 @@
-"""``vmshift-agent --config FILE``: run the host agent (uvicorn) until SIGTERM/SIGINT.
+"""``vmshift-agent --config FILE [fingerprint]``: run the host agent (HTTPS, mutual TLS) until
+SIGTERM/SIGINT, or print the fingerprint of the certificate it serves (to confirm on ``host add``).
 
 Stopping the agent never stops VMs: QEMU runs in its own session and the next agent re-attaches.
 """
@@ -11,10 +12,9 @@ import os
 import sys
 from pathlib import Path
 
-import uvicorn
-
 from vmshift.agent.app import create_app
 from vmshift.agent.config import load_config
+from vmshift.agent.tls_server import AgentTls, serve
 from vmshift.errors import VmshiftError
 
 
@@ -22,18 +22,24 @@ def run(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="vmshift-agent", description="vmshift host agent")
     parser.add_argument("--config", required=True, type=Path, help="agent config file (JSON)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("command", nargs="?", choices=["serve", "fingerprint"], default="serve",
+                        help="serve (default) or print the fingerprint of the certificate it serves")
     args = parser.parse_args(argv)
     os.umask(0o077)  # every record, disk and log the agent (and its qemu-img) creates is 0600
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config)
-        app = create_app(config)
+        tls = AgentTls(config)
+        if args.command == "fingerprint":
+            print(tls.fingerprint())
+            return
+        tls.context()  # fails early on a missing CA file
+        app = create_app(config, tls)
     except VmshiftError as exc:
         print(f"vmshift-agent: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    uvicorn.run(app, host=config.listen_host, port=config.listen_port, log_level=args.log_level,
-                access_log=False, timeout_graceful_shutdown=5)
+    serve(app, config, tls, args.log_level)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Persisted state of the live migrations this agent takes part in: ``state_dir/migrations/ID.json``.
 
+Records are private (0600 in a 0700 directory): a source's record holds the migration's capability.
 A record survives agent restarts: the source resumes its control loop from it, the target knows
 which QEMU waits for a stream and for which migration. Writes are atomic (temp file + rename).
 """
@@ -13,10 +14,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError
 
-from vmshift.model.agent_migration import MigrationProgress, OutgoingMigration
+from vmshift.model.agent_migration import MigrationProgress, OutgoingMigration, PeerGrant
 from vmshift.model.migration import SwitchoverTimeline
 from vmshift.model.moves import NbdTarget
 from vmshift.model.vm import VmSpec
+from vmshift.tls.files import write_private
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class StoredMigration(BaseModel):
     target_state: TargetState | None = None
     timeline: SwitchoverTimeline = Field(default_factory=SwitchoverTimeline)
     nonce: str | None = None  # the server's nonce of this migration (target records)
+    grant: PeerGrant | None = None  # target: who may call this migration's routes; None once it ended
     # target of a relocate (shared-nothing): the paths it created (a rollback removes exactly these)
     # and the NBD exports of its receiving QEMU
     relocate: bool = False
@@ -70,11 +73,8 @@ class MigrationStore:
         return self.dir / f"{migration_id}.json"
 
     def save(self, rec: StoredMigration) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.path(rec.migration_id)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(rec.model_dump_json(indent=1))
-        tmp.replace(path)
+        # 0600 in a 0700 directory: a source record holds its migration's capability
+        write_private(self.path(rec.migration_id), rec.model_dump_json(indent=1).encode(), fsync=False)
 
     def remove(self, migration_id: int) -> None:
         """Retention (agent/record_retention.py) drops a finished record."""

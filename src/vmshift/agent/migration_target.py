@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
 
@@ -32,7 +33,7 @@ from vmshift.errors import (
 )
 from vmshift.migration.samples import QemuMigrationStatus
 from vmshift.migration.uri import tcp_uri
-from vmshift.model.agent_migration import Incoming, IncomingRequest, IncomingState
+from vmshift.model.agent_migration import Incoming, IncomingRequest, IncomingState, PeerGrant
 from vmshift.model.enums import QemuRunState as RunState
 from vmshift.model.vm import VmRuntime
 from vmshift.qemu import migration_qmp as mq
@@ -45,6 +46,9 @@ ACTIVATE_TIMEOUT_S = 30.0
 #: or post-copy began (the source stopped for good; the rest of the memory follows on demand).
 HANDED_OVER = frozenset({QemuMigrationStatus.COMPLETED.value, QemuMigrationStatus.POSTCOPY_ACTIVE.value})
 ANNOUNCE_INITIAL_MS = 1
+#: After the target rolled an incoming migration back, its source may still call for this long
+#: (its own rollback, a repeated one); then the grant is gone (agent/access.py).
+ENDED_GRACE_S = 30.0
 
 
 class IncomingMigrations:
@@ -53,6 +57,31 @@ class IncomingMigrations:
         self.store = store
         self.address = migration_address
         self._lock = asyncio.Lock()
+        self._grants: dict[int, PeerGrant] = {}  # live grants by migration id (agent/access.py)
+
+    def live_grants(self) -> dict[int, PeerGrant]:
+        return self._grants
+
+    def _keep_grant(self, rec: StoredMigration, grant: PeerGrant | None) -> None:
+        if grant is not None:
+            rec.grant = grant
+            self._grants[rec.migration_id] = grant
+
+    def revoke_grant(self, migration_id: int) -> bool:
+        """The server says the migration ended: its source may call no more (idempotent)."""
+        self._grants.pop(migration_id, None)
+        rec = self.store.load(migration_id)
+        if rec is None or rec.role is not MigrationRole.TARGET or rec.grant is None:
+            return False
+        rec.grant = None
+        self.store.save(rec)
+        return True
+
+    def _end_grant(self, rec: StoredMigration) -> None:
+        if rec.grant is not None:
+            end = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=ENDED_GRACE_S)
+            rec.grant = rec.grant.model_copy(update={"expires_at": min(rec.grant.expires_at, end)})
+            self._grants[rec.migration_id] = rec.grant
 
     def _record(self, migration_id: int) -> StoredMigration:
         rec = self.store.load(migration_id)
@@ -79,6 +108,8 @@ class IncomingMigrations:
                     raise ConflictError(f"Migration {mid} of another server or an older database still "
                                         f"waits for VM {old.vm!r} on this host.",
                                         hint=f"Roll it back first (DELETE /api/v1/migrations/{mid}).")
+                self._keep_grant(old, req.grant)
+                self.store.save(old)
                 # the same request again: idempotent
                 return Incoming(port=int(old.uri.rsplit(":", 1)[1]), uri=old.uri, nbd=old.exports)
             files = self.supervisor.files
@@ -95,6 +126,7 @@ class IncomingMigrations:
             rec = StoredMigration(role=MigrationRole.TARGET, migration_id=req.migration_id, vm=spec.name,
                                   spec=spec, target_state=TargetState.LISTENING, nonce=req.nonce,
                                   relocate=req.relocate, created_paths=created)
+            self._keep_grant(rec, req.grant)
             self.store.save(rec)  # before anything is created: a rollback after a crash finds the list
             try:
                 await self.supervisor.files.define(spec, self.supervisor.config.networks)
@@ -292,12 +324,15 @@ class IncomingMigrations:
             log.info("migration %d: removed %s", rec.migration_id, ", ".join(rec.created_paths))
             rec.created_paths = []
         rec.target_state = state
+        self._end_grant(rec)
         self.store.save(rec)
         log.info("migration %d: incoming VM %s rolled back (%s)", rec.migration_id, rec.vm, state.value)
 
     async def resume_all(self) -> None:
         """At agent start: an incoming QEMU that died while the agent was down is cleaned up."""
         for rec in self.store.all():
+            if rec.role is MigrationRole.TARGET and rec.grant is not None:
+                self._grants[rec.migration_id] = rec.grant
             if (rec.role is MigrationRole.TARGET and rec.target_state is TargetState.LISTENING
                     and not self.supervisor.is_alive(rec.vm)):
                 log.warning("migration %d: the receiving QEMU of %s is gone; rolling back",

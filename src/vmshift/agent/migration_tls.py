@@ -34,7 +34,7 @@ from vmshift.tls import pki
 from vmshift.tls.files import HostTlsFiles, private_dir, write_private
 
 log = logging.getLogger(__name__)
-CERT_MODE = 0o644
+CERT_MODE = 0o600  # owned by QEMU's user: nobody else needs to read them
 KEY_MODE = 0o600
 #: QEMU's tls-creds-x509 file names (docs/system/tls.rst); the host's one certificate is both ends.
 QEMU_CA = "ca-cert.pem"

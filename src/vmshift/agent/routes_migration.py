@@ -113,3 +113,9 @@ async def finalize(migration_id: ObjectId, body: FinalizeRequest, roles: Roles) 
 @router.post("/migrations/{migration_id}/cancel")
 async def cancel(migration_id: ObjectId, roles: Roles) -> MigrationProgress:
     return await roles.outgoing.cancel(migration_id)
+
+
+@router.delete("/migrations/{migration_id}/grant")
+async def revoke_grant(migration_id: int, roles: Roles) -> dict[str, bool]:
+    """The server: the migration ended, its source host may call this agent no more."""
+    return {"revoked": roles.incoming.revoke_grant(migration_id)}

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmshift.agent.migration_store import StoredMigration
 from vmshift.agent.relocate_mirrors import RelocateMirrors
-from vmshift.client.agent import AgentClient
+from vmshift.client.agent import AgentClient, AgentCredentials
 from vmshift.errors import ConflictError, IncomingFailedError, QemuError, StreamCompletedError, VmshiftError
 from vmshift.migration.phases import check_transition
 from vmshift.migration.policy import ConvergencePolicy, PolicySettings
@@ -26,6 +26,7 @@ from vmshift.model.api import ErrorInfo
 from vmshift.model.migration import ActionKind, MigrationMetrics, MigrationPhase, MigrationStatus
 from vmshift.qemu import migration_qmp as mq
 from vmshift.qemu.qmp import QmpSession
+from vmshift.tls.peer import CAPABILITY_HEADER
 
 if TYPE_CHECKING:
     from vmshift.agent.migration_source import OutgoingMigrations
@@ -56,8 +57,12 @@ class SourceEndings:
             self.policy.state.throttle_percent = self.p.throttle_percent
         # One kept-alive connection to the target for the whole migration: the health checks
         # during pre-copy keep it warm, so the confirm at the switchover costs no handshake.
-        self.target = AgentClient(self.req.target_agent.address, self.req.target_agent.token,
-                                  timeout_s=10.0, connect_timeout_s=3.0,
+        # It presents this host's issued certificate and the migration's capability (agent/access.py).
+        ref = self.req.target_agent
+        creds = (AgentCredentials.of_host(self.o.supervisor.config.state_dir, ref.capability)
+                 if self.o.target_transport is None
+                 else AgentCredentials(None, {CAPABILITY_HEADER: ref.capability}))
+        self.target = AgentClient(ref.address, creds, timeout_s=10.0, connect_timeout_s=3.0,
                                   transport=self.o.target_transport)
         self.mirrors = RelocateMirrors(self)  # inactive unless the migration relocates the disks
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any
 
 import typer
 
 from vmshift.cli import context
 from vmshift.cli.output import emit_json, fields, table
+from vmshift.client.sdk import FingerprintUnconfirmedError
+from vmshift.errors import InvalidInputError
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -73,15 +76,46 @@ def host_show(name: str, json_: JsonOpt = False) -> None:
 def host_add(
     address: Annotated[str, typer.Argument(help="Agent address HOST:PORT, e.g. 10.213.0.11:8101")],
     cluster: Annotated[str | None, typer.Option(help="Cluster to join (default: the only one).")] = None,
+    fingerprint: Annotated[str | None, typer.Option(
+        help="The agent's certificate fingerprint, as 'vmshift-agent --config FILE fingerprint' prints "
+        "it on the host; without it you confirm the one shown.")] = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Add a host by the address of its agent."""
+    """Add a host by the address of its agent, after confirming its certificate fingerprint; the
+    server then issues the host its certificate from the cluster CA."""
     with context.client() as c:
-        h = c.add_host(address, cluster)
+        try:
+            h = c.add_host(address, cluster, fingerprint)
+        except FingerprintUnconfirmedError as exc:
+            if fingerprint is not None or json_ or not sys.stdin.isatty():
+                if fingerprint is None:
+                    raise InvalidInputError(
+                        f"The agent at {address} presents certificate {exc.fingerprint}: confirm it.",
+                        hint=f"Compare it with 'vmshift-agent --config FILE fingerprint' on the host, "
+                        f"then pass --fingerprint {exc.fingerprint}.") from None
+                raise
+            typer.echo(f"The agent at {address} presents a certificate with fingerprint\n  {exc.fingerprint}")
+            typer.echo("Compare it with 'vmshift-agent --config FILE fingerprint' on that host.")
+            if not typer.confirm("Is it the same?", default=False):
+                raise InvalidInputError("The host was not added: its fingerprint was not confirmed.",
+                                        hint="Add it again once you have checked the fingerprint.") from None
+            h = c.add_host(address, cluster, exc.fingerprint)
     if json_:
         emit_json(h)
     else:
         table("Host added", ["name", "address", "cluster", "state"], [_host_row(h)[:4]])
+
+
+@host_app.command("rotate-cert")
+def host_rotate_cert(name: str, json_: JsonOpt = False) -> None:
+    """Give a host a new key and certificate from the cluster CA; the old one is not served again."""
+    with context.client() as c:
+        h = c.rotate_host_cert(name)
+    if json_:
+        emit_json(h)
+    else:
+        fields(f"Host {name}: new certificate", {"fingerprint": h.get("cert_fingerprint"),
+                                                  "valid until": h.get("cert_not_after")})
 
 
 @host_app.command("remove")

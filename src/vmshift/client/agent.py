@@ -6,6 +6,9 @@ migration: one client per peer, one place where httpx exceptions become vmshift 
 
 from __future__ import annotations
 
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,6 +33,9 @@ from vmshift.model.host import HostFacts
 from vmshift.model.moves import DiskExportRequest, DiskExports, DiskMoveRequest, MoveProgress
 from vmshift.model.suspend import SuspendProgress, SuspendResult
 from vmshift.model.vm import VmRuntime, VmSpec
+from vmshift.tls.contexts import client_context
+from vmshift.tls.files import HostTlsFiles, ServerTlsFiles
+from vmshift.tls.peer import CAPABILITY_HEADER
 
 API_PREFIX = "/api/v1"
 _RUNTIMES = TypeAdapter(list[VmRuntime])
@@ -38,6 +44,29 @@ _RUNTIMES = TypeAdapter(list[VmRuntime])
 class AgentHealth(BaseModel):
     name: str
     time: float
+
+
+@dataclass(frozen=True)
+class AgentCredentials:
+    """How a caller proves itself to an agent: a TLS context that verifies agents against the
+    cluster CA and presents the caller's certificate, plus headers (a migration's capability)."""
+
+    ssl: ssl.SSLContext | None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of_server(cls, state_dir: Path) -> AgentCredentials:
+        """The server: its own certificate (``ServerTlsFiles.ensure`` made it)."""
+        files = ServerTlsFiles.of(state_dir)
+        return cls(client_context(files.ca_cert, cert=files.cert, key=files.key))
+
+    @classmethod
+    def of_host(cls, state_dir: Path, capability: str) -> AgentCredentials:
+        """A source agent calling its migration's target: the host's issued certificate and the
+        capability the server minted for that migration."""
+        files = HostTlsFiles.of(state_dir)
+        return cls(client_context(files.ca_cert, cert=files.cert, key=files.key),
+                   {CAPABILITY_HEADER: capability})
 
 
 class AgentClient:
@@ -51,7 +80,7 @@ class AgentClient:
     def __init__(
         self,
         address: str,
-        token: str,
+        credentials: AgentCredentials,
         *,
         timeout_s: float = 10.0,
         connect_timeout_s: float = 3.0,
@@ -60,8 +89,9 @@ class AgentClient:
         self.address = address
         self._connect_timeout_s = connect_timeout_s
         self._http = httpx.AsyncClient(
-            base_url=f"http://{address}{API_PREFIX}",
-            headers={"Authorization": f"Bearer {token}"},
+            base_url=f"{'https' if credentials.ssl is not None else 'http'}://{address}{API_PREFIX}",
+            headers=credentials.headers,
+            verify=credentials.ssl if credentials.ssl is not None else True,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, connect_timeout_s)),
             transport=transport,
             trust_env=False,
@@ -90,6 +120,12 @@ class AgentClient:
                 hint="Check that the host is up and the agent is running.",
             ) from e
         except httpx.TransportError as e:
+            if _tls_refused(e):
+                raise HostUnreachableError(
+                    f"The agent at {self.address} failed the TLS check ({_tls_refused(e)}).",
+                    hint="Its certificate must come from the cluster CA and name this address; "
+                    "re-add the host ('vmshift host add') or rotate its certificate.",
+                ) from e
             raise HostUnreachableError(
                 f"The agent at {self.address} cannot be reached ({type(e).__name__}).",
                 hint="Check the address, that vmshift-agent runs there, and the network.",
@@ -114,6 +150,17 @@ class AgentClient:
             await self._request("GET", "/health", timeout_s=timeout_s), AgentHealth
         )
         return result
+
+    async def tls_csr(self) -> str:
+        """Enrollment (the server only): the agent makes a new key and answers its CSR."""
+        body = (await self._request("POST", "/tls/csr")).json()
+        return str(body["csr_pem"])
+
+    async def tls_install(self, cert_pem: str, ca_pem: str) -> dict[str, Any]:
+        """Enrollment: the agent checks the certificate against its pending key and CA, serves it."""
+        resp = await self._request("PUT", "/tls/cert", json={"cert_pem": cert_pem, "ca_pem": ca_pem})
+        body: dict[str, Any] = resp.json()
+        return body
 
     async def facts(self) -> HostFacts:
         result: HostFacts = self._parse(await self._request("GET", "/facts"), HostFacts)
@@ -218,6 +265,10 @@ class AgentClient:
         """Target role: discard the incoming QEMU of a migration (idempotent)."""
         await self._request("DELETE", f"/migrations/{migration_id}", timeout_s=timeout_s)
 
+    async def migration_revoke_grant(self, migration_id: int) -> None:
+        """Target role: the migration ended; its source host may call this agent no more."""
+        await self._request("DELETE", f"/migrations/{migration_id}/grant", timeout_s=10)
+
     async def migration_start(self, req: OutgoingMigration) -> MigrationProgress:
         """Source role: start the control loop of an outgoing migration."""
         resp = await self._request("POST", "/migrations", json=req.model_dump(mode="json"), timeout_s=60)
@@ -277,6 +328,18 @@ class AgentClient:
         await self._request("DELETE", f"/disk-exports/{move_id}", params=params, timeout_s=120)
 
 
+def _tls_refused(exc: BaseException) -> str | None:
+    """The TLS failure behind a transport error, if one is (a certificate not from the CA, ...)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen.verify_message or "certificate verify failed"
+        if isinstance(seen, ssl.SSLError):
+            return seen.reason or "TLS error"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _error_from(resp: httpx.Response, address: str) -> ApiError:
     """Turn an agent's error body into ApiError with the agent's status, code, message and hint."""
     return ApiError.from_response(resp, f"The agent at {address} answered HTTP {resp.status_code}.")
@@ -285,15 +348,16 @@ def _error_from(resp: httpx.Response, address: str) -> ApiError:
 class AgentPool:
     """One client per agent address, reused by the heartbeat loop and tasks."""
 
-    def __init__(self, token: str, timeout_s: float = 10.0) -> None:
-        self._token = token
+    def __init__(self, credentials: AgentCredentials, timeout_s: float = 10.0) -> None:
+        self._credentials = credentials
         self._timeout_s = timeout_s
         self._clients: dict[str, AgentClient] = {}
 
     def get(self, address: str) -> AgentClient:
         client = self._clients.get(address)
         if client is None:
-            client = self._clients[address] = AgentClient(address, self._token, timeout_s=self._timeout_s)
+            client = self._clients[address] = AgentClient(address, self._credentials,
+                                                             timeout_s=self._timeout_s)
         return client
 
     async def aclose(self) -> None:

@@ -23,9 +23,23 @@ from vmshift.model.enums import PowerAction, TaskState
 Json = dict[str, Any]
 
 
+class FingerprintUnconfirmedError(ApiError):
+    """``POST /hosts`` without the agent's confirmed fingerprint: ``fingerprint`` is the agent's."""
+
+    def __init__(self, error: ApiError, fingerprint: str) -> None:
+        super().__init__(error.message, status=error.status, code=error.code, hint=error.hint)
+        self.fingerprint = fingerprint
+
+
 def _error_from_response(resp: httpx.Response) -> ApiError:
     text = resp.text.strip()[:200] or resp.reason_phrase
-    return ApiError.from_response(resp, f"The server answered {resp.status_code}: {text}")
+    error = ApiError.from_response(resp, f"The server answered {resp.status_code}: {text}")
+    try:
+        body = resp.json()
+    except ValueError:
+        return error
+    fingerprint = body.get("fingerprint") if isinstance(body, dict) else None
+    return FingerprintUnconfirmedError(error, fingerprint) if isinstance(fingerprint, str) else error
 
 
 class VmshiftClient:
@@ -88,8 +102,14 @@ class VmshiftClient:
     def get_host(self, name: str) -> Json:
         return dict(self.request("GET", f"/hosts/{self._q(name)}"))
 
-    def add_host(self, address: str, cluster: str | None = None) -> Json:
-        return dict(self.request("POST", "/hosts", json={"address": address, "cluster": cluster}))
+    def add_host(self, address: str, cluster: str | None = None, fingerprint: str | None = None) -> Json:
+        """Raises FingerprintUnconfirmedError (with the agent's fingerprint) unless ``fingerprint``
+        is the agent's certificate fingerprint."""
+        body = {"address": address, "cluster": cluster, "fingerprint": fingerprint}
+        return dict(self.request("POST", "/hosts", json=body))
+
+    def rotate_host_cert(self, name: str) -> Json:
+        return dict(self.request("POST", f"/hosts/{self._q(name)}/rotate-cert"))
 
     def remove_host(self, name: str) -> None:
         self.request("DELETE", f"/hosts/{self._q(name)}")

@@ -37,7 +37,7 @@ def enroll_hosts(rec: LabRecord) -> dict[int, HostTlsFiles]:
             cert = pki.issue(ca, req.cert_pem, common_name=name, role=pki.Role.HOST,
                              sans=[name, lay.host_mgmt_address(k), lay.host_mig_address(k)])
             write_private(f.key, req.key_pem)
-            write_private(f.cert, cert, 0o644)
-            write_private(f.ca_cert, ca.cert_pem, 0o644)
+            write_private(f.cert, cert)
+            write_private(f.ca_cert, ca.cert_pem)
         files[k] = f
     return files

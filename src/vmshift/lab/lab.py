@@ -127,7 +127,10 @@ def _register(rec: LabRecord) -> None:
         verify=rec.server_tls(),
     ) as http:
         for k in lay.host_numbers:
-            r = http.post("/hosts", json={"address": lay.agent_address(k)})
+            # the lab reads the agent's bootstrap fingerprint from its file: what an operator
+            # compares with `vmshift-agent --config FILE fingerprint` on the host
+            body = {"address": lay.agent_address(k), "fingerprint": processes.agent_fingerprint(lay, k)}
+            r = http.post("/hosts", json=body)
             _expect(r, f"Registering host-{k} ({lay.agent_address(k)})")
             rec.host_names[str(k)] = str(r.json().get("name", f"host-{k}"))
         pool = {"cidr": lay.vm_cidr, "first": lay.pool_first, "last": lay.pool_last}

@@ -21,10 +21,13 @@ from pathlib import Path
 import httpx
 import psutil
 
+from vmshift.client.agent import AgentCredentials
 from vmshift.errors import LabError
 from vmshift.lab import topology
 from vmshift.lab.layout import LabLayout, LabRecord, load_record
-from vmshift.tls.contexts import client_context
+from vmshift.tls import pki
+from vmshift.tls.contexts import client_context, unverified_context
+from vmshift.tls.files import HostTlsFiles, ServerTlsFiles
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -53,9 +56,31 @@ def host_number(host: int | str) -> int:
     return int(text)
 
 
-def token_files(lay: LabLayout) -> tuple[Path, Path]:
-    """(user token file, agent token file)."""
-    return lay.lab_dir / "user-token", lay.lab_dir / "agent-token"
+def token_file(lay: LabLayout) -> Path:
+    """The user's API token (agents take no token: mutual TLS, docs/agent-tls.md)."""
+    return lay.lab_dir / "user-token"
+
+
+def server_tls(lay: LabLayout) -> ServerTlsFiles:
+    """The lab server's CA and certificate (the server makes them on its first start)."""
+    return ServerTlsFiles.of(lay.server_dir)
+
+
+def agent_credentials(lay: LabLayout) -> AgentCredentials:
+    """Call the lab's agents as its server does (tests and benches talk to agents directly)."""
+    return AgentCredentials.of_server(lay.server_dir)
+
+
+def agent_http(lay: LabLayout, k: int, timeout: float = 60.0) -> httpx.Client:
+    """An HTTP client of host-k's agent API as the server reaches it (its certificate, verified)."""
+    ssl_context = agent_credentials(lay).ssl
+    return httpx.Client(base_url=f"https://{lay.agent_address(k)}/api/v1", trust_env=False, timeout=timeout,
+                        verify=ssl_context if ssl_context is not None else True)
+
+
+def agent_fingerprint(lay: LabLayout, k: int) -> str:
+    """The bootstrap certificate host-k's agent made on its first start (what `host add` confirms)."""
+    return pki.fingerprint(HostTlsFiles.of(lay.agent_state_dir(k)).bootstrap_cert.read_bytes())
 
 
 def free_port() -> int:
@@ -81,10 +106,9 @@ def prepare_files(rec: LabRecord) -> None:
     """Tokens, datastores (with their UUID markers) and one agent config per host."""
     lay = rec.layout
     (lay.lab_dir / "logs").mkdir(parents=True, exist_ok=True)
-    user_tok, agent_tok = token_files(lay)
-    for path in (user_tok, agent_tok):
-        if not path.exists():
-            _write_secret(path, secrets.token_urlsafe(32))
+    user_tok = token_file(lay)
+    if not user_tok.exists():
+        _write_secret(user_tok, secrets.token_urlsafe(32))
     rec.token = user_tok.read_text().strip()
     _make_datastore(lay.shared_datastore)
     for k in lay.host_numbers:
@@ -92,8 +116,8 @@ def prepare_files(rec: LabRecord) -> None:
         config = {
             "name": f"host-{k}",
             "listen": lay.agent_address(k),
-            "token_file": str(agent_tok),
             "state_dir": str(lay.agent_state_dir(k)),
+            "ca_file": str(server_tls(lay).ca_cert),
             "datastores": [str(lay.shared_datastore), str(lay.local_datastore(k))],
             "networks": {"VM Network": "br0"},
             "management_address": lay.host_mgmt_address(k),
@@ -127,15 +151,17 @@ def _log_tail(log: Path, lines: int = 15) -> str:
 
 
 def wait_http(
-    url: str, token: str, proc: subprocess.Popen[bytes] | None, log: Path, what: str,
+    url: str, token: str | None, proc: subprocess.Popen[bytes] | None, log: Path, what: str,
     timeout: float = START_TIMEOUT_S, verify: ssl.SSLContext | Path | None = None,
 ) -> None:  # fmt: skip
     """Poll url until it answers 200; fail early if the process exits, clearly if the time runs out.
 
     ``verify`` checks an https URL's certificate: an SSL context, or a CA file the process makes on
-    its first start (polled for until it appears)."""
+    its first start (polled for until it appears). ``token`` None: send none (agents: ``verify``
+    presents the server's certificate instead)."""
     deadline = time.monotonic() + timeout
     last = "no answer yet"
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     http: httpx.Client | None = None
     try:
         while True:
@@ -150,7 +176,7 @@ def wait_http(
                     last = f"its CA {verify} does not exist yet"
             if http is not None:
                 try:
-                    r = http.get(url, headers={"Authorization": f"Bearer {token}"})
+                    r = http.get(url, headers=headers)
                     if r.status_code == 200:
                         return
                     last = f"HTTP {r.status_code}: {r.text[:300]}"
@@ -189,7 +215,7 @@ def _poll_client(verify: ssl.SSLContext | Path | None) -> httpx.Client | None:
 def start_server(lab: LabRecord | str, timeout: float = START_TIMEOUT_S) -> None:
     rec = _resolve(lab)
     lay = rec.layout
-    user_tok, agent_tok = token_files(lay)
+    user_tok = token_file(lay)
     if rec.server_url is None or rec.server_url.startswith("http://"):  # a lab.json from before TLS
         rec.server_url = f"https://127.0.0.1:{free_port()}"
     listen = rec.server_url.removeprefix("https://")
@@ -197,7 +223,7 @@ def start_server(lab: LabRecord | str, timeout: float = START_TIMEOUT_S) -> None
     log = lay.log_file("server")
     proc = _spawn(
         [str(bin_dir() / "vmshift-server"), "--listen", listen, "--state-dir", str(lay.server_dir),
-         "--token-file", str(user_tok), "--agent-token-file", str(agent_tok)],
+         "--token-file", str(user_tok)],
         log,
     )  # fmt: skip
     rec.pids["server"] = proc.pid
@@ -233,9 +259,11 @@ def start_agent(lab: LabRecord | str, host: int | str, timeout: float = START_TI
     )
     rec.pids[f"host-{host}"] = proc.pid
     rec.save()
-    agent_token = token_files(lay)[1].read_text().strip()
-    url = f"http://{lay.agent_address(host)}/api/v1/health"
-    wait_http(url, agent_token, proc, log, f"agent of host-{host}", timeout)
+    # before `host add` the agent serves its bootstrap certificate: readiness only, no trust
+    tls = server_tls(lay)
+    url = f"https://{lay.agent_address(host)}/api/v1/health"
+    wait_http(url, None, proc, log, f"agent of host-{host}", timeout,
+              verify=unverified_context(cert=tls.cert, key=tls.key))
 
 
 def kill_agent(lab: LabRecord | str, host: int | str, sig: int = signal.SIGKILL) -> None:

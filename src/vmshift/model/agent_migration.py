@@ -132,10 +132,11 @@ class IncomingState(BaseModel):
 
 
 class AgentRef(BaseModel):
-    """How one agent reaches another (the server hands this to the source agent)."""
+    """How one agent reaches another (the server hands this to the source agent): the source calls
+    ``address`` with its own host certificate and ``capability`` in ``X-Vmshift-Capability``."""
 
     address: str
-    token: str
+    capability: str = Field(min_length=32, max_length=128, description="the migration's PeerGrant capability")
 
 
 class OutgoingMigration(MigrationIdentity):

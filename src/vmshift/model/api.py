@@ -57,6 +57,7 @@ class EventKind(StrEnum):
     HOST_CONNECTED = "host.connected"
     HOST_DISCONNECTED = "host.disconnected"
     HOST_MAINTENANCE = "host.maintenance"
+    HOST_CERT_ROTATED = "host.cert_rotated"
     DATASTORE_ADDED = "datastore.added"
     NETWORK_ADDED = "network.added"
     NETWORK_POOL_SET = "network.pool_set"
@@ -104,6 +105,14 @@ class ErrorBody(BaseModel):
     error: ErrorInfo
 
 
+class FingerprintBody(ErrorBody):
+    """``POST /hosts`` refused because the agent's certificate fingerprint was not confirmed."""
+
+    fingerprint: str | None = Field(
+        default=None, description="the fingerprint of the certificate the agent serves: compare, then confirm"
+    )
+
+
 class About(BaseModel):
     version: str
     database: DatabaseKind
@@ -136,6 +145,12 @@ class HostAdd(RequestModel):
         min_length=3, max_length=262, pattern=ADDRESS_PATTERN,
     )
     cluster: ClusterName | None = Field(default=None, description="cluster name; None = the default cluster")
+    fingerprint: str | None = Field(
+        default=None,
+        max_length=200,
+        description="the agent's certificate fingerprint as the operator confirmed it "
+        "(vmshift-agent --config FILE fingerprint); missing or different: 409 with the agent's fingerprint",
+    )
 
 
 class Host(BaseModel):
@@ -147,6 +162,10 @@ class Host(BaseModel):
     last_heartbeat: datetime | None
     facts: HostFacts
     vms: list[str] = Field(default_factory=list)
+    cert_fingerprint: str | None = Field(
+        default=None, description="of the certificate the cluster CA issued it (vmshift host rotate-cert)"
+    )
+    cert_not_after: datetime | None = None
 
 
 class MaintenanceRequest(RequestModel):

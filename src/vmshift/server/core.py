@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from vmshift.client.agent import AgentPool
+from vmshift.client.agent import AgentCredentials, AgentPool
 from vmshift.model.api import EventKind, TaskKind
 from vmshift.server.db.setup import make_engine, seed_defaults, upgrade_schema
 from vmshift.server.events import record_event
@@ -20,6 +20,7 @@ from vmshift.server.retention import Retention, RetentionPolicy
 from vmshift.server.schedules import Scheduler
 from vmshift.server.settings import ServerSettings
 from vmshift.server.tasks import TaskEngine
+from vmshift.tls.files import ServerTlsFiles, private_dir
 
 log = logging.getLogger("vmshift.server")
 
@@ -47,7 +48,7 @@ class ServerCore:
     @classmethod
     def open(cls, settings: ServerSettings) -> ServerCore:
         """Connect, upgrade the schema, seed defaults, fail over tasks of a dead server (no loop needed)."""
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(settings.state_dir)
         engine = make_engine(settings.database_url())
         upgrade_schema(engine)
         sessions = sessionmaker(engine, expire_on_commit=False)
@@ -62,7 +63,9 @@ class ServerCore:
                 f"Server started ({settings.database_kind().value} database"
                 f"{f', {failed} interrupted task(s) marked failed' if failed else ''}).",
             )
-        agents = AgentPool(settings.agent_token, settings.agent_timeout_s)
+        # mutual TLS towards the agents: the server's certificate from the cluster CA (tls/files.py)
+        ServerTlsFiles.of(settings.state_dir).ensure([])
+        agents = AgentPool(AgentCredentials.of_server(settings.state_dir), settings.agent_timeout_s)
         heartbeat = Heartbeat(
             sessions, agents, tasks, settings.heartbeat_interval_s, settings.missed_heartbeats
         )

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from vmshift.client.agent import AgentPool
 from vmshift.errors import ConflictError, NotFoundError, SwitchoverStartedError, VmshiftError
+from vmshift.migration.grants import grant_lifetime_s, mint_grant
 from vmshift.migration.phases import check_transition
 from vmshift.migration.progress import percent_of, phase_label
 from vmshift.model.agent_migration import AgentRef, IncomingRequest, MigrationProgress, OutgoingMigration
@@ -176,19 +177,23 @@ class MigrationOrchestrator:
                     await self._estimate(ctx, mid)
                     adopted = await self._prepare_and_start(ctx, mid)
                 final = await self._poll(ctx, mid, adopted)
+                await self._revoke_grant(mid, final)
                 return self._conclude(mid, final)
             except asyncio.CancelledError:
                 if ctx.server_stopping:
                     raise
                 late = await self._cancel(mid)
                 if late is not None and late.status is MigrationStatus.COMPLETED:
+                    await self._revoke_grant(mid, late)
                     return self._conclude(mid, late)  # too late to cancel: the VM already moved
                 if late is not None and late.status is MigrationStatus.RUNNING:
                     # the source refused: the switchover had started; follow it to its end
                     task = asyncio.current_task()
                     if task is not None:
                         task.uncancel()
-                    return self._conclude(mid, await self._poll(ctx, mid, late))
+                    late = await self._poll(ctx, mid, late)
+                    await self._revoke_grant(mid, late)
+                    return self._conclude(mid, late)
                 raise
             except VmshiftError as e:
                 await self._abandon(mid, e)
@@ -278,9 +283,13 @@ class MigrationOrchestrator:
         identity = {"server_id": self.server_id, "nonce": row.nonce}
         relocate = row.kind is MigrationKind.RELOCATE
         target_spec = VmSpec.model_validate(row.target_spec) if relocate and row.target_spec else spec
+        settings = MigrationSettings.model_validate(row.settings or {})
+        # the source host may call the target for this migration only, with this capability
+        moved = (spec.memory_mib + (sum(d.size_mib for d in target_spec.disks) if relocate else 0)) << 20
+        grant = mint_grant(row.source_host, grant_lifetime_s(settings, moved))
         incoming = await self._agents.get(dst_addr).migration_incoming(
-            IncomingRequest(migration_id=mid, spec=target_spec, relocate=relocate, tls=stream.target_tls,
-                            **identity)
+            IncomingRequest(migration_id=mid, spec=target_spec, relocate=relocate, grant=grant,
+                            tls=stream.target_tls, **identity)
         )
         try:
             uri = stream.uri(incoming)  # built here: the target's own URI string is never passed on
@@ -300,8 +309,8 @@ class MigrationOrchestrator:
             vm=row.vm,
             uri=uri,
             target_migration_address=stream.target_migration_address,
-            target_agent=AgentRef(address=dst_addr, token=self._settings.agent_token),
-            settings=MigrationSettings.model_validate(row.settings or {}),
+            target_agent=AgentRef(address=dst_addr, capability=grant.capability),
+            settings=settings,
             bandwidth_bps=bandwidth,
             dirty_rate_bps=prediction.dirty_rate_bps if prediction else None,
             mirror_targets=incoming.nbd,
@@ -499,6 +508,17 @@ class MigrationOrchestrator:
         if phase is MigrationPhase.PREPARE and dst_addr is not None:
             await self._rollback_target(dst_addr, mid)
         fail(self._sessions, mid, ErrorInfo(code=e.code, message=e.message, hint=e.hint))
+
+    async def _revoke_grant(self, mid: int, p: MigrationProgress) -> None:
+        """The migration ended: its source host may call the target no more (the grant also
+        expires on its own). Not while it waits for finalize: the source still confirms then."""
+        if not p.status.finished:
+            return
+        try:
+            _row, _spec, _src, dst_addr, _bw = self._context(mid)
+            await self._agents.get(dst_addr).migration_revoke_grant(mid)
+        except VmshiftError as e:
+            log.warning("migration %s: revoking the source's grant on the target failed: %s", mid, e)
 
     async def _rollback_target(self, address: str, mid: int) -> None:
         try:

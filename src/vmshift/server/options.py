@@ -125,8 +125,6 @@ OPTIONS: tuple[Option, ...] = (
     Option("db_url", "db_url", text,
            "SQLAlchemy URL of the database (unset: $VMSHIFT_DB_URL, else sqlite:///STATE_DIR/vmshift.db)"),
     Option("token_file", "token", secret_file("token"), "file holding the API bearer token"),
-    Option("agent_token_file", "agent_token", secret_file("agent token"),
-           "file with the token agents accept"),
     Option("heartbeat_interval_s", "heartbeat_interval_s", seconds, "seconds between two polls of every host",
            flag="--heartbeat-interval"),
     Option("missed_heartbeats", "missed_heartbeats", count, "missed polls until a host is disconnected"),

@@ -14,7 +14,6 @@ from vmshift.model.api import DatabaseKind
 class ServerSettings:
     state_dir: Path
     token: str
-    agent_token: str
     db_url: str | None = None
     listen: str = "127.0.0.1:8100"
     heartbeat_interval_s: float = 2.0

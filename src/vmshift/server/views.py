@@ -43,6 +43,8 @@ def host_view(h: HostRow) -> Host:
         last_heartbeat=h.last_heartbeat,
         facts=host_facts(h),
         vms=sorted(v.name for v in h.vms),
+        cert_fingerprint=h.cert_fingerprint,
+        cert_not_after=h.cert_not_after,
     )
 
 

@@ -27,14 +27,16 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def write_private(path: Path, data: bytes, mode: int = KEY_MODE) -> None:
-    """Write atomically with ``mode`` from the first byte (never briefly world-readable)."""
+def write_private(path: Path, data: bytes, mode: int = KEY_MODE, *, fsync: bool = True) -> None:
+    """Write atomically with ``mode`` from the first byte (never briefly world-readable);
+    ``fsync`` off for records rewritten many times a second (a migration's progress)."""
     private_dir(path.parent)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.write(fd, data)
-        os.fsync(fd)
+        if fsync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.chmod(tmp, mode)
@@ -127,10 +129,16 @@ class HostTlsFiles:
         if not self.bootstrap_cert.exists():
             pair = pki.self_signed(common_name, sans)
             write_private(self.bootstrap_key, pair.key_pem)
-            write_private(self.bootstrap_cert, pair.cert_pem, 0o644)
+            write_private(self.bootstrap_cert, pair.cert_pem)
 
     def serving(self) -> tuple[Path, Path]:
         """(certificate, key) the agent serves with: the issued one once it has it."""
         if self.cert.exists() and self.key.exists():
             return self.cert, self.key
         return self.bootstrap_cert, self.bootstrap_key
+
+    def install(self, cert_pem: bytes, key_pem: bytes, ca_pem: bytes) -> None:
+        """Keep the certificate the cluster CA issued (checked by the caller), its key and the CA."""
+        write_private(self.key, key_pem)
+        write_private(self.ca_cert, ca_pem)
+        write_private(self.cert, cert_pem)

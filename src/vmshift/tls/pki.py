@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -247,3 +248,28 @@ def subject_dn_of(common_name: str, role: Role = Role.HOST) -> str:
     """The subject DN the CA writes into ``role``/``common_name``'s certificate, as
     :func:`subject_dn` reads it (what a migration target's ``authz-simple`` expects of its peer)."""
     return _gnutls_dn(_name(common_name, role))
+
+
+def check_issued(cert_pem: bytes, key_pem: bytes, ca_pem: bytes, *, common_name: str,
+                 role: Role = Role.HOST) -> CertInfo:
+    """Check a certificate handed to a host before it serves it: it is for ``key_pem`` (the key the
+    host made for its CSR), signed by ``ca_pem`` and names ``role``/``common_name``."""
+    cert, ca_cert = _load_cert(cert_pem), _load_cert(ca_pem)
+    mine = _load_key(key_pem).public_key().public_bytes(serialization.Encoding.DER,
+                                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    theirs = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    if mine != theirs:
+        raise InvalidInputError("The certificate is not for the key this host made for its request.",
+                                hint="Ask for a new CSR (POST /api/v1/tls/csr) and sign that one.")
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise InvalidInputError("The certificate is not signed by this host's cluster CA.",
+                                hint="Sign it with the CA the agent's 'ca_file' holds.") from exc
+    got = info(cert_pem)
+    if got.role is not role or got.common_name != common_name:
+        raise InvalidInputError(f"The certificate names {got.role} {got.common_name!r}, not "
+                                f"{role.value} {common_name!r}.",
+                                hint="Issue it for this host's name with the host role.")
+    return got

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from vmshift.client.agent import AgentClient
 from vmshift.errors import ConflictError
 from vmshift.model.api import (
     About,
@@ -15,6 +15,7 @@ from vmshift.model.api import (
     DatacenterCreate,
     Datastore,
     EventKind,
+    FingerprintBody,
     Host,
     HostAdd,
     IpPool,
@@ -23,11 +24,12 @@ from vmshift.model.api import (
 )
 from vmshift.model.inputs import HostName, NetworkName
 from vmshift.server.api.deps import core_of
-from vmshift.server.api.openapi import BODY, PARAMS, errors
+from vmshift.server.api.openapi import BODY, PARAMS, Responses, errors
 from vmshift.server.core import ServerCore
 from vmshift.server.db.schema import ClusterRow, DatacenterRow, DatastoreRow, HostRow, NetworkRow
 from vmshift.server.db.setup import DEFAULT_CLUSTER
 from vmshift.server.events import record_event
+from vmshift.server.host_enroll import FingerprintError, enroll, rotate
 from vmshift.server.inventory import add_host, get_cluster, get_datacenter, get_host, get_network
 from vmshift.server.views import cluster_view, datacenter_view, datastore_view, host_view, network_view
 
@@ -82,17 +84,56 @@ async def list_hosts(core: ServerCore = Depends(core_of)) -> list[Host]:
         return [host_view(h) for h in s.scalars(select(HostRow).order_by(HostRow.name))]
 
 
-@router.post("/hosts", status_code=201, responses=errors(*BODY, 404, 409, 502))
-async def create_host(body: HostAdd, core: ServerCore = Depends(core_of)) -> Host:
-    with core.sessions() as s:  # fail fast on an unknown cluster before talking to the agent
+_HOST_ADD_ANSWERS: Responses = {
+    201: {"model": Host, "description": "the host is registered with the certificate it was issued"},
+    409: {"model": FingerprintBody, "description": "The agent's fingerprint was not confirmed or differs "
+          "(the body carries it), or the host is already in the inventory: nothing was registered."},
+}
+
+
+@router.post("/hosts", status_code=201, response_model=None,
+             responses=errors(*BODY, 404, 409, 502, extra=_HOST_ADD_ANSWERS))
+async def create_host(body: HostAdd, core: ServerCore = Depends(core_of)) -> Host | JSONResponse:
+    """Confirm the agent's certificate fingerprint, issue it a certificate, register it
+    (docs/agent-tls.md). Unconfirmed or different fingerprint: 409 carrying the agent's one."""
+    with core.sessions() as s:  # fail fast on an unknown cluster or a known address before the agent
         get_cluster(s, body.cluster or DEFAULT_CLUSTER)
-    client = AgentClient(body.address, core.settings.agent_token, timeout_s=core.settings.agent_timeout_s)
+        if s.scalar(select(HostRow).where(HostRow.address == body.address)) is not None:
+            raise ConflictError(f"A host with address {body.address} is already in the inventory.",
+                                hint="Each agent is added once; 'vmshift host rotate-cert' renews its "
+                                "certificate.")
+
+    def check_new(name: str) -> None:
+        with core.sessions() as s:
+            if s.scalar(select(HostRow).where(HostRow.name == name)) is not None:
+                raise ConflictError(f"A host named {name!r} is already in the inventory.",
+                                    hint="Remove it first, or give the agent another name.")
+
     try:
-        facts = await client.facts()
-    finally:
-        await client.aclose()
+        got = await enroll(body.address, body.fingerprint, core.settings.state_dir,
+                           core.settings.agent_timeout_s, check_new)
+    except FingerprintError as e:
+        answer = {"error": e.to_dict(), "fingerprint": e.fingerprint}
+        return JSONResponse(status_code=e.status, content=answer)
     with core.sessions.begin() as s:
-        host = add_host(s, body.address, get_cluster(s, body.cluster or DEFAULT_CLUSTER), facts)
+        host = add_host(s, body.address, get_cluster(s, body.cluster or DEFAULT_CLUSTER), got.facts)
+        host.cert_fingerprint, host.cert_not_after = got.fingerprint, got.not_after
+        s.flush()
+        return host_view(host)
+
+
+@router.post("/hosts/{name}/rotate-cert", responses=errors(*PARAMS, 404, 502))
+async def rotate_host_cert(name: HostName, core: ServerCore = Depends(core_of)) -> Host:
+    """A new key on the host, a new certificate from the cluster CA; the old one is not served again."""
+    with core.sessions() as s:
+        address = get_host(s, name).address
+    fingerprint, not_after = await rotate(name, address, core.settings.state_dir,
+                                          core.settings.agent_timeout_s)
+    with core.sessions.begin() as s:
+        host = get_host(s, name)
+        host.cert_fingerprint, host.cert_not_after = fingerprint, not_after
+        record_event(s, EventKind.HOST_CERT_ROTATED, name,
+                     f"Host {name} got a new certificate ({fingerprint}).")
         s.flush()
         return host_view(host)
 
