@@ -36,6 +36,7 @@ from bench.suite.run import machine
 from vmshift.lab import certs, processes, topology
 from vmshift.lab import lab as labmod
 from vmshift.lab.layout import LabRecord
+from vmshift.migration.grants import mint_grant
 
 Json = dict[str, Any]
 MIB = 1 << 20
@@ -60,13 +61,13 @@ GUESTS = {
 
 
 class Agents:
+    """The lab's agents as its server reaches them (the server's certificate)."""
+
     def __init__(self, rec: LabRecord) -> None:
         self.rec = rec
-        self.token = processes.token_files(rec.layout)[1].read_text().strip()
 
     def client(self, k: int) -> httpx.Client:
-        return httpx.Client(base_url=f"http://{self.rec.layout.agent_address(k)}/api/v1", trust_env=False,
-                            timeout=120, headers={"Authorization": f"Bearer {self.token}"})
+        return processes.agent_http(self.rec.layout, k, timeout=120)
 
 
 def wait(what: str, probe: Any, timeout: float, interval: float = 0.5) -> Any:
@@ -91,7 +92,7 @@ def create(rec: LabRecord, g: Guest) -> None:
     body = {"name": g.name, "host": "host-1", "cpus": 1, "memory_mib": g.memory_mib, "datastore": "shared-1",
             "disks_mib": [64], "kernel_args": f"vmshift.memtest={g.memtest} vmshift.disklog=1", "start": True}
     with httpx.Client(base_url=f"{rec.server_url}/api/v1", trust_env=False, timeout=120,
-                      headers={"Authorization": f"Bearer {rec.token}"}) as s:
+                      headers={"Authorization": f"Bearer {rec.token}"}, verify=rec.server_tls()) as s:
         r = s.post("/vms", json=body)
         r.raise_for_status()
     wait(f"{g.name} to answer", lambda: healthy(rec, g.name), timeout=300, interval=1)
@@ -122,9 +123,12 @@ def migrate(agents: Agents, vm: str, encrypted: bool) -> Json:
     dst = 3 - src
     mid = 800_000 + secrets.randbelow(99_999)
     before = labmod.check(rec.name, vm)
-    incoming: Json = {"migration_id": mid, "spec": spec(rec, vm)}
+    grant = mint_grant(f"host-{src}", 3600)  # as the server does: who may call the target, and how
+    incoming: Json = {"migration_id": mid, "spec": spec(rec, vm), "grant": grant.model_dump(mode="json")}
     outgoing: Json = {"migration_id": mid, "vm": vm, "settings": {},
-                      "target_agent": {"address": rec.layout.agent_address(dst), "token": agents.token}}
+                      "target_migration_address": rec.layout.host_mig_address(dst),
+                      "target_agent": {"address": rec.layout.agent_address(dst),
+                                       "capability": grant.capability}}
     if encrypted:
         incoming["tls"] = {"peer": certs.host_name(rec, src)}
         outgoing["tls"] = {"peer": certs.host_name(rec, dst)}

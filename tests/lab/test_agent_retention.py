@@ -21,6 +21,8 @@ from tests.lab.helpers import wait_for
 from vmshift.agent.migration_store import MigrationRole, MigrationStore, StoredMigration, TargetState
 from vmshift.model.agent_migration import MigrationProgress
 from vmshift.model.migration import MigrationPhase, MigrationStatus
+from vmshift.tls.contexts import unverified_context
+from vmshift.tls.files import ServerTlsFiles
 
 pytestmark = pytest.mark.lab
 DAY_S = 86400
@@ -50,12 +52,13 @@ def test_the_agent_removes_old_finished_records_at_start(tmp_path: Path) -> None
         os.utime(store.path(rec.migration_id), (old, old))
     store.save(StoredMigration(role=MigrationRole.TARGET, migration_id=4, vm="d",
                                target_state=TargetState.ROLLED_BACK))  # finished today
-    token = tmp_path / "token"
-    token.write_text("t\n")
+    server = ServerTlsFiles.of(tmp_path / "server")  # a cluster CA and the server's certificate
+    server.ensure([])
     port = _free_port()
     config = tmp_path / "agent.json"
     config.write_text(json.dumps({"name": "retention", "listen": f"127.0.0.1:{port}",
-                                  "token_file": str(token), "state_dir": str(state), "accelerator": "tcg",
+                                  "ca_file": str(server.ca_cert), "state_dir": str(state),
+                                  "accelerator": "tcg",
                                   "record_retention_days": 30}))
     log = tmp_path / "agent.log"
     with log.open("w") as out:
@@ -64,7 +67,11 @@ def test_the_agent_removes_old_finished_records_at_start(tmp_path: Path) -> None
     try:
         def healthy() -> bool:
             assert proc.poll() is None, log.read_text()
-            r = httpx.get(f"http://127.0.0.1:{port}/api/v1/health", headers={"Authorization": "Bearer t"})
+            try:  # not added yet, the agent serves its bootstrap certificate: call it as the server
+                r = httpx.get(f"https://127.0.0.1:{port}/api/v1/health",
+                              verify=unverified_context(cert=server.cert, key=server.key))
+            except httpx.TransportError:
+                return False
             return r.status_code == 200
 
         wait_for("the agent to answer", healthy, timeout=60, interval=0.2)

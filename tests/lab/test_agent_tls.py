@@ -151,7 +151,7 @@ def test_host_add_needs_the_agents_confirmed_fingerprint(
     hosts_before = sorted(h["name"] for h in api.list_hosts())
     # the API: no fingerprint, or a wrong one -> 409 with the agent's fingerprint, nothing added
     with httpx.Client(base_url=f"{lab.server}/api/v1", headers={"Authorization": f"Bearer {lab.token}"},
-                      trust_env=False, timeout=60) as http:
+                      trust_env=False, timeout=60, verify=lab.tls()) as http:
         for body in ({"address": extra_agent},
                      {"address": extra_agent, "fingerprint": pki.fingerprint(b"\x00" * 32)}):
             r = http.post("/hosts", json=body)

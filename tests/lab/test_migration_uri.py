@@ -26,10 +26,8 @@ VM = "urivm"
 
 
 def agent(lab: LabHandle, k: int) -> httpx.Client:
-    lay = layout(lab)
-    token = processes.token_files(lay)[1].read_text().strip()
-    return httpx.Client(base_url=f"http://{lay.agent_address(k)}/api/v1", trust_env=False, timeout=60,
-                        headers={"Authorization": f"Bearer {token}"})
+    """host-k's agent API as the server reaches it (its certificate)."""
+    return processes.agent_http(layout(lab), k)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +72,7 @@ def test_the_source_agent_refuses_every_uri_but_tcp_to_the_targets_migration_add
     with agent(lab, 1) as a:
         for mid, uri in enumerate(refused, start=900_001):
             body = {"migration_id": mid, "vm": VM, "uri": uri, "target_migration_address": target,
-                    "target_agent": {"address": lay.agent_address(2), "token": "unused"}}
+                    "target_agent": {"address": lay.agent_address(2), "capability": "c" * 43}}
             r = a.post("/migrations", json=body)
             assert r.status_code == 400, (uri, r.text)
             error = r.json()["error"]
@@ -88,15 +86,18 @@ def test_the_source_agent_refuses_every_uri_but_tcp_to_the_targets_migration_add
     assert guest_check(lab, VM)["echo"]
 
 
-def test_a_migration_through_the_server_uses_the_uri_it_built_and_says_it_is_not_encrypted(
+def test_a_required_encrypted_migration_through_the_server_runs_over_tls(
         lab: LabHandle, api: VmshiftClient, urivm: dict[str, Any]) -> None:
+    """The lab's hosts hold the certificates `host add` issued them: a VM that requires encryption
+    moves over TLS, the server built the URI, and no plain-stream warning is recorded."""
+    settings = vmshift_json(lab, "vm", "migration-settings", VM, "--encryption", "required")
+    assert settings["encryption"] == "required"
     before = guest_check(lab, VM)
     m = migrate(lab, VM, "host-2")
     assert m["status"] == "completed", m.get("error")
-    # no host has a certificate yet (h1b's host add issues them): opportunistic falls back to plain
-    assert m["encrypted"] is False and m["settings"]["encryption"] == "opportunistic"
+    assert m["encrypted"] is True and m["settings"]["encryption"] == "required"
     check = next(c for c in m["checks"]["results"] if c["check"] == "encryption")
-    assert check["severity"] == "warning"
+    assert check["severity"] == "ok", check
     kinds = [e["kind"] for e in api.list_events(limit=200, target=VM)]
-    assert "migration.unencrypted" in kinds
+    assert "migration.unencrypted" not in kinds
     verify_guest(lab, api, VM, "host-2", before)
