@@ -37,11 +37,13 @@ lint: venv
 	$(BIN)/mypy --strict bench/storage.py
 	$(BIN)/mypy --strict bench/encryption.py bench/encryption_records.py
 
+# unit tests and the SQLite server tests run on both cores (each test has its own files); the
+# PostgreSQL run shares one database, so it stays serial
 test-unit: venv
-	$(BIN)/pytest -q tests/unit
+	$(BIN)/pytest -q -n 2 tests/unit
 
 test-server: venv
-	$(BIN)/pytest -q tests/server
+	$(BIN)/pytest -q -n 2 tests/server
 	./scripts/setup-postgres.sh
 	VMSHIFT_TEST_DB_URL=postgresql+psycopg://vmshift:vmshift@127.0.0.1/vmshift_test $(BIN)/pytest -q tests/server
 
