@@ -15,8 +15,9 @@ from vmshift.client import VmshiftClient
 from vmshift.errors import VmshiftError
 from vmshift.model.enums import TaskState
 
-console = Console()
-err_console = Console(stderr=True)
+# emoji codes off: a fingerprint like SHA256:..:CD:.. must print as it is, not as ":cd:" (a CD emoji)
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 
 def emit_json(data: Any) -> None:
