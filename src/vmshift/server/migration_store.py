@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from vmshift.errors import NotFoundError
+from vmshift.errors import ConflictError, NotFoundError
 from vmshift.migration.phases import can_reach, check_transition
 from vmshift.model.agent_migration import MigrationProgress
 from vmshift.model.api import ErrorInfo, EventKind
@@ -73,6 +73,22 @@ def get_migration_row(s: Session, migration_id: int) -> MigrationRow:
             f"Migration {migration_id} does not exist.", hint="List migrations with 'vmshift migration list'."
         )
     return row
+
+
+def migration_parties(
+    s: Session, row: MigrationRow, what: str = "migration"
+) -> tuple[VmRow, HostRow, HostRow]:
+    """The migration's VM, source host and target host rows; ConflictError when one left the inventory
+    while the migration waited (``what`` names it in the hint: "migration", "move")."""
+    vm = s.scalar(select(VmRow).where(VmRow.name == row.vm))
+    src = s.scalar(select(HostRow).where(HostRow.name == row.source_host))
+    dst = s.scalar(select(HostRow).where(HostRow.name == row.target_host))
+    if vm is None or src is None or dst is None:
+        raise ConflictError(
+            f"VM {row.vm}, host {row.source_host} or host {row.target_host} left the inventory.",
+            hint=f"Check the inventory and start the {what} again.",
+        )
+    return vm, src, dst
 
 
 #: Statuses of a migration that still holds its VM (no other move may start).

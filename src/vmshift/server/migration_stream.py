@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmshift.errors import ConflictError, VmshiftError
@@ -25,10 +24,10 @@ from vmshift.model.agent_migration import Incoming, MigrationTls
 from vmshift.model.api import EventKind
 from vmshift.model.enums import EventSeverity
 from vmshift.model.migration import MigrationSettings
-from vmshift.server.db.schema import HostRow, VmRow
+from vmshift.server.db.schema import HostRow
 from vmshift.server.events import record_event
 from vmshift.server.inventory import host_facts
-from vmshift.server.migration_store import get_migration_row
+from vmshift.server.migration_store import get_migration_row, migration_parties
 
 
 class TargetAnswerError(VmshiftError):
@@ -91,14 +90,7 @@ def plan_stream(sessions: sessionmaker[Session], migration_id: int) -> StreamPla
     and a host cannot encrypt, MigrationUriError when the target's migration address is no IP."""
     with sessions() as s:
         row = get_migration_row(s, migration_id)
-        vm = s.scalar(select(VmRow).where(VmRow.name == row.vm))
-        src = s.scalar(select(HostRow).where(HostRow.name == row.source_host))
-        dst = s.scalar(select(HostRow).where(HostRow.name == row.target_host))
-        if vm is None or src is None or dst is None:
-            raise ConflictError(
-                f"VM {row.vm}, host {row.source_host} or host {row.target_host} left the inventory.",
-                hint="Check the inventory and start the migration again.",
-            )
+        vm, src, dst = migration_parties(s, row)
         settings = MigrationSettings.model_validate(row.settings or {})
         decision = decide_encryption(row.vm, vm.migration_encryption, settings.encryption,
                                      _tls(src), _tls(dst))

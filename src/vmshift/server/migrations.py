@@ -37,7 +37,7 @@ from vmshift.model.migration import (
     MigrationStatus,
 )
 from vmshift.model.vm import VmSpec
-from vmshift.server.db.schema import HostRow, MigrationRow, ServerIdentityRow, TaskRow, VmRow, utcnow
+from vmshift.server.db.schema import HostRow, MigrationRow, ServerIdentityRow, TaskRow, utcnow
 from vmshift.server.events import record_event
 from vmshift.server.migration_checks import effective_bandwidth, plan_migration, predict
 from vmshift.server.migration_store import (
@@ -46,6 +46,7 @@ from vmshift.server.migration_store import (
     fail,
     get_migration_row,
     lost,
+    migration_parties,
     mirror,
     needs_finalize,
     set_phase,
@@ -245,14 +246,7 @@ class MigrationOrchestrator:
         """The row, the VM's spec, source and target agent addresses, the usable bandwidth."""
         with self._sessions() as s:
             row = get_migration_row(s, mid)
-            vm = s.scalar(select(VmRow).where(VmRow.name == row.vm))
-            src = s.scalar(select(HostRow).where(HostRow.name == row.source_host))
-            dst = s.scalar(select(HostRow).where(HostRow.name == row.target_host))
-            if vm is None or src is None or dst is None:
-                raise ConflictError(
-                    f"VM {row.vm}, host {row.source_host} or host {row.target_host} left the inventory.",
-                    hint="Check the inventory and start the migration again.",
-                )
+            vm, src, dst = migration_parties(s, row)
             rates = [x for x in (src.migration_link_rate_bps, dst.migration_link_rate_bps) if x]
             settings = MigrationSettings.model_validate(row.settings or {})
             bandwidth = effective_bandwidth(

@@ -34,7 +34,7 @@ from vmshift.model.moves import DiskExportRequest, DiskMoveRequest, MoveProgress
 from vmshift.model.vm import VmSpec
 from vmshift.server.db.schema import HostRow, MigrationRow, TaskRow, VmRow, utcnow
 from vmshift.server.events import record_event
-from vmshift.server.migration_store import fail, get_migration_row, set_phase
+from vmshift.server.migration_store import fail, get_migration_row, migration_parties, set_phase
 from vmshift.server.migrations import MigrationFailedError, MigrationOrchestrator, raise_for_report
 from vmshift.server.moves.plan import kind_for, plan_disk_move
 from vmshift.server.settings import ServerSettings
@@ -124,13 +124,7 @@ class DiskMoves:
         with self._sessions() as s:
             row = get_migration_row(s, mid)
             s.expunge(row)
-            vm = s.scalar(select(VmRow).where(VmRow.name == row.vm))
-            src = s.scalar(select(HostRow).where(HostRow.name == row.source_host))
-            dst = s.scalar(select(HostRow).where(HostRow.name == row.target_host))
-            if vm is None or src is None or dst is None:
-                raise ConflictError(
-                    f"VM {row.vm}, host {row.source_host} or host {row.target_host} left the inventory.",
-                    hint="Check the inventory and start the move again.")
+            vm, src, dst = migration_parties(s, row, "move")
             spec = VmSpec.model_validate(vm.spec)
             target = VmSpec.model_validate(row.target_spec or vm.spec)
             return row, spec, target, src.address, dst.address
