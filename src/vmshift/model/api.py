@@ -58,6 +58,8 @@ class EventKind(StrEnum):
     HOST_DISCONNECTED = "host.disconnected"
     HOST_MAINTENANCE = "host.maintenance"
     HOST_CERT_ROTATED = "host.cert_rotated"
+    HOST_POLLED = "host.polled"  # the agent cannot stream its changes: the server polls it instead
+    HOST_STREAM_RESYNCED = "host.stream_resynced"  # the server lost its place in the stream: snapshot
     DATASTORE_ADDED = "datastore.added"
     NETWORK_ADDED = "network.added"
     NETWORK_POOL_SET = "network.pool_set"
