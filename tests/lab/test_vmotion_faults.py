@@ -52,6 +52,8 @@ def faulty(lab: LabHandle, api: VmshiftClient, faulty_vm: dict[str, Any]) -> Ite
     if api.get_vm("faulty")["host"] != "host-1":
         back = migrate(lab, "faulty", "host-1")
         assert back["status"] == "completed", back.get("error")
+    wait_for("one QEMU of the VM (an earlier fault's target QEMU gone)",
+             lambda: len(qemu_pids(faulty_vm["uuid"])) == 1, timeout=60)
     guest_check(lab, "faulty")
     for k in lay.host_numbers:
         set_migration_link_rate(lay, k, SLOW_LINK)
