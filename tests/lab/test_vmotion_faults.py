@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 
-from tests.lab.helpers import LabHandle, guest_check, qemu_pids, vmshift, vmshift_json, wait_for
+from tests.lab.helpers import LabHandle, guest_check, qemu_pids, vmshift, vmshift_json
 from tests.lab.vmotion import (
     host_of_pid,
     layout,
-    migrate,
     start_migration,
     verify_guest,
     wait_migration_end,
@@ -29,42 +28,28 @@ pytestmark = pytest.mark.lab
 SLOW_LINK = "80mbit"  # pre-copy lasts some seconds: long enough to inject a fault into it
 
 
-@pytest.fixture(scope="module")
-def faulty_vm(lab: LabHandle) -> Iterator[dict[str, Any]]:
-    """One VM for every fault: a boot costs more than the migration back to host-1 between tests."""
+@pytest.fixture()
+def faulty(lab: LabHandle) -> Iterator[dict[str, Any]]:
+    """A VM on host-1 and a slow migration link; everything restored afterwards."""
+    lay = layout(lab)
     vm = dict(vmshift_json(
         lab, "vm", "create", "faulty", "--host", "host-1", "--cpus", "1", "--memory", "192",
         "--datastore", "shared-1", "--network", "VM Network", "--disk", "64M", "--image", "lab-guest",
         "--kernel-args", "vmshift.memtest=48,4 vmshift.disklog=1", "--start",
     ))
-    yield vm
-    vmshift(lab, "vm", "stop", "faulty", check=False)
-    vmshift(lab, "vm", "delete", "faulty", check=False)
-
-
-@pytest.fixture()
-def faulty(lab: LabHandle, api: VmshiftClient, faulty_vm: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """The VM answering on host-1 (moved back at full speed when a fault let it complete) and a slow
-    migration link; the link and the agents restored afterwards."""
-    lay = layout(lab)
-    wait_for("both hosts connected (an earlier fault restarted an agent or the server)",
-             lambda: all(h["connection_state"] == "connected" for h in api.list_hosts()), timeout=60)
-    if api.get_vm("faulty")["host"] != "host-1":
-        back = migrate(lab, "faulty", "host-1")
-        assert back["status"] == "completed", back.get("error")
-    wait_for("one QEMU of the VM (an earlier fault's target QEMU gone)",
-             lambda: len(qemu_pids(faulty_vm["uuid"])) == 1, timeout=60)
     guest_check(lab, "faulty")
     for k in lay.host_numbers:
         set_migration_link_rate(lay, k, SLOW_LINK)
     try:
-        yield faulty_vm
+        yield vm
     finally:
         for k in lay.host_numbers:
             set_migration_link(lay, k, True)
             set_migration_link_rate(lay, k, None)
         for k in lay.host_numbers:
             processes.ensure_agent(lab.name, k)
+        vmshift(lab, "vm", "stop", "faulty", check=False)
+        vmshift(lab, "vm", "delete", "faulty", check=False)
 
 
 def target_qemu_pid(lab: LabHandle, uuid: str, host: str) -> int:
