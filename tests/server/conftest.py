@@ -49,17 +49,17 @@ def postgres_url(worker_id: str) -> str | None:
     if worker_id == "master":  # not under xdist: the database named in the URL
         return url
     mine = worker_database_url(url, worker_id)
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    # PostgreSQL's maintenance database: there whether or not the worker's exists yet
+    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
             exists = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :d"),
                                   {"d": mine.database}).scalar()
             if not exists:
-                try:
-                    conn.execute(text(f'CREATE DATABASE "{mine.database}"'))
-                except DBAPIError as exc:
-                    pytest.fail(f"cannot create the worker database {mine.database} ({exc.orig}); "
-                                f"create it with: scripts/setup-postgres.sh {mine.database}")
+                conn.execute(text(f'CREATE DATABASE "{mine.database}"'))
+    except DBAPIError as exc:
+        pytest.fail(f"cannot reach or create the worker database {mine.database} ({exc.orig}); "
+                    f"create it with: scripts/setup-postgres.sh {mine.database}")
     finally:
         admin.dispose()
     return mine.render_as_string(hide_password=False)
