@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LAB ?= demo
 
 .PHONY: install system venv image demo demo-down test test-unit test-server test-lab lint clean \
-	bench-system bench bench-quick bench-storage bench-encryption soak
+	bench-system bench bench-quick bench-storage bench-encryption bench-concurrent soak
 
 install: system venv image
 
@@ -31,21 +31,23 @@ demo-down: venv
 
 lint: venv
 	$(BIN)/ruff check src tests bench/suite bench/storage.py bench/storage_lab.py bench/storage_report.py \
-		bench/encryption.py bench/encryption_records.py
+		bench/encryption.py bench/encryption_records.py bench/concurrent_migrations.py
 	$(BIN)/mypy
 	$(BIN)/mypy --strict bench/suite
 	$(BIN)/mypy --strict bench/storage.py
 	$(BIN)/mypy --strict bench/encryption.py bench/encryption_records.py
+	$(BIN)/mypy --strict bench/concurrent_migrations.py
 
-# unit tests and the SQLite server tests run on both cores (each test has its own files); the
-# PostgreSQL run shares one database, so it stays serial
+# Unit and server tests run on both cores. On SQLite each test has its own files; on PostgreSQL
+# each xdist worker has its own database (vmshift_test_gw0, vmshift_test_gw1: tests/server/conftest.py),
+# because every test empties its database's schema.
 test-unit: venv
 	$(BIN)/pytest -q -n 2 tests/unit
 
 test-server: venv
 	$(BIN)/pytest -q -n 2 tests/server
-	./scripts/setup-postgres.sh
-	VMSHIFT_TEST_DB_URL=postgresql+psycopg://vmshift:vmshift@127.0.0.1/vmshift_test $(BIN)/pytest -q tests/server
+	./scripts/setup-postgres.sh vmshift_test vmshift_test_gw0 vmshift_test_gw1
+	VMSHIFT_TEST_DB_URL=postgresql+psycopg://vmshift:vmshift@127.0.0.1/vmshift_test $(BIN)/pytest -q -n 2 tests/server
 
 test-lab: venv
 	$(BIN)/pytest -q tests/lab
@@ -72,6 +74,10 @@ bench-storage: install
 
 bench-encryption: install
 	$(BIN)/python -m bench.encryption --out $(BENCH_OUT)
+
+# issue 12: 8 concurrent live migrations out of one lab host against 8 one by one (docs/performance.md)
+bench-concurrent: install
+	$(BIN)/python bench/concurrent_migrations.py --json $(BENCH_OUT)/concurrent-latest.json
 
 soak: install
 	$(BIN)/python bench/soak.py --count $(N) $(if $(SEED),--seed $(SEED)) \

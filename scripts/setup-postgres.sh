@@ -2,6 +2,7 @@
 # Idempotent: start the local PostgreSQL 15 cluster and create role + database for vmshift's tests.
 # Afterwards: VMSHIFT_TEST_DB_URL=postgresql+psycopg://vmshift:vmshift@127.0.0.1/vmshift_test
 # Usage: scripts/setup-postgres.sh [DBNAME...]   (default: vmshift_test); run as root.
+# `make test-server` also creates vmshift_test_gw0 and vmshift_test_gw1, one per pytest-xdist worker.
 set -eu
 VERSION="${PG_VERSION:-15}"
 ROLE="${PG_ROLE:-vmshift}"

@@ -23,6 +23,7 @@ from tests.lab.helpers import (
     vmshift,
 )
 from vmshift.client import VmshiftClient
+from vmshift.lab.image import build_image
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +66,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
         assert mounts_of(name) == [], "mounts left behind"
         assert lab_processes(name) == [], "processes left behind"
         assert not Path(f"/var/lib/vmshift/labs/{name}").exists(), "lab state left behind"
+
+
+@pytest.fixture(scope="session")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The lab guest image, built once per session into a temporary folder (the guest image and disk
+    writer tests boot it under plain QEMU)."""
+    return build_image(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import pytest
 from tests.lab.helpers import LabHandle, guest_check, vmshift, vmshift_json
 from tests.lab.helpers import wait_for as lab_wait_for
 from tests.lab.test_guest_image import Guest, new_disk, wait_for
-from vmshift.lab.image import build_image, kernel_args
+from vmshift.lab.image import kernel_args
 from vmshift.lab.lab import run_probe
 from vmshift.lab.layout import load_record
 from vmshift.lab.probe import verify_ok
@@ -28,11 +28,6 @@ pytestmark = pytest.mark.lab
 
 MIB = 1024 * 1024
 FLAT_OUT = kernel_args(ip="10.0.2.15/24", disklog=True) + " vmshift.diskwrite=0"
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_image(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture

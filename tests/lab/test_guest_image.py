@@ -143,11 +143,6 @@ class Guest:
             self.proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="session")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_image(tmp_path_factory.mktemp("images"))
-
-
 @pytest.fixture
 def guests() -> Iterator[list[Guest]]:
     """Collects every Guest a test starts and kills them all at the end, pass or fail."""

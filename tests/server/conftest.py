@@ -1,7 +1,8 @@
 """Fixtures: a real vmshift server (uvicorn on loopback) with a real database, and fake agents.
 
 The database is $VMSHIFT_TEST_DB_URL when set (CI: PostgreSQL; each test starts from an empty
-schema), else a fresh SQLite file per test.
+schema; under pytest-xdist each worker gets its own database, DB_gw0, DB_gw1, ...), else a fresh
+SQLite file per test.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
 from vmshift_fake_agent import FakeAgent, UvicornThread, make_facts
 
 from vmshift.model.host import HostFacts
@@ -29,18 +31,51 @@ from vmshift.tls.files import ServerTlsFiles
 TOKEN = "test-server-token"
 
 
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
+def worker_database_url(url: str, worker: str) -> URL:
+    """The PostgreSQL database of one xdist worker: ``vmshift_test`` becomes ``vmshift_test_gw0``.
+
+    Each test empties its database's ``public`` schema, so two workers must never share one.
+    """
+    base = make_url(url)
+    return base.set(database=f"{base.database}_{worker}")
+
+
+@pytest.fixture(scope="session")
+def postgres_url(worker_id: str) -> str | None:
+    """$VMSHIFT_TEST_DB_URL for this worker (its own database under xdist), created if missing."""
     url = os.environ.get("VMSHIFT_TEST_DB_URL")
-    if not url:
+    if not url or make_url(url).get_backend_name() != "postgresql":
+        return url
+    if worker_id == "master":  # not under xdist: the database named in the URL
+        return url
+    mine = worker_database_url(url, worker_id)
+    # PostgreSQL's maintenance database: there whether or not the worker's exists yet
+    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            exists = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :d"),
+                                  {"d": mine.database}).scalar()
+            if not exists:
+                conn.execute(text(f'CREATE DATABASE "{mine.database}"'))
+    except DBAPIError as exc:
+        pytest.fail(f"cannot reach or create the worker database {mine.database} ({exc.orig}); "
+                    f"create it with: scripts/setup-postgres.sh {mine.database}")
+    finally:
+        admin.dispose()
+    return mine.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def db_url(tmp_path: Path, postgres_url: str | None) -> str:
+    if not postgres_url:
         return f"sqlite:///{tmp_path / 'vmshift.db'}"
-    if make_url(url).get_backend_name() == "postgresql":
-        engine = create_engine(url)
+    if make_url(postgres_url).get_backend_name() == "postgresql":
+        engine = create_engine(postgres_url)
         with engine.begin() as conn:
             conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
             conn.execute(text("CREATE SCHEMA public"))
         engine.dispose()
-    return url
+    return postgres_url
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
