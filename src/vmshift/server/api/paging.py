@@ -7,6 +7,7 @@ as before. docs/api.md, "Paging".
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,12 +15,12 @@ from typing import Annotated, Any, Generic, TypeVar
 
 from fastapi import Header, Query, Request
 from fastapi.responses import Response
-from pydantic import AwareDatetime, BaseModel, TypeAdapter
+from pydantic import AwareDatetime, BeforeValidator, TypeAdapter
 from sqlalchemy import Select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from vmshift.errors import InvalidInputError
-from vmshift.model.inputs import ID_MAX, PAGE_DEFAULT, PAGE_MAX
+from vmshift.model.inputs import ID_MAX, PAGE_DEFAULT, PAGE_MAX, shown
 from vmshift.model.paging import (
     CURSOR_MAX,
     CURSOR_PATTERN,
@@ -33,7 +34,7 @@ from vmshift.model.paging import (
 from vmshift.server.api.openapi import PARAMS, Responses, errors
 
 T = TypeVar("T")
-R = TypeVar("R", bound=tuple[Any, ...])
+S = TypeVar("S")
 
 NEXT_CURSOR_HEADER = "X-Next-Cursor"
 
@@ -91,8 +92,8 @@ def cached_page(
     return PageRequest(limit, cursor, if_none_match)
 
 
-def keyset(q: Select[R], column: InstrumentedAttribute[Any], after: Key | None, limit: int, *,
-           descending: bool = False) -> Select[R]:
+def keyset(q: Select[S], column: InstrumentedAttribute[Any], after: Key | None, limit: int, *,
+           descending: bool = False) -> Select[S]:
     """``q`` ordered by the unique ``column``, starting after ``after``, one row more than a page (the
     extra row says whether a next page exists). Never OFFSET: the index finds the start."""
     if after is not None:
@@ -100,8 +101,20 @@ def keyset(q: Select[R], column: InstrumentedAttribute[Any], after: Key | None, 
     return q.order_by(column.desc() if descending else column.asc()).limit(limit + 1)
 
 
-After = Annotated[AwareDatetime | None, Query(description="only those after this time (ISO 8601 with a zone)")]
-Before = Annotated[AwareDatetime | None, Query(description="only those before this time (ISO 8601 with a zone)")]
+_ISO = "(ISO 8601 with a zone, e.g. 2026-12-01T10:00:00Z)"
+_ISO_START = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]")
+
+
+def _iso_text(value: object) -> object:
+    """A time is written as ISO 8601 text: pydantic would also take a number as Unix seconds."""
+    if isinstance(value, str) and not _ISO_START.match(value):
+        raise ValueError(f"{shown(value)} is not an ISO 8601 time such as 2026-12-01T10:00:00Z")
+    return value
+
+
+IsoTime = Annotated[AwareDatetime, BeforeValidator(_iso_text)]
+After = Annotated[IsoTime | None, Query(description=f"only those after this time {_ISO}")]
+Before = Annotated[IsoTime | None, Query(description=f"only those before this time {_ISO}")]
 Since = Annotated[int | None, Query(ge=0, le=ID_MAX, description="only those with an id greater than this "
                                     "(the newest id already seen)")]
 
@@ -139,7 +152,7 @@ def cut(rows: Sequence[T], limit: int, lst: ListName, key: Callable[[T], Key]) -
     return Page(rows[:limit], encode_cursor(lst, key(rows[limit - 1])))
 
 
-def answer(request: Request, got: Page[BaseModel], adapter: TypeAdapter[Any], *,
+def answer(request: Request, got: Page[Any], adapter: TypeAdapter[Any], *,
            if_none_match: str | None = None, etag: bool = False) -> Response:
     """The page as a JSON list, with its next page's Link and cursor, and its ETag when ``etag``."""
     body = adapter.dump_json(list(got.items))
