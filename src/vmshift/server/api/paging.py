@@ -77,12 +77,13 @@ _CURSOR = Query(None, min_length=1, max_length=CURSOR_MAX, pattern=CURSOR_PATTER
                 description="where the page starts: the X-Next-Cursor of the previous page")  # fmt: skip
 
 
-def page(limit: int = _LIMIT, cursor: str | None = _CURSOR) -> PageRequest:
-    """The paging parameters of a list route (a FastAPI dependency)."""
+async def page(limit: int = _LIMIT, cursor: str | None = _CURSOR) -> PageRequest:
+    """The paging parameters of a list route (a FastAPI dependency; ``async`` so that FastAPI does not
+    spend a thread-pool turn on it)."""
     return PageRequest(limit, cursor)
 
 
-def cached_page(
+async def cached_page(
     limit: int = _LIMIT,
     cursor: str | None = _CURSOR,
     if_none_match: Annotated[str | None, Header(max_length=1000, description="an ETag of this page "
