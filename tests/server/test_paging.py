@@ -267,10 +267,11 @@ def test_a_slow_query_does_not_stall_the_event_loop(inventory: Inventory) -> Non
     waiting = threading.Thread(target=lambda: got.append(inventory.get("/vms", limit=10)))
     try:
         waiting.start()
-        for _ in range(10):
-            r = inventory.server.client.get("/about", timeout=2)
-            assert r.status_code == 200 and r.elapsed.total_seconds() < 1.0, r.elapsed
-        assert not got, "GET /vms should wait for the lock"
+        # (no bound on how fast: on a loaded machine a turn of the loop can take a while; what counts is
+        # that /about answers at all while GET /vms still waits, which a blocked loop cannot do)
+        for _ in range(5):
+            assert inventory.server.client.get("/about", timeout=20).status_code == 200
+        assert not got, f"GET /vms should still wait for the lock: {got[0].text if got else ''}"
     finally:
         if sqlite:
             lock.exec_driver_sql("ROLLBACK")
