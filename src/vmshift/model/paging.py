@@ -71,7 +71,7 @@ def decode_cursor(lst: ListName, text: str) -> Key:
         raise _bad(text, "it is not a cursor this server gave out")
     if data["l"] != lst.value:
         raise _bad(text, f"it belongs to another list ({shown(data['l'])}), not to {lst.value}")
-    key = data["k"]
+    key: Key = data["k"]
     if lst.keyed_by_id:
         if not isinstance(key, int) or isinstance(key, bool) or not 1 <= key <= ID_MAX:
             raise _bad(text, "its position is not an id")

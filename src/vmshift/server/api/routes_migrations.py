@@ -28,8 +28,8 @@ from vmshift.model.migration import (
 )
 from vmshift.model.paging import ListName
 from vmshift.server.api.deps import core_of
-from vmshift.server.api.paging import Page, PageRequest, Since, answer, cut, keyset, list_answers, page
 from vmshift.server.api.openapi import BODY, PARAMS, Responses, errors
+from vmshift.server.api.paging import Page, PageRequest, Since, answer, cut, keyset, list_answers, page
 from vmshift.server.core import ServerCore
 from vmshift.server.db.schema import MigrationRow
 from vmshift.server.inventory import get_host, get_vm

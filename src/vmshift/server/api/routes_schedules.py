@@ -14,12 +14,12 @@ from starlette.concurrency import run_in_threadpool
 from vmshift.errors import ConflictError, InvalidInputError, NotFoundError
 from vmshift.model.api import EventKind
 from vmshift.model.inputs import ScheduleName, VmName
+from vmshift.model.paging import ListName
 from vmshift.model.schedule import Schedule, ScheduleCreate, ScheduleRun
 from vmshift.model.schedule_times import COLLISION_WINDOW_S, When, check_cron, clash, zone
-from vmshift.model.paging import ListName
 from vmshift.server.api.deps import core_of
-from vmshift.server.api.paging import Page, PageRequest, answer, cut, keyset, list_answers, page
 from vmshift.server.api.openapi import BODY, PARAMS, errors
+from vmshift.server.api.paging import Page, PageRequest, answer, cut, keyset, list_answers, page
 from vmshift.server.core import ServerCore
 from vmshift.server.db.schema import DatastoreRow, MigrationRow, ScheduleRow, utcnow
 from vmshift.server.events import record_event

@@ -118,7 +118,7 @@ async def suspend_vm(name: VmName, core: ServerCore = Depends(core_of)) -> Task:
             if vm.power_state not in (PowerState.POWERED_ON, PowerState.PAUSED):
                 raise ConflictError(
                     f"VM {name} is {vm.power_state.value}; only a running or paused VM can be suspended.",
-                    hint="Start it first." if vm.power_state is not PowerState.SUSPENDED else "Nothing to do.",
+                    hint="Nothing to do." if vm.power_state is PowerState.SUSPENDED else "Start it first.",
                 )
             return task_view(TaskEngine.create(s, TaskKind.VM_SUSPEND, name))
 
