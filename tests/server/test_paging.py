@@ -7,6 +7,7 @@ so that it never touches these rows (their hosts have no agents).
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -19,8 +20,10 @@ import pytest
 from conftest import TOKEN, ServerHarness
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.orm import Session
+from typer.testing import CliRunner
 from vmshift_fake_agent import make_facts
 
+from vmshift.cli.main import app
 from vmshift.client import VmshiftClient
 from vmshift.model.enums import BootKind, ConnectionState, EventSeverity, PowerState
 from vmshift.model.paging import ListName, encode_cursor
@@ -280,3 +283,26 @@ def test_a_slow_query_does_not_stall_the_event_loop(inventory: Inventory) -> Non
         lock.close()
     waiting.join(timeout=30)
     assert got and got[0].status_code == 200 and len(got[0].json()) == 10
+
+
+def test_the_cli_prints_every_match(inventory: Inventory) -> None:
+    def cli(*args: str) -> tuple[int, str]:
+        """Exit code and stdout, or the error the CLI's entry point would print (one sentence + hint)."""
+        result = CliRunner().invoke(app, [*inventory.server.cli_args(), *args])
+        return result.exit_code, result.output if result.exception is None else str(result.exception)
+
+    code, out = cli("vm", "list", "--host", "host-b", "--power-state", "on", "--name-prefix", "web", "--json")
+    assert code == 0, out
+    expected = sorted(_name(i) for i in range(N_VMS) if ON(i) and ON_B(i) and WEB(i))
+    assert [v["name"] for v in json.loads(out)] == expected
+    code, out = cli("vm", "list", "--json")
+    assert code == 0 and len(json.loads(out)) == N_VMS  # three pages of 500, all printed
+    code, out = cli("host", "list", "--cluster", "Gold", "--json")
+    assert code == 0 and [h["name"] for h in json.loads(out)] == ["host-b"]
+    code, out = cli("vm", "list", "--power-state", "sideways")
+    assert code == 1 and "Power state 'sideways' is not known" in out and "on, off" in out
+    code, out = cli("event", "list", "--since", "0", "--limit", "0", "--after", "2000-01-01T00:00:00Z",
+                    "--json")
+    assert code == 0 and isinstance(json.loads(out), list)
+    code, out = cli("event", "list", "--after", "yesterday")
+    assert code == 1 and "'after'" in out and "ISO 8601" in out
