@@ -11,6 +11,7 @@ from vmshift.cli import context
 from vmshift.cli.output import emit_json, fields, table
 from vmshift.client.sdk import FingerprintUnconfirmedError
 from vmshift.errors import InvalidInputError
+from vmshift.model.enums import ConnectionState
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -34,10 +35,17 @@ def _host_row(h: dict[str, Any]) -> list[Any]:
 
 
 @host_app.command("list")
-def host_list(json_: JsonOpt = False) -> None:
-    """List hosts with connection state and capacity."""
+def host_list(
+    cluster: Annotated[str | None, typer.Option(help="Only hosts of this cluster.")] = None,
+    connection_state: Annotated[
+        ConnectionState | None, typer.Option(help="Only hosts in this state.")
+    ] = None,
+    name_prefix: Annotated[str | None, typer.Option(help="Only hosts whose name starts with this.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """List hosts with connection state and capacity (all that match, fetched page by page)."""
     with context.client() as c:
-        hosts = c.list_hosts()
+        hosts = c.list_hosts(cluster=cluster, connection_state=connection_state, name_prefix=name_prefix)
     if json_:
         emit_json(hosts)
         return

@@ -357,13 +357,13 @@ def vm_migrate(
 
 @migration_app.command("list")
 def migration_list(
-    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+    limit: Annotated[int, typer.Option(help="How many, newest first (0: all that match).")] = 20,
     vm: Annotated[str | None, typer.Option(help="Only migrations of this VM.")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """List migrations with their outcome and prediction."""
     with context.client() as c:
-        items = c.list_migrations(limit, vm)
+        items = c.list_migrations(limit or None, vm)
     if json_:
         emit_json(items)
         return

@@ -9,6 +9,7 @@ import typer
 from vmshift.cli import context
 from vmshift.cli.hosts import JsonOpt
 from vmshift.cli.output import emit_json, fields, table, wait_with_progress
+from vmshift.model.enums import TaskState
 
 task_app = typer.Typer(help="Long-running operations.", no_args_is_help=True)
 event_app = typer.Typer(help="The audit log.", no_args_is_help=True)
@@ -20,12 +21,28 @@ def _task_row(t: dict[str, Any]) -> list[Any]:
             t.get("created_at"), err]
 
 
+Limit = Annotated[int, typer.Option(help="How many, newest first (0: all that match).")]
+Since = Annotated[int | None, typer.Option(help="Only those with an id greater than this (the newest "
+                                            "one already seen).")]
+After = Annotated[str | None, typer.Option(help="Only those after this time (ISO 8601, e.g. "
+                                            "2026-12-01T10:00:00Z).")]
+Before = Annotated[str | None, typer.Option(help="Only those before this time (ISO 8601).")]
+
+
 @task_app.command("list")
-def task_list(limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
-              json_: JsonOpt = False) -> None:
-    """List recent tasks."""
+def task_list(
+    limit: Limit = 20,
+    target: Annotated[str | None, typer.Option(help="Only tasks about this object.")] = None,
+    state: Annotated[TaskState | None, typer.Option(help="Only tasks in this state.")] = None,
+    since: Since = None,
+    after: After = None,
+    before: Before = None,
+    json_: JsonOpt = False,
+) -> None:
+    """List recent tasks (fetched page by page)."""
     with context.client() as c:
-        items = c.list_tasks(limit)
+        items = c.list_tasks(limit or None, target=target, state=state, since=since, after=after,
+                             before=before)
     if json_:
         emit_json(items)
     else:
@@ -68,16 +85,18 @@ def task_cancel(task_id: str, json_: JsonOpt = False) -> None:
 
 @event_app.command("list")
 def event_list(
-    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 30,
+    limit: Limit = 30,
     target: Annotated[str | None, typer.Option(help="Only events about this object.")] = None,
+    since: Since = None,
+    after: After = None,
+    before: Before = None,
     json_: JsonOpt = False,
 ) -> None:
-    """List recent events."""
+    """List recent events (fetched page by page)."""
     with context.client() as c:
-        items = c.list_events(limit, target)
+        items = c.list_events(limit or None, target, since=since, after=after, before=before)
     if json_:
         emit_json(items)
     else:
-        table("Events", ["time", "severity", "kind", "target", "message"],
-              ([e.get("time"), e.get("severity"), e.get("kind"), e.get("target"), e.get("message")]
-               for e in items))
+        table("Events", ["id", "time", "severity", "kind", "target", "message"],
+              ([e.get(k) for k in ("id", "time", "severity", "kind", "target", "message")] for e in items))

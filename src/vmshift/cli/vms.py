@@ -13,7 +13,7 @@ from vmshift.cli.migrate import vm_migrate
 from vmshift.cli.migration_settings import vm_migration_settings
 from vmshift.cli.output import emit_json, fields, table, wait_with_progress
 from vmshift.errors import InvalidInputError
-from vmshift.model.enums import PowerAction
+from vmshift.model.enums import PowerAction, PowerState
 
 vm_app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
 vm_app.command("migrate")(vm_migrate)
@@ -32,6 +32,20 @@ def parse_size_mib(text: str) -> int:
         )
     n = int(m.group(1))
     return n * 1024 if (m.group(2) or "M")[0] in "Gg" else n
+
+
+_POWER_WORDS = {"on": PowerState.POWERED_ON, "off": PowerState.POWERED_OFF}
+
+
+def parse_power_state(text: str) -> PowerState:
+    """'on', 'off', or a PowerState value in any case ('poweredOn', 'paused')."""
+    word = text.strip().lower()
+    by_value = {s.value.lower(): s for s in PowerState}
+    state = _POWER_WORDS.get(word) or by_value.get(word)
+    if state is None:
+        choices = ", ".join(["on", "off", *(s.value for s in PowerState)])
+        raise InvalidInputError(f"Power state {text!r} is not known.", hint=f"Use one of: {choices}.")
+    return state
 
 
 def _finish(c: Any, task: dict[str, Any], *, no_wait: bool, json_: bool, vm: str | None) -> None:
@@ -84,10 +98,19 @@ def vm_create(
 
 
 @vm_app.command("list")
-def vm_list(json_: JsonOpt = False) -> None:
-    """List VMs."""
+def vm_list(
+    host: Annotated[str | None, typer.Option(help="Only VMs on this host.")] = None,
+    cluster: Annotated[str | None, typer.Option(help="Only VMs on the hosts of this cluster.")] = None,
+    power_state: Annotated[str | None, typer.Option(
+        help="Only VMs in this power state: on, off, or a state as the API names it (paused, suspended...).",
+    )] = None,
+    name_prefix: Annotated[str | None, typer.Option(help="Only VMs whose name starts with this.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """List VMs (all that match, fetched page by page)."""
     with context.client() as c:
-        vms = c.list_vms()
+        state = parse_power_state(power_state) if power_state is not None else None
+        vms = c.list_vms(host=host, cluster=cluster, power_state=state, name_prefix=name_prefix)
     if json_:
         emit_json(vms)
     else:

@@ -4,12 +4,16 @@ HTTP failures are mapped to the vmshift error tree here, at the edge: an error b
 server becomes ``ApiError`` with its status, code, message and hint; a connection failure becomes
 ``HostUnreachableError`` naming the server address; a server certificate that does not verify
 becomes ``UntrustedPeerError`` saying how to trust the cluster CA (``client/trust.py``).
+
+List methods page transparently: they follow the server's ``X-Next-Cursor`` until the last page
+(``limit`` is the page size, ``max_items`` stops early), so they return every matching item.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -21,6 +25,18 @@ from vmshift.errors import ApiError, HostUnreachableError, VmshiftError
 from vmshift.model.enums import PowerAction, TaskState
 
 Json = dict[str, Any]
+
+NEXT_CURSOR_HEADER = "X-Next-Cursor"  # the server's name for it: server/api/paging.py
+
+
+def _filters(**given: Any) -> Json:
+    """The query parameters that were given (None: not filtered); enums and times as the API spells them."""
+    out: Json = {}
+    for key, value in given.items():
+        if value is None:
+            continue
+        out[key] = value.isoformat() if isinstance(value, datetime) else str(value)
+    return out
 
 
 class FingerprintUnconfirmedError(ApiError):
@@ -79,6 +95,36 @@ class VmshiftClient:
             return None
         return resp.json()
 
+    def pages(
+        self, path: str, params: Json | None = None, *, limit: int | None = None
+    ) -> Iterator[list[Json]]:
+        """Each page of a list route, following the cursor until the server sends none."""
+        query: Json = dict(params or {})
+        if limit is not None:
+            query["limit"] = limit
+        while True:
+            try:
+                resp = self._http.get(path, params=query)
+            except httpx.TransportError as exc:
+                raise self._unreachable(exc) from exc
+            if resp.status_code >= 400:
+                raise _error_from_response(resp)
+            yield list(resp.json())
+            cursor = resp.headers.get(NEXT_CURSOR_HEADER)
+            if not cursor:
+                return
+            query["cursor"] = cursor
+
+    def list_all(self, path: str, params: Json | None = None, *, limit: int | None = None,
+                 max_items: int | None = None) -> list[Json]:
+        """Every item of a list route (at most ``max_items``), page by page."""
+        items: list[Json] = []
+        for page in self.pages(path, params, limit=limit):
+            items.extend(page)
+            if max_items is not None and len(items) >= max_items:
+                return items[:max_items]
+        return items
+
     def _unreachable(self, exc: httpx.TransportError) -> VmshiftError:
         failed = trust.verify_failure(exc)
         if failed is not None:
@@ -96,8 +142,11 @@ class VmshiftClient:
     def about(self) -> Json:
         return dict(self.request("GET", "/about"))
 
-    def list_hosts(self) -> list[Json]:
-        return list(self.request("GET", "/hosts"))
+    def list_hosts(self, *, cluster: str | None = None, connection_state: str | None = None,
+                   name_prefix: str | None = None, limit: int | None = None) -> list[Json]:
+        """Every host (by name), filtered by cluster, connection state and name prefix when given."""
+        return self.list_all("/hosts", _filters(cluster=cluster, connection_state=connection_state,
+                                                name_prefix=name_prefix), limit=limit)
 
     def get_host(self, name: str) -> Json:
         return dict(self.request("GET", f"/hosts/{self._q(name)}"))
@@ -117,19 +166,22 @@ class VmshiftClient:
     def set_maintenance(self, name: str, enter: bool) -> Json:
         return dict(self.request("POST", f"/hosts/{self._q(name)}/maintenance", json={"enter": enter}))
 
-    def list_datastores(self) -> list[Json]:
-        return list(self.request("GET", "/datastores"))
+    def list_datastores(self, *, limit: int | None = None) -> list[Json]:
+        return self.list_all("/datastores", limit=limit)
 
-    def list_networks(self) -> list[Json]:
-        return list(self.request("GET", "/networks"))
+    def list_networks(self, *, limit: int | None = None) -> list[Json]:
+        return self.list_all("/networks", limit=limit)
 
     def set_ip_pool(self, network: str, cidr: str, first: str, last: str) -> Json:
         body = {"cidr": cidr, "first": first, "last": last}
         return dict(self.request("PUT", f"/networks/{self._q(network)}/ip-pool", json=body))
 
     # -- VMs --------------------------------------------------------------------------------
-    def list_vms(self) -> list[Json]:
-        return list(self.request("GET", "/vms"))
+    def list_vms(self, *, host: str | None = None, cluster: str | None = None, power_state: str | None = None,
+                 name_prefix: str | None = None, limit: int | None = None) -> list[Json]:
+        """Every VM (by name), filtered by host, cluster, power state and name prefix when given."""
+        return self.list_all("/vms", _filters(host=host, cluster=cluster, power_state=power_state,
+                                              name_prefix=name_prefix), limit=limit)
 
     def get_vm(self, name: str) -> Json:
         return dict(self.request("GET", f"/vms/{self._q(name)}"))
@@ -184,11 +236,10 @@ class VmshiftClient:
                 body[key] = value
         return dict(self.request("POST", f"/vms/{self._q(name)}/migrate", json=body))
 
-    def list_migrations(self, limit: int = 50, vm: str | None = None) -> list[Json]:
-        params: Json = {"limit": limit}
-        if vm:
-            params["vm"] = vm
-        return list(self.request("GET", "/migrations", params=params))
+    def list_migrations(self, max_items: int | None = None, vm: str | None = None, *,
+                        since: int | None = None, limit: int | None = None) -> list[Json]:
+        """Migrations newest first (at most ``max_items``): of one VM, newer than id ``since``."""
+        return self.list_all("/migrations", _filters(vm=vm, since=since), limit=limit, max_items=max_items)
 
     def get_migration(self, migration_id: str | int) -> Json:
         return dict(self.request("GET", f"/migrations/{self._q(migration_id)}"))
@@ -240,8 +291,8 @@ class VmshiftClient:
                 body[key] = value
         return dict(self.request("POST", "/schedules", json=body))
 
-    def list_schedules(self, vm: str | None = None) -> list[Json]:
-        return list(self.request("GET", "/schedules", params={"vm": vm} if vm else None))
+    def list_schedules(self, vm: str | None = None, *, limit: int | None = None) -> list[Json]:
+        return self.list_all("/schedules", _filters(vm=vm), limit=limit)
 
     def get_schedule(self, name: str) -> Json:
         """One schedule with its runs, newest first."""
@@ -251,8 +302,12 @@ class VmshiftClient:
         return dict(self.request("DELETE", f"/schedules/{self._q(name)}"))
 
     # -- tasks and events -------------------------------------------------------------------
-    def list_tasks(self, limit: int = 50) -> list[Json]:
-        return list(self.request("GET", "/tasks", params={"limit": limit}))
+    def list_tasks(self, max_items: int | None = None, *, target: str | None = None, state: str | None = None,
+                   since: int | None = None, after: datetime | str | None = None,
+                   before: datetime | str | None = None, limit: int | None = None) -> list[Json]:
+        """Tasks newest first (at most ``max_items``); ``since`` an id, ``after``/``before`` the creation."""
+        params = _filters(target=target, state=state, since=since, after=after, before=before)
+        return self.list_all("/tasks", params, limit=limit, max_items=max_items)
 
     def get_task(self, task_id: str | int) -> Json:
         return dict(self.request("GET", f"/tasks/{self._q(task_id)}"))
@@ -260,11 +315,12 @@ class VmshiftClient:
     def cancel_task(self, task_id: str | int) -> Json:
         return dict(self.request("POST", f"/tasks/{self._q(task_id)}/cancel"))
 
-    def list_events(self, limit: int = 50, target: str | None = None) -> list[Json]:
-        params: Json = {"limit": limit}
-        if target:
-            params["target"] = target
-        return list(self.request("GET", "/events", params=params))
+    def list_events(self, max_items: int | None = None, target: str | None = None, *,
+                    since: int | None = None, after: datetime | str | None = None,
+                    before: datetime | str | None = None, limit: int | None = None) -> list[Json]:
+        """Events newest first (at most ``max_items``); ``since`` an event id, ``after``/``before`` times."""
+        params = _filters(target=target, since=since, after=after, before=before)
+        return self.list_all("/events", params, limit=limit, max_items=max_items)
 
     def wait_task(
         self,

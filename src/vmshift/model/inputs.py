@@ -47,7 +47,8 @@ MAX_DOWNTIME_MS = 60_000  # a VM paused for more than a minute is no longer a li
 MAX_RATE_BPS = 1e12  # bytes/s: a terabyte per second, well above any link
 MAX_DURATION_S = 86_400.0  # a day: the longest timeout, post-copy delay or grace any request may ask
 MAX_MIGRATION_LIMIT = 64
-MAX_LIST = 10_000  # the longest page a list call returns
+PAGE_DEFAULT = 500  # items per page of a list call when the client sends no 'limit' (docs/api.md)
+PAGE_MAX = 1000  # the longest page a list call returns: a client pages with the cursor for more
 
 #: What each pattern asks for, in words (the API's refusals say this rather than the regex).
 PATTERN_RULES = {

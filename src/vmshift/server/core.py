@@ -49,7 +49,7 @@ class ServerCore:
     def open(cls, settings: ServerSettings) -> ServerCore:
         """Connect, upgrade the schema, seed defaults, fail over tasks of a dead server (no loop needed)."""
         private_dir(settings.state_dir)
-        engine = make_engine(settings.database_url())
+        engine = make_engine(settings.database_url(), settings.db_pool_size)
         upgrade_schema(engine)
         sessions = sessionmaker(engine, expire_on_commit=False)
         seed_defaults(sessions)

@@ -144,6 +144,9 @@ OPTIONS: tuple[Option, ...] = (
            "days finished migrations are kept (0: forever)"),
     Option("retention_interval_s", "retention_interval_s", seconds, "seconds between two retention purges"),
     Option("retention_batch_rows", "retention_batch_rows", count, "rows one purge transaction deletes"),
+    Option("api_db_threads", "api_db_threads", count, "threads that run the API routes' database work"),
+    Option("db_pool_spare", "db_pool_spare", count,
+           "database connections kept beyond api_db_threads for the event loop's own work"),
 )
 BY_KEY = {o.key: o for o in OPTIONS}
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerSettings)}

@@ -30,6 +30,15 @@ class ServerSettings:
     migration_retention_days: int = 30  # finished migrations (every kind)
     retention_interval_s: float = 3600.0  # how often the purge runs (also once at start)
     retention_batch_rows: int = 500  # rows deleted per transaction
+    # the database off the event loop (docs/api.md): API routes run their queries in a pool of this many
+    # threads; the engine keeps that many connections open plus db_pool_spare for the event loop's own
+    # work (heartbeat, tasks, scheduler, retention), so the loop never waits for a free connection
+    api_db_threads: int = 8
+    db_pool_spare: int = 8
+
+    @property
+    def db_pool_size(self) -> int:
+        return self.api_db_threads + self.db_pool_spare
 
     def database_url(self) -> str:
         """``--db-url``, else ``VMSHIFT_DB_URL``, else SQLite ``STATE_DIR/vmshift.db``."""

@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy.exc import IntegrityError
@@ -39,6 +40,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # the thread pool of the plain-def routes (and run_in_threadpool): bounded below the
+        # connection pool, so a burst of requests queues here rather than for a connection
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_db_threads
         core = ServerCore.open(settings)
         app.state.core = core
         core.start()
@@ -67,8 +71,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
         app.include_router(module.router, prefix=API_PREFIX, dependencies=deps, responses=COMMON)
 
     @app.get("/metrics", dependencies=deps, response_class=PlainTextResponse, responses=COMMON_TEXT_ROUTE)
-    async def metrics(request: Request) -> PlainTextResponse:
-        """Prometheus text format; the same bearer token as the API (set it in the scrape config)."""
+    def metrics(request: Request) -> PlainTextResponse:
+        """Prometheus text format; the same bearer token as the API (set it in the scrape config).
+        A plain ``def``: its queries run in the thread pool, not on the event loop."""
         core: ServerCore = request.app.state.core
         with core.sessions() as s:
             text = render_metrics(s)

@@ -1,10 +1,18 @@
-"""About, datacenters, clusters, hosts, datastores, networks."""
+"""About, datacenters, clusters, hosts, datastores, networks.
+
+Routes that only touch the database are plain ``def``: FastAPI runs them in its thread pool, so a
+slow query never stalls the event loop. Those that also talk to an agent stay ``async`` and do their
+database work in that pool (``run_in_threadpool``).
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import TypeAdapter
 from sqlalchemy import select
+from sqlalchemy.orm import joinedload, selectinload
+from starlette.concurrency import run_in_threadpool
 
 from vmshift.errors import ConflictError
 from vmshift.model.api import (
@@ -22,11 +30,22 @@ from vmshift.model.api import (
     MaintenanceRequest,
     Network,
 )
-from vmshift.model.inputs import HostName, NetworkName
+from vmshift.model.enums import ConnectionState
+from vmshift.model.inputs import ClusterName, HostName, Name, NetworkName
+from vmshift.model.paging import ListName
 from vmshift.server.api.deps import core_of
 from vmshift.server.api.openapi import BODY, PARAMS, Responses, errors
+from vmshift.server.api.paging import Page, PageRequest, answer, cached_page, cut, keyset, list_answers, page
 from vmshift.server.core import ServerCore
-from vmshift.server.db.schema import ClusterRow, DatacenterRow, DatastoreRow, HostRow, NetworkRow
+from vmshift.server.db.schema import (
+    ClusterRow,
+    DatacenterRow,
+    DatastoreRow,
+    HostDatastoreRow,
+    HostNetworkRow,
+    HostRow,
+    NetworkRow,
+)
 from vmshift.server.db.setup import DEFAULT_CLUSTER
 from vmshift.server.events import record_event
 from vmshift.server.host_enroll import FingerprintError, enroll, rotate
@@ -41,14 +60,28 @@ async def about(core: ServerCore = Depends(core_of)) -> About:
     return About(version="0.1.0", database=core.settings.database_kind())
 
 
-@router.get("/datacenters")
-async def list_datacenters(core: ServerCore = Depends(core_of)) -> list[Datacenter]:
+_DATACENTERS = TypeAdapter(list[Datacenter])
+_CLUSTERS = TypeAdapter(list[Cluster])
+_HOSTS = TypeAdapter(list[Host])
+_DATASTORES = TypeAdapter(list[Datastore])
+_NETWORKS = TypeAdapter(list[Network])
+
+
+@router.get("/datacenters", response_model=list[Datacenter], responses=list_answers(list[Datacenter]))
+def list_datacenters(
+    request: Request, paging: PageRequest = Depends(page), core: ServerCore = Depends(core_of)
+) -> Response:
+    """Datacenters by name, a page at a time (docs/api.md, "Paging")."""
+    q = keyset(select(DatacenterRow).options(selectinload(DatacenterRow.clusters)), DatacenterRow.name,
+               paging.after(ListName.DATACENTERS), paging.limit)
     with core.sessions() as s:
-        return [datacenter_view(d) for d in s.scalars(select(DatacenterRow).order_by(DatacenterRow.name))]
+        got = cut(s.scalars(q).all(), paging.limit, ListName.DATACENTERS, lambda d: d.name)
+        views = Page([datacenter_view(d) for d in got.items], got.next_cursor)
+    return answer(request, views, _DATACENTERS)
 
 
 @router.post("/datacenters", status_code=201, responses=errors(*BODY, 409))
-async def create_datacenter(body: DatacenterCreate, core: ServerCore = Depends(core_of)) -> Datacenter:
+def create_datacenter(body: DatacenterCreate, core: ServerCore = Depends(core_of)) -> Datacenter:
     with core.sessions.begin() as s:
         if s.scalar(select(DatacenterRow).where(DatacenterRow.name == body.name)) is not None:
             raise ConflictError(f"Datacenter {body.name!r} already exists.", hint="Choose another name.")
@@ -59,14 +92,20 @@ async def create_datacenter(body: DatacenterCreate, core: ServerCore = Depends(c
         return datacenter_view(row)
 
 
-@router.get("/clusters")
-async def list_clusters(core: ServerCore = Depends(core_of)) -> list[Cluster]:
+@router.get("/clusters", response_model=list[Cluster], responses=list_answers(list[Cluster]))
+def list_clusters(
+    request: Request, paging: PageRequest = Depends(page), core: ServerCore = Depends(core_of)
+) -> Response:
+    """Clusters by name, a page at a time."""
+    q = keyset(select(ClusterRow), ClusterRow.name, paging.after(ListName.CLUSTERS), paging.limit)
     with core.sessions() as s:
-        return [cluster_view(s, c) for c in s.scalars(select(ClusterRow).order_by(ClusterRow.name))]
+        got = cut(s.scalars(q).all(), paging.limit, ListName.CLUSTERS, lambda c: c.name)
+        views = Page([cluster_view(s, c) for c in got.items], got.next_cursor)
+    return answer(request, views, _CLUSTERS)
 
 
 @router.post("/clusters", status_code=201, responses=errors(*BODY, 404, 409))
-async def create_cluster(body: ClusterCreate, core: ServerCore = Depends(core_of)) -> Cluster:
+def create_cluster(body: ClusterCreate, core: ServerCore = Depends(core_of)) -> Cluster:
     with core.sessions.begin() as s:
         dc = get_datacenter(s, body.datacenter)
         if s.scalar(select(ClusterRow).where(ClusterRow.name == body.name)) is not None:
@@ -78,10 +117,29 @@ async def create_cluster(body: ClusterCreate, core: ServerCore = Depends(core_of
         return cluster_view(s, row)
 
 
-@router.get("/hosts")
-async def list_hosts(core: ServerCore = Depends(core_of)) -> list[Host]:
+@router.get("/hosts", response_model=list[Host], responses=list_answers(list[Host], etag=True))
+def list_hosts(
+    request: Request,
+    cluster: ClusterName | None = Query(None, description="only the hosts of this cluster"),
+    connection_state: ConnectionState | None = Query(None, description="only hosts in this state"),
+    name_prefix: Name | None = Query(None, description="only hosts whose name starts with this"),
+    paging: PageRequest = Depends(cached_page),
+    core: ServerCore = Depends(core_of),
+) -> Response:
+    """Hosts by name, a page at a time; filters combine. The ETag changes with anything the page
+    shows (docs/api.md, "Incremental reads")."""
+    q = select(HostRow).options(joinedload(HostRow.cluster), selectinload(HostRow.vms))
+    if cluster is not None:
+        q = q.join(HostRow.cluster).where(ClusterRow.name == cluster)
+    if connection_state is not None:
+        q = q.where(HostRow.connection_state == connection_state)
+    if name_prefix is not None:
+        q = q.where(HostRow.name.startswith(name_prefix, autoescape=True))
+    q = keyset(q, HostRow.name, paging.after(ListName.HOSTS), paging.limit)
     with core.sessions() as s:
-        return [host_view(h) for h in s.scalars(select(HostRow).order_by(HostRow.name))]
+        got = cut(s.scalars(q).unique().all(), paging.limit, ListName.HOSTS, lambda h: h.name)
+        views = Page([host_view(h) for h in got.items], got.next_cursor)
+    return answer(request, views, _HOSTS, if_none_match=paging.if_none_match, etag=True)
 
 
 _HOST_ADD_ANSWERS: Responses = {
@@ -96,12 +154,16 @@ _HOST_ADD_ANSWERS: Responses = {
 async def create_host(body: HostAdd, core: ServerCore = Depends(core_of)) -> Host | JSONResponse:
     """Confirm the agent's certificate fingerprint, issue it a certificate, register it
     (docs/agent-tls.md). Unconfirmed or different fingerprint: 409 carrying the agent's one."""
-    with core.sessions() as s:  # fail fast on an unknown cluster or a known address before the agent
-        get_cluster(s, body.cluster or DEFAULT_CLUSTER)
-        if s.scalar(select(HostRow).where(HostRow.address == body.address)) is not None:
-            raise ConflictError(f"A host with address {body.address} is already in the inventory.",
-                                hint="Each agent is added once; 'vmshift host rotate-cert' renews its "
-                                "certificate.")
+
+    def check_address() -> None:  # fail fast on an unknown cluster or a known address before the agent
+        with core.sessions() as s:
+            get_cluster(s, body.cluster or DEFAULT_CLUSTER)
+            if s.scalar(select(HostRow).where(HostRow.address == body.address)) is not None:
+                raise ConflictError(f"A host with address {body.address} is already in the inventory.",
+                                    hint="Each agent is added once; 'vmshift host rotate-cert' renews its "
+                                    "certificate.")
+
+    await run_in_threadpool(check_address)
 
     def check_new(name: str) -> None:
         with core.sessions() as s:
@@ -113,39 +175,51 @@ async def create_host(body: HostAdd, core: ServerCore = Depends(core_of)) -> Hos
         got = await enroll(body.address, body.fingerprint, core.settings.state_dir,
                            core.settings.agent_timeout_s, check_new)
     except FingerprintError as e:
-        answer = {"error": e.to_dict(), "fingerprint": e.fingerprint}
-        return JSONResponse(status_code=e.status, content=answer)
-    with core.sessions.begin() as s:
-        host = add_host(s, body.address, get_cluster(s, body.cluster or DEFAULT_CLUSTER), got.facts)
-        host.cert_fingerprint, host.cert_not_after = got.fingerprint, got.not_after
-        s.flush()
-        return host_view(host)
+        refused = {"error": e.to_dict(), "fingerprint": e.fingerprint}
+        return JSONResponse(status_code=e.status, content=refused)
+
+    def register() -> Host:
+        with core.sessions.begin() as s:
+            host = add_host(s, body.address, get_cluster(s, body.cluster or DEFAULT_CLUSTER), got.facts)
+            host.cert_fingerprint, host.cert_not_after = got.fingerprint, got.not_after
+            s.flush()
+            return host_view(host)
+
+    return await run_in_threadpool(register)
 
 
 @router.post("/hosts/{name}/rotate-cert", responses=errors(*PARAMS, 404, 502))
 async def rotate_host_cert(name: HostName, core: ServerCore = Depends(core_of)) -> Host:
     """A new key on the host, a new certificate from the cluster CA; the old one is not served again."""
-    with core.sessions() as s:
-        address = get_host(s, name).address
+
+    def address_of() -> str:
+        with core.sessions() as s:
+            return get_host(s, name).address
+
+    address = await run_in_threadpool(address_of)
     fingerprint, not_after = await rotate(name, address, core.settings.state_dir,
                                           core.settings.agent_timeout_s)
-    with core.sessions.begin() as s:
-        host = get_host(s, name)
-        host.cert_fingerprint, host.cert_not_after = fingerprint, not_after
-        record_event(s, EventKind.HOST_CERT_ROTATED, name,
-                     f"Host {name} got a new certificate ({fingerprint}).")
-        s.flush()
-        return host_view(host)
+
+    def record() -> Host:
+        with core.sessions.begin() as s:
+            host = get_host(s, name)
+            host.cert_fingerprint, host.cert_not_after = fingerprint, not_after
+            record_event(s, EventKind.HOST_CERT_ROTATED, name,
+                         f"Host {name} got a new certificate ({fingerprint}).")
+            s.flush()
+            return host_view(host)
+
+    return await run_in_threadpool(record)
 
 
 @router.get("/hosts/{name}", responses=errors(*PARAMS, 404))
-async def get_host_route(name: HostName, core: ServerCore = Depends(core_of)) -> Host:
+def get_host_route(name: HostName, core: ServerCore = Depends(core_of)) -> Host:
     with core.sessions() as s:
         return host_view(get_host(s, name))
 
 
 @router.delete("/hosts/{name}", status_code=204, responses=errors(*PARAMS, 404, 409))
-async def delete_host(name: HostName, core: ServerCore = Depends(core_of)) -> None:
+def delete_host(name: HostName, core: ServerCore = Depends(core_of)) -> None:
     with core.sessions.begin() as s:
         host = get_host(s, name)
         if host.vms:
@@ -158,7 +232,7 @@ async def delete_host(name: HostName, core: ServerCore = Depends(core_of)) -> No
 
 
 @router.post("/hosts/{name}/maintenance", responses=errors(*BODY, 404))
-async def host_maintenance(
+def host_maintenance(
     name: HostName, body: MaintenanceRequest, core: ServerCore = Depends(core_of)
 ) -> Host:
     with core.sessions.begin() as s:
@@ -175,20 +249,36 @@ async def host_maintenance(
         return host_view(host)
 
 
-@router.get("/datastores")
-async def list_datastores(core: ServerCore = Depends(core_of)) -> list[Datastore]:
+@router.get("/datastores", response_model=list[Datastore], responses=list_answers(list[Datastore]))
+def list_datastores(
+    request: Request, paging: PageRequest = Depends(page), core: ServerCore = Depends(core_of)
+) -> Response:
+    """Datastores by name, a page at a time."""
+    hosts = selectinload(DatastoreRow.hosts).joinedload(HostDatastoreRow.host)
+    q = keyset(select(DatastoreRow).options(hosts), DatastoreRow.name, paging.after(ListName.DATASTORES),
+               paging.limit)
     with core.sessions() as s:
-        return [datastore_view(d) for d in s.scalars(select(DatastoreRow).order_by(DatastoreRow.name))]
+        got = cut(s.scalars(q).all(), paging.limit, ListName.DATASTORES, lambda d: d.name)
+        views = Page([datastore_view(d) for d in got.items], got.next_cursor)
+    return answer(request, views, _DATASTORES)
 
 
-@router.get("/networks")
-async def list_networks(core: ServerCore = Depends(core_of)) -> list[Network]:
+@router.get("/networks", response_model=list[Network], responses=list_answers(list[Network]))
+def list_networks(
+    request: Request, paging: PageRequest = Depends(page), core: ServerCore = Depends(core_of)
+) -> Response:
+    """Networks by name, a page at a time."""
+    hosts = selectinload(NetworkRow.hosts).joinedload(HostNetworkRow.host)
+    q = keyset(select(NetworkRow).options(hosts), NetworkRow.name, paging.after(ListName.NETWORKS),
+               paging.limit)
     with core.sessions() as s:
-        return [network_view(n) for n in s.scalars(select(NetworkRow).order_by(NetworkRow.name))]
+        got = cut(s.scalars(q).all(), paging.limit, ListName.NETWORKS, lambda n: n.name)
+        views = Page([network_view(n) for n in got.items], got.next_cursor)
+    return answer(request, views, _NETWORKS)
 
 
 @router.put("/networks/{name}/ip-pool", responses=errors(*BODY, 404))
-async def set_ip_pool(name: NetworkName, body: IpPool, core: ServerCore = Depends(core_of)) -> Network:
+def set_ip_pool(name: NetworkName, body: IpPool, core: ServerCore = Depends(core_of)) -> Network:
     with core.sessions.begin() as s:
         net = get_network(s, name)
         net.pool_cidr, net.pool_first, net.pool_last = body.cidr, body.first, body.last

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query
-from fastapi.responses import JSONResponse
-from pydantic import Field
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import Field, TypeAdapter
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from vmshift.model.api import ErrorBody, Task, TaskKind
 from vmshift.model.base import RequestModel
@@ -25,8 +26,10 @@ from vmshift.model.migration import (
     Migration,
     MigrationCreate,
 )
+from vmshift.model.paging import ListName
 from vmshift.server.api.deps import core_of
 from vmshift.server.api.openapi import BODY, PARAMS, Responses, errors
+from vmshift.server.api.paging import Page, PageRequest, Since, answer, cut, keyset, list_answers, page
 from vmshift.server.core import ServerCore
 from vmshift.server.db.schema import MigrationRow
 from vmshift.server.inventory import get_host, get_vm
@@ -103,21 +106,32 @@ async def migrate_vm(name: VmName, body: MigrationCreate, core: ServerCore = Dep
     return answer.model_dump(mode="json")
 
 
-@router.get("/migrations", responses=errors(*PARAMS))
-async def list_migrations(
-    limit: int = Query(50, ge=1, le=1000, description="newest first"),
+_MIGRATIONS = TypeAdapter(list[Migration])
+
+
+@router.get("/migrations", response_model=list[Migration], responses=list_answers(list[Migration]))
+def list_migrations(
+    request: Request,
     vm: VmName | None = Query(None, description="only this VM's migrations"),
+    since: Since = None,
+    paging: PageRequest = Depends(page),
     core: ServerCore = Depends(core_of),
-) -> list[Migration]:
-    q = select(MigrationRow).order_by(MigrationRow.id.desc()).limit(limit)
+) -> Response:
+    """Migrations (every kind of move) newest first, a page at a time."""
+    q = select(MigrationRow)
     if vm is not None:
         q = q.where(MigrationRow.vm == vm)
+    if since is not None:
+        q = q.where(MigrationRow.id > since)
+    q = keyset(q, MigrationRow.id, paging.after(ListName.MIGRATIONS), paging.limit, descending=True)
     with core.sessions() as s:
-        return [migration_view(m) for m in s.scalars(q)]
+        got = cut(s.scalars(q).all(), paging.limit, ListName.MIGRATIONS, lambda m: m.id)
+        views = Page([migration_view(m) for m in got.items], got.next_cursor)
+    return answer(request, views, _MIGRATIONS)
 
 
 @router.get("/migrations/{migration_id}", responses=errors(*PARAMS, 404))
-async def get_migration(migration_id: ObjectId, core: ServerCore = Depends(core_of)) -> Migration:
+def get_migration(migration_id: ObjectId, core: ServerCore = Depends(core_of)) -> Migration:
     with core.sessions() as s:
         return migration_view(get_migration_row(s, migration_id))
 
@@ -138,22 +152,29 @@ class ResumeRequest(RequestModel):
 @router.post("/vms/{name}/resume", status_code=202, responses=errors(*BODY, 404, 409))
 async def resume_vm(name: VmName, body: ResumeRequest, core: ServerCore = Depends(core_of)) -> Task:
     """Resume a paused VM; one that waits for a migration's finalize only if the target never ran it."""
-    with core.sessions() as s:
-        get_vm(s, name)
-        waiting = waiting_migration(s, name)
-        waiting_id = waiting.id if waiting is not None else None
-    if waiting_id is not None:
-        return task_view(core.finalizer.start(waiting_id, Intent.RESUME, force=body.force))
-    with core.sessions.begin() as s:
-        task = TaskEngine.create(s, TaskKind.VM_POWER, name, {"action": PowerAction.RESUME.value})
-        s.flush()
-        view = task_view(task)
+
+    def waiting_id() -> int | None:
+        with core.sessions() as s:
+            get_vm(s, name)
+            waiting = waiting_migration(s, name)
+            return waiting.id if waiting is not None else None
+
+    def write() -> Task:
+        with core.sessions.begin() as s:
+            task = TaskEngine.create(s, TaskKind.VM_POWER, name, {"action": PowerAction.RESUME.value})
+            s.flush()
+            return task_view(task)
+
+    waiting = await run_in_threadpool(waiting_id)
+    if waiting is not None:
+        return task_view(core.finalizer.start(waiting, Intent.RESUME, force=body.force))
+    view = await run_in_threadpool(write)
     core.tasks.start(view.id, name, power_body(core.sessions, core.agents, name, PowerAction.RESUME))
     return view
 
 
 @router.patch("/vms/{name}/migration-settings", responses=errors(*BODY, 404))
-async def set_vm_migration_settings(
+def set_vm_migration_settings(
     name: VmName, body: VmMigrationSettings, core: ServerCore = Depends(core_of)
 ) -> VmMigrationSettings:
     columns = {"max_downtime_ms": "max_downtime_ms", "allow_postcopy": "allow_postcopy",
@@ -167,7 +188,7 @@ async def set_vm_migration_settings(
 
 
 @router.patch("/hosts/{name}/migration-settings", responses=errors(*BODY, 404))
-async def set_host_migration_settings(
+def set_host_migration_settings(
     name: HostName, body: HostMigrationSettings, core: ServerCore = Depends(core_of)
 ) -> HostMigrationSettings:
     columns = {

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from pydantic import TypeAdapter
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from vmshift.errors import ConflictError, InvalidInputError, NotFoundError
 from vmshift.model.api import EventKind
 from vmshift.model.inputs import ScheduleName, VmName
+from vmshift.model.paging import ListName
 from vmshift.model.schedule import Schedule, ScheduleCreate, ScheduleRun
 from vmshift.model.schedule_times import COLLISION_WINDOW_S, When, check_cron, clash, zone
 from vmshift.server.api.deps import core_of
 from vmshift.server.api.openapi import BODY, PARAMS, errors
+from vmshift.server.api.paging import Page, PageRequest, answer, cut, keyset, list_answers, page
 from vmshift.server.core import ServerCore
 from vmshift.server.db.schema import DatastoreRow, MigrationRow, ScheduleRow, utcnow
 from vmshift.server.events import record_event
@@ -95,6 +100,12 @@ def _refuse_clash(s: Session, vm: str, when: When, first: datetime) -> None:
 
 @router.post("/schedules", status_code=201, responses=errors(*BODY, 404, 409))
 async def add_schedule(body: ScheduleCreate, core: ServerCore = Depends(core_of)) -> Schedule:
+    view = await run_in_threadpool(_add_schedule, body, core)
+    core.schedules.wake()  # the scheduler's event lives on the event loop
+    return view
+
+
+def _add_schedule(body: ScheduleCreate, core: ServerCore) -> Schedule:
     now = utcnow()
     when = _when(body, now)
     first = when.first_due(now)
@@ -122,26 +133,32 @@ async def add_schedule(body: ScheduleCreate, core: ServerCore = Depends(core_of)
             f"Schedule {row.name} will migrate VM {body.vm} {when.describe()}; first run {_stamp(first)}.",
         )
         s.flush()
-        view = schedule_view(s, row)
-    core.schedules.wake()
-    return view
+        return schedule_view(s, row)
 
 
-@router.get("/schedules", responses=errors(*PARAMS))
-async def list_schedules(
+_SCHEDULES = TypeAdapter(list[Schedule])
+
+
+@router.get("/schedules", response_model=list[Schedule], responses=list_answers(list[Schedule]))
+def list_schedules(
+    request: Request,
     vm: VmName | None = Query(None, description="only this VM's schedules"),
+    paging: PageRequest = Depends(page),
     core: ServerCore = Depends(core_of),
-) -> list[Schedule]:
-    """Every schedule with its latest run."""
-    q = select(ScheduleRow).order_by(ScheduleRow.id)
+) -> Response:
+    """Schedules oldest first (by id), each with its latest run, a page at a time."""
+    q = select(ScheduleRow)
     if vm is not None:
         q = q.where(ScheduleRow.vm == vm)
+    q = keyset(q, ScheduleRow.id, paging.after(ListName.SCHEDULES), paging.limit)
     with core.sessions() as s:
-        return [schedule_view(s, row, runs=1) for row in s.scalars(q)]
+        got = cut(s.scalars(q).all(), paging.limit, ListName.SCHEDULES, lambda r: r.id)
+        views = Page([schedule_view(s, row, runs=1) for row in got.items], got.next_cursor)
+    return answer(request, views, _SCHEDULES)
 
 
 @router.get("/schedules/{name}", responses=errors(*PARAMS, 404))
-async def get_schedule(
+def get_schedule(
     name: ScheduleName, runs: int = Query(RUNS_SHOWN, ge=0, le=1000), core: ServerCore = Depends(core_of)
 ) -> Schedule:
     """One schedule with its runs, newest first (each names its migration and that migration's status)."""
@@ -152,10 +169,15 @@ async def get_schedule(
 @router.delete("/schedules/{name}", responses=errors(*PARAMS, 404))
 async def delete_schedule(name: ScheduleName, core: ServerCore = Depends(core_of)) -> Schedule:
     """Remove a schedule and its run records; migrations it started are left alone."""
-    with core.sessions.begin() as s:
-        row = get_schedule_row(s, name)
-        view = schedule_view(s, row)
-        s.delete(row)
-        record_event(s, EventKind.SCHEDULE_DELETED, row.vm, f"Schedule {row.name} was deleted.")
+
+    def delete() -> Schedule:
+        with core.sessions.begin() as s:
+            row = get_schedule_row(s, name)
+            view = schedule_view(s, row)
+            s.delete(row)
+            record_event(s, EventKind.SCHEDULE_DELETED, row.vm, f"Schedule {row.name} was deleted.")
+            return view
+
+    view = await run_in_threadpool(delete)
     core.schedules.wake()
     return view

@@ -1,18 +1,28 @@
-"""VMs: list, create (task), power (task), suspend (task), delete (task)."""
+"""VMs: list, create (task), power (task), suspend (task), delete (task).
+
+Reads are plain ``def`` routes (FastAPI's thread pool); the routes that start a task stay ``async``,
+because a task starts on the event loop, and do their database work in the thread pool.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from pydantic import TypeAdapter
 from sqlalchemy import select
+from sqlalchemy.orm import joinedload, selectinload
+from starlette.concurrency import run_in_threadpool
 
 from vmshift.errors import ConflictError
 from vmshift.model.api import PowerRequest, Task, TaskKind, Vm, VmCreate
 from vmshift.model.enums import ConnectionState, PowerState
-from vmshift.model.inputs import VmName
+from vmshift.model.inputs import ClusterName, HostName, Name, VmName
+from vmshift.model.paging import ListName
 from vmshift.server.api.deps import core_of
 from vmshift.server.api.openapi import BODY, PARAMS, errors
+from vmshift.server.api.paging import Page, PageRequest, answer, cached_page, cut, keyset, list_answers
 from vmshift.server.core import ServerCore
-from vmshift.server.db.schema import VmRow
+from vmshift.server.db.schema import ClusterRow, HostNetworkRow, HostRow, VmRow
 from vmshift.server.inventory import get_vm
 from vmshift.server.tasks import TaskEngine
 from vmshift.server.views import task_view, vm_view
@@ -28,39 +38,70 @@ from vmshift.server.vm_tasks import (
 router = APIRouter()
 
 
-@router.get("/vms")
-async def list_vms(core: ServerCore = Depends(core_of)) -> list[Vm]:
+_VMS = TypeAdapter(list[Vm])
+#: what vm_view reads of each VM, loaded for the whole page in a few queries rather than per VM
+_VIEW_LOADS = (
+    selectinload(VmRow.ips),
+    joinedload(VmRow.host).selectinload(HostRow.networks).joinedload(HostNetworkRow.network),
+)
+
+
+@router.get("/vms", response_model=list[Vm], responses=list_answers(list[Vm], etag=True))
+def list_vms(
+    request: Request,
+    host: HostName | None = Query(None, description="only the VMs registered on this host"),
+    cluster: ClusterName | None = Query(None, description="only the VMs on the hosts of this cluster"),
+    power_state: PowerState | None = Query(None, description="only VMs in this power state"),
+    name_prefix: Name | None = Query(None, description="only VMs whose name starts with this"),
+    paging: PageRequest = Depends(cached_page),
+    core: ServerCore = Depends(core_of),
+) -> Response:
+    """VMs by name, a page at a time; filters combine. The ETag changes with anything the page shows,
+    a power state or stats included (docs/api.md, "Incremental reads")."""
+    q = select(VmRow).options(*_VIEW_LOADS)
+    if host is not None or cluster is not None:
+        q = q.join(VmRow.host)
+    if host is not None:
+        q = q.where(HostRow.name == host)
+    if cluster is not None:
+        q = q.join(HostRow.cluster).where(ClusterRow.name == cluster)
+    if power_state is not None:
+        q = q.where(VmRow.power_state == power_state)
+    if name_prefix is not None:
+        q = q.where(VmRow.name.startswith(name_prefix, autoescape=True))
+    q = keyset(q, VmRow.name, paging.after(ListName.VMS), paging.limit)
     with core.sessions() as s:
-        return [vm_view(v) for v in s.scalars(select(VmRow).order_by(VmRow.name))]
+        got = cut(s.scalars(q).unique().all(), paging.limit, ListName.VMS, lambda v: v.name)
+        views = Page([vm_view(v) for v in got.items], got.next_cursor)
+    return answer(request, views, _VMS, if_none_match=paging.if_none_match, etag=True)
 
 
 @router.get("/vms/{name}", responses=errors(*PARAMS, 404))
-async def get_vm_route(name: VmName, core: ServerCore = Depends(core_of)) -> Vm:
+def get_vm_route(name: VmName, core: ServerCore = Depends(core_of)) -> Vm:
     with core.sessions() as s:
         return vm_view(get_vm(s, name))
 
 
 @router.post("/vms", status_code=202, responses=errors(*BODY, 404, 409))
 async def create_vm(body: VmCreate, core: ServerCore = Depends(core_of)) -> Task:
-    with core.sessions.begin() as s:
-        create_vm_row(s, body)
-        task = TaskEngine.create(s, TaskKind.VM_CREATE, body.name, {"start": body.start})
-        view = task_view(task)
+    def write() -> Task:
+        with core.sessions.begin() as s:
+            create_vm_row(s, body)
+            return task_view(TaskEngine.create(s, TaskKind.VM_CREATE, body.name, {"start": body.start}))
+
+    view = await run_in_threadpool(write)
     core.tasks.start(view.id, body.name, create_body(core.sessions, core.agents, body.name, body.start))
     return view
 
 
 @router.post("/vms/{name}/power", status_code=202, responses=errors(*BODY, 404, 409))
 async def power_vm(name: VmName, body: PowerRequest, core: ServerCore = Depends(core_of)) -> Task:
-    with core.sessions.begin() as s:
-        vm = get_vm(s, name)
-        if vm.host.connection_state is not ConnectionState.CONNECTED:
-            raise ConflictError(
-                f"Host {vm.host.name} of VM {name} is disconnected.",
-                hint="Wait until the host is connected again.",
-            )
-        task = TaskEngine.create(s, TaskKind.VM_POWER, name, {"action": body.action.value})
-        view = task_view(task)
+    def write() -> Task:
+        with core.sessions.begin() as s:
+            _refuse_disconnected(get_vm(s, name))
+            return task_view(TaskEngine.create(s, TaskKind.VM_POWER, name, {"action": body.action.value}))
+
+    view = await run_in_threadpool(write)
     core.tasks.start(view.id, name, power_body(core.sessions, core.agents, name, body.action))
     return view
 
@@ -69,38 +110,50 @@ async def power_vm(name: VmName, body: PowerRequest, core: ServerCore = Depends(
 async def suspend_vm(name: VmName, core: ServerCore = Depends(core_of)) -> Task:
     """Save a running or paused VM's state to its folder and stop it; resume it with power 'resume'
     or 'start' (POST /vms/NAME/resume does that too). docs/suspend.md."""
-    with core.sessions.begin() as s:
-        vm = get_vm(s, name)
-        if vm.host.connection_state is not ConnectionState.CONNECTED:
-            raise ConflictError(
-                f"Host {vm.host.name} of VM {name} is disconnected.",
-                hint="Wait until the host is connected again.",
-            )
-        if vm.power_state not in (PowerState.POWERED_ON, PowerState.PAUSED):
-            raise ConflictError(
-                f"VM {name} is {vm.power_state.value}; only a running or paused VM can be suspended.",
-                hint="Start it first." if vm.power_state is not PowerState.SUSPENDED else "Nothing to do.",
-            )
-        task = TaskEngine.create(s, TaskKind.VM_SUSPEND, name)
-        view = task_view(task)
+
+    def write() -> Task:
+        with core.sessions.begin() as s:
+            vm = get_vm(s, name)
+            _refuse_disconnected(vm)
+            if vm.power_state not in (PowerState.POWERED_ON, PowerState.PAUSED):
+                raise ConflictError(
+                    f"VM {name} is {vm.power_state.value}; only a running or paused VM can be suspended.",
+                    hint="Nothing to do." if vm.power_state is PowerState.SUSPENDED else "Start it first.",
+                )
+            return task_view(TaskEngine.create(s, TaskKind.VM_SUSPEND, name))
+
+    view = await run_in_threadpool(write)
     core.tasks.start(view.id, name, suspend_body(core.sessions, core.agents, name))
     return view
 
 
 @router.delete("/vms/{name}", status_code=202, responses=errors(*PARAMS, 404, 409, 502))
 async def delete_vm(name: VmName, core: ServerCore = Depends(core_of)) -> Task:
-    with core.sessions() as s:
-        vm = get_vm(s, name)
-        if vm.power_state in (PowerState.POWERED_ON, PowerState.PAUSED):
-            raise ConflictError(
-                f"VM {name} is {vm.power_state.value}; it cannot be deleted while running.",
-                hint="Power it off first (action 'stop' or 'shutdown').",
-            )
+    def refuse_running() -> None:
+        with core.sessions() as s:
+            vm = get_vm(s, name)
+            if vm.power_state in (PowerState.POWERED_ON, PowerState.PAUSED):
+                raise ConflictError(
+                    f"VM {name} is {vm.power_state.value}; it cannot be deleted while running.",
+                    hint="Power it off first (action 'stop' or 'shutdown').",
+                )
+
+    def write() -> Task:
+        with core.sessions.begin() as s:
+            get_vm(s, name)
+            return task_view(TaskEngine.create(s, TaskKind.VM_DELETE, name))
+
+    await run_in_threadpool(refuse_running)
     # Refused before a task exists, so nothing changes; the task checks again before it deletes.
     await refuse_delete_while_a_qemu_runs(core.sessions, core.agents, name, core.settings.agent_timeout_s)
-    with core.sessions.begin() as s:
-        get_vm(s, name)
-        task = TaskEngine.create(s, TaskKind.VM_DELETE, name)
-        view = task_view(task)
+    view = await run_in_threadpool(write)
     core.tasks.start(view.id, name, delete_body(core.sessions, core.agents, name))
     return view
+
+
+def _refuse_disconnected(vm: VmRow) -> None:
+    if vm.host.connection_state is not ConnectionState.CONNECTED:
+        raise ConflictError(
+            f"Host {vm.host.name} of VM {vm.name} is disconnected.",
+            hint="Wait until the host is connected again.",
+        )
