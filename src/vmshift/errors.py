@@ -108,6 +108,13 @@ class HostUnreachableError(VmshiftError):
     retryable = True
 
 
+class StreamUnsupportedError(VmshiftError):
+    """An agent has no host stream (an older agent): the server polls it instead."""
+
+    status = 501
+    code = "stream_unsupported"
+
+
 class UntrustedPeerError(VmshiftError):
     """A TLS peer's certificate does not verify against the CA we trust (or does not name the peer)."""
 

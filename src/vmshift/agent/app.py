@@ -11,13 +11,15 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import Field
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vmshift.agent.config import AgentConfig
 from vmshift.agent.datastores import Datastores
 from vmshift.agent.facts import HostProbe, host_facts, probe_host
 from vmshift.agent.guard import require_allowed
+from vmshift.agent.host_stream import HostStream
 from vmshift.agent.migration_source import OutgoingMigrations
 from vmshift.agent.migration_store import MigrationStore
 from vmshift.agent.migration_target import IncomingMigrations
@@ -39,6 +41,7 @@ from vmshift.http_edge import install_error_handlers
 from vmshift.model.base import RequestModel
 from vmshift.model.enums import PowerAction
 from vmshift.model.host import HostFacts
+from vmshift.model.host_stream import STREAM_MEDIA_TYPE, STREAM_PATH
 from vmshift.model.inputs import VmName
 from vmshift.model.vm import VmRuntime, VmSpec
 from vmshift.tls.files import private_dir
@@ -61,6 +64,33 @@ class AgentState:
         self.probe = probe
         self.datastores = datastores
         self.supervisor = supervisor
+        self.stream = HostStream(supervisor.list_vms, self.facts, config.stats_interval_s)
+
+    async def facts(self) -> HostFacts:
+        return await asyncio.to_thread(host_facts, self.config, self.probe, self.datastores,
+                                       self.supervisor.qemu_identity)
+
+
+class PokeStreamOnChange:
+    """ASGI middleware: after any request that may change a VM (every method but GET), the host
+    stream looks at once, so the server hears of it without waiting for the next scan."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+        if scope["type"] == "http" and scope.get("method") not in ("GET", "HEAD"):
+            agent: AgentState | None = getattr(scope["app"].state, "agent", None)
+            if agent is not None:
+                agent.stream.poke()
+
+
+async def end_streams(app: FastAPI) -> None:
+    """End the open host streams (the agent is shutting down)."""
+    agent: AgentState | None = getattr(app.state, "agent", None)
+    if agent is not None:
+        await agent.stream.end_streams()
 
 
 def _state(request: Request) -> AgentState:
@@ -102,7 +132,8 @@ def create_app(config: AgentConfig, tls: AgentTls | None = None) -> FastAPI:
         supervisor = Supervisor(config, VmFiles(datastores, config.state_dir, config.qemu_img),
                                 probe.accelerator)
         await supervisor.attach_all()
-        app.state.agent = AgentState(config, probe, datastores, supervisor)
+        agent = app.state.agent = AgentState(config, probe, datastores, supervisor)
+        await agent.stream.start()
         store = MigrationStore(config.state_dir)
         roles = MigrationRoles(supervisor, OutgoingMigrations(supervisor, store),
                                IncomingMigrations(supervisor, store, config.migration_address),
@@ -125,6 +156,7 @@ def create_app(config: AgentConfig, tls: AgentTls | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await retention.stop()
+            await agent.stream.close()
             await roles.close()
             await moves.close()
             await supervisor.close()
@@ -133,6 +165,7 @@ def create_app(config: AgentConfig, tls: AgentTls | None = None) -> FastAPI:
     app = FastAPI(title="vmshift agent", version="1", lifespan=lifespan,
                   dependencies=[Depends(require_allowed)])
     app.state.tls = tls
+    app.add_middleware(PokeStreamOnChange)
 
     install_error_handlers(app, what="agent", api_doc_hint="See docs/agent.md for the agent API.")
 
@@ -142,8 +175,13 @@ def create_app(config: AgentConfig, tls: AgentTls | None = None) -> FastAPI:
 
     @app.get("/api/v1/facts")
     async def facts(agent: State) -> HostFacts:
-        return await asyncio.to_thread(host_facts, agent.config, agent.probe, agent.datastores,
-                                       agent.supervisor.qemu_identity)
+        return await agent.facts()
+
+    @app.get(f"/api/v1{STREAM_PATH}", response_class=StreamingResponse)
+    async def stream(agent: State, epoch: Annotated[str | None, Query(max_length=64)] = None,
+                     since: Annotated[int | None, Query(ge=0)] = None) -> StreamingResponse:
+        """The host stream (model/host_stream.py): newline-delimited JSON messages, endless."""
+        return StreamingResponse(agent.stream.lines(epoch, since), media_type=STREAM_MEDIA_TYPE)
 
     @app.get("/api/v1/vms")
     async def list_vms(agent: State) -> list[VmRuntime]:

@@ -13,6 +13,7 @@ ACCELERATOR_CHOICES = ("auto", "kvm", "tcg")
 DEFAULT_QEMU_USER = "vmshift-qemu"
 DEFAULT_SERIAL_LOG_CAP_BYTES = 4 << 20
 MIN_SERIAL_LOG_CAP_BYTES = 64 << 10
+DEFAULT_STATS_INTERVAL_S = 10.0  # the host stream's stats report period (agent/host_stream.py)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class AgentConfig:
     qemu_user: str = DEFAULT_QEMU_USER
     #: the most the two files of a VM's serial log (serial.log, serial.log.1) hold together
     serial_log_cap_bytes: int = DEFAULT_SERIAL_LOG_CAP_BYTES
+    #: how often the host stream reports per-VM CPU and memory and the host's free space (seconds)
+    stats_interval_s: float = DEFAULT_STATS_INTERVAL_S
 
     @property
     def listen_host(self) -> str:
@@ -80,9 +83,12 @@ def config_from_dict(data: dict[str, Any], source: Path = Path("<dict>")) -> Age
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < MIN_SERIAL_LOG_CAP_BYTES:
         raise _bad(source, "'serial_log_cap_bytes' must be a whole number of at least "
                            f"{MIN_SERIAL_LOG_CAP_BYTES}")
+    stats = data.get("stats_interval_s", DEFAULT_STATS_INTERVAL_S)
+    if isinstance(stats, bool) or not isinstance(stats, int | float) or not 1 <= stats <= 3600:
+        raise _bad(source, "'stats_interval_s' must be a number of seconds from 1 to 3600")
     known = {"name", "listen", "state_dir", "ca_file", "datastores", "networks", "management_address",
              "migration_address", "accelerator", "qemu_binary", "qemu_img", "record_retention_days",
-             "qemu_user", "serial_log_cap_bytes"}
+             "qemu_user", "serial_log_cap_bytes", "stats_interval_s"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise _bad(source, f"unknown key(s) {', '.join(unknown)}")
@@ -94,7 +100,7 @@ def config_from_dict(data: dict[str, Any], source: Path = Path("<dict>")) -> Age
         migration_address=str(data.get("migration_address", "")), accelerator=accel,
         qemu_binary=str(data.get("qemu_binary", "qemu-system-x86_64")),
         qemu_img=str(data.get("qemu_img", "qemu-img")), record_retention_days=retention,
-        qemu_user=qemu_user, serial_log_cap_bytes=cap,
+        qemu_user=qemu_user, serial_log_cap_bytes=cap, stats_interval_s=float(stats),
     )
 
 

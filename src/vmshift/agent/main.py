@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from vmshift.agent.app import create_app
+from vmshift.agent.app import create_app, end_streams
 from vmshift.agent.config import load_config
 from vmshift.agent.tls_server import AgentTls, serve
 from vmshift.errors import VmshiftError
@@ -39,7 +39,7 @@ def run(argv: list[str] | None = None) -> None:
     except VmshiftError as exc:
         print(f"vmshift-agent: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    serve(app, config, tls, args.log_level)
+    serve(app, config, tls, args.log_level, lambda: end_streams(app))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +129,24 @@ class AgentTls:
         return got
 
 
-def serve(app: Any, config: AgentConfig, tls: AgentTls, log_level: str) -> None:
+class AgentServer(uvicorn.Server):
+    """uvicorn, calling ``before_shutdown`` first when it shuts down: it waits for open responses
+    before the app's own shutdown, and a host stream never ends by itself."""
+
+    def __init__(self, config: uvicorn.Config, before_shutdown: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self._before_shutdown = before_shutdown
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self._before_shutdown()
+        await super().shutdown(sockets)
+
+
+def serve(app: Any, config: AgentConfig, tls: AgentTls, log_level: str,
+          before_shutdown: Callable[[], Awaitable[None]]) -> None:
     """Run uvicorn over HTTPS with the agent's reloadable context until SIGTERM/SIGINT."""
     context = tls.context()
     uv = uvicorn.Config(app, host=config.listen_host, port=config.listen_port, log_level=log_level,
                         access_log=False, timeout_graceful_shutdown=5, http=PeerH11Protocol,
                         ssl_context_factory=lambda _config, _default: context)
-    uvicorn.Server(uv).run()
+    AgentServer(uv, before_shutdown).run()

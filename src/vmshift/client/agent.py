@@ -7,6 +7,7 @@ migration: one client per peer, one place where httpx exceptions become vmshift 
 from __future__ import annotations
 
 import ssl
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from vmshift.errors import ApiError, HostUnreachableError
+from vmshift.errors import ApiError, HostUnreachableError, StreamUnsupportedError
 from vmshift.model.agent_migration import (
     DirtyRate,
     DirtyRateRequest,
@@ -30,6 +31,7 @@ from vmshift.model.agent_migration import (
 )
 from vmshift.model.enums import PowerAction
 from vmshift.model.host import HostFacts
+from vmshift.model.host_stream import STREAM_PATH, Change, Keepalive, Snapshot, decode
 from vmshift.model.moves import DiskExportRequest, DiskExports, DiskMoveRequest, MoveProgress
 from vmshift.model.suspend import SuspendProgress, SuspendResult
 from vmshift.model.vm import VmRuntime, VmSpec
@@ -114,25 +116,56 @@ class AgentClient:
             extra["timeout"] = httpx.Timeout(timeout_s, connect=self._connect_timeout_s)
         try:
             resp = await self._http.request(method, path, json=json, params=params, **extra)
-        except httpx.TimeoutException as e:
-            raise HostUnreachableError(
-                f"The agent at {self.address} did not answer {method} {path} in time.",
-                hint="Check that the host is up and the agent is running.",
-            ) from e
         except httpx.TransportError as e:
-            if _tls_refused(e):
-                raise HostUnreachableError(
-                    f"The agent at {self.address} failed the TLS check ({_tls_refused(e)}).",
-                    hint="Its certificate must come from the cluster CA and name this address; "
-                    "re-add the host ('vmshift host add') or rotate its certificate.",
-                ) from e
-            raise HostUnreachableError(
-                f"The agent at {self.address} cannot be reached ({type(e).__name__}).",
-                hint="Check the address, that vmshift-agent runs there, and the network.",
-            ) from e
+            raise self._unreachable(e, f"did not answer {method} {path} in time") from e
         if resp.status_code >= 400:
             raise _error_from(resp, self.address)
         return resp
+
+    def _unreachable(self, e: httpx.TransportError, timed_out: str) -> HostUnreachableError:
+        """The one translation of httpx's transport errors (``timed_out``: what a timeout means)."""
+        if isinstance(e, httpx.TimeoutException):
+            return HostUnreachableError(f"The agent at {self.address} {timed_out}.",
+                                        hint="Check that the host is up and the agent is running.")
+        if _tls_refused(e):
+            return HostUnreachableError(
+                f"The agent at {self.address} failed the TLS check ({_tls_refused(e)}).",
+                hint="Its certificate must come from the cluster CA and name this address; "
+                "re-add the host ('vmshift host add') or rotate its certificate.",
+            )
+        return HostUnreachableError(
+            f"The agent at {self.address} cannot be reached ({type(e).__name__}).",
+            hint="Check the address, that vmshift-agent runs there, and the network.",
+        )
+
+    async def stream(
+        self, params: Mapping[str, str | int], *, silence_s: float
+    ) -> AsyncIterator[Snapshot | Change | Keepalive]:
+        """The host stream (model/host_stream.py), message by message, until the agent ends it.
+
+        Raises HostUnreachableError when nothing arrived for ``silence_s`` (the agent sends a
+        keepalive each second) or the connection broke, StreamUnsupportedError for an agent without
+        the stream, ApiError for an answer it cannot read."""
+        timeout = httpx.Timeout(silence_s, connect=min(silence_s, self._connect_timeout_s))
+        try:
+            async with self._http.stream("GET", STREAM_PATH, params=dict(params), timeout=timeout) as resp:
+                if resp.status_code == 404:
+                    raise StreamUnsupportedError(f"The agent at {self.address} has no host stream.",
+                                                 hint="Upgrade it; until then the server polls it.")
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise _error_from(resp, self.address)
+                async for line in resp.aiter_lines():
+                    if not line:
+                        continue
+                    try:
+                        yield decode(line)
+                    except ValidationError as e:
+                        raise ApiError(f"The agent at {self.address} sent a stream message vmshift "
+                                       "does not understand.", status=502, code="bad_agent_answer",
+                                       hint="Check that the agent and server versions match.") from e
+        except httpx.TransportError as e:
+            raise self._unreachable(e, f"sent nothing on its host stream for {silence_s:g} s") from e
 
     def _parse(self, resp: httpx.Response, model: type[Any]) -> Any:
         try:
