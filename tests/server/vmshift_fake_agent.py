@@ -162,6 +162,7 @@ class FakeAgent:
     down: bool = False  # GET /stream answers 503 and open streams end (a cut that lasts)
     repeat_tail: int = 0  # a resumed stream sends this many changes the server already has first
     stream_opens: list[dict[str, Any]] = field(default_factory=list)  # the query of each GET /stream
+    open_streams: int = 0  # streams being served now
     tls: FakeAgentTls = field(init=False)
     log: ChangeLog = field(init=False)
 
@@ -185,7 +186,8 @@ class FakeAgent:
         now = {name: vm_state(rt) for name, rt in list(self.vms.items())}
         for name, state in now.items():
             if self._published.get(name) != state:
-                self.log.append(VmChanged(epoch=self.log.epoch, seq=self.log.next_seq(), vm=self.vms[name]))
+                self.log.append(VmChanged(epoch=self.log.epoch, seq=self.log.next_seq(),
+                                         vm=self.vms[name].model_copy()))
         for name in [n for n in self._published if n not in now]:
             self.log.append(VmRemoved(epoch=self.log.epoch, seq=self.log.next_seq(), name=name))
         self._published = now
@@ -195,6 +197,14 @@ class FakeAgent:
         self._published_facts = facts
 
     async def _stream(self, epoch: str | None, since: int | None) -> AsyncIterator[bytes]:
+        self.open_streams += 1
+        try:
+            async for line in self._lines(epoch, since):
+                yield line
+        finally:
+            self.open_streams -= 1
+
+    async def _lines(self, epoch: str | None, since: int | None) -> AsyncIterator[bytes]:
         generation = self._cuts
         self.publish()
         log = self.log

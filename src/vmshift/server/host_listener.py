@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from vmshift.client.agent import AgentPool
 from vmshift.errors import StreamUnsupportedError, VmshiftError
 from vmshift.model.api import HostStream, StreamMode
-from vmshift.model.host_stream import KEEPALIVE_INTERVAL_S, Keepalive, Snapshot, StreamCursor, VmChanged, Verdict
+from vmshift.model.host_stream import Keepalive, Snapshot, StreamCursor, VmChanged, Verdict
 from vmshift.server.host_report import HostReport
 from vmshift.server.host_writes import Batch, write_batch, write_disconnected, write_polled
 from vmshift.server.tasks import TaskEngine
@@ -31,9 +31,10 @@ log = logging.getLogger("vmshift.server.host_listener")
 
 BATCH_S = 0.1  # messages of one host written in one transaction per this period
 BACKOFF_S = (0.1, 0.25, 0.5, 1.0)  # waits between failed connects (the last one repeats)
-# How old a stream message's news may be when it arrives (an agent notices a change within about a
-# keepalive): a task that ended after its arrival less this owns the VM's state, as for a poll's start.
-REPORT_LAG_S = KEEPALIVE_INTERVAL_S
+# How stale a streamed report may be when it arrives: an agent's look at its VMs that began before a
+# task acted may be sent after the task ended. A task that ended after a message's arrival less this
+# owns the VM's state (as one that ended after a poll began does); what it held back is offered again.
+REPORT_LAG_S = 0.5
 
 
 @dataclass(frozen=True)

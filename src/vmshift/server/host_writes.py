@@ -46,7 +46,8 @@ def write_batch(sessions: sessionmaker[Session], tasks: TaskEngine, batch: Batch
         host = s.scalar(select(HostRow).where(HostRow.name == batch.host))
         if host is None:
             return deferred  # removed meanwhile
-        host.last_heartbeat = utcnow()
+        if batch.connected or any(isinstance(m, Snapshot) for _, m in batch.items):
+            host.last_heartbeat = utcnow()  # else the heartbeat's round refreshes it (touch_heartbeats)
         if batch.connected and host.connection_state is not ConnectionState.CONNECTED:
             host.connection_state = ConnectionState.CONNECTED
             record_event(s, EventKind.HOST_CONNECTED, host.name, f"Host {host.name} is connected again.")
