@@ -24,7 +24,8 @@ def events(server: ServerHarness, target: str, kind: str) -> list[dict[str, Any]
 
 def reported(server: ServerHarness) -> list[str]:
     """The power changes the server adopted from host-1's reports (not those of its own tasks)."""
-    return [e["message"] for e in events(server, "vm-1", "vm.power_changed") if "as host host-1" in e["message"]]
+    changes = events(server, "vm-1", "vm.power_changed")
+    return [e["message"] for e in changes if "as host host-1" in e["message"]]
 
 
 def host(server: ServerHarness) -> dict[str, Any]:

@@ -210,7 +210,8 @@ class FakeAgent:
         log = self.log
         changes = log.since(epoch, since)
         if changes is None:
-            yield encode(Snapshot(epoch=log.epoch, seq=log.last_seq, facts=self.facts, vms=list(self.vms.values())))
+            vms = [rt.model_copy() for rt in self.vms.values()]
+            yield encode(Snapshot(epoch=log.epoch, seq=log.last_seq, facts=self.facts, vms=vms))
         else:
             if self.repeat_tail and since is not None:
                 changes = log.since(epoch, max(0, since - self.repeat_tail)) or changes
@@ -264,7 +265,8 @@ class FakeAgent:
         async def stream(epoch: str | None = None, since: int | None = None) -> Any:
             self.stream_opens.append({"epoch": epoch, "since": since})
             if not self.stream:
-                return JSONResponse({"error": {"code": "not_found", "message": "Not Found", "hint": None}}, 404)
+                error = {"code": "not_found", "message": "Not Found", "hint": None}
+                return JSONResponse({"error": error}, 404)
             if self.down:
                 error = {"code": "host_unreachable", "message": "down", "hint": None}
                 return JSONResponse({"error": error}, 503)

@@ -8,6 +8,7 @@ Database work runs in a small thread pool, never on the event loop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -144,10 +145,8 @@ class Heartbeat:
     # ----- cluster-wide reconcile -------------------------------------------------------------
     async def _reconcile_loop(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), self._interval_s)
-            except TimeoutError:
-                pass
             if self._changed.is_set() and not self._urgent:
                 await asyncio.sleep(RECONCILE_DEBOUNCE_S)
             self._changed.clear()
@@ -182,7 +181,9 @@ class Heartbeat:
     def _round(self, reports: dict[str, list[VmRuntime]], since: float) -> Outcome:
         return reconcile(self._snapshot(reports, since), self._findings)
 
-    def _write_outcome(self, outcome: Outcome, pause_errors: dict[FindingKey, str | None], since: float) -> None:
+    def _write_outcome(
+        self, outcome: Outcome, pause_errors: dict[FindingKey, str | None], since: float
+    ) -> None:
         with self._sessions.begin() as s:
             self._apply(s, outcome, pause_errors, since)
 

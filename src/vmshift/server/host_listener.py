@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from vmshift.client.agent import AgentPool
 from vmshift.errors import StreamUnsupportedError, VmshiftError
 from vmshift.model.api import HostStream, StreamMode
-from vmshift.model.host_stream import Keepalive, Snapshot, StreamCursor, VmChanged, Verdict
+from vmshift.model.host_stream import Keepalive, Snapshot, StreamCursor, Verdict, VmChanged
 from vmshift.server.host_report import HostReport
 from vmshift.server.host_writes import Batch, write_batch, write_disconnected, write_polled
 from vmshift.server.tasks import TaskEngine
@@ -171,8 +171,8 @@ class HostListener:
         for name in sorted(self._deferred):
             rt = self.report.vms.get(name)
             if rt is not None:
-                self._pending.items.append((as_of, VmChanged(epoch=self.cursor.epoch or "", seq=self.cursor.seq,
-                                                             vm=rt)))
+                again = VmChanged(epoch=self.cursor.epoch or "", seq=self.cursor.seq, vm=rt)
+                self._pending.items.append((as_of, again))
         self._deferred.clear()
         self._wake.set()
 
@@ -184,7 +184,8 @@ class HostListener:
             batch, self._pending = self._pending, Batch(self.name)
             if batch:
                 async with self._db_lock:
-                    self._deferred |= await self.ctx.run_db(write_batch, self.ctx.sessions, self.ctx.tasks, batch)
+                    ctx = self.ctx
+                    self._deferred |= await ctx.run_db(write_batch, ctx.sessions, ctx.tasks, batch)
 
     # ----- the fallback: polls --------------------------------------------------------------------
     async def _poll_forever(self, why: str) -> None:

@@ -82,7 +82,8 @@ def write_disconnected(sessions: sessionmaker[Session], name: str, why: str) -> 
 def write_polled(sessions: sessionmaker[Session], name: str, why: str) -> None:
     with sessions.begin() as s:
         record_event(s, EventKind.HOST_POLLED, name,
-                     f"Host {name} is polled every heartbeat instead of streaming its changes: {why}")  # fmt: skip
+                     f"Host {name} is polled every heartbeat instead of streaming its changes: "
+                     f"{why}")  # fmt: skip
 
 
 def touch_heartbeats(sessions: sessionmaker[Session], names: Collection[str]) -> None:
