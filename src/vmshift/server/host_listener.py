@@ -122,7 +122,7 @@ class HostListener:
         while True:
             try:
                 await self._stream_once()
-                failures = 0  # a resync: reconnect at once
+                self.live, failures = False, 0  # a resync, or the agent ended it: reconnect at once
             except StreamUnsupportedError as e:
                 await self._poll_forever(e.message)
                 return

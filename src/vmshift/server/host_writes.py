@@ -54,7 +54,7 @@ def write_batch(sessions: sessionmaker[Session], tasks: TaskEngine, batch: Batch
         if batch.resynced is not None:
             record_event(s, EventKind.HOST_STREAM_RESYNCED, host.name,
                          f"Host {host.name} sent a full report: {batch.resynced}.")  # fmt: skip
-        stats: StatsReport | None = None
+        stats: tuple[float, StatsReport] | None = None
         for arrived, m in batch.items:
             if isinstance(m, Snapshot):
                 _facts(s, host, m.facts)
@@ -64,9 +64,9 @@ def write_batch(sessions: sessionmaker[Session], tasks: TaskEngine, batch: Batch
             elif isinstance(m, VmChanged):
                 deferred |= adopt(s, tasks, host, [m.vm], arrived, only={m.vm.name})
             elif isinstance(m, StatsReport):
-                stats = m
+                stats = (arrived, m)
         if stats is not None:  # only the latest numbers matter
-            _stats(s, tasks, host, stats, batch.items[-1][0])
+            _stats(s, tasks, host, stats[1], stats[0])
     return deferred
 
 
