@@ -22,7 +22,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from vmshift.client.agent import AgentPool
 from vmshift.errors import StreamUnsupportedError, VmshiftError
 from vmshift.model.api import HostStream, StreamMode
-from vmshift.model.host_stream import Keepalive, Snapshot, StreamCursor, Verdict, VmChanged
+from vmshift.model.host_stream import (
+    KEEPALIVE_INTERVAL_S,
+    Keepalive,
+    Snapshot,
+    StreamCursor,
+    Verdict,
+    VmChanged,
+)
 from vmshift.server.host_report import HostReport
 from vmshift.server.host_writes import Batch, write_batch, write_disconnected, write_polled
 from vmshift.server.tasks import TaskEngine
@@ -35,6 +42,9 @@ BACKOFF_S = (0.1, 0.25, 0.5, 1.0)  # waits between failed connects (the last one
 # task acted may be sent after the task ended. A task that ended after a message's arrival less this
 # owns the VM's state (as one that ended after a poll began does); what it held back is offered again.
 REPORT_LAG_S = 0.5
+# The cluster-wide reconcile is stricter (it may pause a VM): a change no request caused (a migration
+# completing in QEMU) is noticed at the agent's next look, within a keepalive interval, then sent.
+RECONCILE_LAG_S = KEEPALIVE_INTERVAL_S + REPORT_LAG_S
 
 
 @dataclass(frozen=True)
@@ -90,9 +100,9 @@ class HostListener:
 
     @property
     def current_as_of(self) -> float:
-        """The loop time up to which the report is known to be current (a task that ended later may
-        not show in it yet)."""
-        return self.last_heard - (REPORT_LAG_S if self.mode is StreamMode.STREAM else 0.0)
+        """The loop time up to which the report is known to be current, for the cluster-wide reconcile
+        (a task that ended later may not show in it yet)."""
+        return self.last_heard - (RECONCILE_LAG_S if self.mode is StreamMode.STREAM else 0.0)
 
     async def _write(self, fn: Callable[..., object], *args: Any) -> None:
         async with self._db_lock:
@@ -114,7 +124,11 @@ class HostListener:
         self.live = False
         if self.connected is not False:
             self.connected = False
-            await self._write(write_disconnected, self.ctx.sessions, self.name, why)
+            try:
+                await self._write(write_disconnected, self.ctx.sessions, self.name, why)
+            except Exception:
+                self.connected = None  # the next look tries again
+                raise
 
     # ----- the stream -----------------------------------------------------------------------------
     async def _listen(self) -> None:
@@ -128,6 +142,11 @@ class HostListener:
                 return
             except VmshiftError as e:
                 log.debug("stream of host %s broke: %s", self.name, e.message)
+                self.live = False
+                await asyncio.sleep(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)])
+                failures += 1
+            except Exception:  # a bug must not leave the host unheard for good
+                log.exception("the stream of host %s failed", self.name)
                 self.live = False
                 await asyncio.sleep(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)])
                 failures += 1
@@ -182,10 +201,19 @@ class HostListener:
             await asyncio.sleep(BATCH_S)
             self._wake.clear()
             batch, self._pending = self._pending, Batch(self.name)
-            if batch:
+            if not batch:
+                continue
+            try:
                 async with self._db_lock:
                     ctx = self.ctx
                     self._deferred |= await ctx.run_db(write_batch, ctx.sessions, ctx.tasks, batch)
+            except Exception:  # e.g. the database is busy: keep the batch, in order, and try again
+                log.exception("writing what host %s reported failed; retrying", self.name)
+                self._pending.items[:0] = batch.items
+                self._pending.connected |= batch.connected
+                self._pending.resynced = self._pending.resynced or batch.resynced
+                self._wake.set()
+                await asyncio.sleep(BACKOFF_S[-1])
 
     # ----- the fallback: polls --------------------------------------------------------------------
     async def _poll_forever(self, why: str) -> None:
@@ -195,13 +223,16 @@ class HostListener:
         missed = 0
         while True:
             started = loop.time()
-            if await self._poll(started):
-                missed = 0
-            else:
-                missed += 1
-                self.live = False
-                if missed >= self.ctx.missed_polls:
-                    await self._lost(f"{missed} heartbeats missed")
+            try:
+                if await self._poll(started):
+                    missed = 0
+                else:
+                    missed += 1
+                    self.live = False
+                    if missed >= self.ctx.missed_polls:
+                        await self._lost(f"{missed} heartbeats missed")
+            except Exception:  # a bug in one poll must not stop the polls
+                log.exception("polling host %s failed", self.name)
             await asyncio.sleep(max(0.05, self.ctx.poll_interval_s - (loop.time() - started)))
 
     async def _poll(self, polled_at: float) -> bool:
