@@ -39,8 +39,10 @@ from vmshift.model.host_stream import (
     FactsChanged,
     Keepalive,
     Snapshot,
+    StatsReport,
     VmChanged,
     VmRemoved,
+    VmStats,
     encode,
     facts_state,
     vm_state,
@@ -175,6 +177,7 @@ class FakeAgent:
         self.log = ChangeLog(epoch=secrets.token_hex(4))
         self._published: dict[str, dict[str, Any]] = {}
         self._published_facts: dict[str, Any] | None = None
+        self._published_numbers: dict[str, tuple[float, float]] = {}
         self._cuts = getattr(self, "_cuts", 0) + 1
 
     def cut(self) -> None:
@@ -183,7 +186,8 @@ class FakeAgent:
 
     def publish(self) -> None:
         """Number whatever changed in the table or the facts since the last look."""
-        now = {name: vm_state(rt) for name, rt in list(self.vms.items())}
+        vms = list(self.vms.items())
+        now = {name: vm_state(rt) for name, rt in vms}
         for name, state in now.items():
             if self._published.get(name) != state:
                 self.log.append(VmChanged(epoch=self.log.epoch, seq=self.log.next_seq(),
@@ -191,6 +195,12 @@ class FakeAgent:
         for name in [n for n in self._published if n not in now]:
             self.log.append(VmRemoved(epoch=self.log.epoch, seq=self.log.next_seq(), name=name))
         self._published = now
+        numbers = {name: (rt.cpu_seconds, rt.rss_mib) for name, rt in vms}
+        if numbers != self._published_numbers:  # a real agent reports them every stats_interval_s
+            self._published_numbers = numbers
+            stats = [VmStats(name=n, cpu_seconds=c, rss_mib=r) for n, (c, r) in numbers.items()]
+            self.log.append(StatsReport(epoch=self.log.epoch, seq=self.log.next_seq(), vms=stats,
+                                        memory_free_mib=self.facts.memory_free_mib))  # fmt: skip
         facts = facts_state(self.facts)
         if self._published_facts is not None and facts != self._published_facts:
             self.log.append(FactsChanged(epoch=self.log.epoch, seq=self.log.next_seq(), facts=self.facts))
@@ -233,6 +243,7 @@ class FakeAgent:
 
     def app(self) -> FastAPI:
         app = FastAPI()
+        app.state.on_stop = self.cut  # UvicornThread.stop: open streams end, as a stopping agent's do
 
         @app.middleware("http")
         async def record(request: Request, call_next: Any) -> Any:
@@ -386,6 +397,9 @@ class UvicornThread:
 
     def stop(self, force: bool = False) -> None:
         """Graceful stop; ``force`` does not wait for requests in flight (a hung fake agent)."""
+        on_stop = getattr(getattr(self.app, "state", None), "on_stop", None)
+        if on_stop is not None:
+            on_stop()
         if self._server is not None and self._thread is not None:
             self._server.should_exit = True
             self._server.force_exit = force
