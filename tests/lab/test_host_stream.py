@@ -122,6 +122,7 @@ def test_cut_mid_change_ends_with_every_change_once(
     stream_before = api.get_host("host-1")["stream"]
     disconnects = len(events(api, "host-1", "host.disconnected"))
     connects = len(events(api, "host-1", "host.connected"))
+    resyncs = len(events(api, "host-1", "host.stream_resynced"))  # an agent restart earlier needs one
     changes_before = reported(api, "hs-1")
 
     mgmt_link(lab, 1, False)
@@ -143,7 +144,7 @@ def test_cut_mid_change_ends_with_every_change_once(
     assert len(events(api, "host-1", "host.connected")) == connects + 1
     after = api.get_host("host-1")["stream"]
     assert after["epoch"] == stream_before["epoch"] and after["reconnects"] > stream_before["reconnects"]
-    assert events(api, "host-1", "host.stream_resynced") == [], "resumed, not resynchronised"
+    assert len(events(api, "host-1", "host.stream_resynced")) == resyncs, "resumed, not resynchronised"
 
     vmshift(lab, "vm", "resume", "hs-1")
     assert agent_state(lab, 1, "hs-1") == "poweredOn"
@@ -164,9 +165,14 @@ def test_server_restart_while_two_agents_stream(
     for host in ("host-1", "host-2"):
         wait_for(f"{host} streaming to the new server", lambda h=host: streaming(api, h), timeout=60)
         assert api.get_host(host)["stream"]["reconnects"] == 0
-    inventory = {v["name"]: (v["host"], v["power_state"]) for v in api.list_vms() if v["name"] in VMS}
-    assert inventory == {"hs-1": ("host-1", "poweredOn"), "hs-2": ("host-2", "paused")}
+    expected = {"hs-1": ("host-1", "poweredOn"), "hs-2": ("host-2", "paused")}
+
+    def inventory() -> dict[str, tuple[str, str]] | None:
+        found = {v["name"]: (v["host"], v["power_state"]) for v in api.list_vms() if v["name"] in VMS}
+        return found if found == expected else None
+
+    wait_for("the inventory to show what the agents report", inventory, timeout=10)
     for name, host in VMS.items():
-        assert agent_state(lab, int(host[-1]), name) == inventory[name][1]
+        assert agent_state(lab, int(host[-1]), name) == expected[name][1]
         assert len(qemu_pids(vms[name]["uuid"])) == 1
     assert reported(api, "hs-2")[-1] == "VM hs-2 is now paused"

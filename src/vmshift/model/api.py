@@ -167,7 +167,8 @@ class HostStream(BaseModel):
     epoch: str | None = Field(description="the agent's change log the server follows (None: none yet)")
     seq: int = Field(description="the last change the server applied")
     reconnects: int = Field(description="streams opened again after the first one")
-    live: bool = Field(description="the server's view of the host is complete and current")
+    live: bool = Field(description="the server's view of the host is complete and current (the "
+                                   "inventory follows within a tenth of a second)")
 
 
 class Host(BaseModel):
