@@ -188,9 +188,12 @@ def agents() -> Iterator[AgentFactory]:
     running: list[UvicornThread] = []
 
     def start(
-        name: str = "host-1", facts: HostFacts | None = None, **kw: Any
+        name: str = "host-1", facts: HostFacts | None = None, stream: bool | None = None, **kw: Any
     ) -> tuple[FakeAgent, UvicornThread]:
-        agent = FakeAgent(facts=facts or make_facts(name, **kw))
+        """``stream`` None: as $VMSHIFT_FAKE_AGENT_STREAM says (1: every fake agent streams), else polled."""
+        if stream is None:
+            stream = os.environ.get("VMSHIFT_FAKE_AGENT_STREAM") == "1"
+        agent = FakeAgent(facts=facts or make_facts(name, **kw), stream=stream)
         thread = UvicornThread(agent.app(), tls=agent.tls).start()
         running.append(thread)
         return agent, thread

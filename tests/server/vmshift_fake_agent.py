@@ -4,33 +4,54 @@ It speaks the agent API of docs/design/contracts.md with canned facts and an in-
 records every mutating request so tests can assert that a refused request never reached the agent.
 Tests may put any runtime into ``vms`` (a copy of another host's VM, a receiving QEMU): ``GET /vms``
 reports the table as it is, and ``vm_lists`` counts those requests (one per heartbeat).
+
+With ``stream=True`` it also serves ``GET /stream`` like a real agent (model/host_stream.py): it
+notices changes of its table every ``TICK_S`` (tests change it directly), numbers them in a
+``ChangeLog`` and sends a keepalive every ``keepalive_s``, each counted in ``vm_lists`` too (one report
+of the host). Without it, /stream answers 404 like an older agent, which the server polls.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import socket
 import ssl
 import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from vmshift.model.enums import MIGRATION_RUN_STATES, Accelerator, PowerAction, PowerState
 from vmshift.model.host import CpuModelInfo, DatastoreInfo, HostFacts
+from vmshift.model.host_stream import (
+    STREAM_MEDIA_TYPE,
+    ChangeLog,
+    FactsChanged,
+    Keepalive,
+    Snapshot,
+    StatsReport,
+    VmChanged,
+    VmRemoved,
+    VmStats,
+    encode,
+    facts_state,
+    vm_state,
+)
 from vmshift.model.vm import VmRuntime, VmSpec
 from vmshift.tls import pki
 from vmshift.tls.contexts import server_context
 
+TICK_S = 0.05  # how often a streaming fake agent looks for changes of its table
 SHARED_DS_UUID = "11111111-0000-4000-8000-000000000001"
 
 CPU_MODELS = [
@@ -137,13 +158,92 @@ class FakeAgent:
     fail_define: bool = False
     vm_lists: int = 0  # GET /vms requests so far
     power_requests: list[tuple[str, PowerAction, int]] = field(default_factory=list)  # (vm, action, vm_lists)
+    stream: bool = False  # serve GET /stream (else 404: an agent the server polls)
+    keepalive_s: float = 0.2  # a real agent's is KEEPALIVE_INTERVAL_S; fast here like the tests' polls
+    silent: bool = False  # open streams send nothing (the TCP connection stays up)
+    down: bool = False  # GET /stream answers 503 and open streams end (a cut that lasts)
+    repeat_tail: int = 0  # a resumed stream sends this many changes the server already has first
+    stream_opens: list[dict[str, Any]] = field(default_factory=list)  # the query of each GET /stream
+    open_streams: int = 0  # streams being served now
     tls: FakeAgentTls = field(init=False)
+    log: ChangeLog = field(init=False)
 
     def __post_init__(self) -> None:
         self.tls = FakeAgentTls(self.facts.name)
+        self.restart_log()
+
+    def restart_log(self) -> None:
+        """A new epoch, as after an agent restart."""
+        self.log = ChangeLog(epoch=secrets.token_hex(4))
+        self._published: dict[str, dict[str, Any]] = {}
+        self._published_facts: dict[str, Any] | None = None
+        self._published_numbers: dict[str, tuple[float, float]] = {}
+        self._cuts = getattr(self, "_cuts", 0) + 1
+
+    def cut(self) -> None:
+        """End every open stream now (the server reconnects)."""
+        self._cuts += 1
+
+    def publish(self) -> None:
+        """Number whatever changed in the table or the facts since the last look."""
+        vms = list(self.vms.items())
+        now = {name: vm_state(rt) for name, rt in vms}
+        for name, state in now.items():
+            if self._published.get(name) != state:
+                self.log.append(VmChanged(epoch=self.log.epoch, seq=self.log.next_seq(),
+                                         vm=self.vms[name].model_copy()))
+        for name in [n for n in self._published if n not in now]:
+            self.log.append(VmRemoved(epoch=self.log.epoch, seq=self.log.next_seq(), name=name))
+        self._published = now
+        numbers = {name: (rt.cpu_seconds, rt.rss_mib) for name, rt in vms}
+        if numbers != self._published_numbers:  # a real agent reports them every stats_interval_s
+            self._published_numbers = numbers
+            stats = [VmStats(name=n, cpu_seconds=c, rss_mib=r) for n, (c, r) in numbers.items()]
+            self.log.append(StatsReport(epoch=self.log.epoch, seq=self.log.next_seq(), vms=stats,
+                                        memory_free_mib=self.facts.memory_free_mib))  # fmt: skip
+        facts = facts_state(self.facts)
+        if self._published_facts is not None and facts != self._published_facts:
+            self.log.append(FactsChanged(epoch=self.log.epoch, seq=self.log.next_seq(), facts=self.facts))
+        self._published_facts = facts
+
+    async def _stream(self, epoch: str | None, since: int | None) -> AsyncIterator[bytes]:
+        self.open_streams += 1
+        try:
+            async for line in self._lines(epoch, since):
+                yield line
+        finally:
+            self.open_streams -= 1
+
+    async def _lines(self, epoch: str | None, since: int | None) -> AsyncIterator[bytes]:
+        generation = self._cuts
+        self.publish()
+        log = self.log
+        changes = log.since(epoch, since)
+        if changes is None:
+            vms = [rt.model_copy() for rt in self.vms.values()]
+            yield encode(Snapshot(epoch=log.epoch, seq=log.last_seq, facts=self.facts, vms=vms))
+        else:
+            if self.repeat_tail and since is not None:
+                changes = log.since(epoch, max(0, since - self.repeat_tail)) or changes
+            for c in changes:
+                yield encode(c)
+        sent, last_keepalive = log.last_seq, time.monotonic()
+        while generation == self._cuts and not self.down:
+            await asyncio.sleep(TICK_S)
+            if self.silent:
+                continue
+            self.publish()
+            for c in log.since(log.epoch, sent) or []:
+                yield encode(c)
+                sent = c.seq
+            if time.monotonic() - last_keepalive >= self.keepalive_s:
+                last_keepalive = time.monotonic()
+                self.vm_lists += 1
+                yield encode(Keepalive(epoch=log.epoch, seq=sent, time=time.time()))
 
     def app(self) -> FastAPI:
         app = FastAPI()
+        app.state.on_stop = self.cut  # UvicornThread.stop: open streams end, as a stopping agent's do
 
         @app.middleware("http")
         async def record(request: Request, call_next: Any) -> Any:
@@ -171,6 +271,17 @@ class FakeAgent:
         async def vms() -> list[dict[str, Any]]:
             self.vm_lists += 1
             return [rt.model_dump(mode="json") for rt in self.vms.values()]
+
+        @app.get("/api/v1/stream")
+        async def stream(epoch: str | None = None, since: int | None = None) -> Any:
+            self.stream_opens.append({"epoch": epoch, "since": since})
+            if not self.stream:
+                error = {"code": "not_found", "message": "Not Found", "hint": None}
+                return JSONResponse({"error": error}, 404)
+            if self.down:
+                error = {"code": "host_unreachable", "message": "down", "hint": None}
+                return JSONResponse({"error": error}, 503)
+            return StreamingResponse(self._stream(epoch, since), media_type=STREAM_MEDIA_TYPE)
 
         @app.put("/api/v1/vms/{name}")
         async def define(name: str, spec: VmSpec) -> Any:
@@ -286,6 +397,9 @@ class UvicornThread:
 
     def stop(self, force: bool = False) -> None:
         """Graceful stop; ``force`` does not wait for requests in flight (a hung fake agent)."""
+        on_stop = getattr(getattr(self.app, "state", None), "on_stop", None)
+        if on_stop is not None:
+            on_stop()
         if self._server is not None and self._thread is not None:
             self._server.should_exit = True
             self._server.force_exit = force

@@ -155,6 +155,22 @@ class HostAdd(RequestModel):
     )
 
 
+class StreamMode(StrEnum):
+    STREAM = "stream"  # the agent streams its changes (model/host_stream.py)
+    POLLING = "polling"  # an agent that cannot stream: polled every heartbeat interval
+
+
+class HostStream(BaseModel):
+    """How the server hears from a host now (this server process; a restart begins again)."""
+
+    mode: StreamMode
+    epoch: str | None = Field(description="the agent's change log the server follows (None: none yet)")
+    seq: int = Field(description="the last change the server applied")
+    reconnects: int = Field(description="streams opened again after the first one")
+    live: bool = Field(description="the server's view of the host is complete and current (the "
+                                   "inventory follows within a tenth of a second)")
+
+
 class Host(BaseModel):
     name: str
     address: str
@@ -168,6 +184,8 @@ class Host(BaseModel):
         default=None, description="of the certificate the cluster CA issued it (vmshift host rotate-cert)"
     )
     cert_not_after: datetime | None = None
+    stream: HostStream | None = Field(default=None, description="how the server hears from the host "
+                                      "(GET /hosts/{name} only)")
 
 
 class MaintenanceRequest(RequestModel):

@@ -1,23 +1,32 @@
-"""Heartbeat + reconcile: poll every host's agent, track its connection, adopt its runtime truth,
-then compare all hosts' reports with the inventory (server/reconcile.py) and act on the findings."""
+"""Heartbeat + reconcile: one listener per host (its stream, or polls for an agent that cannot
+stream: server/host_listener.py) tracks the host's connection and adopts its runtime truth; the
+cluster-wide reconcile (pure: server/reconcile.py) compares the connected hosts' reports with the
+inventory when something changed, and every heartbeat interval as a safety net.
+
+Database work runs in a small thread pool, never on the event loop."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmshift.client.agent import AgentPool
 from vmshift.errors import VmshiftError
-from vmshift.model.api import EventKind
-from vmshift.model.enums import ConnectionState, EventSeverity, PowerAction, PowerState
-from vmshift.model.host import HostFacts
+from vmshift.model.api import EventKind, HostStream, StreamMode
+from vmshift.model.enums import EventSeverity, PowerAction, PowerState
+from vmshift.model.host_stream import KEEPALIVE_INTERVAL_S
 from vmshift.model.vm import VmRuntime
-from vmshift.server.db.schema import HostRow, MigrationRow, VmRow, utcnow
+from vmshift.server.db.schema import HostRow, MigrationRow, VmRow
 from vmshift.server.events import record_event
-from vmshift.server.inventory import apply_facts
+from vmshift.server.host_listener import HostListener, ListenerContext
+from vmshift.server.host_writes import touch_heartbeats
 from vmshift.server.migration_store import UNFINISHED
 from vmshift.server.reconcile import (
     EVENT_KINDS,
@@ -36,10 +45,14 @@ from vmshift.server.tasks import TaskEngine
 
 log = logging.getLogger("vmshift.server.heartbeat")
 PAUSE_TIMEOUT_S = 10.0
+WATCHDOG_S = 0.25  # how often silent streams are looked for (a host is disconnected within this late)
+RECONCILE_DEBOUNCE_S = 0.2  # a burst of streamed changes is reconciled once
+DB_THREADS = 2  # the heartbeat's database threads (one host's writes stay in order: see HostListener)
+_T = TypeVar("_T")
 
 
 class Heartbeat:
-    """Owns one background task; ``start`` and ``stop`` bracket it."""
+    """Owns the listeners and the reconcile; ``start`` and ``stop`` bracket them."""
 
     def __init__(
         self,
@@ -54,122 +67,109 @@ class Heartbeat:
         self._tasks = tasks
         self._interval_s = interval_s
         self._missed_limit = missed_limit
-        self._missed: dict[str, int] = {}
         self._findings: dict[FindingKey, Finding] = {}  # what reconcile found last round (no repeats)
-        self._task: asyncio.Task[None] | None = None
+        self._listeners: dict[str, HostListener] = {}
+        self._changed = asyncio.Event()
+        self._urgent = False  # a polled host changed: reconcile without the debounce
+        self._pool = ThreadPoolExecutor(DB_THREADS, thread_name_prefix="vmshift-heartbeat-db")
+        self._tasks_running: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="vmshift-heartbeat")
+        self._ctx = ListenerContext(
+            sessions=self._sessions,
+            agents=self._agents,
+            tasks=self._tasks,
+            run_db=self._db,
+            poll_interval_s=self._interval_s,
+            missed_polls=self._missed_limit,
+            silence_s=self._missed_limit * KEEPALIVE_INTERVAL_S,
+            changed=self._note_change,
+        )
+        self._tasks_running = [
+            asyncio.create_task(self._supervise(), name="vmshift-heartbeat"),
+            asyncio.create_task(self._reconcile_loop(), name="vmshift-reconcile"),
+        ]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        for t in self._tasks_running:
+            t.cancel()
+        await asyncio.gather(*self._tasks_running, return_exceptions=True)
+        self._tasks_running = []
+        await asyncio.gather(*(lst.stop() for lst in self._listeners.values()))
+        self._listeners.clear()
+        self._pool.shutdown(wait=True)
 
-    async def _loop(self) -> None:
+    def stream_state(self, host: str) -> HostStream | None:
+        """How the server hears from ``host`` now (None: not yet)."""
+        listener = self._listeners.get(host)
+        return listener.view() if listener is not None else None
+
+    async def _db(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _note_change(self, urgent: bool) -> None:
+        self._urgent = self._urgent or urgent
+        self._changed.set()
+
+    # ----- the hosts ------------------------------------------------------------------------------
+    async def _supervise(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_round = loop.time()
         while True:
-            started = asyncio.get_running_loop().time()
             try:
-                await self.poll_all()
+                now = loop.time()
+                if now >= next_round:
+                    next_round = now + self._interval_s
+                    await self._refresh_hosts()
+                    live = [n for n, lst in self._listeners.items()
+                            if lst.mode is StreamMode.STREAM and lst.live]  # fmt: skip
+                    await self._db(touch_heartbeats, self._sessions, live)
+                    for lst in self._listeners.values():
+                        lst.recheck_deferred()
+                for lst in list(self._listeners.values()):
+                    await lst.check_silence(loop.time())
             except Exception:  # a bug in one round must not stop the heartbeat
                 log.exception("heartbeat round failed")
-            elapsed = asyncio.get_running_loop().time() - started
-            await asyncio.sleep(max(0.05, self._interval_s - elapsed))
+            await asyncio.sleep(WATCHDOG_S)
 
-    async def poll_all(self) -> None:
-        with self._sessions() as s:
-            hosts = {h.name: h.address for h in s.scalars(select(HostRow))}
-        started = asyncio.get_running_loop().time()
-        polled = await asyncio.gather(*(self._poll(name, address) for name, address in hosts.items()))
-        reports = {name: rts for name, rts in zip(hosts, polled, strict=True) if rts is not None}
-        await self._reconcile_all(hosts, reports, started)
+    async def _refresh_hosts(self) -> None:
+        """Start a listener for each host added, stop those of hosts removed (or moved elsewhere)."""
+        hosts = await self._db(_host_addresses, self._sessions)
+        for name in [n for n, lst in self._listeners.items() if hosts.get(n) != lst.address]:
+            await self._listeners.pop(name).stop()
+        for name, address in hosts.items():
+            if name not in self._listeners:
+                self._listeners[name] = listener = HostListener(self._ctx, name, address)
+                listener.start()
 
-    async def _poll(self, name: str, address: str) -> list[VmRuntime] | None:
-        """One host's beat; its VM reports, or None if it did not answer."""
-        client = self._agents.get(address)
-        polled_at = asyncio.get_running_loop().time()
-        timeout = max(0.5, self._interval_s * 0.9)
-        try:
-            await client.health(timeout_s=timeout)
-            runtimes = await client.list_vms(timeout_s=timeout)
-            facts = await client.facts()
-        except VmshiftError as e:
-            self._missed_beat(name, e)
-            return None
-        return runtimes if self._good_beat(name, facts, runtimes, polled_at) else None
+    # ----- cluster-wide reconcile -------------------------------------------------------------
+    async def _reconcile_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self._interval_s)
+            if self._changed.is_set() and not self._urgent:
+                await asyncio.sleep(RECONCILE_DEBOUNCE_S)
+            self._changed.clear()
+            self._urgent = False
+            try:
+                await self.reconcile_now()
+            except Exception:
+                log.exception("reconcile round failed")
 
-    def _missed_beat(self, name: str, err: VmshiftError) -> None:
-        missed = self._missed[name] = self._missed.get(name, 0) + 1
-        if missed < self._missed_limit:
-            return
-        with self._sessions.begin() as s:
-            host = s.scalar(select(HostRow).where(HostRow.name == name))
-            if host is not None and host.connection_state is ConnectionState.CONNECTED:
-                host.connection_state = ConnectionState.DISCONNECTED
-                record_event(
-                    s,
-                    EventKind.HOST_DISCONNECTED,
-                    name,
-                    f"Host {name} is disconnected: {missed} heartbeats missed ({err.message})",
-                    EventSeverity.WARNING,
-                )
-
-    def _good_beat(self, name: str, facts: HostFacts, runtimes: list[VmRuntime], polled_at: float) -> bool:
-        self._missed[name] = 0
-        with self._sessions.begin() as s:
-            host = s.scalar(select(HostRow).where(HostRow.name == name))
-            if host is None:
-                return False
-            host.last_heartbeat = utcnow()
-            if host.connection_state is not ConnectionState.CONNECTED:
-                host.connection_state = ConnectionState.CONNECTED
-                record_event(s, EventKind.HOST_CONNECTED, name, f"Host {name} is connected again.")
-            if facts.name == name:
-                apply_facts(s, host, facts)
-            self._reconcile(s, host, runtimes, polled_at)
-        return True
-
-    def _reconcile(self, s: Session, host: HostRow, runtimes: list[VmRuntime], polled_at: float) -> None:
-        """Adopt the agent's view of power state and stats for VMs no task is working on.
-
-        A receiving QEMU is not the VM, and a VM marked missing is left to ``_reconcile_all``."""
-        by_name = {rt.name: rt for rt in runtimes if rt.is_the_vm}
-        for vm in host.vms:
-            rt = by_name.get(vm.name)
-            if rt is None or rt.uuid != vm.uuid or self._tasks.busy_since(vm.name, polled_at):
-                continue
-            if vm.power_state is PowerState.MISSING:
-                continue
-            vm.stats = {"cpu_seconds": rt.cpu_seconds, "rss_mib": rt.rss_mib}
-            new_state = PowerState.POWERED_OFF if rt.died else rt.power_state
-            if new_state is vm.power_state:
-                continue
-            if rt.died and vm.power_state is PowerState.POWERED_ON:
-                record_event(
-                    s,
-                    EventKind.VM_DIED,
-                    vm.name,
-                    f"VM {vm.name} on {host.name} stopped unexpectedly"
-                    f" ({rt.exit_reason or 'QEMU process exited'}).",
-                    EventSeverity.WARNING,
-                )
-            else:
-                record_event(
-                    s,
-                    EventKind.VM_POWER_CHANGED,
-                    vm.name,
-                    f"VM {vm.name} is now {new_state.value} (was {vm.power_state.value}), as host "
-                    f"{host.name} reports.",
-                )
-            vm.power_state = new_state
+    async def reconcile_now(self) -> None:
+        """Reconcile over the hosts whose reports are current."""
+        current = [lst for lst in self._listeners.values() if lst.live and lst.connected]
+        reports = {lst.name: lst.report.runtimes() for lst in current}
+        addresses = {lst.name: lst.address for lst in self._listeners.values()}
+        now = asyncio.get_running_loop().time()
+        since = min((lst.current_as_of for lst in current), default=now)
+        await self._reconcile_all(addresses, reports, since)
 
     # ----- cluster-wide reconcile -------------------------------------------------------------
     def _snapshot(self, reports: dict[str, list[VmRuntime]], since: float) -> Snapshot:
         with self._sessions() as s:
-            inventory = [
-                InventoryVm(v.name, v.uuid, v.host.name, v.power_state) for v in s.scalars(select(VmRow))
-            ]
+            rows = s.execute(select(VmRow.name, VmRow.uuid, HostRow.name, VmRow.power_state).join(VmRow.host))
+            inventory = [InventoryVm(name, uuid, host, state) for name, uuid, host, state in rows]
             migrations = [
                 OpenMigration(m.id, m.vm, m.source_host, m.target_host)
                 for m in s.scalars(select(MigrationRow).where(MigrationRow.status.in_(UNFINISHED)))
@@ -178,16 +178,24 @@ class Heartbeat:
         busy = {n for n in names if self._tasks.busy_since(n, since)}
         return Snapshot(inventory, reports, migrations, busy)
 
+    def _round(self, reports: dict[str, list[VmRuntime]], since: float) -> Outcome:
+        return reconcile(self._snapshot(reports, since), self._findings)
+
+    def _write_outcome(
+        self, outcome: Outcome, pause_errors: dict[FindingKey, str | None], since: float
+    ) -> None:
+        with self._sessions.begin() as s:
+            self._apply(s, outcome, pause_errors, since)
+
     async def _reconcile_all(
         self, addresses: dict[str, str], reports: dict[str, list[VmRuntime]], since: float
     ) -> None:
         """Compare every answering host's report with the inventory; pause duplicates at once and
         record each finding once when it appears (critical) and once when it clears (info)."""
-        outcome = reconcile(self._snapshot(reports, since), self._findings)
+        outcome = await self._db(self._round, reports, since)
         errors = await asyncio.gather(*(self._pause(addresses[f.host], f) for f in outcome.pauses))
         pause_errors = {f.key: e for f, e in zip(outcome.pauses, errors, strict=True)}
-        with self._sessions.begin() as s:
-            self._apply(s, outcome, pause_errors, since)
+        await self._db(self._write_outcome, outcome, pause_errors, since)
         self._findings = outcome.active
 
     async def _pause(self, address: str, f: Finding) -> str | None:
@@ -229,3 +237,8 @@ class Heartbeat:
             record_event(
                 s, EventKind.VM_FINDING_CLEARED, f.vm, cleared_message(f, outcome.power_states.get(f.vm))
             )
+
+
+def _host_addresses(sessions: sessionmaker[Session]) -> dict[str, str]:
+    with sessions() as s:
+        return {h.name: h.address for h in s.scalars(select(HostRow))}

@@ -16,8 +16,8 @@ class ServerSettings:
     token: str
     db_url: str | None = None
     listen: str = "127.0.0.1:8100"
-    heartbeat_interval_s: float = 2.0
-    missed_heartbeats: int = 3
+    heartbeat_interval_s: float = 2.0  # polls of agents that cannot stream; the safety-net reconcile
+    missed_heartbeats: int = 3  # x KEEPALIVE_INTERVAL_S (model/host_stream.py): a stream's silence limit
     agent_timeout_s: float = 10.0
     migration_poll_interval_s: float = 0.3  # how often the source agent's migration progress is read
     migration_agent_grace_s: float = 120.0  # how long an unreachable source agent is waited for

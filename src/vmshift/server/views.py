@@ -11,6 +11,7 @@ from vmshift.model.api import (
     ErrorInfo,
     Event,
     Host,
+    HostStream,
     IpPool,
     Network,
     Nic,
@@ -33,7 +34,7 @@ from vmshift.server.db.schema import (
 from vmshift.server.inventory import cluster_baseline, host_facts
 
 
-def host_view(h: HostRow) -> Host:
+def host_view(h: HostRow, stream: HostStream | None = None) -> Host:
     return Host(
         name=h.name,
         address=h.address,
@@ -45,6 +46,7 @@ def host_view(h: HostRow) -> Host:
         vms=sorted(v.name for v in h.vms),
         cert_fingerprint=h.cert_fingerprint,
         cert_not_after=h.cert_not_after,
+        stream=stream,
     )
 
 

@@ -215,7 +215,7 @@ async def rotate_host_cert(name: HostName, core: ServerCore = Depends(core_of)) 
 @router.get("/hosts/{name}", responses=errors(*PARAMS, 404))
 def get_host_route(name: HostName, core: ServerCore = Depends(core_of)) -> Host:
     with core.sessions() as s:
-        return host_view(get_host(s, name))
+        return host_view(get_host(s, name), core.heartbeat.stream_state(name))
 
 
 @router.delete("/hosts/{name}", status_code=204, responses=errors(*PARAMS, 404, 409))

@@ -1,0 +1,70 @@
+"""What the server knows of one host from its stream (or its polls): facts and VM runtimes. Pure.
+
+The cluster-wide reconcile compares these reports with the inventory, so each message of the host
+stream (model/host_stream.py) is folded in here first; ``apply`` says whether the message changed
+anything reconcile looks at (a stats report only moves numbers, so it does not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vmshift.model.host import HostFacts
+from vmshift.model.host_stream import (
+    FactsChanged,
+    Keepalive,
+    Snapshot,
+    StatsReport,
+    VmChanged,
+    VmRemoved,
+    vm_state,
+)
+from vmshift.model.vm import VmRuntime
+
+Applied = Snapshot | VmChanged | VmRemoved | FactsChanged | StatsReport  # what changes a report
+
+
+@dataclass
+class HostReport:
+    facts: HostFacts | None = None
+    vms: dict[str, VmRuntime] = field(default_factory=dict)
+
+    def runtimes(self) -> list[VmRuntime]:
+        return list(self.vms.values())
+
+    def apply(self, message: Applied | Keepalive) -> bool:
+        """Fold one applied message in; True when the VMs' states changed (reconcile must look)."""
+        if isinstance(message, Snapshot):
+            before = {n: vm_state(rt) for n, rt in self.vms.items()}
+            self.facts, self.vms = message.facts, {rt.name: rt for rt in message.vms}
+            return before != {n: vm_state(rt) for n, rt in self.vms.items()}
+        if isinstance(message, VmChanged):
+            old = self.vms.get(message.vm.name)
+            self.vms[message.vm.name] = message.vm
+            return old is None or vm_state(old) != vm_state(message.vm)
+        if isinstance(message, VmRemoved):
+            return self.vms.pop(message.name, None) is not None
+        if isinstance(message, FactsChanged):
+            self.facts = message.facts
+            return False
+        if isinstance(message, StatsReport):
+            self._apply_stats(message)
+        return False
+
+    def _apply_stats(self, report: StatsReport) -> None:
+        for s in report.vms:
+            rt = self.vms.get(s.name)
+            if rt is not None:
+                self.vms[s.name] = rt.model_copy(update={"cpu_seconds": s.cpu_seconds, "rss_mib": s.rss_mib})
+        if self.facts is not None:
+            self.facts = with_free_space(self.facts, report)
+
+
+def with_free_space(facts: HostFacts, report: StatsReport) -> HostFacts:
+    """The facts with the free memory and datastore space of a stats report."""
+    stores = [
+        ds.model_copy(update={"free_mib": report.datastore_free_mib[ds.uuid]})
+        if ds.uuid in report.datastore_free_mib else ds
+        for ds in facts.datastores
+    ]  # fmt: skip
+    return facts.model_copy(update={"memory_free_mib": report.memory_free_mib, "datastores": stores})
