@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LAB ?= demo
 
 .PHONY: install system venv image demo demo-down test test-unit test-server test-lab lint clean \
-	bench-system bench bench-quick bench-storage bench-encryption soak
+	bench-system bench bench-quick bench-storage bench-encryption bench-scale soak
 
 install: system venv image
 
@@ -31,11 +31,12 @@ demo-down: venv
 
 lint: venv
 	$(BIN)/ruff check src tests bench/suite bench/storage.py bench/storage_lab.py bench/storage_report.py \
-		bench/encryption.py bench/encryption_records.py
+		bench/encryption.py bench/encryption_records.py bench/scale.py
 	$(BIN)/mypy
 	$(BIN)/mypy --strict bench/suite
 	$(BIN)/mypy --strict bench/storage.py
 	$(BIN)/mypy --strict bench/encryption.py bench/encryption_records.py
+	$(BIN)/mypy --strict bench/scale.py
 
 # unit tests and the SQLite server tests run on both cores (each test has its own files); the
 # PostgreSQL run shares one database, so it stays serial
@@ -72,6 +73,11 @@ bench-storage: install
 
 bench-encryption: install
 	$(BIN)/python -m bench.encryption --out $(BENCH_OUT)
+
+# issue 12's scale figures: 8-96 simulated hosts (vmshift-hostsim) against one server on PostgreSQL,
+# no lab and no QEMU, <= 10 minutes: docs/scale.md
+bench-scale: venv
+	$(BIN)/python -m bench.scale --out $(BENCH_OUT)
 
 soak: install
 	$(BIN)/python bench/soak.py --count $(N) $(if $(SEED),--seed $(SEED)) \

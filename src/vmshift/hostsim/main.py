@@ -6,7 +6,8 @@ Every host gets its own HTTPS port on 127.0.0.1 (its own bootstrap certificate u
 
 - ``GET /hosts``: each host's name, address, bootstrap fingerprint, enrolled, silent, VM count;
 - ``POST /hosts/NAME/silent`` and ``POST /hosts/NAME/loud``: stop answering (connections stay open);
-- ``PUT /vms`` ``{"per_host": N}``: grow or shrink every host's VMs;
+- ``PUT /vms`` ``{"per_host": N, "hosts": [NAME, ...]}``: grow or shrink the VMs of those hosts (all
+  when "hosts" is left out); new VMs are powered on;
 - ``PUT /changes`` ``{"per_s": R}``: VM state changes per second, over all enrolled hosts;
 - ``GET /stats``: the simulator's own CPU seconds, changes made, requests served, open connections.
 
@@ -127,16 +128,29 @@ class Simulator:
             log.info("host %s is %s", host.name, parts[2])
             return json_response({"name": host.name, "silent": not host.loud.is_set()})
         if req.method == "PUT" and parts == ["vms"]:
-            count = _number(req, "per_host", 0, MAX_VMS_PER_HOST)
+            count = int(_number(req, "per_host", 0, MAX_VMS_PER_HOST))
+            hosts = self._hosts_of(req)
             now = time.monotonic()
-            for h in self.fleet.hosts:
-                h.set_vm_count(int(count), now)
-            return json_response({"per_host": int(count)})
+            for h in hosts:
+                h.set_vm_count(count, now)
+            return json_response({"per_host": count, "hosts": [h.name for h in hosts]})
         if req.method == "PUT" and parts == ["changes"]:
             self.fleet.changes_per_s = _number(req, "per_s", 0, 100_000)
             return json_response({"per_s": self.fleet.changes_per_s})
         raise NotFoundError(f"The control port has no route {req.method} {req.path}.",
                             hint="See 'vmshift-hostsim --help' for its routes.")
+
+
+    def _hosts_of(self, req: Request) -> list[SimHost]:
+        """The hosts a body's optional "hosts" names (all when it names none)."""
+        names = req.json().get("hosts")
+        if names is None:
+            return self.fleet.hosts
+        hosts = [self.fleet.by_name(n) if isinstance(n, str) else None for n in names]
+        unknown = [n for n, h in zip(names, hosts, strict=True) if h is None]
+        if unknown:
+            raise NotFoundError(f"No simulated host {unknown[0]!r}.", hint="GET /hosts lists them.")
+        return [h for h in hosts if h is not None]
 
 
 def _number(req: Request, key: str, low: float, high: float) -> float:

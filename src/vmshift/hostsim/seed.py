@@ -25,7 +25,7 @@ from vmshift.model.vm import BootSpec, VmSpec
 from vmshift.server.db.schema import HostRow, VmRow
 
 
-def vm_rows(host_id: int, host: str, indexes: range) -> list[dict[str, object]]:
+def vm_rows(host_id: int, host: str, indexes: range, power_state: PowerState) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for i in indexes:
         name = vm_name(host, i)
@@ -33,18 +33,23 @@ def vm_rows(host_id: int, host: str, indexes: range) -> list[dict[str, object]]:
                       cpu_model=SIM_CPU_MODEL, machine_type=SIM_MACHINE_TYPE, datastore=SHARED_DATASTORE,
                       boot=BootSpec(kind=BootKind.KERNEL, image=SIM_IMAGE))
         rows.append({"name": name, "uuid": spec.uuid, "host_id": host_id,
-                     "spec": spec.model_dump(mode="json"), "power_state": PowerState.POWERED_ON,
+                     "spec": spec.model_dump(mode="json"), "power_state": power_state,
                      "image": SIM_IMAGE, "kernel_args": "", "stats": {}})
     return rows
 
 
-def seed_vms(s: Session, hosts: list[str], indexes: range) -> int:
-    """Insert the rows of VMs ``indexes`` of each host in ``hosts`` (already added); how many."""
+def seed_vms(s: Session, hosts: list[str], indexes: range,
+             power_state: PowerState = PowerState.POWERED_ON) -> int:
+    """Insert the rows of VMs ``indexes`` of each host in ``hosts`` (already added); how many.
+
+    Seeded powered off, VMs a host reports running are adopted as powered on by the next heartbeat
+    (one event each), with no reconcile finding in between; seeded powered on, the host must
+    already report them, or reconcile finds them missing."""
     ids = dict(s.execute(select(HostRow.name, HostRow.id).where(HostRow.name.in_(hosts))).all())
     missing = sorted(set(hosts) - set(ids))
     if missing:
         raise ValueError(f"hosts {missing} are not in the inventory: add them before seeding their VMs")
-    rows = [r for h in hosts for r in vm_rows(ids[h], h, indexes)]
+    rows = [r for h in hosts for r in vm_rows(ids[h], h, indexes, power_state)]
     for start in range(0, len(rows), 1000):
         s.execute(insert(VmRow), rows[start:start + 1000])
     return len(rows)
