@@ -84,6 +84,9 @@ class SimVm:
         self.power_state = state
 
     def runtime(self, now: float) -> VmRuntime:
+        if self.power_state is PowerState.POWERED_OFF:
+            return VmRuntime(name=self.name, uuid=self.uuid, power_state=self.power_state,
+                             cpu_seconds=round(self.cpu_base, 2))
         return VmRuntime(name=self.name, uuid=self.uuid, power_state=self.power_state,
                          pid=10_000 + (uuid.UUID(self.uuid).int % 50_000),
                          cpu_seconds=round(self.cpu_seconds(now), 2), rss_mib=self.rss_mib(),
@@ -174,9 +177,9 @@ class SimHost:
 
     def toggle_random_vm(self, now: float) -> str | None:
         """Pause a running VM or resume a paused one (a state change the server must notice)."""
-        if not self.vms:
+        vm = self.vms[self._rng.choice(list(self.vms))] if self.vms else None
+        if vm is None or vm.power_state is PowerState.POWERED_OFF:
             return None
-        vm = self.vms[self._rng.choice(list(self.vms))]
         paused = vm.power_state is PowerState.PAUSED
         vm.set_state(PowerState.POWERED_ON if paused else PowerState.PAUSED, now)
         self._publish(VmChanged(epoch=self.log.epoch, seq=self.log.next_seq(), vm=vm.runtime(now)))
@@ -191,6 +194,14 @@ class SimHost:
             name = vm_name(self.name, i)
             del self.vms[name]
             self._publish(VmRemoved(epoch=self.log.epoch, seq=self.log.next_seq(), name=name))
+
+    def power_off_from(self, index: int, now: float) -> None:
+        """Power off VMs ``index`` and up (they stay registered, reported powered off)."""
+        for i in range(index, len(self.vms)):
+            vm = self.vms[vm_name(self.name, i)]
+            if vm.power_state is not PowerState.POWERED_OFF:
+                vm.set_state(PowerState.POWERED_OFF, now)
+                self._publish(VmChanged(epoch=self.log.epoch, seq=self.log.next_seq(), vm=vm.runtime(now)))
 
     def report_stats(self, now: float) -> None:
         facts = self.facts()

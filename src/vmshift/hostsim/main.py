@@ -8,6 +8,7 @@ Every host gets its own HTTPS port on 127.0.0.1 (its own bootstrap certificate u
 - ``POST /hosts/NAME/silent`` and ``POST /hosts/NAME/loud``: stop answering (connections stay open);
 - ``PUT /vms`` ``{"per_host": N, "hosts": [NAME, ...]}``: grow or shrink the VMs of those hosts (all
   when "hosts" is left out); new VMs are powered on;
+- ``POST /vms/power-off`` ``{"keep": K, "hosts": [...]}``: power off every VM from index K on;
 - ``PUT /changes`` ``{"per_s": R}``: VM state changes per second, over all enrolled hosts;
 - ``GET /stats``: the simulator's own CPU seconds, changes made, requests served, open connections.
 
@@ -134,6 +135,13 @@ class Simulator:
             for h in hosts:
                 h.set_vm_count(count, now)
             return json_response({"per_host": count, "hosts": [h.name for h in hosts]})
+        if req.method == "POST" and parts == ["vms", "power-off"]:
+            keep = int(_number(req, "keep", 0, MAX_VMS_PER_HOST))
+            hosts = self._hosts_of(req)
+            now = time.monotonic()
+            for h in hosts:
+                h.power_off_from(keep, now)
+            return json_response({"keep": keep, "hosts": [h.name for h in hosts]})
         if req.method == "PUT" and parts == ["changes"]:
             self.fleet.changes_per_s = _number(req, "per_s", 0, 100_000)
             return json_response({"per_s": self.fleet.changes_per_s})

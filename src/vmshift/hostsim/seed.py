@@ -8,7 +8,9 @@ would be after the VMs had been created on those hosts. Only benchmarks and simu
 
 from __future__ import annotations
 
-from sqlalchemy import insert, select
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, delete, insert, select
 from sqlalchemy.orm import Session
 
 from vmshift.hostsim.fleet import (
@@ -54,3 +56,13 @@ def seed_vms(s: Session, hosts: list[str], indexes: range,
         s.execute(insert(VmRow), rows[start:start + 1000])
     return len(rows)
 
+
+
+def remove_vms(s: Session, hosts: list[str], indexes: range) -> int:
+    """Delete the rows ``seed_vms`` wrote (of VMs the hosts no longer report); how many."""
+    names = [vm_name(h, i) for h in hosts for i in indexes]
+    removed = 0
+    for start in range(0, len(names), 1000):
+        result = s.execute(delete(VmRow).where(VmRow.name.in_(names[start:start + 1000])))
+        removed += cast(CursorResult[Any], result).rowcount
+    return removed
