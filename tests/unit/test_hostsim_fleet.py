@@ -66,3 +66,16 @@ def test_a_listener_too_far_behind_is_cut_and_changes_land_on_enrolled_hosts_onl
     assert queued[-1] is None and listener.cut  # the stream ends; the server resumes from its cursor
     first = queued[0]
     assert first is not None and decode(first[1]).seq == first[0] == 1
+
+
+def test_powered_off_vms_stay_off_and_report_no_process() -> None:
+    host = SimHost("sim-001", 4, random.Random(6))
+    host.power_off_from(2, 1.0)
+    off = [host.vms[vm_name("sim-001", i)] for i in (2, 3)]
+    assert all(vm.power_state is PowerState.POWERED_OFF for vm in off)
+    assert all(vm.runtime(5.0).pid is None and vm.runtime(5.0).rss_mib == 0 for vm in off)
+    host.enrolled = True
+    fleet = Fleet([host], changes_per_s=10, stats_interval_s=10, rng=random.Random(7))
+    fleet.change_some(50, 2.0)
+    # changes pause or resume running VMs only
+    assert all(vm.power_state is PowerState.POWERED_OFF for vm in off)
