@@ -60,6 +60,9 @@ REQUEST_TIMEOUT_S = 5.0
 MAX_IN_FLIGHT = 100  # = the connections: more would only queue in the server behind abandoned requests
 DROPPED = "dropped (too many in flight)"
 SILENT_WAIT_S = 30.0  # longer: reported as null (not detected)
+RECONNECT_WAIT_S = 45.0
+SETTLE_WAIT_S = 90.0
+LIST_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -75,7 +78,7 @@ class SizeResult:
     api_offered_rate: float
     api_errors: dict[str, int]
     silent_host_detect_s: float | None
-    list_all_vms_ms: float
+    list_all_vms_ms: float | None
     list_pages: int
     list_mode: str
     enroll_s: float
@@ -197,13 +200,26 @@ class Bench:
     ca: Path
     args: argparse.Namespace
     enrolled: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def sim_hosts(self) -> list[dict[str, Any]]:
         hosts: list[dict[str, Any]] = self.control.get("/hosts").json()
         return hosts
 
     def api_hosts(self) -> dict[str, str]:
-        return {h["name"]: h["connection_state"] for h in self.api.get("/hosts").json()}
+        """Each host's connection state as GET /hosts shows it; {} when the server does not answer."""
+        try:
+            r = self.api.get("/hosts")
+        except httpx.HTTPError as e:
+            self.note(f"GET /hosts failed ({type(e).__name__})")
+            return {}
+        return {h["name"]: h["connection_state"] for h in r.json()} if r.status_code == 200 else {}
+
+    def note(self, text: str) -> None:
+        """Something that went wrong in this size's measurements: kept in its row, the bench goes on."""
+        if text not in self.notes:
+            self.notes.append(text)
+            log(text)
 
     def wait(self, what: str, predicate: Any, timeout_s: float, step_s: float = 0.5) -> float:
         start = time.monotonic()
@@ -246,8 +262,14 @@ class Bench:
 
     def settle(self) -> None:
         """Every added host connected, then a few heartbeat rounds for the VMs to be adopted."""
-        self.wait("every host connected", lambda: set(self.api_hosts().values()) == {"connected"}
-                  and len(self.api_hosts()) == len(self.enrolled), 120)
+        def all_connected() -> bool:
+            states = self.api_hosts()
+            return len(states) == len(self.enrolled) and set(states.values()) == {"connected"}
+
+        try:
+            self.wait("every host connected", all_connected, SETTLE_WAIT_S)
+        except RuntimeError as e:
+            self.note(str(e))
         time.sleep(self.args.settle)
 
     def cpu(self) -> tuple[float, float, float]:
@@ -264,12 +286,18 @@ class Bench:
         self.control.post(f"/hosts/{victim}/silent").raise_for_status()
         try:
             return self.wait(f"{victim} shown disconnected",
-                             lambda: self.api_hosts()[victim] == "disconnected", SILENT_WAIT_S, step_s=0.1)
-        except RuntimeError:
+                             lambda: self.api_hosts().get(victim) == "disconnected", SILENT_WAIT_S,
+                             step_s=0.1)
+        except RuntimeError as e:
+            self.note(str(e))
             return None
         finally:
             self.control.post(f"/hosts/{victim}/loud").raise_for_status()
-            self.wait(f"{victim} connected again", lambda: self.api_hosts()[victim] == "connected", 60)
+            try:
+                self.wait(f"{victim} connected again", lambda: self.api_hosts().get(victim) == "connected",
+                          RECONNECT_WAIT_S)
+            except RuntimeError as e:
+                self.note(str(e))
 
     def list_all(self) -> tuple[float, int, str, int]:
         """(ms, pages, mode, VMs) to read every VM; pages when the server gives a next cursor."""
@@ -279,7 +307,7 @@ class Bench:
         pages = 0
         paged = False
         while True:
-            r = self.api.get("/vms", params=params, timeout=120)
+            r = self.api.get("/vms", params=params, timeout=LIST_TIMEOUT_S)
             r.raise_for_status()
             pages += 1
             names += [v["name"] for v in r.json()]
@@ -367,22 +395,30 @@ class Bench:
         self.wait("the server after its restart", lambda: _up(self.api), 60)
 
     def measure(self, hosts: int, enroll_s: float) -> SizeResult:
+        self.notes = []
         self.settle()
         server_cpu, db_cpu, sim_cpu = self.cpu()
         log(f"{hosts} hosts: server CPU {server_cpu:.1f}% (db {db_cpu:.1f}%, simulator {sim_cpu:.1f}%)")
         detect = self.silent_host()
         log(f"{hosts} hosts: silent host shown disconnected after {detect} s")
-        list_ms, pages, mode, listed = self.list_all()
+        try:
+            list_ms, pages, mode, listed = self.list_all()
+        except httpx.HTTPError as e:
+            self.note(f"listing every VM failed: {type(e).__name__}")
+            list_ms, pages, mode, listed = float("nan"), 0, "failed", 0
         log(f"{hosts} hosts: listed {listed} VMs in {list_ms:.0f} ms ({pages} pages, {mode})")
         p50, p99, rate, offered, errors = self.load()
         self.restart()
         log(f"{hosts} hosts: API p50 {_r(p50)} ms, p99 {_r(p99)} ms, {rate:.0f}/s of {offered:.0f}/s, "
             f"errors {errors}")
         vms = hosts * self.args.vms
-        notes = [] if listed == vms else [f"listed {listed} VMs, expected {vms}"]
+        if listed != vms:
+            self.note(f"listed {listed} VMs, expected {vms}")
+        notes = list(self.notes)
         return SizeResult(hosts, vms, round(server_cpu, 1), round(db_cpu, 1), round(sim_cpu, 1),
                           _r(p50), _r(p99), round(rate, 1), round(offered, 1), errors,
-                          None if detect is None else round(detect, 2), round(list_ms, 1), pages, mode,
+                          None if detect is None else round(detect, 2),
+                          None if list_ms != list_ms else round(list_ms, 1), pages, mode,
                           round(enroll_s, 1), self.args.changes_per_s, round(os.getloadavg()[0], 1), notes)
 
     def doubled(self) -> dict[str, Any]:
@@ -513,10 +549,15 @@ def main(argv: list[str] | None = None) -> int:
                     skipped.append(f"{size} hosts: over the {args.budget_s:g} s budget")
                     continue
                 t0 = time.monotonic()
-                enroll_s = bench.grow(size)
-                rows.append(bench.measure(size, enroll_s))
-                if size == args.double_at:
-                    doubling = bench.doubled()
+                try:
+                    enroll_s = bench.grow(size)
+                    rows.append(bench.measure(size, enroll_s))
+                    if size == args.double_at:
+                        doubling = bench.doubled()
+                except (RuntimeError, httpx.HTTPError) as e:  # the server gave up: report what was measured
+                    skipped.append(f"{size} hosts and up: {type(e).__name__}: {e}")
+                    log(f"stopped at {size} hosts: {e}")
+                    break
                 last_s = time.monotonic() - t0
             for note in skipped:
                 log(f"skipped {note}")
