@@ -90,7 +90,9 @@ def enroll(server: ServerHarness, sim: SimThread) -> list[dict[str, Any]]:
     return hosts
 
 
-def test_enrolls_with_the_fingerprint_flow_and_its_vms_are_adopted(server: ServerHarness, sim: SimThread) -> None:
+def test_enrolls_with_the_fingerprint_flow_and_its_vms_are_adopted(
+    server: ServerHarness, sim: SimThread
+) -> None:
     first = sim.hosts()[0]
     unconfirmed = server.client.post("/hosts", json={"address": first["address"]})
     assert unconfirmed.status_code == 409
@@ -177,16 +179,18 @@ def test_keepalives_stop_when_silent_and_the_server_marks_it_disconnected(
 ) -> None:
     hosts = enroll(server, sim)
     quiet = hosts[1]
-    with httpx.Client(base_url=f"https://{quiet['address']}/api/v1", verify=server_tls(server),
-                      trust_env=False, timeout=httpx.Timeout(10, read=2.5)) as http:
-        with http.stream("GET", "/stream") as resp:
-            lines = resp.iter_lines()
-            assert isinstance(decode(next(lines)), Snapshot)
-            with sim.control as c:
-                assert c.post(f"/hosts/{quiet['name']}/silent").json()["silent"] is True
-            with pytest.raises(httpx.ReadTimeout):  # the connection stays open, nothing comes
-                for _ in range(10):
-                    next(lines)
+    with (
+        httpx.Client(base_url=f"https://{quiet['address']}/api/v1", verify=server_tls(server),
+                     trust_env=False, timeout=httpx.Timeout(10, read=2.5)) as http,
+        http.stream("GET", "/stream") as resp,
+    ):
+        lines = resp.iter_lines()
+        assert isinstance(decode(next(lines)), Snapshot)
+        with sim.control as c:
+            assert c.post(f"/hosts/{quiet['name']}/silent").json()["silent"] is True
+        with pytest.raises(httpx.ReadTimeout):  # the connection stays open, nothing comes
+            for _ in range(10):
+                next(lines)
 
     def states() -> dict[str, str]:
         return {h["name"]: h["connection_state"] for h in server.client.get("/hosts").json()}
