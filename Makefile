@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LAB ?= demo
 
 .PHONY: install system venv image demo demo-down test test-unit test-server test-lab lint clean \
-	bench-system bench bench-quick bench-storage bench-encryption bench-concurrent soak
+	bench-system bench bench-quick bench-storage bench-encryption bench-concurrent bench-scale soak
 
 install: system venv image
 
@@ -31,12 +31,13 @@ demo-down: venv
 
 lint: venv
 	$(BIN)/ruff check src tests bench/suite bench/storage.py bench/storage_lab.py bench/storage_report.py \
-		bench/encryption.py bench/encryption_records.py bench/concurrent_migrations.py
+		bench/encryption.py bench/encryption_records.py bench/concurrent_migrations.py bench/scale.py
 	$(BIN)/mypy
 	$(BIN)/mypy --strict bench/suite
 	$(BIN)/mypy --strict bench/storage.py
 	$(BIN)/mypy --strict bench/encryption.py bench/encryption_records.py
 	$(BIN)/mypy --strict bench/concurrent_migrations.py
+	$(BIN)/mypy --strict bench/scale.py
 
 # Unit and server tests run on both cores. On SQLite each test has its own files; on PostgreSQL
 # each xdist worker has its own database (vmshift_test_gw0, vmshift_test_gw1: tests/server/conftest.py),
@@ -77,7 +78,7 @@ bench-encryption: install
 
 # issue 12: 8 concurrent live migrations out of one lab host against 8 one by one (docs/performance.md)
 bench-concurrent: install
-	$(BIN)/python bench/concurrent_migrations.py --json $(BENCH_OUT)/concurrent-latest.json
+	$(BIN)/python bench/concurrent_migrations.py bench/scale.py --json $(BENCH_OUT)/concurrent-latest.json
 
 soak: install
 	$(BIN)/python bench/soak.py --count $(N) $(if $(SEED),--seed $(SEED)) \

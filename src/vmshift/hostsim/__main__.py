@@ -1,0 +1,3 @@
+from vmshift.hostsim.main import run
+
+run()
