@@ -78,7 +78,12 @@ bench-encryption: install
 
 # issue 12: 8 concurrent live migrations out of one lab host against 8 one by one (docs/performance.md)
 bench-concurrent: install
-	$(BIN)/python bench/concurrent_migrations.py bench/scale.py --json $(BENCH_OUT)/concurrent-latest.json
+	$(BIN)/python bench/concurrent_migrations.py --json $(BENCH_OUT)/concurrent-latest.json
+
+# issue 12's scale figures: 8-96 simulated hosts (vmshift-hostsim) against one server on PostgreSQL,
+# no lab and no QEMU, <= 10 minutes: docs/scale.md
+bench-scale: venv
+	$(BIN)/python -m bench.scale --out $(BENCH_OUT)
 
 soak: install
 	$(BIN)/python bench/soak.py --count $(N) $(if $(SEED),--seed $(SEED)) \
