@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 from conftest import AgentFactory, ServerHarness
 
@@ -52,6 +54,25 @@ def test_add_hosts_discovers_shared_datastore_and_networks(
     # the same agent twice is refused
     r = server.client.post("/hosts", json={"address": a1.address})
     assert r.status_code == 409 and a1.address in r.json()["error"]["message"]
+
+
+def test_hosts_added_at_once_share_their_datastore_and_network(
+    server: ServerHarness, agents: AgentFactory
+) -> None:
+    """Six hosts added together (a script in parallel): each discovers the shared datastore and the
+    network, in transactions that overlap now that the API's database work runs in threads; every add
+    succeeds and each shared object exists once, announced once."""
+    threads = [agents(f"host-{k}")[1] for k in range(1, 7)]
+    with ThreadPoolExecutor(len(threads)) as pool:
+        added = list(pool.map(server.add_host, threads))
+    assert sorted(h["name"] for h in added) == [f"host-{k}" for k in range(1, 7)]
+    stores = {d.name: d for d in map(Datastore.model_validate, server.client.get("/datastores").json())}
+    assert stores["shared-1"].hosts == [f"host-{k}" for k in range(1, 7)]
+    nets = [Network.model_validate(n) for n in server.client.get("/networks").json()]
+    assert [n.name for n in nets] == ["VM Network"] and len(nets[0].hosts) == 6
+    events = server.client.get("/events", params={"limit": 1000}).json()
+    assert [e["target"] for e in events if e["kind"] == "datastore.added"].count("shared-1") == 1
+    assert [e["target"] for e in events if e["kind"] == "network.added"] == ["VM Network"]
 
 
 def test_unreachable_host_is_502_and_adds_nothing(server: ServerHarness) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from vmshift.errors import ConflictError, NotFoundError
@@ -33,6 +34,7 @@ def names_hint(what: str, names: list[str]) -> str:
 
 
 _Named = TypeVar("_Named", HostRow, ClusterRow, DatacenterRow, VmRow, NetworkRow)
+_Row = TypeVar("_Row", DatastoreRow, NetworkRow)
 
 
 def _by_name(s: Session, row_type: type[_Named], name: str, what: str, plural: str) -> _Named:
@@ -111,16 +113,18 @@ def apply_facts(s: Session, host: HostRow, facts: HostFacts) -> None:
     host.facts = facts.model_dump(mode="json")
     seen_ds: set[int] = set()
     for ds in facts.datastores:
-        row = s.scalar(select(DatastoreRow).where(DatastoreRow.uuid == ds.uuid))
+        by_uuid = select(DatastoreRow).where(DatastoreRow.uuid == ds.uuid)
+        row = s.scalar(by_uuid)
         if row is None:
             if s.scalar(select(DatastoreRow).where(DatastoreRow.name == ds.name)) is not None:
                 continue  # name taken by another UUID: add_host refuses this; a refresh skips it
-            row = DatastoreRow(uuid=ds.uuid, name=ds.name)
-            s.add(row)
-            s.flush()
-            record_event(
-                s, EventKind.DATASTORE_ADDED, ds.name, f"Datastore {ds.name} ({ds.uuid}) discovered."
-            )
+            row, created = _insert_once(s, DatastoreRow(uuid=ds.uuid, name=ds.name), by_uuid)
+            if row is None:
+                continue  # its name was taken meanwhile by another UUID: as above
+            if created:
+                record_event(
+                    s, EventKind.DATASTORE_ADDED, ds.name, f"Datastore {ds.name} ({ds.uuid}) discovered."
+                )
         row.capacity_mib, row.free_mib = ds.capacity_mib, ds.free_mib
         seen_ds.add(row.id)
         link = s.get(HostDatastoreRow, (host.id, row.id))
@@ -135,14 +139,16 @@ def apply_facts(s: Session, host: HostRow, facts: HostFacts) -> None:
             s.delete(link)
     seen_net: set[int] = set()
     for label, bridge in facts.networks.items():
-        net = s.scalar(select(NetworkRow).where(NetworkRow.name == label))
+        by_name = select(NetworkRow).where(NetworkRow.name == label)
+        net = s.scalar(by_name)
         if net is None:
-            net = NetworkRow(name=label)
-            s.add(net)
-            s.flush()
-            record_event(
-                s, EventKind.NETWORK_ADDED, label, f"Network {label} discovered on host {host.name}."
-            )
+            net, created = _insert_once(s, NetworkRow(name=label), by_name)
+            if net is None:
+                continue
+            if created:
+                record_event(
+                    s, EventKind.NETWORK_ADDED, label, f"Network {label} discovered on host {host.name}."
+                )
         seen_net.add(net.id)
         nlink = s.get(HostNetworkRow, (host.id, net.id))
         if nlink is None:
@@ -152,6 +158,19 @@ def apply_facts(s: Session, host: HostRow, facts: HostFacts) -> None:
     for nlink in list(host.networks):
         if nlink.network_id not in seen_net:
             s.delete(nlink)
+
+
+def _insert_once(s: Session, row: _Row, existing: Select[_Row]) -> tuple[_Row | None, bool]:
+    """Insert a row several hosts may discover at once (a shared datastore, a network): when another
+    transaction inserted it meanwhile (two hosts added together, or their facts applied in the
+    heartbeat's threads), take that one instead of failing. (row or None, whether this one inserted it)."""
+    try:
+        with s.begin_nested():
+            s.add(row)
+            s.flush()
+    except IntegrityError:
+        return s.scalar(existing), False
+    return row, True
 
 
 def cluster_baseline(s: Session, cluster: ClusterRow) -> str | None:
