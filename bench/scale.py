@@ -587,6 +587,9 @@ def _up(api: httpx.Client) -> bool:
 
 def write(args: argparse.Namespace, rows: list[SizeResult], doubling: dict[str, Any] | None,
           skipped: list[str], wall_s: float) -> None:
+    if not rows:  # not one size measured: say why, and leave the last results as they are
+        log("no size was measured: " + "; ".join(skipped))
+        raise SystemExit(1)
     largest = rows[-1]
     keys = ("hosts", "vms", "server_cpu_percent", "api_p50_ms", "api_p99_ms", "api_rate",
             "silent_host_detect_s", "list_all_vms_ms")

@@ -47,6 +47,9 @@ log = logging.getLogger("vmshift.server.heartbeat")
 PAUSE_TIMEOUT_S = 10.0
 WATCHDOG_S = 0.25  # how often silent streams are looked for (a host is disconnected within this late)
 RECONCILE_DEBOUNCE_S = 0.2  # a burst of streamed changes is reconciled once
+# ... and streamed changes start a round at most this often (a polled host's change at once): the
+# cost of reconcile then follows the heartbeat, not the rate of change across 10,000 VMs
+RECONCILE_MIN_GAP_S = 1.0
 DB_THREADS = 2  # the heartbeat's database threads (one host's writes stay in order: see HostListener)
 _T = TypeVar("_T")
 
@@ -144,11 +147,15 @@ class Heartbeat:
 
     # ----- cluster-wide reconcile -------------------------------------------------------------
     async def _reconcile_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = loop.time() - RECONCILE_MIN_GAP_S
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), self._interval_s)
             if self._changed.is_set() and not self._urgent:
-                await asyncio.sleep(RECONCILE_DEBOUNCE_S)
+                # a round reads the whole inventory: streamed changes are reconciled in bursts
+                await asyncio.sleep(max(RECONCILE_DEBOUNCE_S, last + RECONCILE_MIN_GAP_S - loop.time()))
+            last = loop.time()
             self._changed.clear()
             self._urgent = False
             try:

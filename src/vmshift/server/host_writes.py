@@ -18,7 +18,7 @@ from vmshift.model.enums import ConnectionState, EventSeverity, PowerState
 from vmshift.model.host import HostFacts
 from vmshift.model.host_stream import FactsChanged, Snapshot, StatsReport, VmChanged
 from vmshift.model.vm import VmRuntime
-from vmshift.server.db.schema import DatastoreRow, HostRow, utcnow
+from vmshift.server.db.schema import DatastoreRow, HostRow, VmRow, utcnow
 from vmshift.server.events import record_event
 from vmshift.server.host_report import Applied, with_free_space
 from vmshift.server.inventory import apply_facts, host_facts
@@ -114,9 +114,10 @@ def adopt(
     A receiving QEMU is not the VM, and a VM marked missing is left to the cluster-wide reconcile."""
     by_name = {rt.name: rt for rt in runtimes if rt.is_the_vm}
     busy: set[str] = set()
-    for vm in host.vms:
-        if only is not None and vm.name not in only:
-            continue
+    # one streamed change reads its VM's row, not the host's hundred
+    vms = host.vms if only is None else s.scalars(
+        select(VmRow).where(VmRow.host_id == host.id, VmRow.name.in_(only))).all()
+    for vm in vms:
         rt = by_name.get(vm.name)
         if rt is None or rt.uuid != vm.uuid:
             continue

@@ -34,7 +34,9 @@ from vmshift.server.db.schema import (
 from vmshift.server.inventory import cluster_baseline, host_facts
 
 
-def host_view(h: HostRow, stream: HostStream | None = None) -> Host:
+def host_view(h: HostRow, stream: HostStream | None = None, vm_names: list[str] | None = None) -> Host:
+    """``vm_names``: the host's VMs when the caller read only their names (a list of many hosts
+    would otherwise load every VM row of the inventory)."""
     return Host(
         name=h.name,
         address=h.address,
@@ -43,7 +45,7 @@ def host_view(h: HostRow, stream: HostStream | None = None) -> Host:
         maintenance=h.maintenance,
         last_heartbeat=h.last_heartbeat,
         facts=host_facts(h),
-        vms=sorted(v.name for v in h.vms),
+        vms=sorted(vm_names if vm_names is not None else (v.name for v in h.vms)),
         cert_fingerprint=h.cert_fingerprint,
         cert_not_after=h.cert_not_after,
         stream=stream,

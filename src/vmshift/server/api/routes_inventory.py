@@ -45,6 +45,7 @@ from vmshift.server.db.schema import (
     HostNetworkRow,
     HostRow,
     NetworkRow,
+    VmRow,
 )
 from vmshift.server.db.setup import DEFAULT_CLUSTER
 from vmshift.server.events import record_event
@@ -128,7 +129,7 @@ def list_hosts(
 ) -> Response:
     """Hosts by name, a page at a time; filters combine. The ETag changes with anything the page
     shows (docs/api.md, "Incremental reads")."""
-    q = select(HostRow).options(joinedload(HostRow.cluster), selectinload(HostRow.vms))
+    q = select(HostRow).options(joinedload(HostRow.cluster))
     if cluster is not None:
         q = q.join(HostRow.cluster).where(ClusterRow.name == cluster)
     if connection_state is not None:
@@ -138,7 +139,10 @@ def list_hosts(
     q = keyset(q, HostRow.name, paging.after(ListName.HOSTS), paging.limit)
     with core.sessions() as s:
         got = cut(s.scalars(q).unique().all(), paging.limit, ListName.HOSTS, lambda h: h.name)
-        views = Page([host_view(h) for h in got.items], got.next_cursor)
+        names: dict[int, list[str]] = {h.id: [] for h in got.items}
+        for host_id, vm in s.execute(select(VmRow.host_id, VmRow.name).where(VmRow.host_id.in_(names))):
+            names[host_id].append(vm)
+        views = Page([host_view(h, vm_names=names[h.id]) for h in got.items], got.next_cursor)
     return answer(request, views, _HOSTS, if_none_match=paging.if_none_match, etag=True)
 
 
