@@ -65,6 +65,7 @@ class AgentState:
         self.datastores = datastores
         self.supervisor = supervisor
         self.stream = HostStream(supervisor.list_vms, self.facts, config.stats_interval_s)
+        supervisor.publish_now = self.stream.look_now
 
     async def facts(self) -> HostFacts:
         return await asyncio.to_thread(host_facts, self.config, self.probe, self.datastores,

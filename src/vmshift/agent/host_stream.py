@@ -64,6 +64,7 @@ class HostStream:
         self._published = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._ending = False
+        self._scan_lock = asyncio.Lock()
 
     async def start(self) -> None:
         """Take the first look (the state a first snapshot shows), then watch for changes."""
@@ -109,7 +110,16 @@ class HostStream:
             except Exception:  # one bad look must not end the stream for good
                 log.exception("looking for changes failed")
 
+    async def look_now(self) -> None:
+        """Publish the VMs' states before going on (a source agent, before it hands its VM to the
+        target: the server then hears of the source's stop first, and sees no duplicate)."""
+        await self._scan_vms()
+
     async def _scan_vms(self) -> None:
+        async with self._scan_lock:  # two looks at once could publish an older state last
+            await self._scan_vms_locked()
+
+    async def _scan_vms_locked(self) -> None:
         runtimes = {rt.name: rt for rt in await self._list_vms()}
         changes: list[Change] = []
         for name, rt in runtimes.items():

@@ -265,6 +265,8 @@ class SourceEndings:
         None: it proved its copy never ran, and the source was resumed."""
         deadline = time.monotonic() + (self.o.activation_deadline_s if deadline_s is None else deadline_s)
         delay, why = 0.25, ""
+        with contextlib.suppress(Exception):  # the stream's news is a courtesy: never fail the move for it
+            await self.o.supervisor.publish_now()  # the source stopped: say so before the target runs
         while True:
             try:
                 await self.target.migration_activate(self.rec.migration_id, timeout_s=40.0)

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +94,10 @@ def process_is_qemu_of(pid: int, vm_uuid: str) -> bool:
         return False
 
 
+async def _nothing_to_publish() -> None:
+    return None
+
+
 class Supervisor:
     def __init__(self, config: AgentConfig, files: VmFiles, accelerator: Accelerator,
                  qemu_identity: QemuIdentity | None = None) -> None:
@@ -102,6 +107,8 @@ class Supervisor:
         self.qemu_identity = qemu_identity or resolve_qemu_user(config.qemu_user, accelerator)
         self.serial = serial_log.SerialLogs(config.serial_log_cap_bytes)
         self._vms: dict[str, VmProcess] = {}
+        # publish the VMs' states on the host stream now (agent/host_stream.py; set by the app)
+        self.publish_now: Callable[[], Awaitable[None]] = _nothing_to_publish
         self.suspend_settings = SuspendSettings()
         self.suspends: dict[str, SuspendProgress] = {}  # the last suspend of each VM (GET .../suspend)
         # VM name -> id of the cold or suspended move copying its files: it may not start or be deleted
