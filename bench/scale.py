@@ -260,16 +260,29 @@ class Bench:
         log(f"{len(new)} hosts added in {enroll_s:.1f} s, {len(new) * self.args.vms} VMs seeded")
         return enroll_s
 
-    def settle(self) -> None:
-        """Every added host connected, then a few heartbeat rounds for the VMs to be adopted."""
+    def settle(self, per_host: int | None = None) -> None:
+        """Every added host connected and every VM they run adopted as powered on (seeded VMs start
+        powered off: adopting 10,000 of them is set-up, not steady state), then ``--settle`` s."""
         def all_connected() -> bool:
             states = self.api_hosts()
             return len(states) == len(self.enrolled) and set(states.values()) == {"connected"}
 
+        expected = len(self.enrolled) * (per_host if per_host is not None else self.args.vms)
+        engine = create_engine(DB_URL)
+
+        def all_adopted() -> bool:
+            with Session(engine) as s:
+                on = s.scalar(select(func.count()).select_from(VmRow).where(  # running or paused
+                    VmRow.power_state != PowerState.POWERED_OFF))
+            return on is not None and on >= expected
+
         try:
             self.wait("every host connected", all_connected, SETTLE_WAIT_S)
+            self.wait(f"{expected} VMs shown running or paused", all_adopted, SETTLE_WAIT_S)
         except RuntimeError as e:
             self.note(str(e))
+        finally:
+            engine.dispose()
         time.sleep(self.args.settle)
 
     def cpu(self) -> tuple[float, float, float]:
@@ -433,7 +446,7 @@ class Bench:
             seed_vms(s, self.enrolled, extra, PowerState.POWERED_OFF)
         doubled = {"per_host": 2 * self.args.vms, "hosts": self.enrolled}
         self.control.put("/vms", json=doubled).raise_for_status()
-        self.settle()
+        self.settle(per_host=2 * self.args.vms)
         after, _, _ = self.cpu()
         log(f"doubled VMs on {len(self.enrolled)} hosts: server CPU {before:.1f}% -> {after:.1f}%")
         stop = {"keep": self.args.vms, "hosts": self.enrolled}

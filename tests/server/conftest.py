@@ -16,9 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
 from vmshift_fake_agent import FakeAgent, UvicornThread, make_facts
 
 from vmshift.model.host import HostFacts
@@ -101,6 +103,7 @@ class ServerHarness:
         )
         self.port = 0
         self._thread: UvicornThread | None = None
+        self._app: FastAPI | None = None
         self.client = httpx.Client()
         self._db = create_engine(db_url)
         self.tls_files = ServerTlsFiles.of(state_dir)  # served like vmshift-server does, over HTTPS
@@ -121,9 +124,17 @@ class ServerHarness:
         """The `vmshift` global options that point the CLI at this server."""
         return ["--server", self.url, "--token", TOKEN, "--ca-file", str(self.ca_file)]
 
+    def sessions(self) -> sessionmaker[Session]:
+        """The running server's own sessions: a write through them is one the server made, which its
+        views kept in memory see (a write through ``_db`` is one behind its back)."""
+        assert self._app is not None, "the server is not started"
+        sessions: sessionmaker[Session] = self._app.state.core.sessions
+        return sessions
+
     def start(self) -> ServerHarness:
         self.tls_files.ensure([])
-        self._thread = UvicornThread(create_app(self.settings), self.port,
+        self._app = create_app(self.settings)
+        self._thread = UvicornThread(self._app, self.port,
                                      ssl_certfile=str(self.tls_files.cert),
                                      ssl_keyfile=str(self.tls_files.key)).start()
         self.port = self._thread.port

@@ -218,8 +218,10 @@ def test_add_refuses_what_cannot_work_with_one_clear_sentence(server: ServerHarn
     listed = server.client.get("/schedules").json()
     assert [s["name"] for s in listed] == ["first", "second"]
     assert server.client.get("/schedules?vm=vm-2").json() == []
-    auto = add(server, cron="0 2 * * *").json()
-    assert auto["name"] == f"vm-1-{auto['id']}" and auto["cron"] == "0 2 * * *"
+    # half an hour off the two single times: a cron run within a minute of one would be refused
+    cron = f"{(datetime.fromisoformat(at).minute + 30) % 60} 2 * * *"
+    auto = add(server, cron=cron).json()
+    assert auto["name"] == f"vm-1-{auto['id']}" and auto["cron"] == cron
     assert server.client.delete("/schedules/first").status_code == 200
     r = server.client.get("/schedules/first")
     assert r.status_code == 404 and "second" in r.json()["error"]["hint"]

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from vmshift.client.agent import AgentCredentials, AgentPool
 from vmshift.model.api import EventKind, TaskKind
+from vmshift.server.db.change_feed import ChangeFeed
 from vmshift.server.db.setup import make_engine, seed_defaults, upgrade_schema
 from vmshift.server.events import record_event
 from vmshift.server.heartbeat import Heartbeat
@@ -20,6 +21,8 @@ from vmshift.server.retention import Retention, RetentionPolicy
 from vmshift.server.schedules import Scheduler
 from vmshift.server.settings import ServerSettings
 from vmshift.server.tasks import TaskEngine
+from vmshift.server.vm_names import VmNamesByHost
+from vmshift.server.vm_views import VmViews
 from vmshift.tls.files import ServerTlsFiles, private_dir
 
 log = logging.getLogger("vmshift.server")
@@ -36,10 +39,15 @@ class ServerCore:
     migrations: MigrationOrchestrator
     finalizer: Finalizer
     moves: DiskMoves
+    feed: ChangeFeed  # what this server's transactions changed (server/db/change_feed.py)
+    vm_names: VmNamesByHost = field(init=False)  # each host's VM names for host lists
+    vm_views: VmViews = field(init=False)  # each VM's API view, between the commits that change it
     schedules: Scheduler = field(init=False)  # scheduled migrations (server/schedules.py)
     retention: Retention = field(init=False)  # purge of old history (server/retention.py)
 
     def __post_init__(self) -> None:
+        self.vm_names = VmNamesByHost(self.feed)
+        self.vm_views = VmViews(self.feed)
         self.schedules = Scheduler(self.sessions)
         self.retention = Retention(
             self.sessions, RetentionPolicy.from_settings(self.settings), self.settings.retention_interval_s
@@ -66,13 +74,14 @@ class ServerCore:
         # mutual TLS towards the agents: the server's certificate from the cluster CA (tls/files.py)
         ServerTlsFiles.of(settings.state_dir).ensure([])
         agents = AgentPool(AgentCredentials.of_server(settings.state_dir), settings.agent_timeout_s)
+        feed = ChangeFeed(sessions)
         heartbeat = Heartbeat(
-            sessions, agents, tasks, settings.heartbeat_interval_s, settings.missed_heartbeats
+            sessions, agents, tasks, feed, settings.heartbeat_interval_s, settings.missed_heartbeats
         )
         migrations = MigrationOrchestrator(sessions, agents, tasks, settings)
         finalizer = Finalizer(sessions, agents, tasks)
         moves = DiskMoves(sessions, agents, tasks, settings, migrations)
-        return cls(settings, engine, sessions, agents, tasks, heartbeat, migrations, finalizer, moves)
+        return cls(settings, engine, sessions, agents, tasks, heartbeat, migrations, finalizer, moves, feed)
 
     def start(self) -> None:
         # Resume migrations first: the heartbeat then already sees their VMs as busy.

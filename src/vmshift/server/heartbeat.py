@@ -12,17 +12,19 @@ import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmshift.client.agent import AgentPool
 from vmshift.errors import VmshiftError
-from vmshift.model.api import EventKind, HostStream, StreamMode
+from vmshift.model.api import EventKind, HostStream, StreamMode, VmStats
 from vmshift.model.enums import EventSeverity, PowerAction, PowerState
 from vmshift.model.host_stream import KEEPALIVE_INTERVAL_S
 from vmshift.model.vm import VmRuntime
+from vmshift.server.db.change_feed import ChangeFeed
 from vmshift.server.db.schema import HostRow, MigrationRow, VmRow
 from vmshift.server.events import record_event
 from vmshift.server.host_listener import HostListener, ListenerContext
@@ -33,6 +35,7 @@ from vmshift.server.reconcile import (
     EXPECTS_QEMU,
     Finding,
     FindingKey,
+    FindingKind,
     InventoryVm,
     OpenMigration,
     Outcome,
@@ -40,6 +43,7 @@ from vmshift.server.reconcile import (
     appeared_message,
     cleared_message,
     reconcile,
+    reconcile_scoped,
 )
 from vmshift.server.tasks import TaskEngine
 
@@ -50,6 +54,9 @@ RECONCILE_DEBOUNCE_S = 0.2  # a burst of streamed changes is reconciled once
 # ... and streamed changes start a round at most this often (a polled host's change at once): the
 # cost of reconcile then follows the heartbeat, not the rate of change across 10,000 VMs
 RECONCILE_MIN_GAP_S = 1.0
+# A round reads only the VMs that changed; this often it reads everything, as a safety net against
+# a change no one reported (a write to the database behind the server's back)
+FULL_RECONCILE_S = 30.0
 DB_THREADS = 2  # the heartbeat's database threads (one host's writes stay in order: see HostListener)
 _T = TypeVar("_T")
 
@@ -62,6 +69,7 @@ class Heartbeat:
         sessions: sessionmaker[Session],
         agents: AgentPool,
         tasks: TaskEngine,
+        feed: ChangeFeed,
         interval_s: float,
         missed_limit: int,
     ) -> None:
@@ -71,6 +79,10 @@ class Heartbeat:
         self._interval_s = interval_s
         self._missed_limit = missed_limit
         self._findings: dict[FindingKey, Finding] = {}  # what reconcile found last round (no repeats)
+        self._feed = feed  # the VMs this server's transactions changed
+        self._last_full: float | None = None  # loop time of the last full round
+        self._last_hosts: set[str] = set()  # the hosts whose reports the last round counted
+        self._carry: set[str] = set()  # VMs the last round could not decide, or must pause again
         self._listeners: dict[str, HostListener] = {}
         self._changed = asyncio.Event()
         self._urgent = False  # a polled host changed: reconcile without the debounce
@@ -106,6 +118,17 @@ class Heartbeat:
         """How the server hears from ``host`` now (None: not yet)."""
         listener = self._listeners.get(host)
         return listener.view() if listener is not None else None
+
+    def live_stats(self, host: str, vm: str, uuid: str) -> VmStats | None:
+        """The VM's latest numbers from its host's report (None: the host is not heard from now). Safe
+        from the API's threads: it reads one dict entry the event loop replaces whole."""
+        listener = self._listeners.get(host)
+        if listener is None or not listener.connected:
+            return None
+        rt = listener.report.vms.get(vm)
+        if rt is None or not rt.is_the_vm or rt.uuid != uuid:
+            return None
+        return VmStats(cpu_seconds=rt.cpu_seconds, rss_mib=rt.rss_mib)
 
     async def _db(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -153,7 +176,7 @@ class Heartbeat:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), self._interval_s)
             if self._changed.is_set() and not self._urgent:
-                # a round reads the whole inventory: streamed changes are reconciled in bursts
+                # streamed changes are reconciled in bursts, at most once per RECONCILE_MIN_GAP_S
                 await asyncio.sleep(max(RECONCILE_DEBOUNCE_S, last + RECONCILE_MIN_GAP_S - loop.time()))
             last = loop.time()
             self._changed.clear()
@@ -163,30 +186,72 @@ class Heartbeat:
             except Exception:
                 log.exception("reconcile round failed")
 
-    async def reconcile_now(self) -> None:
-        """Reconcile over the hosts whose reports are current."""
+    async def reconcile_now(self, full: bool = False) -> None:
+        """Reconcile over the hosts whose reports are current: the VMs that changed since the last
+        round (in a report, in the inventory, or a host joining or leaving the current ones) and those
+        it could not decide; everything at the first round, every ``FULL_RECONCILE_S``, after a
+        change no one can name, or when asked."""
         current = [lst for lst in self._listeners.values() if lst.live and lst.connected]
         reports = {lst.name: lst.report.runtimes() for lst in current}
         addresses = {lst.name: lst.address for lst in self._listeners.values()}
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         since = min((lst.current_as_of for lst in current), default=now)
-        await self._reconcile_all(addresses, reports, since)
+        uuids: set[str] = set()
+        for lst in self._listeners.values():
+            uuids |= lst.report.take_changed()
+        written = self._feed.take()
+        full = full or written.unknown or self._last_full is None or now - self._last_full >= FULL_RECONCILE_S
+        scope: _Scope | None = None
+        if full:
+            self._last_full = now
+        else:
+            hosts = set(reports) ^ self._last_hosts  # joined or left the hosts whose reports count
+            uuids |= written.uuids | self._carry
+            for h in hosts:
+                if h in self._listeners:
+                    uuids |= self._listeners[h].report.uuids()
+            uuids |= {f.uuid for f in self._findings.values() if f.host in hosts}
+            if written.names:
+                uuids |= {rt.uuid for rts in reports.values() for rt in rts if rt.name in written.names}
+            if not (uuids or hosts or written.names):
+                return  # nothing changed: a round would decide everything as the last one did
+            scope = _Scope(uuids, written.names, hosts)
+        self._last_hosts = set(reports)
+        await self._reconcile_all(addresses, reports, since, scope)
 
     # ----- cluster-wide reconcile -------------------------------------------------------------
-    def _snapshot(self, reports: dict[str, list[VmRuntime]], since: float) -> Snapshot:
+    def _snapshot(self, reports: dict[str, list[VmRuntime]], since: float, scope: _Scope | None) -> Snapshot:
+        """The inventory and migrations from the database: all of it, or the rows of ``scope``."""
+        q = select(VmRow.name, VmRow.uuid, HostRow.name, VmRow.power_state).join(VmRow.host)
+        if scope is not None:
+            q = q.where(or_(VmRow.uuid.in_(scope.uuids), VmRow.name.in_(scope.names),
+                            HostRow.name.in_(scope.hosts)))  # fmt: skip
         with self._sessions() as s:
-            rows = s.execute(select(VmRow.name, VmRow.uuid, HostRow.name, VmRow.power_state).join(VmRow.host))
-            inventory = [InventoryVm(name, uuid, host, state) for name, uuid, host, state in rows]
+            inventory = [InventoryVm(name, uuid, host, state) for name, uuid, host, state in s.execute(q)]
             migrations = [
                 OpenMigration(m.id, m.vm, m.source_host, m.target_host)
                 for m in s.scalars(select(MigrationRow).where(MigrationRow.status.in_(UNFINISHED)))
             ]
+        if scope is not None:  # the rows found by host or name bring their uuids (and their reports)
+            scope.uuids |= {v.uuid for v in inventory}
+            reports = {h: [rt for rt in rts if rt.uuid in scope.uuids] for h, rts in reports.items()}
         names = {v.name for v in inventory} | {rt.name for rts in reports.values() for rt in rts}
         busy = {n for n in names if self._tasks.busy_since(n, since)}
         return Snapshot(inventory, reports, migrations, busy)
 
-    def _round(self, reports: dict[str, list[VmRuntime]], since: float) -> Outcome:
-        return reconcile(self._snapshot(reports, since), self._findings)
+    def _round(self, reports: dict[str, list[VmRuntime]], since: float, scope: _Scope | None) -> Outcome:
+        snap = self._snapshot(reports, since, scope)
+        if scope is None:
+            outcome = reconcile(snap, self._findings)
+        else:
+            outcome = reconcile_scoped(snap, self._findings, scope.uuids)
+        # what the next round must look at again: VMs it could not decide, duplicates to pause again
+        waiting = set(snap.busy) | {m.vm for m in snap.migrations}
+        self._carry = {v.uuid for v in snap.inventory if v.name in waiting}
+        self._carry |= {rt.uuid for rts in snap.reports.values() for rt in rts if rt.name in waiting}
+        self._carry |= {f.uuid for f in outcome.findings if f.kind is FindingKind.DUPLICATE}
+        return outcome
 
     def _write_outcome(
         self, outcome: Outcome, pause_errors: dict[FindingKey, str | None], since: float
@@ -195,11 +260,12 @@ class Heartbeat:
             self._apply(s, outcome, pause_errors, since)
 
     async def _reconcile_all(
-        self, addresses: dict[str, str], reports: dict[str, list[VmRuntime]], since: float
+        self, addresses: dict[str, str], reports: dict[str, list[VmRuntime]], since: float,
+        scope: _Scope | None,
     ) -> None:
-        """Compare every answering host's report with the inventory; pause duplicates at once and
+        """Compare the answering hosts' reports with the inventory; pause duplicates at once and
         record each finding once when it appears (critical) and once when it clears (info)."""
-        outcome = await self._db(self._round, reports, since)
+        outcome = await self._db(self._round, reports, since, scope)
         errors = await asyncio.gather(*(self._pause(addresses[f.host], f) for f in outcome.pauses))
         pause_errors = {f.key: e for f, e in zip(outcome.pauses, errors, strict=True)}
         await self._db(self._write_outcome, outcome, pause_errors, since)
@@ -246,6 +312,16 @@ class Heartbeat:
             )
 
 
+@dataclass
+class _Scope:
+    """What a partial round looks at: these VMs, the VMs of migrations that changed, and every VM
+    registered on or reported by a host that joined or left the answering ones."""
+
+    uuids: set[str]
+    names: set[str] = field(default_factory=set)
+    hosts: set[str] = field(default_factory=set)
+
+
 def _host_addresses(sessions: sessionmaker[Session]) -> dict[str, str]:
-    with sessions() as s:
-        return {h.name: h.address for h in s.scalars(select(HostRow))}
+    with sessions() as s:  # two columns: the rows' facts are not needed here
+        return {name: address for name, address in s.execute(select(HostRow.name, HostRow.address))}

@@ -7,6 +7,7 @@ anything reconcile looks at (a stats report only moves numbers, so it does not).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from vmshift.model.host import HostFacts
@@ -28,28 +29,47 @@ Applied = Snapshot | VmChanged | VmRemoved | FactsChanged | StatsReport  # what 
 class HostReport:
     facts: HostFacts | None = None
     vms: dict[str, VmRuntime] = field(default_factory=dict)
+    changed: set[str] = field(default_factory=set)  # uuids whose state changed since ``take_changed``
 
     def runtimes(self) -> list[VmRuntime]:
         return list(self.vms.values())
 
+    def uuids(self) -> set[str]:
+        return {rt.uuid for rt in self.vms.values()}
+
+    def take_changed(self) -> set[str]:
+        """The uuids of the VMs whose reported state changed since the last call (reconcile looks at
+        those: server/reconcile.py ``reconcile_scoped``)."""
+        got, self.changed = self.changed, set()
+        return got
+
     def apply(self, message: Applied | Keepalive) -> bool:
         """Fold one applied message in; True when the VMs' states changed (reconcile must look)."""
         if isinstance(message, Snapshot):
-            before = {n: vm_state(rt) for n, rt in self.vms.items()}
+            old = self.vms
             self.facts, self.vms = message.facts, {rt.name: rt for rt in message.vms}
-            return before != {n: vm_state(rt) for n, rt in self.vms.items()}
+            return self._note(old.values(), self.vms.values())
         if isinstance(message, VmChanged):
-            old = self.vms.get(message.vm.name)
+            was = self.vms.get(message.vm.name)
             self.vms[message.vm.name] = message.vm
-            return old is None or vm_state(old) != vm_state(message.vm)
+            return self._note([] if was is None else [was], [message.vm])
         if isinstance(message, VmRemoved):
-            return self.vms.pop(message.name, None) is not None
+            was = self.vms.pop(message.name, None)
+            return was is not None and self._note([was], [])
         if isinstance(message, FactsChanged):
             self.facts = message.facts
             return False
         if isinstance(message, StatsReport):
             self._apply_stats(message)
         return False
+
+    def _note(self, before: Iterable[VmRuntime], after: Iterable[VmRuntime]) -> bool:
+        """Record the uuids of every VM whose state differs between the two views; any?"""
+        old = {(rt.name, rt.uuid): vm_state(rt) for rt in before}
+        new = {(rt.name, rt.uuid): vm_state(rt) for rt in after}
+        moved = {key[1] for key in old.keys() | new.keys() if old.get(key) != new.get(key)}
+        self.changed |= moved
+        return bool(moved)
 
     def _apply_stats(self, report: StatsReport) -> None:
         for s in report.vms:

@@ -8,6 +8,11 @@ finding appears and an info event when it clears, and pauses a duplicate at once
 A finding is only cleared with proof: when the hosts it is about answered this round and no task or
 migration is working on the VM. A host that missed a beat leaves its findings as they were, so a
 flapping link does not repeat the same critical event.
+
+A finding about a VM depends only on that VM's data: its inventory row, the reports that carry its
+uuid, the migrations and busy names, and which hosts answered. So a round over a few changed VMs
+(``reconcile_scoped``) decides them exactly as a round over everything would, and costs what they do;
+the caller runs a full round now and then as a safety net.
 """
 
 from __future__ import annotations
@@ -110,6 +115,14 @@ def _state_of(rt: VmRuntime) -> PowerState:
     return PowerState.POWERED_OFF if rt.died else rt.power_state
 
 
+def _copy(kind: FindingKind, name: str, host: str, rt: VmRuntime, v: InventoryVm | None) -> Finding:
+    """A finding about the QEMU ``rt`` on ``host`` (made only for the few QEMUs that are one)."""
+    return Finding(kind, name, rt.uuid, host, agent_name=rt.name,
+                   inventory_host=v.host if v is not None else None, power_state=rt.power_state,
+                   qemu_status=rt.qemu_status,
+                   migration_id=rt.incoming_migration if kind is FindingKind.ORPHAN else None)  # fmt: skip
+
+
 class _Round:
     """One round's view of the snapshot."""
 
@@ -142,22 +155,20 @@ class _Round:
         found = []
         for host, runtimes in self.snap.reports.items():
             for rt in runtimes:
+                if not rt.has_qemu:
+                    continue
                 v = self.by_uuid.get(rt.uuid)
                 name = v.name if v is not None else rt.name
-                if not rt.has_qemu or self.undecidable(name) or self.undecidable(rt.name):
+                if self.undecidable(name) or self.undecidable(rt.name):
                     continue
-                copy = Finding(FindingKind.RUNNING_ELSEWHERE, name, rt.uuid, host, agent_name=rt.name,
-                               inventory_host=v.host if v is not None else None,
-                               power_state=rt.power_state, qemu_status=rt.qemu_status)  # fmt: skip
                 if not rt.is_the_vm:
                     if not self.receives(host, rt):
-                        orphan = replace(copy, kind=FindingKind.ORPHAN, migration_id=rt.incoming_migration)
-                        found.append(orphan)
-                    continue
-                if v is None:
-                    found.append(copy)
+                        found.append(_copy(FindingKind.ORPHAN, name, host, rt, v))
+                elif v is None:
+                    found.append(_copy(FindingKind.RUNNING_ELSEWHERE, name, host, rt, v))
                 elif host != v.host and not self.explained(v.name, {host, v.host}):
-                    found.append(replace(copy, kind=FindingKind.DUPLICATE) if self.both_run(v, rt) else copy)
+                    kind = FindingKind.DUPLICATE if self.both_run(v, rt) else FindingKind.RUNNING_ELSEWHERE
+                    found.append(_copy(kind, name, host, rt, v))
         return found
 
     def both_run(self, v: InventoryVm, rt: VmRuntime) -> bool:
@@ -218,6 +229,27 @@ def reconcile(snap: Snapshot, previous: Mapping[FindingKey, Finding]) -> Outcome
     active = {key: old for key, old in before.items() if key not in gone} | now
     pauses = [f for f in findings if f.kind is FindingKind.DUPLICATE]
     return Outcome(findings, appeared, cleared, pauses, power_states, active)
+
+
+def restrict(snap: Snapshot, uuids: Collection[str]) -> Snapshot:
+    """The part of ``snap`` about the VMs ``uuids``; every host that answered stays in ``reports``."""
+    return Snapshot(
+        [v for v in snap.inventory if v.uuid in uuids],
+        {h: [rt for rt in rts if rt.uuid in uuids] for h, rts in snap.reports.items()},
+        snap.migrations,
+        snap.busy,
+    )
+
+
+def reconcile_scoped(
+    snap: Snapshot, previous: Mapping[FindingKey, Finding], uuids: Collection[str]
+) -> Outcome:
+    """``reconcile`` over the VMs ``uuids`` only: their findings as a full round finds them; the
+    earlier findings of other VMs stay as they were (in ``active``)."""
+    inside = {k: f for k, f in previous.items() if f.uuid in uuids}
+    outcome = reconcile(restrict(snap, uuids), inside)
+    kept = {k: f for k, f in previous.items() if f.uuid not in uuids}
+    return replace(outcome, active=kept | outcome.active)
 
 
 # ----- what the events say ------------------------------------------------------------------------

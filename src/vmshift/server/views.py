@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import Text, cast
 from sqlalchemy.orm import Session
 
 from vmshift.model.api import (
@@ -20,6 +25,7 @@ from vmshift.model.api import (
     Vm,
     VmStats,
 )
+from vmshift.model.host import HostFacts
 from vmshift.model.vm import VmSpec
 from vmshift.server.db.schema import (
     ClusterRow,
@@ -50,6 +56,27 @@ def host_view(h: HostRow, stream: HostStream | None = None, vm_names: list[str] 
         cert_not_after=h.cert_not_after,
         stream=stream,
     )
+
+
+#: what a host list reads of each host: its columns, the facts as the JSON text they are stored as
+HOST_LIST_COLUMNS = (HostRow.id, HostRow.name, HostRow.address, ClusterRow.name, HostRow.connection_state,
+                     HostRow.maintenance, HostRow.last_heartbeat, cast(HostRow.facts, Text),
+                     HostRow.cert_fingerprint, HostRow.cert_not_after)  # fmt: skip
+
+
+def host_list_view(row: Sequence[Any], vm_names: list[str]) -> Host:
+    """A row of ``HOST_LIST_COLUMNS`` as the API shows it."""
+    _, name, address, cluster, state, maintenance, heartbeat, facts, fingerprint, not_after = row
+    return Host(name=name, address=address, cluster=cluster, connection_state=state, maintenance=maintenance,
+                last_heartbeat=heartbeat, facts=facts_of(facts), vms=vm_names, cert_fingerprint=fingerprint,
+                cert_not_after=not_after)  # fmt: skip
+
+
+@lru_cache(maxsize=1024)
+def facts_of(text: str) -> HostFacts:
+    """Parsed facts, once per distinct text: a host's facts change only when its free memory or space
+    does (every stats report at most), and a list of 96 hosts would parse them all at each request."""
+    return HostFacts.model_validate_json(text)
 
 
 def datacenter_view(d: DatacenterRow) -> Datacenter:
@@ -84,7 +111,9 @@ def network_view(n: NetworkRow) -> Network:
     return Network(name=n.name, hosts={link.host.name: link.bridge for link in n.hosts}, ip_pool=pool)
 
 
-def vm_view(v: VmRow) -> Vm:
+def vm_view(v: VmRow, live: VmStats | None = None) -> Vm:
+    """``live``: the VM's numbers from its host's current report (the row has those of its last power
+    change only: server/host_writes.py ``_stats``)."""
     spec = VmSpec.model_validate(v.spec)
     ips = {ip.network_id: ip.address for ip in v.ips}
     nets = {link.network.name: link.network_id for link in v.host.networks}
@@ -104,7 +133,7 @@ def vm_view(v: VmRow) -> Vm:
         disks=spec.disks,
         image=v.image,
         kernel_args=v.kernel_args,
-        stats=VmStats.model_validate(v.stats or {}),
+        stats=live if live is not None else VmStats.model_validate(v.stats or {}),
         created_at=v.created_at,
     )
 
@@ -125,5 +154,12 @@ def task_view(t: TaskRow) -> Task:
     )
 
 
-def event_view(e: EventRow) -> Event:
-    return Event(id=e.id, time=e.time, severity=e.severity, kind=e.kind, target=e.target, message=e.message)
+#: what an event list reads: the columns only (building ORM objects cost more than the rest)
+EVENT_COLUMNS = (EventRow.id, EventRow.time, EventRow.severity, EventRow.kind, EventRow.target,
+                 EventRow.message)  # fmt: skip
+
+
+def event_view(row: Sequence[Any]) -> Event:
+    """A row of ``EVENT_COLUMNS`` as the API shows it."""
+    event_id, time, severity, kind, target, message = row
+    return Event(id=event_id, time=time, severity=severity, kind=kind, target=target, message=message)

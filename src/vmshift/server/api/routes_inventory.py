@@ -7,11 +7,13 @@ database work in that pool (``run_in_threadpool``).
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import TypeAdapter
-from sqlalchemy import select
-from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy import Select, select
+from sqlalchemy.orm import selectinload
 from starlette.concurrency import run_in_threadpool
 
 from vmshift.errors import ConflictError
@@ -45,13 +47,20 @@ from vmshift.server.db.schema import (
     HostNetworkRow,
     HostRow,
     NetworkRow,
-    VmRow,
 )
 from vmshift.server.db.setup import DEFAULT_CLUSTER
 from vmshift.server.events import record_event
 from vmshift.server.host_enroll import FingerprintError, enroll, rotate
 from vmshift.server.inventory import add_host, get_cluster, get_datacenter, get_host, get_network
-from vmshift.server.views import cluster_view, datacenter_view, datastore_view, host_view, network_view
+from vmshift.server.views import (
+    HOST_LIST_COLUMNS,
+    cluster_view,
+    datacenter_view,
+    datastore_view,
+    host_list_view,
+    host_view,
+    network_view,
+)
 
 router = APIRouter()
 
@@ -129,20 +138,18 @@ def list_hosts(
 ) -> Response:
     """Hosts by name, a page at a time; filters combine. The ETag changes with anything the page
     shows (docs/api.md, "Incremental reads")."""
-    q = select(HostRow).options(joinedload(HostRow.cluster))
+    q = cast("Select[Any]", select(*HOST_LIST_COLUMNS).join(HostRow.cluster))
     if cluster is not None:
-        q = q.join(HostRow.cluster).where(ClusterRow.name == cluster)
+        q = q.where(ClusterRow.name == cluster)
     if connection_state is not None:
         q = q.where(HostRow.connection_state == connection_state)
     if name_prefix is not None:
         q = q.where(HostRow.name.startswith(name_prefix, autoescape=True))
     q = keyset(q, HostRow.name, paging.after(ListName.HOSTS), paging.limit)
     with core.sessions() as s:
-        got = cut(s.scalars(q).unique().all(), paging.limit, ListName.HOSTS, lambda h: h.name)
-        names: dict[int, list[str]] = {h.id: [] for h in got.items}
-        for host_id, vm in s.execute(select(VmRow.host_id, VmRow.name).where(VmRow.host_id.in_(names))):
-            names[host_id].append(vm)
-        views = Page([host_view(h, vm_names=names[h.id]) for h in got.items], got.next_cursor)
+        got = cut(s.execute(q).all(), paging.limit, ListName.HOSTS, lambda r: str(r[1]))
+        names = core.vm_names.of(s, [r[0] for r in got.items])
+        views = Page([host_list_view(r, names[r[0]]) for r in got.items], got.next_cursor)
     return answer(request, views, _HOSTS, if_none_match=paging.if_none_match, etag=True)
 
 

@@ -6,12 +6,12 @@ seen (docs/api.md, "Incremental reads"). Database-only routes are plain ``def`` 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import TypeAdapter
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from starlette.concurrency import run_in_threadpool
 
 from vmshift.errors import NotFoundError
@@ -36,7 +36,7 @@ from vmshift.server.api.paging import (
 )
 from vmshift.server.core import ServerCore
 from vmshift.server.db.schema import EventRow, TaskRow
-from vmshift.server.views import event_view, task_view
+from vmshift.server.views import EVENT_COLUMNS, event_view, task_view
 
 router = APIRouter()
 _TASKS = TypeAdapter(list[Task])
@@ -99,11 +99,10 @@ def list_events(
     core: ServerCore = Depends(core_of),
 ) -> Response:
     """Events newest first, a page at a time."""
-    q = newer(select(EventRow), EventRow.id, EventRow.time, since, after, before)
+    q = newer(cast("Select[Any]", select(*EVENT_COLUMNS)), EventRow.id, EventRow.time, since, after, before)
     if target is not None:
         q = q.where(EventRow.target == target)
     q = keyset(q, EventRow.id, paging.after(ListName.EVENTS), paging.limit, descending=True)
     with core.sessions() as s:
-        got = cut(s.scalars(q).all(), paging.limit, ListName.EVENTS, lambda e: e.id)
-        views = Page([event_view(e) for e in got.items], got.next_cursor)
-    return answer(request, views, _EVENTS)
+        got = cut(s.execute(q).all(), paging.limit, ListName.EVENTS, lambda e: int(e[0]))
+    return answer(request, Page([event_view(e) for e in got.items], got.next_cursor), _EVENTS)

@@ -6,15 +6,16 @@ because a task starts on the event loop, and do their database work in the threa
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import TypeAdapter
-from sqlalchemy import select
-from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy import Select, select
 from starlette.concurrency import run_in_threadpool
 
 from vmshift.errors import ConflictError
-from vmshift.model.api import PowerRequest, Task, TaskKind, Vm, VmCreate
+from vmshift.model.api import PowerRequest, Task, TaskKind, Vm, VmCreate, VmStats
 from vmshift.model.enums import ConnectionState, PowerState
 from vmshift.model.inputs import ClusterName, HostName, Name, VmName
 from vmshift.model.paging import ListName
@@ -22,10 +23,10 @@ from vmshift.server.api.deps import core_of
 from vmshift.server.api.openapi import BODY, PARAMS, errors
 from vmshift.server.api.paging import Page, PageRequest, answer, cached_page, cut, keyset, list_answers
 from vmshift.server.core import ServerCore
-from vmshift.server.db.schema import ClusterRow, HostNetworkRow, HostRow, VmRow
+from vmshift.server.db.schema import ClusterRow, HostRow, VmRow
 from vmshift.server.inventory import get_vm
 from vmshift.server.tasks import TaskEngine
-from vmshift.server.views import task_view, vm_view
+from vmshift.server.views import task_view
 from vmshift.server.vm_create import create_vm_row
 from vmshift.server.vm_tasks import (
     create_body,
@@ -39,11 +40,6 @@ router = APIRouter()
 
 
 _VMS = TypeAdapter(list[Vm])
-#: what vm_view reads of each VM, loaded for the whole page in a few queries rather than per VM
-_VIEW_LOADS = (
-    selectinload(VmRow.ips),
-    joinedload(VmRow.host).selectinload(HostRow.networks).joinedload(HostNetworkRow.network),
-)
 
 
 @router.get("/vms", response_model=list[Vm], responses=list_answers(list[Vm], etag=True))
@@ -58,9 +54,8 @@ def list_vms(
 ) -> Response:
     """VMs by name, a page at a time; filters combine. The ETag changes with anything the page shows,
     a power state or stats included (docs/api.md, "Incremental reads")."""
-    q = select(VmRow).options(*_VIEW_LOADS)
-    if host is not None or cluster is not None:
-        q = q.join(VmRow.host)
+    # the page's ids and keys only: the views themselves are kept (server/vm_views.py)
+    q = cast("Select[Any]", select(VmRow.id, VmRow.name, VmRow.uuid, HostRow.name).join(VmRow.host))
     if host is not None:
         q = q.where(HostRow.name == host)
     if cluster is not None:
@@ -71,15 +66,25 @@ def list_vms(
         q = q.where(VmRow.name.startswith(name_prefix, autoescape=True))
     q = keyset(q, VmRow.name, paging.after(ListName.VMS), paging.limit)
     with core.sessions() as s:
-        got = cut(s.scalars(q).unique().all(), paging.limit, ListName.VMS, lambda v: v.name)
-        views = Page([vm_view(v) for v in got.items], got.next_cursor)
-    return answer(request, views, _VMS, if_none_match=paging.if_none_match, etag=True)
+        got = cut(s.execute(q).all(), paging.limit, ListName.VMS, lambda r: str(r[1]))
+        views = core.vm_views.of(s, [r[0] for r in got.items])
+    live = core.heartbeat.live_stats
+    shown = [_with_stats(views[vm_id], live(host_name, name, uuid))
+             for vm_id, name, uuid, host_name in got.items if vm_id in views]  # fmt: skip
+    return answer(request, Page(shown, got.next_cursor), _VMS, if_none_match=paging.if_none_match, etag=True)
 
 
 @router.get("/vms/{name}", responses=errors(*PARAMS, 404))
 def get_vm_route(name: VmName, core: ServerCore = Depends(core_of)) -> Vm:
     with core.sessions() as s:
-        return vm_view(get_vm(s, name))
+        vm = get_vm(s, name)
+        view = core.vm_views.of(s, [vm.id])[vm.id]
+        return _with_stats(view, core.heartbeat.live_stats(vm.host.name, vm.name, vm.uuid))
+
+
+def _with_stats(view: Vm, live: VmStats | None) -> Vm:
+    """A kept view with the VM's numbers from its host's report (without: those of its row)."""
+    return view if live is None else view.model_copy(update={"stats": live})
 
 
 @router.post("/vms", status_code=202, responses=errors(*BODY, 404, 409))
