@@ -20,7 +20,9 @@ def image_build(
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Build the lab guest image 'lab-guest' (Debian cloud kernel + busybox + vmshift-guestd)."""
+    """Build the lab guest images: 'lab-guest' (Debian cloud kernel + busybox + vmshift-guestd, booted
+    as a kernel) and 'lab-disk' (the same guest on a SYSLINUX disk, booted by the BIOS)."""
+    from vmshift.lab.disk_image import build_disk_image
     from vmshift.lab.image import build_image
 
     def progress(msg: str) -> None:
@@ -28,7 +30,10 @@ def image_build(
             err_console.print(f"[dim]image:[/] {msg}")
 
     path = build_image(images_dir, force=force, progress=progress)
+    disk = build_disk_image(images_dir, force=force, progress=progress)
     if json_:
-        emit_json({"image": "lab-guest", "path": str(path)})
+        emit_json({"image": "lab-guest", "path": str(path), "images": {"lab-guest": str(path),
+                                                                        "lab-disk": str(disk)}})
     else:
         typer.echo(f"Image lab-guest ready in {path}")
+        typer.echo(f"Image lab-disk ready in {disk}")
