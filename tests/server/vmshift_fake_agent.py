@@ -86,7 +86,8 @@ def make_facts(
                 path="/srv/shared-1",
                 capacity_mib=50_000,
                 free_mib=40_000,
-                images=["lab-guest"],
+                images=["lab-disk", "lab-guest"],
+                disk_images={"lab-disk": 20},
             ),
         )
     return HostFacts(

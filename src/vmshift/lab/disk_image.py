@@ -33,6 +33,9 @@ SEED_MODULES = ("scsi_common", "scsi_mod", "virtio_scsi", "cdrom", "sr_mod", "is
 #: reads the ones seed-init found (the only change to the lab guest's init).
 _CMDLINE_READ = "$(cat /proc/cmdline)"
 _CMDLINE_AND_SEED = "$(cat /proc/cmdline /etc/vmshift-seed.args 2>/dev/null)"
+#: What lab-disk's guest runs from boot: a 16 MiB memory test (10 MiB/s), so every move of such a
+#: VM can be checked for guest memory (``vmshift lab check``); its address comes from the seed.
+WORKLOAD = "vmshift.memtest=16,10"
 SLACK_MIB = 4  # free room on the FAT beyond its files (FAT tables, directories, ldlinux)
 SYSLINUX_CFG = """DEFAULT lab
 PROMPT 0
@@ -99,7 +102,7 @@ def build_disk_image(
             files.mkdir()
             lab._write_initramfs(root, files / "initrd.img")
             shutil.copyfile(lab._find_vmlinuz(kernel_root), files / "vmlinuz")
-            (files / "syslinux.cfg").write_text(syslinux_config(lab.BASE_CMDLINE))
+            (files / "syslinux.cfg").write_text(syslinux_config(f"{lab.BASE_CMDLINE} {WORKLOAD}"))
             raw = work / "disk.raw"
             size_mib = fat_size_mib([p.stat().st_size for p in files.iterdir()])
             say(f"writing a {size_mib} MiB FAT disk with SYSLINUX")
@@ -164,5 +167,5 @@ def _fingerprint(deb: Path) -> str:
     h = hashlib.sha256()
     h.update(f"lab-disk {DISK_BUILDER_VERSION}\n{lab._fingerprint(deb)}\n{SEED_MODULES}\n".encode())
     h.update(SEED_INIT.read_bytes())
-    h.update(SYSLINUX_CFG.encode())
+    h.update(SYSLINUX_CFG.encode() + WORKLOAD.encode())
     return h.hexdigest()
