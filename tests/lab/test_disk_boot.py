@@ -88,3 +88,28 @@ def test_boots_from_disk_with_seed_and_moves_live(lab: LabHandle, disk_vm: dict[
     assert after["uptime_s"] > before["uptime_s"], "the guest rebooted instead of moving"
     argv = Path(f"/proc/{pids[0]}/cmdline").read_bytes()
     assert b"scsi-cd" in argv and str(folder / "seed.iso").encode() in argv  # the seed moved with it
+
+
+def test_image_import_converts_a_vmdk_and_refuses_a_truncated_file(
+    lab: LabHandle, tmp_path: Path
+) -> None:
+    images = layout(lab).shared_datastore / "images"
+    vmdk = tmp_path / "exported-disk.vmdk"
+    subprocess.run(["qemu-img", "convert", "-O", "vmdk", str(images / "lab-disk" / "disk.qcow2"), str(vmdk)],
+                   check=True)
+    done = vmshift_json(lab, "image", "import", str(vmdk), "--datastore", "shared-1")
+    assert done["state"] == "success" and done["result"]["format"] == "vmdk", done
+    meta = json.loads((images / "exported-disk" / "image.json").read_text())
+    assert meta["kind"] == "disk" and meta["disk_size_mib"] == 20
+    imported = images / "exported-disk" / "disk.qcow2"
+    same = subprocess.run(["qemu-img", "compare", "-U", str(vmdk), str(imported)],
+                          capture_output=True, text=True, check=False)
+    assert same.returncode == 0, same.stdout + same.stderr
+
+    truncated = tmp_path / "truncated.qcow2"
+    truncated.write_bytes((images / "lab-disk" / "disk.qcow2").read_bytes()[:300_000])
+    before = sorted(p.name for p in images.iterdir())
+    bad = vmshift(lab, "image", "import", str(truncated), "--datastore", "shared-1", check=False)
+    assert bad.returncode != 0
+    assert "is corrupt" in bad.stderr and "Copy or download the file again" in bad.stderr, bad.stderr
+    assert sorted(p.name for p in images.iterdir()) == before  # nothing left behind

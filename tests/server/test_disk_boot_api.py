@@ -84,3 +84,36 @@ def test_bad_disk_boot_create_changes_nothing(
     assert text in err["message"], err
     assert err["hint"]
     assert server.counts() == before and cluster.mutations == mutations
+
+
+# ----- image import ------------------------------------------------------------------------------
+
+def test_import_runs_as_a_task_and_the_image_is_bootable_at_once(
+    server: ServerHarness, cluster: FakeAgent
+) -> None:
+    r = server.client.post("/images/import", json={"file": "/srv/in/web.vmdk", "name": "web",
+                                                   "datastore": "shared-1"})
+    assert r.status_code == 202, r.text
+    task = server.wait_task(r.json()["id"])
+    assert task["state"] == "success" and task["kind"] == "image.import", task
+    assert task["result"]["image"] == "web" and task["result"]["host"] == "host-1"
+    create(server, body("from-import", disk_image="web"))  # the facts were refreshed by the task
+    assert cluster.specs["from-import"].disks[0].backing_image == "web"
+
+
+@pytest.mark.parametrize(("req", "status", "text"), [
+    ({"file": "/srv/in/corrupt.qcow2", "name": "c", "datastore": "shared-1"}, 400, "is corrupt"),
+    ({"file": "/srv/in/x.qcow2", "name": "c", "datastore": "nope"}, 404, "Datastore 'nope' does not exist"),
+    ({"file": "/srv/in/x.qcow2", "name": "lab-disk", "datastore": "shared-1"}, 409, "already has an image"),
+    ({"file": "relative.qcow2", "name": "c", "datastore": "shared-1"}, 422, "Field 'file' is invalid"),
+    ({"file": "/srv/in/x.img", "name": "c", "datastore": "shared-1", "format": "iso"}, 422,
+     "Field 'format' is invalid"),
+])
+def test_bad_import_is_refused_without_a_task(
+    server: ServerHarness, cluster: FakeAgent, req: dict[str, Any], status: int, text: str
+) -> None:
+    before = server.counts()
+    r = server.client.post("/images/import", json=req)
+    assert r.status_code == status, r.text
+    assert text in r.json()["error"]["message"]
+    assert server.counts() == before

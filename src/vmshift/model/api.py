@@ -52,6 +52,7 @@ class TaskKind(StrEnum):
     VM_MIGRATE = "vm.migrate"
     VM_RELOCATE = "vm.relocate"
     MIGRATION_FINALIZE = "migration.finalize"
+    IMAGE_IMPORT = "image.import"  # qemu-img convert of a file onto a datastore (docs/images.md)
 
 
 class EventKind(StrEnum):
