@@ -17,7 +17,7 @@ from vmshift.server.views import task_view
 router = APIRouter()
 
 
-@router.post("/images/import", status_code=202, responses=errors(*BODY, 404, 409))
+@router.post("/images/import", status_code=202, responses=errors(*BODY, 404, 409, 502))
 async def import_image(body: ImageImportRequest, core: ServerCore = Depends(core_of)) -> Task:
     """Import ``file`` (a path on the importing host) as disk image ``name`` on ``datastore``: the
     host's agent checks it with qemu-img first (a corrupt, truncated or unknown file is refused here,
