@@ -103,7 +103,7 @@ def _bring_up(rec: LabRecord, progress: Progress) -> None:
     progress("guest image")
     from vmshift.lab import disk_image, image  # lazily: building the images pulls in a toolchain
 
-    images_dir = image.build_image(progress=lambda msg: progress(f"guest image: {msg}"))
+    images_dir = image.build_image(progress=lambda msg: progress(f"guest image: {msg}")).parent
     disk_image.build_disk_image(images_dir, progress=lambda msg: progress(f"disk image: {msg}"))
     # like a content library: the images are on every datastore, shared or local
     for datastore in (lay.shared_datastore, *(lay.local_datastore(k) for k in lay.host_numbers)):
