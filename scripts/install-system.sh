@@ -20,7 +20,7 @@ SRC
   apt-get update -q
 fi
 need=()
-for p in busybox-static cpio gzip iproute2 procps psmisc postgresql gcc libc6-dev make kmod; do
+for p in busybox-static cpio gzip iproute2 procps psmisc postgresql gcc libc6-dev make kmod syslinux syslinux-common mtools; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

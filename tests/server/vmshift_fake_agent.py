@@ -86,7 +86,8 @@ def make_facts(
                 path="/srv/shared-1",
                 capacity_mib=50_000,
                 free_mib=40_000,
-                images=["lab-guest"],
+                images=["lab-disk", "lab-guest"],
+                disk_images={"lab-disk": 20},
             ),
         )
     return HostFacts(
@@ -165,6 +166,7 @@ class FakeAgent:
     repeat_tail: int = 0  # a resumed stream sends this many changes the server already has first
     stream_opens: list[dict[str, Any]] = field(default_factory=list)  # the query of each GET /stream
     open_streams: int = 0  # streams being served now
+    imports: dict[str, dict[str, Any]] = field(default_factory=dict)  # image imports, by image name
     tls: FakeAgentTls = field(init=False)
     log: ChangeLog = field(init=False)
 
@@ -282,6 +284,28 @@ class FakeAgent:
                 error = {"code": "host_unreachable", "message": "down", "hint": None}
                 return JSONResponse({"error": error}, 503)
             return StreamingResponse(self._stream(epoch, since), media_type=STREAM_MEDIA_TYPE)
+
+        @app.post("/api/v1/images/import", status_code=202)
+        async def import_image(body: dict[str, Any]) -> Any:
+            """A file named .../corrupt* is refused as the real agent refuses a damaged one; any other
+            is imported at once: the image joins the datastore's disk images in the facts."""
+            if Path(body["file"]).name.startswith("corrupt"):
+                error = {"code": "invalid_input", "message": f"The file {body['file']} is corrupt.",
+                         "hint": "Copy the file again."}
+                return JSONResponse({"error": error}, 400)
+            for ds in self.facts.datastores:
+                if ds.name == body["datastore"]:
+                    ds.images.append(body["name"])
+                    ds.disk_images[body["name"]] = 10
+            job = {"name": body["name"], "datastore": body["datastore"], "source": body["file"],
+                   "format": body.get("format") or "qcow2", "virtual_size_mib": 10, "state": "done",
+                   "share": 1.0}
+            self.imports[body["name"]] = job
+            return job
+
+        @app.get("/api/v1/images/import/{name}")
+        async def import_progress(name: str) -> Any:
+            return self.imports[name]
 
         @app.put("/api/v1/vms/{name}")
         async def define(name: str, spec: VmSpec) -> Any:

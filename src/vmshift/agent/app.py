@@ -20,6 +20,8 @@ from vmshift.agent.datastores import Datastores
 from vmshift.agent.facts import HostProbe, host_facts, probe_host
 from vmshift.agent.guard import require_allowed
 from vmshift.agent.host_stream import HostStream
+from vmshift.agent.image_import import ImageImports
+from vmshift.agent.image_import import router as image_import_router
 from vmshift.agent.migration_source import OutgoingMigrations
 from vmshift.agent.migration_store import MigrationStore
 from vmshift.agent.migration_target import IncomingMigrations
@@ -134,6 +136,7 @@ def create_app(config: AgentConfig, tls: AgentTls | None = None) -> FastAPI:
                                 probe.accelerator)
         await supervisor.attach_all()
         agent = app.state.agent = AgentState(config, probe, datastores, supervisor)
+        app.state.image_imports = image_imports = ImageImports(datastores, config.qemu_img)
         await agent.stream.start()
         store = MigrationStore(config.state_dir)
         roles = MigrationRoles(supervisor, OutgoingMigrations(supervisor, store),
@@ -160,6 +163,7 @@ def create_app(config: AgentConfig, tls: AgentTls | None = None) -> FastAPI:
             await agent.stream.close()
             await roles.close()
             await moves.close()
+            await image_imports.close()
             await supervisor.close()
             log.info("agent %s stopped; its VMs keep running", config.name)
 
@@ -222,4 +226,5 @@ def create_app(config: AgentConfig, tls: AgentTls | None = None) -> FastAPI:
     app.include_router(disk_exports_router)
     app.include_router(moves_router)
     app.include_router(suspend_router)
+    app.include_router(image_import_router)
     return app

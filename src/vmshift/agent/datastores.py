@@ -30,6 +30,15 @@ class Image:
     initrd: Path | None = None
     cmdline: str = ""
     disk: Path | None = None
+    disk_size_mib: int = 0  # the disk's virtual size, recorded when the image was built or imported
+
+    def disk_file(self) -> Path:
+        """The image's disk (NotFoundError if it names none or the file is gone)."""
+        if self.disk is None or not self.disk.is_file():
+            raise NotFoundError(f"Image {self.name!r} has no disk at {self.disk or self.folder}.",
+                                hint="Import a disk image (vmshift image import) or name its 'disk' in "
+                                     "image.json.")
+        return self.disk
 
     def kernel_boot(self) -> KernelBoot:
         if self.kernel is None:
@@ -66,9 +75,12 @@ class Datastore:
 
     def info(self) -> DatastoreInfo:
         usage = shutil.disk_usage(self.path)
+        images = self.images()
         return DatastoreInfo(uuid=self.uuid, name=self.name, path=str(self.path),
                              capacity_mib=usage.total >> 20, free_mib=usage.free >> 20,
-                             images=[i.name for i in self.images()])
+                             images=[i.name for i in images],
+                             disk_images={i.name: i.disk_size_mib for i in images
+                                          if i.kind is BootKind.DISK and i.disk is not None})
 
 
 def read_image(meta: Path) -> Image:
@@ -81,7 +93,8 @@ def read_image(meta: Path) -> Image:
 
     return Image(name=str(data.get("name") or folder.name), kind=BootKind(data.get("kind", "kernel")),
                  folder=folder, kernel=rel("kernel"), initrd=rel("initrd"),
-                 cmdline=str(data.get("cmdline", "")), disk=rel("disk"))
+                 cmdline=str(data.get("cmdline", "")), disk=rel("disk"),
+                 disk_size_mib=int(data.get("disk_size_mib", 0)))
 
 
 def read_datastore(path: Path) -> Datastore | None:

@@ -20,6 +20,7 @@ import logging
 import os
 import pwd
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,11 +116,13 @@ def unreachable(identity: QemuIdentity, path: Path) -> Path | None:
     return None
 
 
-def prepare_vm_files(identity: QemuIdentity, paths: VmPaths, kernel: KernelBoot | None) -> None:
+def prepare_vm_files(identity: QemuIdentity, paths: VmPaths, kernel: KernelBoot | None,
+                     reads: Sequence[Path] = ()) -> None:
     """Before QEMU starts: the VM's folders and files as QEMU needs them, or a clear refusal.
 
     Files that other steps created as root (a cold move's copies, a relocate's new disks, a state
-    file copied with the VM) become QEMU's here, whichever step made them."""
+    file copied with the VM) become QEMU's here, whichever step made them. ``reads`` are files QEMU
+    only reads and that are not the VM's own (the images backing its disks): they must be readable."""
     folders = [paths.vm_dir, *(d.parent for d in paths.disks if d.parent != paths.vm_dir)]
     for folder in dict.fromkeys(folders):
         blocked = unreachable(identity, folder)
@@ -129,16 +132,16 @@ def prepare_vm_files(identity: QemuIdentity, paths: VmPaths, kernel: KernelBoot 
                 hint=f"Let it through (chmod o+x {blocked}), or set qemu_user to \"\" in the agent config "
                      "to run QEMU as root.")
         identity.own_dir(folder)
-    for path in (*paths.disks, paths.suspend_state):
+    for path in (*paths.disks, paths.suspend_state, paths.seed_iso):
         with contextlib.suppress(FileNotFoundError):  # a missing disk: QEMU's own error says which
             identity.own_file(path)
-    if kernel is not None:
-        for boot_file in (kernel.kernel, kernel.initrd):
-            if boot_file is not None and not (identity.can_read(boot_file)
-                                              and unreachable(identity, boot_file) is None):
-                raise ConflictError(f"QEMU runs as {identity.user!r}, which cannot read {boot_file}.",
-                                    hint="Make the image's files world-readable (chmod -R o+rX the image "
-                                         "folder), or set qemu_user to \"\" to run QEMU as root.")
+    boot_files = [kernel.kernel, kernel.initrd] if kernel is not None else []
+    for boot_file in (*boot_files, *reads):
+        if boot_file is not None and not (identity.can_read(boot_file)
+                                          and unreachable(identity, boot_file) is None):
+            raise ConflictError(f"QEMU runs as {identity.user!r}, which cannot read {boot_file}.",
+                                hint="Make the image's files world-readable (chmod -R o+rX the image "
+                                     "folder), or set qemu_user to \"\" to run QEMU as root.")
 
 
 def _device_usable(device: Path, uid: int, groups: set[int]) -> bool:

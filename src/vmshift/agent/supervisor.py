@@ -545,7 +545,8 @@ class Supervisor:
         paths.vm_dir.mkdir(parents=True, exist_ok=True)
         for stale in (paths.qmp_socket, paths.run_dir / EXIT_FILE):
             stale.unlink(missing_ok=True)
-        prepare_vm_files(identity, paths, kernel)
+        self.files.ensure_seed(spec)
+        prepare_vm_files(identity, paths, kernel, self.files.backing_files(spec))
         serial_log.touch(paths)
         self.serial.forget(spec.name)
         vm.died, vm.exit_reason = False, None

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from vmshift.agent.datastores import Datastores
-from vmshift.errors import ConflictError, ImageError, InvalidInputError, NotFoundError, QemuError
+from vmshift.agent.datastores import Datastores, Image
+from vmshift.agent.seed_iso import write_seed_iso
+from vmshift.errors import ConflictError, InvalidInputError, NotFoundError, QemuError
 from vmshift.model.enums import BootKind, DiskFormat
-from vmshift.model.vm import VmSpec
+from vmshift.model.vm import DiskSpec, VmSpec
 from vmshift.qemu.cmdline import KernelBoot, VmPaths
 
 SPEC_FILE = "vm.json"
@@ -48,6 +50,38 @@ class VmFiles:
             raise InvalidInputError(f"VM {spec.name!r} boots a kernel but names no image.",
                                     hint="Set boot.image to an image on the VM's datastore.")
         return self.datastores.get(spec.datastore).image(spec.boot.image).kernel_boot()
+
+    def source_image(self, disk: DiskSpec) -> Image | None:
+        """The image a disk is made from (its backing image, or the image a full clone copies), with a
+        clear refusal when it is not on the disk's datastore or is smaller than the disk."""
+        name = disk.backing_image or disk.clone_of
+        if name is None:
+            return None
+        image = self.datastores.get(disk.datastore).image(name)
+        image.disk_file()
+        if image.disk_size_mib > disk.size_mib:
+            raise InvalidInputError(f"Disk {disk.file!r} ({disk.size_mib} MiB) is smaller than image "
+                                    f"{name!r} ({image.disk_size_mib} MiB) it is made from.",
+                                    hint="Give the disk at least the image's size.")
+        if disk.backing_image and disk.format is DiskFormat.RAW:
+            raise InvalidInputError(f"Raw disk {disk.file!r} cannot be backed by an image.",
+                                    hint="Use qcow2 for a disk made from an image, or a full clone.")
+        return image
+
+    def backing_files(self, spec: VmSpec) -> list[Path]:
+        """The image disks that back the VM's disks (QEMU opens them read-only)."""
+        return [image.disk_file() for d in spec.disks if d.backing_image
+                and (image := self.source_image(d)) is not None]
+
+    def ensure_seed(self, spec: VmSpec) -> None:
+        """Make the VM's cloud-init seed ISO from its spec where it is missing (a new VM, or one whose
+        folder moved to another datastore: the seed moves with the VM by being made again)."""
+        if spec.seed is None:
+            return
+        iso = self.paths(spec).seed_iso
+        if not iso.is_file():
+            iso.parent.mkdir(parents=True, exist_ok=True)
+            write_seed_iso(iso, spec.seed)
 
     def registered_names(self) -> list[str]:
         if not self.vms_dir.is_dir():
@@ -107,6 +141,9 @@ class VmFiles:
             raise InvalidInputError(f"VM {spec.name!r} has duplicate or invalid disk file names.",
                                     hint="Use plain names like disk0.qcow2, each once.")
         self.kernel_boot(spec)
+        for disk, path in zip(spec.disks, paths.disks, strict=True):
+            if not path.exists():
+                self.source_image(disk)
         return paths
 
     async def define(self, spec: VmSpec, networks: dict[str, str]) -> None:
@@ -126,21 +163,16 @@ class VmFiles:
         for disk, path in zip(spec.disks, paths.disks, strict=True):
             if path.exists():
                 continue
-            backing = None
-            if disk.backing_image:
-                image = self.datastores.get(disk.datastore).image(disk.backing_image)
-                if image.disk is None:
-                    raise ImageError(f"Image {disk.backing_image!r} has no disk to back {disk.file!r}.",
-                                     hint="Use an image whose image.json names a 'disk'.")
-                backing = image.disk
+            image = self.source_image(disk)
             path.parent.mkdir(parents=True, exist_ok=True)
-            if disk.format is DiskFormat.RAW:
-                if backing is not None:
-                    raise InvalidInputError(f"Raw disk {disk.file!r} cannot be backed by an image.",
-                                            hint="Use qcow2 for a disk made from an image.")
+            if image is not None and disk.clone_of:
+                await full_clone(self.qemu_img, image.disk_file(), path, disk)
+            elif disk.format is DiskFormat.RAW:
                 await _run(self.qemu_img, "create", "-q", "-f", "raw", str(path), f"{disk.size_mib}M")
             else:
-                await create_qcow2(self.qemu_img, path, disk.size_mib, backing)
+                await create_qcow2(self.qemu_img, path, disk.size_mib,
+                                   image.disk_file() if image is not None else None)
+        self.ensure_seed(spec)
         tmp = spec_file.with_suffix(".tmp")
         tmp.write_text(spec.model_dump_json(indent=2))
         tmp.replace(spec_file)
@@ -186,8 +218,23 @@ async def _run(*argv: str) -> str:
 
 
 async def create_qcow2(qemu_img: str, path: Path, size_mib: int, backing: Path | None) -> None:
+    """A new qcow2; with ``backing`` an overlay of it (a linked clone), named relative to the overlay's
+    folder, so the chain holds wherever the datastore is mounted (a shared datastore may be mounted at
+    different paths on different hosts)."""
     argv = [qemu_img, "create", "-q", "-f", "qcow2"]
     if backing is not None:
         info = json.loads(await _run(qemu_img, "info", "--output=json", "-U", str(backing)))
-        argv += ["-b", str(backing), "-F", str(info.get("format", "qcow2"))]
+        argv += ["-b", os.path.relpath(backing, path.parent), "-F", str(info.get("format", "qcow2"))]
     await _run(*argv, str(path), f"{size_mib}M")
+
+
+async def full_clone(qemu_img: str, source: Path, path: Path, disk: DiskSpec) -> None:
+    """A whole copy of an image's disk (a full clone), grown to the disk's size; written under a
+    temporary name and renamed, so a copy cut short is never taken for the disk."""
+    tmp = path.with_name(f".{path.name}.clone")
+    try:
+        await _run(qemu_img, "convert", "-q", "-U", "-O", disk.format.value, str(source), str(tmp))
+        await _run(qemu_img, "resize", "-q", "-f", disk.format.value, str(tmp), f"{disk.size_mib}M")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -13,7 +14,8 @@ from vmshift.cli.migrate import vm_migrate
 from vmshift.cli.migration_settings import vm_migration_settings
 from vmshift.cli.output import emit_json, fields, table, wait_with_progress
 from vmshift.errors import InvalidInputError
-from vmshift.model.enums import PowerAction, PowerState
+from vmshift.model.enums import CloneMode, PowerAction, PowerState
+from vmshift.model.inputs import SSH_KEY_PATTERN
 
 vm_app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
 vm_app.command("migrate")(vm_migrate)
@@ -32,6 +34,25 @@ def parse_size_mib(text: str) -> int:
         )
     n = int(m.group(1))
     return n * 1024 if (m.group(2) or "M")[0] in "Gg" else n
+
+
+_SSH_KEY = re.compile(SSH_KEY_PATTERN)
+
+
+def read_ssh_keys(path: Path) -> list[str]:
+    """The public keys in an OpenSSH public key file (one a line; blank lines and # comments skipped)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"Cannot read the SSH key file {path}: {exc}.",
+                                hint="Give a public key file such as ~/.ssh/id_ed25519.pub.") from exc
+    keys = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    bad = next((k for k in keys if not _SSH_KEY.fullmatch(k)), "")
+    if bad or not keys:
+        what = f"has a line that is not a public key ({bad[:24]}...)" if bad else "holds no public key"
+        raise InvalidInputError(f"The SSH key file {path} {what}.",
+                                hint="Give the .pub file, never the private key: ~/.ssh/id_ed25519.pub.")
+    return keys
 
 
 _POWER_WORDS = {"on": PowerState.POWERED_ON, "off": PowerState.POWERED_OFF}
@@ -77,21 +98,33 @@ def vm_create(
     memory: Annotated[int, typer.Option(help="Memory in MiB.")] = 256,
     network: Annotated[list[str] | None, typer.Option(help="Network label for a NIC (repeatable).")] = None,
     disk: Annotated[list[str] | None, typer.Option(help="Disk size, e.g. 64M (repeatable).")] = None,
-    image: Annotated[str, typer.Option(help="Boot image on the datastore.")] = "lab-guest",
-    kernel_args: Annotated[str, typer.Option(help="Extra kernel command line.")] = "",
+    image: Annotated[str, typer.Option(help="Kernel image on the datastore to boot.")] = "lab-guest",
+    disk_image: Annotated[str | None, typer.Option(
+        help="Boot from this disk image on the datastore instead (BIOS; the VM gets a cloud-init seed).",
+    )] = None,
+    clone: Annotated[CloneMode, typer.Option(
+        help="With --disk-image: the first disk is an overlay of the image (linked) or a whole copy (full).",
+    )] = CloneMode.LINKED,
+    ssh_key: Annotated[list[Path] | None, typer.Option(
+        help="With --disk-image: a public key file for the guest's default user (repeatable).",
+    )] = None,
+    kernel_args: Annotated[str, typer.Option(help="Extra kernel command line (kernel boot only).")] = "",
     cpu_model: Annotated[str | None, typer.Option(help="QEMU CPU model (default: cluster baseline).")] = None,
     machine_type: Annotated[str | None, typer.Option(help="Machine type (default: host's, pinned).")] = None,
     start: Annotated[bool, typer.Option("--start", help="Power on after creating.")] = False,
     no_wait: NoWait = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Create a VM (and start it with --start)."""
-    body = {
+    """Create a VM (and start it with --start): it boots a kernel image, or a disk image with --disk-image."""
+    keys = [key for path in ssh_key or [] for key in read_ssh_keys(path)]
+    body: dict[str, Any] = {
         "name": name, "host": host, "cpus": cpus, "memory_mib": memory, "datastore": datastore,
         "networks": network or [], "disks_mib": [parse_size_mib(d) for d in disk or []],
         "image": image, "kernel_args": kernel_args, "cpu_model": cpu_model,
         "machine_type": machine_type, "start": start,
     }
+    if disk_image is not None or keys or clone is not CloneMode.LINKED:
+        body.update({"disk_image": disk_image, "clone": clone.value, "ssh_keys": keys})
     with context.client() as c:
         task = c.create_vm(body)
         _finish(c, task, no_wait=no_wait, json_=json_, vm=name)

@@ -32,6 +32,7 @@ from vmshift.model.agent_migration import (
 from vmshift.model.enums import PowerAction
 from vmshift.model.host import HostFacts
 from vmshift.model.host_stream import STREAM_PATH, Change, Keepalive, Snapshot, decode
+from vmshift.model.images import AgentImageImport, ImportProgress
 from vmshift.model.moves import DiskExportRequest, DiskExports, DiskMoveRequest, MoveProgress
 from vmshift.model.suspend import SuspendProgress, SuspendResult
 from vmshift.model.vm import VmRuntime, VmSpec
@@ -219,6 +220,17 @@ class AgentClient:
             "PUT", f"/vms/{spec.name}", json=spec.model_dump(mode="json"), timeout_s=120
         )
         result: VmRuntime = self._parse(resp, VmRuntime)
+        return result
+
+    async def import_image(self, req: AgentImageImport) -> ImportProgress:
+        """Check an image file on the host and start converting it onto a datastore (image_import.py)."""
+        resp = await self._request("POST", "/images/import", json=req.model_dump(mode="json"), timeout_s=300)
+        result: ImportProgress = self._parse(resp, ImportProgress)
+        return result
+
+    async def import_progress(self, name: str) -> ImportProgress:
+        result: ImportProgress = self._parse(await self._request("GET", f"/images/import/{name}"),
+                                             ImportProgress)
         return result
 
     async def power(self, name: str, action: PowerAction, timeout_s: int = 30) -> VmRuntime:

@@ -237,15 +237,15 @@ def _find_vmlinuz(kernel_root: Path) -> Path:
     return found[-1]
 
 
-def _find_modules(kernel_root: Path) -> list[Path]:
-    """The .ko files to load, in load order; modules built into this kernel are skipped."""
+def _find_modules(kernel_root: Path, names: tuple[str, ...] = MODULE_LOAD_ORDER) -> list[Path]:
+    """The .ko files of ``names`` to load, in load order; modules built into this kernel are skipped."""
     trees = sorted((kernel_root / "lib" / "modules").glob("*/kernel"))
     if not trees:
         raise ImageError(f"The kernel package unpacked in {kernel_root} holds no lib/modules/*/kernel.")
     by_name = {p.name.removesuffix(".ko"): p for p in trees[-1].rglob("*.ko")}
     builtin = _read(trees[-1].parent / "modules.builtin")
     modules = []
-    for name in MODULE_LOAD_ORDER:
+    for name in names:
         if name in by_name:
             modules.append(by_name[name])
         elif f"/{name}.ko" not in builtin:

@@ -101,12 +101,14 @@ def _bring_up(rec: LabRecord, progress: Progress) -> None:
     processes.prepare_files(rec)
     ensure_qemu_user(progress)
     progress("guest image")
-    from vmshift.lab import image  # lazily: building the image pulls in a toolchain
+    from vmshift.lab import disk_image, image  # lazily: building the images pulls in a toolchain
 
-    images_dir = image.build_image(progress=lambda msg: progress(f"guest image: {msg}"))
-    # like a content library: the image is on every datastore, shared or local
+    images_dir = image.build_image(progress=lambda msg: progress(f"guest image: {msg}")).parent
+    disk_image.build_disk_image(images_dir, progress=lambda msg: progress(f"disk image: {msg}"))
+    # like a content library: the images are on every datastore, shared or local
     for datastore in (lay.shared_datastore, *(lay.local_datastore(k) for k in lay.host_numbers)):
         image.install_image(images_dir, datastore)
+        disk_image.install_disk_image(images_dir, datastore)
     progress("server")
     processes.start_server(rec)
     for k in lay.host_numbers:

@@ -29,13 +29,17 @@ def moves_files(spec: VmSpec, datastore: str | None) -> bool:
 def relocated_spec(spec: VmSpec, datastore: str, disk_format: DiskFormat | None = None) -> VmSpec:
     """The spec after every file of the VM moved to ``datastore`` (disks in ``disk_format``, or kept).
 
-    A copy holds the whole chain of an image-backed disk, so the copy has no backing image.
+    A copy holds the whole chain of an image-backed disk (qemu-img convert and a full-sync mirror
+    read through the backing file), so the copy has no backing image and is no clone of one: the
+    target datastore needs no copy of the image. The cloud-init seed is not copied either: the
+    agent makes it again from ``spec.seed`` in the new folder.
     """
     disks = []
     for disk in spec.disks:
         fmt = disk_format or disk.format
         disks.append(disk.model_copy(update={
             "datastore": datastore, "file": copy_name(disk, fmt), "format": fmt, "backing_image": None,
+            "clone_of": None,
         }))
     return spec.model_copy(update={"datastore": datastore, "disks": disks})
 

@@ -74,6 +74,11 @@ def allocate_ip(cidr: str, first: str, last: str, used: Collection[str]) -> str:
     )
 
 
+def prefixed(address: str, cidr: str) -> str:
+    """``ADDR/PREFIX``: the address with the prefix length of its network."""
+    return f"{address}/{ipaddress.IPv4Network(cidr).prefixlen}"
+
+
 def ip_kernel_arg(address: str, cidr: str) -> str:
     """The guest kernel argument that tells the lab guest its address."""
-    return f"vmshift.ip={address}/{ipaddress.IPv4Network(cidr).prefixlen}"
+    return f"vmshift.ip={prefixed(address, cidr)}"

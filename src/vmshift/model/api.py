@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from vmshift.model.addressing import check_pool
 from vmshift.model.base import RequestModel
-from vmshift.model.enums import ConnectionState, EventSeverity, PowerAction, PowerState, TaskState
+from vmshift.model.enums import CloneMode, ConnectionState, EventSeverity, PowerAction, PowerState, TaskState
 from vmshift.model.host import HostFacts
 from vmshift.model.inputs import (
     ADDRESS_PATTERN,
@@ -22,7 +22,10 @@ from vmshift.model.inputs import (
     MAX_KERNEL_ARGS,
     MAX_MEMORY_MIB,
     MAX_NICS,
+    MAX_SSH_KEY,
+    MAX_SSH_KEYS,
     MIN_MEMORY_MIB,
+    SSH_KEY_PATTERN,
     TEXT_PATTERN,
     ClusterName,
     DatacenterName,
@@ -49,6 +52,7 @@ class TaskKind(StrEnum):
     VM_MIGRATE = "vm.migrate"
     VM_RELOCATE = "vm.relocate"
     MIGRATION_FINALIZE = "migration.finalize"
+    IMAGE_IMPORT = "image.import"  # qemu-img convert of a file onto a datastore (docs/images.md)
 
 
 class EventKind(StrEnum):
@@ -235,8 +239,17 @@ class VmCreate(RequestModel):
     networks: list[NetworkName] = Field(default_factory=lambda: ["VM Network"], max_length=MAX_NICS,
                                         description="one NIC on each network, in order")
     disks_mib: list[DiskSizeMib] = Field(default_factory=lambda: [64], max_length=MAX_DISKS,
-                                         description="size of each disk; the first is backed by the image")
-    image: ImageName = Field(default="lab-guest", description="image on the datastore the VM boots")
+                                         description="size of each disk; with disk_image the first is made "
+                                                     "from the image and is at least the image's size")
+    image: ImageName = Field(default="lab-guest", description="kernel image on the datastore the VM boots")
+    disk_image: ImageName | None = Field(
+        default=None, description="boot from this disk image on the datastore (BIOS, no kernel image); "
+                                  "the VM gets a cloud-init seed")
+    clone: CloneMode = Field(default=CloneMode.LINKED, description="with disk_image: how the first disk "
+                             "is made from it (a qcow2 overlay, or a whole copy)")
+    ssh_keys: list[Annotated[str, Field(max_length=MAX_SSH_KEY, pattern=SSH_KEY_PATTERN)]] = Field(
+        default_factory=list, max_length=MAX_SSH_KEYS,
+        description="with disk_image: OpenSSH public keys the seed gives the guest's default user")
     kernel_args: str = Field(default="", max_length=MAX_KERNEL_ARGS, pattern=TEXT_PATTERN,
                              description="appended to the guest kernel's command line")
     cpu_model: Name | None = Field(default=None, description="QEMU CPU model; None = the cluster baseline")

@@ -41,8 +41,19 @@ class Accelerator(StrEnum):
 
 
 class BootKind(StrEnum):
+    """How a VM boots: the image's kernel and initramfs passed to QEMU (``-kernel``), or its first
+    disk through the BIOS (SeaBIOS), as a real machine does."""
+
     KERNEL = "kernel"
     DISK = "disk"
+
+
+class CloneMode(StrEnum):
+    """How a VM's first disk is made from a disk image: a qcow2 overlay backed by the image on the
+    same datastore (``linked``, instant, the image must stay), or a whole copy (``full``)."""
+
+    LINKED = "linked"
+    FULL = "full"
 
 
 class PowerAction(StrEnum):

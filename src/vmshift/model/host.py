@@ -27,6 +27,8 @@ class DatastoreInfo(BaseModel):
     capacity_mib: int = 0
     free_mib: int = 0
     images: list[str] = Field(default_factory=list)
+    disk_images: dict[str, int] = Field(
+        default_factory=dict, description="the images a VM can boot from by disk: name -> virtual size, MiB")
 
 
 class HostFacts(BaseModel):

@@ -26,6 +26,12 @@ LABEL_RULE = f"1-{NAME_MAX} letters, digits, spaces, '.', '_' or '-', starting w
 #: Free text handed to a guest kernel or a cron parser: printable, no control characters.
 TEXT_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 
+#: One OpenSSH public key line: its type, the base64 key, an optional comment (no control characters).
+SSH_KEY_PATTERN = (r"^(?:ssh-(?:rsa|ed25519|dss)|ecdsa-sha2-nistp(?:256|384|521)|sk-(?:ssh-ed25519|"
+                   r"ecdsa-sha2-nistp256)@openssh\.com) [A-Za-z0-9+/]+={0,3}(?: [^\x00-\x1f\x7f]*)?$")
+MAX_SSH_KEY = 8192  # a 16384-bit RSA key is about 2.8 KB in base64
+MAX_SSH_KEYS = 16
+
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 IPV4_PATTERN = rf"^(?:{_OCTET}\.){{3}}{_OCTET}$"
 CIDR_PATTERN = rf"^(?:{_OCTET}\.){{3}}{_OCTET}/(?:3[0-2]|[12]?[0-9])$"
@@ -55,6 +61,7 @@ PATTERN_RULES = {
     NAME_PATTERN: NAME_RULE,
     LABEL_PATTERN: LABEL_RULE,
     TEXT_PATTERN: "printable text without control characters (no newlines or tabs)",
+    SSH_KEY_PATTERN: "one OpenSSH public key line such as 'ssh-ed25519 AAAAC3Nza... user@host'",
     IPV4_PATTERN: "an IPv4 address such as 10.0.0.10",
     CIDR_PATTERN: "an IPv4 network such as 10.0.0.0/24",
     ADDRESS_PATTERN: "HOST:PORT with a port of 1-65535, such as 192.0.2.10:8101",

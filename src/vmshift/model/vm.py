@@ -20,7 +20,10 @@ class DiskSpec(BaseModel):
     file: str = Field(description="file name inside DATASTORE/VMNAME/")
     size_mib: int = Field(gt=0)
     format: DiskFormat = Field(default=DiskFormat.QCOW2, description="image format of the file")
-    backing_image: str | None = Field(default=None, description="image name whose disk backs this one")
+    backing_image: str | None = Field(default=None, description="image name whose disk backs this one "
+                                      "(a linked clone: a qcow2 overlay, the image on the same datastore)")
+    clone_of: str | None = Field(default=None, description="image name whose disk was copied whole into "
+                                 "this one when it was created (a full clone)")
 
 
 class NicSpec(BaseModel):
@@ -34,6 +37,19 @@ class NicSpec(BaseModel):
         if not MAC_RE.fullmatch(v):
             raise ValueError(f"MAC address {v!r} is not valid: use six hex pairs like 52:54:00:12:34:56")
         return v
+
+
+class SeedSpec(BaseModel):
+    """What a cloud-init NoCloud seed tells the guest (model/cloud_init.py turns it into files).
+
+    Part of the spec, so every host that defines or starts the VM writes the same seed: the seed
+    ISO moves with the VM by being made again from this wherever it is missing."""
+
+    instance_id: str = Field(description="cloud-init runs its first-boot steps once per instance id")
+    hostname: str
+    mac: str | None = Field(default=None, description="MAC of the NIC the address belongs to")
+    address: str | None = Field(default=None, description="ADDR/PREFIX the server allocated, static")
+    ssh_keys: list[str] = Field(default_factory=list, description="public keys for the default user")
 
 
 class BootSpec(BaseModel):
@@ -55,6 +71,7 @@ class VmSpec(BaseModel):
     disks: list[DiskSpec] = Field(default_factory=list)
     nics: list[NicSpec] = Field(default_factory=list)
     boot: BootSpec
+    seed: SeedSpec | None = Field(default=None, description="a cloud-init seed attached as a CD-ROM")
 
 
 class VmRuntime(BaseModel):

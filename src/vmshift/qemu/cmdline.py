@@ -17,6 +17,12 @@ from vmshift.model.vm import VmSpec
 QEMU_BINARY = "qemu-system-x86_64"
 SUSPEND_STATE_FILE = "suspended.state"
 SERIAL_CHARDEV = "serial0"
+SEED_ISO_FILE = "seed.iso"
+#: The cloud-init seed's CD-ROM: a SCSI CD on a virtio-scsi controller (the guests' kernels have the
+#: virtio-scsi and sr drivers; Debian's cloud kernel has no AHCI driver for q35's IDE/SATA CD).
+SEED_NODE = "drive-seed"
+SEED_DEVICE = "seed0"
+SCSI_CONTROLLER = "scsi0"
 #: QEMU's seccomp filter: no obsolete system calls, no set*uid/set*gid, no fork/exec, no changes to
 #: scheduling or CPU affinity. Live migration over TCP, a state file (suspend), blockdev-mirror,
 #: NBD exports and fd-passed taps all work under it (QEMU 10.0.2, docs/confinement.md).
@@ -63,6 +69,11 @@ class VmPaths:
     def suspend_state(self) -> Path:
         """The saved memory and device state of a suspended VM (QEMU ``mapped-ram`` format)."""
         return self.vm_dir / SUSPEND_STATE_FILE
+
+    @property
+    def seed_iso(self) -> Path:
+        """The VM's cloud-init seed (made from ``spec.seed`` where it is missing, agent/seed_iso.py)."""
+        return self.vm_dir / SEED_ISO_FILE
 
     @property
     def qmp_socket(self) -> Path:
@@ -178,6 +189,18 @@ def build_qemu_argv(
         if spec.boot.kind is BootKind.DISK and index == 0:
             device["bootindex"] = 0
         argv += ["-device", _json_arg(device)]
+
+    if spec.seed is not None:
+        argv += ["-blockdev", _json_arg({
+            "driver": "file", "node-name": "file-seed", "filename": str(paths.seed_iso), "read-only": True,
+        })]
+        argv += ["-blockdev", _json_arg({
+            "driver": "raw", "node-name": SEED_NODE, "file": "file-seed", "read-only": True,
+        })]
+        argv += ["-device", _json_arg({"driver": "virtio-scsi-pci", "id": SCSI_CONTROLLER})]
+        argv += ["-device", _json_arg({
+            "driver": "scsi-cd", "id": SEED_DEVICE, "bus": f"{SCSI_CONTROLLER}.0", "drive": SEED_NODE,
+        })]
 
     for index, (nic, tap) in enumerate(zip(spec.nics, taps, strict=True)):
         netdev = f"net{index}"

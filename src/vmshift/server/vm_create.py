@@ -9,12 +9,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from vmshift.errors import CapacityError, ConflictError, InvalidInputError, NotFoundError
-from vmshift.model.addressing import allocate_ip, generate_mac, ip_kernel_arg
+from vmshift.model.addressing import allocate_ip, generate_mac, ip_kernel_arg, prefixed
 from vmshift.model.api import EventKind, VmCreate
 from vmshift.model.baseline import NOT_A_BASELINE, choose_baseline, resolve_machine_type
-from vmshift.model.enums import BootKind, ConnectionState, PowerState
+from vmshift.model.enums import BootKind, CloneMode, ConnectionState, PowerState
 from vmshift.model.host import HostFacts
-from vmshift.model.vm import BootSpec, DiskSpec, NicSpec, VmSpec
+from vmshift.model.vm import BootSpec, DiskSpec, NicSpec, SeedSpec, VmSpec
 from vmshift.server.db.schema import (
     DatastoreRow,
     HostRow,
@@ -84,6 +84,48 @@ def _check_image(host: HostRow, ds: DatastoreRow, image: str) -> None:
         )
 
 
+def _check_disk_image(host: HostRow, ds: DatastoreRow, image: str) -> int:
+    """The virtual size (MiB) of disk image ``image`` on ``ds`` as ``host`` reports it."""
+    seen = next((d for d in host_facts(host).datastores if d.name == ds.name), None)
+    disk_images = seen.disk_images if seen is not None else {}
+    if image not in disk_images:
+        raise NotFoundError(
+            f"Disk image {image!r} is not on datastore {ds.name}.",
+            hint=names_hint(f"disk images on {ds.name} (import one with 'vmshift image import')",
+                            sorted(disk_images)),
+        )
+    return disk_images[image]
+
+
+def _check_boot_options(req: VmCreate) -> None:
+    if req.disk_image is None:
+        if req.ssh_keys:
+            raise InvalidInputError("SSH keys go into a cloud-init seed, which only a VM booted from a disk "
+                                    "image gets.", hint="Add disk_image, or leave ssh_keys out.")
+        if req.clone is not CloneMode.LINKED:
+            raise InvalidInputError("clone applies to a VM made from a disk image.",
+                                    hint="Add disk_image, or leave clone out.")
+    elif req.kernel_args.strip():
+        raise InvalidInputError("kernel_args apply to kernel boot only: a VM booted from a disk image runs "
+                                "the kernel its own boot loader chooses.",
+                                hint="Leave kernel_args out, or boot a kernel image with 'image'.")
+
+
+def _disks(req: VmCreate, ds: DatastoreRow, image_mib: int | None) -> list[DiskSpec]:
+    """The VM's disks: with a disk image the first is made from it (an overlay or a whole copy), at
+    least the image's size; the others are empty."""
+    sizes = list(req.disks_mib)
+    if image_mib is None:
+        return [DiskSpec(datastore=ds.name, file=f"disk{i}.qcow2", size_mib=n) for i, n in enumerate(sizes)]
+    first = max([image_mib, *sizes[:1]])
+    linked = req.clone is CloneMode.LINKED
+    disks = [DiskSpec(datastore=ds.name, file="disk0.qcow2", size_mib=first,
+                      backing_image=req.disk_image if linked else None,
+                      clone_of=None if linked else req.disk_image)]
+    return disks + [DiskSpec(datastore=ds.name, file=f"disk{i}.qcow2", size_mib=size)
+                    for i, size in enumerate(sizes[1:], start=1)]
+
+
 def choose_cpu_model(host: HostRow, facts: HostFacts, requested: str | None) -> str:
     """The requested model if this host runs it, else the cluster baseline over connected hosts."""
     if requested is not None:
@@ -115,7 +157,12 @@ def create_vm_row(s: Session, req: VmCreate, rng: random.Random | None = None) -
     _check_host_usable(host)
     ds = _check_datastore(s, host, req.datastore)
     nets = _check_networks(s, host, req.networks)
-    _check_image(host, ds, req.image)
+    _check_boot_options(req)
+    image_mib = None
+    if req.disk_image is not None:
+        image_mib = _check_disk_image(host, ds, req.disk_image)
+    else:
+        _check_image(host, ds, req.image)
     facts = host_facts(host)
     if req.memory_mib > facts.memory_total_mib:
         raise CapacityError(
@@ -143,25 +190,31 @@ def create_vm_row(s: Session, req: VmCreate, rng: random.Random | None = None) -
                 s.scalars(select(IpAllocationRow.address).where(IpAllocationRow.network_id == net.id))
             )
             ips.append((net, allocate_ip(net.pool_cidr, net.pool_first, net.pool_last, used_ips)))
+    vm_uuid = str(uuid.uuid4())
     cmdline = req.kernel_args.strip()
-    if ips:
-        net0, addr0 = ips[0]
-        cmdline = f"{cmdline} {ip_kernel_arg(addr0, net0.pool_cidr or '')}".strip()
-    disks = [
-        DiskSpec(datastore=ds.name, file=f"disk{i}.qcow2", size_mib=size)
-        for i, size in enumerate(req.disks_mib)
-    ]
+    seed = None
+    if req.disk_image is not None:
+        boot = BootSpec(kind=BootKind.DISK, image=req.disk_image)
+        seed = SeedSpec(instance_id=vm_uuid, hostname=req.name, mac=nics[0].mac if nics else None,
+                        address=prefixed(ips[0][1], ips[0][0].pool_cidr or "") if ips else None,
+                        ssh_keys=list(req.ssh_keys))
+    else:
+        if ips:
+            net0, addr0 = ips[0]
+            cmdline = f"{cmdline} {ip_kernel_arg(addr0, net0.pool_cidr or '')}".strip()
+        boot = BootSpec(kind=BootKind.KERNEL, image=req.image, cmdline=cmdline)
     spec = VmSpec(
         name=req.name,
-        uuid=str(uuid.uuid4()),
+        uuid=vm_uuid,
         cpus=req.cpus,
         memory_mib=req.memory_mib,
         cpu_model=cpu_model,
         machine_type=machine,
         datastore=ds.name,
-        disks=disks,
+        disks=_disks(req, ds, image_mib),
         nics=nics,
-        boot=BootSpec(kind=BootKind.KERNEL, image=req.image, cmdline=cmdline),
+        boot=boot,
+        seed=seed,
     )
     vm = VmRow(
         name=spec.name,
@@ -170,7 +223,7 @@ def create_vm_row(s: Session, req: VmCreate, rng: random.Random | None = None) -
         spec=spec.model_dump(mode="json"),
         power_state=PowerState.POWERED_OFF,
         ip=ips[0][1] if ips else None,
-        image=req.image,
+        image=req.disk_image or req.image,
         kernel_args=req.kernel_args,
         stats={},
     )

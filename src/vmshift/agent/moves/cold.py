@@ -349,8 +349,11 @@ class ColdMover:
 
 def _remove_old(old: VmPaths, new: VmPaths) -> None:
     """The VM's old files that the new definition does not use, then its old folders if empty."""
-    keep = {*new.disks, new.suspend_state, new.serial_log, new.serial_log_old, new.vm_dir / SPEC_FILE}
-    for path in [*old.disks, old.suspend_state, old.serial_log, old.serial_log_old, old.vm_dir / SPEC_FILE]:
+    keep = {*new.disks, new.suspend_state, new.serial_log, new.serial_log_old, new.seed_iso,
+            new.vm_dir / SPEC_FILE}
+    # The seed ISO is not copied: the next start makes it again from the spec in the new folder.
+    for path in [*old.disks, old.suspend_state, old.serial_log, old.serial_log_old, old.seed_iso,
+                 old.vm_dir / SPEC_FILE]:
         if path not in keep:
             path.unlink(missing_ok=True)
     folders = {old.vm_dir, *(d.parent for d in old.disks)} - {new.vm_dir, *(d.parent for d in new.disks)}

@@ -13,7 +13,14 @@ from sqlalchemy.exc import IntegrityError
 
 from vmshift.errors import ConflictError
 from vmshift.http_edge import bearer_auth, error_response, install_error_handlers
-from vmshift.server.api import routes_inventory, routes_migrations, routes_schedules, routes_tasks, routes_vms
+from vmshift.server.api import (
+    routes_images,
+    routes_inventory,
+    routes_migrations,
+    routes_schedules,
+    routes_tasks,
+    routes_vms,
+)
 from vmshift.server.api.openapi import COMMON, COMMON_TEXT_ROUTE
 from vmshift.server.core import ServerCore
 from vmshift.server.metrics import render_metrics
@@ -67,7 +74,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     )
     _install_error_handlers(app)
     deps = [Depends(require_token)]
-    for module in (routes_inventory, routes_vms, routes_tasks, routes_migrations, routes_schedules):
+    for module in (routes_inventory, routes_vms, routes_tasks, routes_migrations, routes_schedules,
+                   routes_images):
         app.include_router(module.router, prefix=API_PREFIX, dependencies=deps, responses=COMMON)
 
     @app.get("/metrics", dependencies=deps, response_class=PlainTextResponse, responses=COMMON_TEXT_ROUTE)
