@@ -297,8 +297,12 @@ def test_target_that_cannot_load_the_state_gives_the_vm_back(mlab: Lab) -> None:
     for mid in (IDS + 106, IDS + 116):
         try:
             start_migration(mlab, 1, 2, mid, target_spec={**spec, "cpus": 1}, vm=name)
-        finally:
-            spec_file.write_text(original)  # the target adopts the folder and wrote its (wrong) spec there
+        finally:  # the target adopts the folder and wrote its (wrong) spec there: put the right one
+            # back whole, as the agents write it (the source reads it meanwhile: a half-written file
+            # made it think its VM was gone, "The source QEMU of VM 'mig-2' is not running")
+            restoring = spec_file.with_suffix(".restore")
+            restoring.write_text(original)
+            restoring.replace(spec_file)
         p = wait_finished(mlab, 1, mid, timeout=120)
         print("failed load:", p["error"], "after", p.get("transferred_bytes"), "bytes")
         if p["error"]["code"] != "migration_failed" or p.get("transferred_bytes"):
