@@ -1,13 +1,14 @@
 """Agent side of live migration (issue 3, items 4-6), driven through the agent APIs only.
 
-One lab of two hosts for the module (its server only creates the VM and gives it an IP); the
+The session lab (tests/lab/conftest.py): its server only creates the VMs and gives them an IP; the
 migrations themselves go: incoming on the target agent -> outgoing on the source agent -> progress.
+Their ids start at ``IDS``, far above the ids the server hands out to the other tests' migrations, so
+an agent's records of these never clash with a later one; the module deletes its VMs at its end.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
 import signal
 import time
 from collections.abc import Iterator
@@ -17,15 +18,16 @@ import httpx
 import psutil
 import pytest
 
-from tests.lab.helpers import qemu_pids, wait_for
+from tests.lab.helpers import LabHandle, qemu_pids, vmshift, wait_for
 from vmshift.lab import lab as labmod
 from vmshift.lab import processes
-from vmshift.lab.layout import LabRecord
+from vmshift.lab.layout import LabRecord, load_record
 from vmshift.migration.grants import mint_grant
 
 pytestmark = pytest.mark.lab
 VM = "mig-1"
 MIB = 1 << 20
+IDS = 900_000
 
 
 class Lab:
@@ -53,13 +55,15 @@ class Lab:
 
 
 @pytest.fixture(scope="module")
-def mlab() -> Iterator[Lab]:
-    name = f"m{secrets.token_hex(3)}"
-    rec = labmod.up(name=name, hosts=2)
+def mlab(lab: LabHandle) -> Iterator[Lab]:
+    rec = load_record(lab.name)
+    assert rec is not None
     try:
         yield Lab(rec)
-    finally:
-        labmod.down(name)
+    finally:  # leave the session lab as this module found it
+        for name in (VM, "mig-2"):
+            vmshift(lab, "vm", "stop", name, check=False)
+            vmshift(lab, "vm", "delete", name, check=False)
 
 
 def _healthy(lab: Lab, vm: str) -> dict[str, Any] | None:
@@ -166,11 +170,11 @@ def test_netperf_and_dirty_rate(mlab: Lab, vm: dict[str, Any]) -> None:
 
 def test_live_migration_completes_and_guest_is_intact(mlab: Lab, vm: dict[str, Any]) -> None:
     before = wait_for("the guest", lambda: _healthy(mlab, VM), timeout=60)
-    start_migration(mlab, 1, 2, 101)
-    p = wait_finished(mlab, 1, 101)
+    start_migration(mlab, 1, 2, IDS + 101)
+    p = wait_finished(mlab, 1, IDS + 101)
     assert p["status"] == "completed", p
     met = p["metrics"]
-    print("migration 101 metrics:", json.dumps(met), "actions:", [a["kind"] for a in p["actions"]])
+    print("migration metrics:", json.dumps(met), "actions:", [a["kind"] for a in p["actions"]])
     assert met["total_ms"] and met["total_ms"] > 0 and met["downtime_ms"] is not None
     assert met["bytes_sent"] > 0 and met["rounds"] >= 1
     first = p["actions"][0]  # the policy's initial limit, set before `migrate`
@@ -183,7 +187,7 @@ def test_live_migration_completes_and_guest_is_intact(mlab: Lab, vm: dict[str, A
 
 
 def test_target_qemu_killed_in_precopy_rolls_back(mlab: Lab, vm: dict[str, Any]) -> None:
-    src, dst, mid = 2, 1, 102
+    src, dst, mid = 2, 1, IDS + 102
     running = runs_unpaused_on(mlab, src)
     before = wait_for("the guest", lambda: _healthy(mlab, VM), timeout=60)
     start_migration(mlab, src, dst, mid, {"bandwidth_limit_bps": 4 * MIB})
@@ -205,7 +209,7 @@ def test_target_qemu_killed_in_precopy_rolls_back(mlab: Lab, vm: dict[str, Any])
 
 
 def test_user_cancel_rolls_back(mlab: Lab, vm: dict[str, Any]) -> None:
-    src, dst, mid = 2, 1, 103
+    src, dst, mid = 2, 1, IDS + 103
     running = runs_unpaused_on(mlab, src)
     start_migration(mlab, src, dst, mid, {"bandwidth_limit_bps": 4 * MIB})
     with mlab.agent(src) as a:
@@ -224,7 +228,7 @@ def test_user_cancel_rolls_back(mlab: Lab, vm: dict[str, Any]) -> None:
 
 def test_source_agent_restart_mid_migration_resumes(mlab: Lab, vm: dict[str, Any]) -> None:
     """SIGKILL the source agent in pre-copy: QEMU keeps migrating; the restarted agent finishes the job."""
-    src, dst, mid = 2, 1, 104
+    src, dst, mid = 2, 1, IDS + 104
     before = wait_for("the guest", lambda: _healthy(mlab, VM), timeout=60)
     start_migration(mlab, src, dst, mid, {"bandwidth_limit_bps": 40 * MIB})
     with mlab.agent(src) as a:
@@ -241,7 +245,7 @@ def test_source_agent_restart_mid_migration_resumes(mlab: Lab, vm: dict[str, Any
 def test_cut_migration_link_rolls_back(mlab: Lab, vm: dict[str, Any]) -> None:
     from vmshift.lab import topology
 
-    mid = 105
+    mid = IDS + 105
     src = host_of_vm(mlab)
     dst = 3 - src
     running = runs_unpaused_on(mlab, src)
@@ -263,7 +267,7 @@ def test_cut_migration_link_rolls_back(mlab: Lab, vm: dict[str, Any]) -> None:
 def test_postcopy_when_allowed_and_asked_for(mlab: Lab, vm: dict[str, Any]) -> None:
     """Post-copy allowed and asked for after 1 s, the link held to 16 MiB/s: the target runs the VM
     while its pages still arrive on demand. memtest, which verifies every page it reads, stays clean."""
-    mid = 107
+    mid = IDS + 107
     src = host_of_vm(mlab)
     dst = 3 - src
     before = wait_for("the guest", lambda: _healthy(mlab, VM), timeout=60)
@@ -290,11 +294,15 @@ def test_target_that_cannot_load_the_state_gives_the_vm_back(mlab: Lab) -> None:
     before = wait_for("the guest", lambda: _healthy(mlab, name), timeout=60)
     spec_file = mlab.rec.layout.lab_dir / "datastores" / "shared-1" / name / "vm.json"
     original = spec_file.read_text()
-    for mid in (106, 116):
+    for mid in (IDS + 106, IDS + 116):
         try:
             start_migration(mlab, 1, 2, mid, target_spec={**spec, "cpus": 1}, vm=name)
-        finally:
-            spec_file.write_text(original)  # the target adopts the folder and wrote its (wrong) spec there
+        finally:  # the target adopts the folder and wrote its (wrong) spec there: put the right one
+            # back whole, as the agents write it (the source reads it meanwhile: a half-written file
+            # made it think its VM was gone, "The source QEMU of VM 'mig-2' is not running")
+            restoring = spec_file.with_suffix(".restore")
+            restoring.write_text(original)
+            restoring.replace(spec_file)
         p = wait_finished(mlab, 1, mid, timeout=120)
         print("failed load:", p["error"], "after", p.get("transferred_bytes"), "bytes")
         if p["error"]["code"] != "migration_failed" or p.get("transferred_bytes"):

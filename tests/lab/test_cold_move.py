@@ -1,12 +1,13 @@
 """Cold moves between hosts (issue 8, item 4): NBD exports on the target, qemu-img on the source.
 
-One lab, one VM for the module: booted with the disk log so its first disk holds durable records,
-then stopped; its second disk is 4 GiB holding 256 MiB of data (a sparse disk). The agent pieces
-are driven through ``AgentClient`` (exports on host-2, the copy job on host-1) for the failures —
-cancel, the export killed, qemu-img killed, the source agent killed, the target datastore full —
-each of which must leave the VM's files as they were and nothing on the target once the exports
-are deleted. Then the whole move through the CLI (``vmshift vm migrate --host --datastore``), and
-the VM boots on host-2 with every durable disk-log record intact.
+The session lab (tests/lab/conftest.py) and one VM for the module, deleted at its end: booted with
+the disk log so its first disk holds durable records, then stopped; its second disk is 4 GiB holding
+256 MiB of data (a sparse disk). The agent pieces are driven through ``AgentClient`` (exports on
+host-2, the copy job on host-1) for the failures — cancel, the export killed, qemu-img killed, the
+source agent killed, the target datastore full — each of which must leave the VM's files as they
+were and nothing on the target once the exports are deleted. Then the whole move through the CLI
+(``vmshift vm migrate --host --datastore``), and the VM boots on host-2 with every durable disk-log
+record intact.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import asyncio
 import hashlib
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -28,12 +28,12 @@ import httpx
 import psutil
 import pytest
 
-from tests.lab.helpers import wait_for
+from tests.lab.helpers import LabHandle, vmshift, wait_for
 from vmshift.client.agent import AgentClient
 from vmshift.errors import ApiError
 from vmshift.lab import lab as labmod
 from vmshift.lab import processes
-from vmshift.lab.layout import LabRecord
+from vmshift.lab.layout import LabRecord, load_record
 from vmshift.lab.probe import verify_ok
 from vmshift.lab.topology import set_migration_link_rate
 from vmshift.migration.disk_plan import disk_sizes_bytes, relocated_spec
@@ -87,23 +87,14 @@ class Lab:
 
 
 @pytest.fixture(scope="module")
-def clab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    config_dir = tmp_path_factory.mktemp("vmshift-config")
-    old = os.environ.get("VMSHIFT_CONFIG_DIR")
-    os.environ["VMSHIFT_CONFIG_DIR"] = str(config_dir)  # labmod.up saves its CLI context there
-    name = f"c{secrets.token_hex(3)}"
-    rec = labmod.up(name=name, hosts=2)
+def clab(lab: LabHandle) -> Iterator[Lab]:
+    rec = load_record(lab.name)
+    assert rec is not None and rec.server_url and rec.token
     try:
-        assert rec.server_url and rec.token
-        env = {**os.environ, "VMSHIFT_SERVER": rec.server_url, "VMSHIFT_TOKEN": rec.token,
-               "VMSHIFT_CA_FILE": str(rec.ca_file)}
-        yield Lab(rec, env)
-    finally:
-        labmod.down(name)
-        if old is None:
-            os.environ.pop("VMSHIFT_CONFIG_DIR", None)
-        else:
-            os.environ["VMSHIFT_CONFIG_DIR"] = old
+        yield Lab(rec, lab.env)
+    finally:  # leave the session lab as this module found it
+        vmshift(lab, "vm", "stop", VM, check=False)
+        vmshift(lab, "vm", "delete", VM, check=False)
 
 
 def _healthy(lab: Lab, vm: str) -> dict[str, Any] | None:
@@ -298,6 +289,7 @@ def test_target_agent_restart_mid_copy_does_not_disturb_it(clab: Lab, vm: Stoppe
     _copying(clab, mid)
     processes.kill_agent(clab.rec.name, 2)
     processes.start_agent(clab.rec.name, 2)
+    set_migration_link_rate(clab.rec.layout, 1, None)  # the restart happened mid-copy: finish it unshaped
     p = _ended(clab, mid)
     assert p.state is MoveState.COMPLETED and [d.identical for d in p.disks] == [True, True], p
     _nothing_left(clab, vm, mid, exports)

@@ -45,16 +45,33 @@ def vm(lab: LabHandle) -> Iterator[dict[str, Any]]:
         "--kernel-args", "vmshift.memtest=48,4 vmshift.disklog=1", "--start",
     ))
     guest_check(lab, VM)
-    for k in lay.host_numbers:
-        set_migration_link_rate(lay, k, LINK)
     try:
         yield created
     finally:
         for k in lay.host_numbers:
-            set_migration_link_rate(lay, k, None)
             processes.ensure_agent(lab.name, k)
         vmshift(lab, "vm", "stop", VM, check=False)
         vmshift(lab, "vm", "delete", VM, check=False)
+
+
+@pytest.fixture(autouse=True)
+def slow_link(lab: LabHandle) -> Iterator[None]:
+    """Each test starts on the slow link (a test may lift it once its fault is in place)."""
+    lay = layout(lab)
+    for k in lay.host_numbers:
+        set_migration_link_rate(lay, k, LINK)
+    try:
+        yield
+    finally:
+        lift_slow_link(lab)
+
+
+def lift_slow_link(lab: LabHandle) -> None:
+    """What is left of the stream needs no slow link once the fault is set up: at 80 Mbit/s the
+    whole of this guest takes ~23 s, unshaped a few."""
+    lay = layout(lab)
+    for k in lay.host_numbers:
+        set_migration_link_rate(lay, k, None)
 
 
 def agent(lab: LabHandle, host: str) -> httpx.Client:
@@ -89,6 +106,7 @@ def freeze_source_until_stream_completed(lab: LabHandle, api: VmshiftClient, mid
     (it stays paused: nobody has confirmed)."""
     wait_migration_phase(api, mid, {"precopy"})
     signal_agent(lab, src, signal.SIGSTOP)
+    lift_slow_link(lab)  # QEMU finishes the stream on its own: nothing to race against any more
     state = wait_for("the target's stream to complete",
                      lambda: s if (s := incoming(lab, dst, mid))["stream"] == "completed" else None,
                      timeout=120, interval=0.2)
@@ -113,6 +131,7 @@ def test_target_waits_paused_until_the_source_confirms(
     assert "-S" in argv and "-incoming" in argv, argv
     state = incoming(lab, dst, mid)
     assert state["qemu_status"] == "inmigrate" and state["stream"] in ("active", "setup"), state
+    lift_slow_link(lab)
     end = wait_end(api, mid)
     assert end["status"] == "completed", end["error"]
     verify_guest(lab, api, VM, dst, before)
@@ -194,6 +213,7 @@ def test_server_restarted_after_completed(lab: LabHandle, api: VmshiftClient, vm
     assert rec is not None
     server_pid = rec.pids["server"]
     os.kill(server_pid, signal.SIGSTOP)
+    lift_slow_link(lab)  # the server froze in pre-copy: the agents finish without it
     try:
         wait_for("the target to run the VM",
                  lambda: incoming(lab, dst, mid)["state"] == "activated", timeout=120, interval=0.3)

@@ -171,8 +171,12 @@ class IncomingMigrations:
         if alive:
             with contextlib.suppress(VmshiftError):
                 qmp = self.supervisor.qmp_session(rec.vm)
-                run_state = (await qmp.query_status()).status
+                # The stream first: QEMU sets the loaded VM's run state (paused under -S) before it
+                # marks the incoming migration completed, so a completed stream is never reported
+                # beside the "inmigrate" it had left a moment before (read the other way round, a
+                # stream completing between the two reads showed exactly that).
                 stream = str((await mq.query_migrate(qmp)).get("status", "none"))
+                run_state = (await qmp.query_status()).status
                 if rec.target_state is TargetState.LISTENING:  # afterwards its parameters are reset
                     encrypted = await migration_tls.encrypted(qmp)
         assert rec.target_state is not None

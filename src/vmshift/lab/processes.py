@@ -275,7 +275,7 @@ def kill_agent(lab: LabRecord | str, host: int | str, sig: int = signal.SIGKILL)
         raise LabError(f"The agent of host-{host} in lab {rec.name!r} is not running.")
     os.kill(pid, sig)
     if sig in (signal.SIGKILL, signal.SIGTERM):
-        psutil.wait_procs([psutil.Process(pid)], timeout=STOP_TIMEOUT_S)
+        wait_ended([psutil.Process(pid)], STOP_TIMEOUT_S)
 
 
 def stop_agent(lab: LabRecord | str, host: int | str) -> None:
@@ -320,6 +320,32 @@ def stop_pid(pid: int | None, marker: str) -> None:
         terminate([pid])
 
 
+def _exited(p: psutil.Process) -> bool:
+    """Gone, or a zombie: it ended, and only its parent can reap it."""
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def wait_ended(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until each process has exited; returns those still running after ``timeout``.
+
+    ``psutil.wait_procs`` alone counts a zombie as alive. A process of the lab that another process
+    started (a test restarting an agent, say) stays a zombie after it exited until that parent reaps
+    it, so waiting for it to vanish used the whole timeout: `lab down` took 20 s per restarted
+    process. Our own children are reaped here; a zombie of anyone else counts as ended.
+    """
+    deadline = time.monotonic() + timeout
+    alive = procs
+    while True:
+        _, alive = psutil.wait_procs(alive, timeout=0.05)
+        alive = [p for p in alive if not _exited(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.05)
+
+
 def terminate(pids: list[int], timeout: float = STOP_TIMEOUT_S) -> None:
     """SIGTERM, wait, then SIGKILL whatever is left."""
     procs = []
@@ -330,13 +356,13 @@ def terminate(pids: list[int], timeout: float = STOP_TIMEOUT_S) -> None:
             procs.append(p)
         except psutil.Error:
             continue
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    alive = wait_ended(procs, timeout)
     for p in alive:
         try:
             p.kill()
         except psutil.Error:
             continue
-    psutil.wait_procs(alive, timeout=timeout)
+    wait_ended(alive, timeout)
 
 
 def qemu_pids(lay: LabLayout) -> list[int]:
