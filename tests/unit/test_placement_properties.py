@@ -1,0 +1,121 @@
+"""Properties of the DRS recommender over random clusters and load traces (Hypothesis):
+
+* every applied move lowers the objective, measured afresh on the cluster it leaves behind;
+* no must rule that held before a pass is broken by it (and no broken one gets worse);
+* no VM is moved twice within its cooldown;
+* under steady load the passes stop moving VMs, and stay stopped (no oscillation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.unit.placement_cluster import cluster, host, vm
+from vmshift.placement.recommendation import DrsMemory
+from vmshift.placement.recommender import recommend
+from vmshift.placement.rules import violations
+from vmshift.placement.settings import DrsSettings
+from vmshift.placement.simulate import applied
+from vmshift.placement.snapshot import (
+    ClusterSnapshot,
+    DrsAutomation,
+    LoadSample,
+    Rule,
+    RuleKind,
+    RuleStrength,
+)
+from vmshift.placement.state import ClusterState
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PASSES = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def clusters(draw: st.DrawFn) -> ClusterSnapshot:
+    n_hosts = draw(st.integers(2, 6))
+    hosts = [host(f"host-{i}", cpus=draw(st.sampled_from([2, 4, 8])),
+                  memory_mib=draw(st.sampled_from([4096, 8192, 16384])),
+                  migration_limit=draw(st.integers(1, 4))) for i in range(n_hosts)]
+    vms = []
+    for i in range(draw(st.integers(1, 18))):
+        on = draw(st.sampled_from(hosts))
+        trace = tuple(LoadSample(draw(st.floats(0, 2)), draw(st.floats(50, 1000))) for _ in range(3))
+        vms.append(vm(f"vm-{i}", on.name, memory_mib=1024, history=trace * 5,
+                      dirty_rate_bps=draw(st.sampled_from([1e6, 5e7, 3e8]))))
+    rules = []
+    names = [v.name for v in vms]
+    where = {v.name: v.host for v in vms}
+    for j in range(draw(st.integers(0, 4))):
+        kind = draw(st.sampled_from(list(RuleKind)))
+        strength = draw(st.sampled_from(list(RuleStrength)))
+        members = frozenset(draw(st.lists(st.sampled_from(names), min_size=1, max_size=3)))
+        hosts_of_rule = frozenset(draw(st.lists(st.sampled_from([h.name for h in hosts]), min_size=1,
+                                                max_size=2)))
+        rule = Rule(f"r{j}", kind, strength, members, hosts_of_rule)
+        if strength is RuleStrength.MUST and violations(rule, where) > 0:
+            rule = replace(rule, strength=RuleStrength.SHOULD)  # start from a cluster that keeps its musts
+        rules.append(rule)
+    return cluster(hosts, vms, rules)
+
+
+def fresh_objective(snap: ClusterSnapshot, s: DrsSettings) -> float:
+    return ClusterState(snap, s).objective()
+
+
+@SETTINGS
+@given(clusters(), st.integers(1, 5))
+def test_every_applied_move_lowers_the_objective_and_keeps_every_must_rule(snap: ClusterSnapshot,
+                                                                           threshold: int) -> None:
+    s = DrsSettings(automation=DrsAutomation.FULLY, threshold=threshold, persist_passes=1)
+    p = recommend(snap, s)
+    before = fresh_objective(snap, s)
+    assert abs(before - p.objective_before) < 1e-9
+    for r in p.recommendations:
+        snap = applied(snap, [r])
+        after = fresh_objective(snap, s)
+        assert after < before, r
+        before = after
+    where = {v.name: v.host for v in snap.vms}
+    for rule in snap.rules:
+        if rule.strength is RuleStrength.MUST:
+            assert violations(rule, where) == 0, rule
+
+
+@PASSES
+@given(clusters(), st.data())
+def test_no_vm_moves_twice_within_its_cooldown_under_shifting_load(snap: ClusterSnapshot,
+                                                                   data: st.DataObject) -> None:
+    s = DrsSettings(automation=DrsAutomation.FULLY, threshold=5, persist_passes=1, cooldown_s=600)
+    memory = DrsMemory()
+    last: dict[str, float] = {}
+    for _ in range(15):
+        p = recommend(snap, s, memory)
+        memory = p.memory
+        for r in p.recommendations:
+            assert snap.now_s - last.get(r.vm, -1e9) >= s.cooldown_s, r.vm
+            last[r.vm] = snap.now_s
+        snap = applied(snap, p.recommendations)
+        # the load shifts: every VM's newest sample is drawn afresh
+        vms = tuple(replace(v, history=(*v.history[1:], LoadSample(data.draw(st.floats(0, 2)), 500.0)))
+                    for v in snap.vms)
+        snap = replace(snap, vms=vms, now_s=snap.now_s + 60)
+
+
+@PASSES
+@given(clusters(), st.integers(2, 5))
+def test_steady_load_converges_to_no_moves(snap: ClusterSnapshot, threshold: int) -> None:
+    # every move lowers the objective, so the passes must run out of moves; a short cooldown lets
+    # them get there within the 40 passes
+    s = DrsSettings(automation=DrsAutomation.FULLY, threshold=threshold, cooldown_s=120)
+    memory = DrsMemory()
+    moves = []
+    for _ in range(40):
+        p = recommend(snap, s, memory)
+        memory = p.memory
+        moves.append(len(p.recommendations))
+        snap = replace(applied(snap, p.recommendations), now_s=snap.now_s + 60)
+    assert moves[-10:] == [0] * 10, moves
+    assert sum(moves) <= 3 * len(snap.vms), moves
