@@ -207,16 +207,19 @@ class _Pass:
                                       "override, filters or concurrency limits).")
                 break
             src_name = self.state.host_of[best.vm.name]
+            ratio = (f"{best.benefit / best.cost.cost:.1f} x its cost" if best.cost.cost > 0
+                     else "positive and it costs nothing")
             self.apply(best, MoveReason.BALANCE,
                        f"{src_name} runs {load[self.state.index[src_name or '']] - mean:.2f} above the "
-                       f"cluster's mean load; the move's benefit is {best.benefit / best.cost.cost:.1f} "
-                       "x its cost.")
+                       f"cluster's mean load; the move's benefit is {ratio}.")
 
     def _weight(self, vm: VmState) -> float:
+        """The VM's share of its host's load: the busiest are tried first."""
         i = self.state.index[self.state.host_of[vm.name] or ""]
         s = self.settings
-        return float(s.cpu_weight * self.state.vm_cpu[vm.name].mean() / self.state.cpu_cap[i]
-                     + s.memory_weight * self.state.vm_mem[vm.name].mean() / self.state.mem_cap[i])
+        cpu, mem = self.state.vm_mean[vm.name]
+        return float(s.cpu_weight * cpu / self.state.cpu_cap[i]
+                     + s.memory_weight * mem / self.state.mem_cap[i])
 
 
 def recommend(snapshot: ClusterSnapshot, settings: DrsSettings | None = None,

@@ -55,8 +55,8 @@ class DrsSettings:
     cost_per_downtime_s: float = 0.05
     should_penalty: float = 0.05  # objective units per broken should rule member
     must_penalty: float = 1.0  # per broken must rule member (only ever found, never made)
-    max_sources: int = 4  # hottest hosts looked at per step of a pass
-    max_vms_per_source: int = 12  # busiest movable VMs looked at per source
+    max_sources: int = 3  # hottest hosts looked at per step of a pass
+    max_vms_per_source: int = 8  # busiest movable VMs looked at per source
     max_targets: int = 6  # best targets by objective whose filters are run per VM
 
     def __post_init__(self) -> None:

@@ -60,6 +60,7 @@ class ClusterState:
         self.committed: dict[str, int] = defaultdict(int)
         self.vm_cpu: dict[str, Array] = {}
         self.vm_mem: dict[str, Array] = {}
+        self.vm_mean: dict[str, tuple[float, float]] = {}  # CPU and memory use over the window
         self.rules_of: dict[str, list[Rule]] = defaultdict(list)
         for rule in snapshot.rules:
             for v in rule.vms:
@@ -71,6 +72,7 @@ class ClusterState:
                 self.committed[vm.migrating_to] += committed_mib(vm.memory_mib)
             c, m = _series(vm, w)
             self.vm_cpu[vm.name], self.vm_mem[vm.name] = c, m
+            self.vm_mean[vm.name] = (float(c.mean()), float(m.mean()))
             if (i := self.index.get(vm.host)) is not None:
                 self.cpu[i] += c / self.cpu_cap[i]
                 self.mem[i] += m / self.mem_cap[i]
