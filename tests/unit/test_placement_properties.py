@@ -3,7 +3,8 @@
 * every applied move lowers the objective, measured afresh on the cluster it leaves behind;
 * no must rule that held before a pass is broken by it (and no broken one gets worse);
 * no VM is moved twice within its cooldown;
-* under steady load the passes stop moving VMs, and stay stopped (no oscillation).
+* under steady load the passes stop moving VMs, and stay stopped (no oscillation);
+* an evacuation plan and an initial placement never break a must rule nor overfill a host.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.unit.placement_cluster import cluster, host, vm
-from vmshift.placement.recommendation import DrsMemory
+from vmshift.placement.capacity import committed_mib
+from vmshift.placement.evacuation import plan_evacuation
+from vmshift.placement.initial import place
+from vmshift.placement.recommendation import DrsMemory, MoveReason, Recommendation
 from vmshift.placement.recommender import recommend
 from vmshift.placement.rules import violations
 from vmshift.placement.settings import DrsSettings
@@ -119,3 +123,45 @@ def test_steady_load_converges_to_no_moves(snap: ClusterSnapshot, threshold: int
         snap = replace(applied(snap, p.recommendations), now_s=snap.now_s + 60)
     assert moves[-10:] == [0] * 10, moves
     assert sum(moves) <= 3 * len(snap.vms), moves
+
+
+@SETTINGS
+@given(clusters(), st.data())
+def test_evacuation_and_initial_placement_never_break_a_must_rule_or_overfill_a_host(
+        snap: ClusterSnapshot, data: st.DataObject) -> None:
+    drained = data.draw(st.sampled_from([h.name for h in snap.hosts]))
+    plan = plan_evacuation(snap, drained)
+    leaving = {v.name for v in snap.vms if v.host == drained}
+    if plan.refused is not None:
+        assert plan.steps == () and plan.refused.startswith(f"Host {drained} cannot enter maintenance")
+    else:
+        assert {s.vm for s in plan.steps} == leaving
+        assert all(s.target != drained for s in plan.steps)
+        after = applied(snap, [_as_move(snap, s.vm, s.target) for s in plan.steps])
+        where = {v.name: v.host for v in after.vms}
+        assert all(violations(r, where) == 0 for r in after.rules if r.strength is RuleStrength.MUST)
+        for h in after.hosts:
+            if h.name != drained:
+                used = sum(committed_mib(v.memory_mib) for v in after.vms if v.host == h.name)
+                assert used <= max(h.memory_mib, before_mib(snap, h.name))
+    new = vm("new", "", memory_mib=data.draw(st.sampled_from([512, 2048, 8192])))
+    others = data.draw(st.lists(st.sampled_from([v.name for v in snap.vms]), max_size=3))
+    rule = Rule("new-apart", RuleKind.VM_ANTI_AFFINITY, RuleStrength.MUST, frozenset({"new", *others}))
+    with_rule = replace(snap, rules=(*snap.rules, rule))
+    choice = place(with_rule, new)
+    if choice.host is not None:
+        where = {v.name: v.host for v in with_rule.vms} | {"new": choice.host}
+        assert all(violations(r, where) == 0 for r in with_rule.rules if r.strength is RuleStrength.MUST)
+        used = sum(committed_mib(v.memory_mib) for v in with_rule.vms if v.host == choice.host)
+        assert used + committed_mib(new.memory_mib) <= with_rule.host(choice.host).memory_mib
+    else:
+        assert choice.refused is not None and "No host can run VM 'new'" in choice.refused
+
+
+def before_mib(snap: ClusterSnapshot, host_name: str) -> int:
+    """A host the random cluster already overfilled may stay so; it must not get fuller."""
+    return sum(committed_mib(v.memory_mib) for v in snap.vms if v.host == host_name)
+
+
+def _as_move(snap: ClusterSnapshot, name: str, target: str) -> Recommendation:
+    return Recommendation(name, snap.vm(name).host, target, MoveReason.EVACUATE, "", 0.0, 0.0, 0.0, 0, True)
