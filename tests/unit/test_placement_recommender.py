@@ -37,13 +37,13 @@ def passes(snap: ClusterSnapshot, settings: DrsSettings, n: int) -> list[DrsPass
 
 
 def test_three_busy_vms_on_one_host_are_spread_one_per_host_after_the_imbalance_persists() -> None:
-    runs = passes(busy_on_host1(), FULLY, 3)
-    assert [len(p.recommendations) for p in runs[:2]] == [0, 0]
+    runs = passes(busy_on_host1(), FULLY, 2)
+    assert len(runs[0].recommendations) == 0
     assert "not yet acted on" in runs[0].notes[0]
-    moves = runs[2].recommendations
+    moves = runs[1].recommendations
     assert sorted(r.target for r in moves) == ["host-2", "host-3"]
     assert {r.source for r in moves} == {"host-1"}
-    assert runs[2].imbalance_after < 0.01 < runs[2].imbalance_before
+    assert runs[1].imbalance_after < 0.01 < runs[1].imbalance_before
     for r in moves:
         assert r.reason is MoveReason.BALANCE and r.automatic
         assert r.benefit > 2 * r.cost > 0  # threshold 3: benefit at least twice the cost
@@ -61,9 +61,9 @@ def test_steady_balanced_load_makes_no_move_and_says_why() -> None:
 
 
 def test_after_spreading_ten_more_passes_make_no_move() -> None:
-    runs = passes(busy_on_host1(), FULLY, 13)
+    runs = passes(busy_on_host1(), FULLY, 12)
     assert sum(len(p.recommendations) for p in runs) == 2
-    assert all(not p.recommendations for p in runs[3:])
+    assert all(not p.recommendations for p in runs[2:])
 
 
 def test_manual_and_partially_only_recommend_and_a_vm_override_wins() -> None:
