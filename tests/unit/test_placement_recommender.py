@@ -15,6 +15,7 @@ from vmshift.placement.rules import violations
 from vmshift.placement.settings import DrsSettings
 from vmshift.placement.simulate import applied
 from vmshift.placement.snapshot import ClusterSnapshot, DrsAutomation, Rule, RuleKind, RuleStrength, VmDrs
+from vmshift.placement.state import ClusterState
 
 FULLY = DrsSettings(automation=DrsAutomation.FULLY)
 HOSTS = [host("host-1"), host("host-2"), host("host-3")]
@@ -150,3 +151,17 @@ def test_a_bad_threshold_is_refused_with_a_hint() -> None:
     with pytest.raises(InvalidInputError, match="must be 1 to 5, not 7") as e:
         DrsSettings(threshold=7)
     assert e.value.hint
+
+
+def test_a_moves_scored_change_of_the_objective_is_the_change_measured_afresh() -> None:
+    snap = cluster([host("host-1"), host("host-2", cpus=8, memory_mib=16384), host("host-3", cpus=2)],
+                   [vm("a", "host-1", cpu=1.3, used_mib=700), vm("b", "host-1", cpu=0.4, used_mib=300),
+                    vm("c", "host-2", cpu=2.5, used_mib=3000)])
+    state = ClusterState(snap, DrsSettings())
+    deltas = state.spread_deltas("a")
+    for i, target in enumerate(state.balanced):
+        if target == "host-1":
+            continue
+        moved = ClusterState(replace(snap, vms=(replace(snap.vms[0], host=target), *snap.vms[1:])),
+                             DrsSettings())
+        assert deltas[i] == pytest.approx(moved.spread() - state.spread(), abs=1e-12)

@@ -64,6 +64,7 @@ class _Pass:
             if vm.host in self.on_host:
                 self.on_host[vm.host].append(vm.name)
         self._costs: dict[tuple[str, str], MoveCost] = {}
+        self._busiest: dict[str, list[VmState]] = {}  # per host, movable VMs busiest first
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -117,6 +118,8 @@ class _Pass:
         self.on_host[src].remove(c.vm.name)
         self.on_host[c.target].append(c.vm.name)
         self.moved.add(c.vm.name)
+        self._busiest.pop(src, None)
+        self._busiest.pop(c.target, None)
         self.out.append(Recommendation(
             vm=c.vm.name, source=src, target=c.target, reason=reason, why=why, benefit=c.benefit,
             cost=c.cost.cost, predicted_s=c.cost.predicted_s, downtime_ms=c.cost.downtime_ms,
@@ -183,9 +186,7 @@ class _Pass:
                 break
             best: _Candidate | None = None
             for src in hot:
-                vms = [self.snap.vm(n) for n in self.on_host[src]]
-                vms = sorted((v for v in vms if self.movable(v)), key=self._weight, reverse=True)
-                for vm in vms[: s.max_vms_per_source]:
+                for vm in self.busiest(src)[: s.max_vms_per_source]:
                     for c in self.candidates(vm, mend_rules=False):
                         if not c.cost.converges or not self.lanes.fits(src, c.target, c.cost.predicted_s):
                             continue
@@ -212,6 +213,12 @@ class _Pass:
             self.apply(best, MoveReason.BALANCE,
                        f"{src_name} runs {load[self.state.index[src_name or '']] - mean:.2f} above the "
                        f"cluster's mean load; the move's benefit is {ratio}.")
+
+    def busiest(self, host: str) -> list[VmState]:
+        if host not in self._busiest:
+            vms = (self.snap.vm(n) for n in self.on_host[host])
+            self._busiest[host] = sorted((v for v in vms if self.movable(v)), key=self._weight, reverse=True)
+        return self._busiest[host]
 
     def _weight(self, vm: VmState) -> float:
         """The VM's share of its host's load: the busiest are tried first."""

@@ -120,26 +120,34 @@ class ClusterState:
     # -- scoring a move ----------------------------------------------------------------------------
 
     def spread_deltas(self, vm: str) -> Array:
-        """The change of ``spread()`` if ``vm`` moved to each balanced host (its own host: +inf)."""
+        """The change of ``spread()`` if ``vm`` moved to each balanced host (its own host: +inf).
+
+        Per dimension, with host loads ``L`` (hosts x samples), their column sums ``S1``, the VM's
+        use ``x`` and capacities ``c``, moving from host ``a`` to host ``b`` changes the sum of squares
+        by ``2 L_b·x/c_b + x·x/c_b² - 2 L_a·x/c_a + x·x/c_a²`` and the sum by ``x/c_b - x/c_a``; the
+        window mean of the change is computed in closed form, so all targets cost one matrix-vector
+        product.
+        """
         src = self.host_of[vm]
         a = self.index.get(src) if src is not None else None
         s = self.settings
-        n = len(self.balanced)
+        n, w = len(self.balanced), self.window
         out = np.zeros(n)
         for weight, loads, cap, x in ((s.cpu_weight, self.cpu, self.cpu_cap, self.vm_cpu[vm]),
                                       (s.memory_weight, self.mem, self.mem_cap, self.vm_mem[vm])):
             if weight == 0:
                 continue
-            s1 = loads.sum(axis=0)  # (W,)
-            xb = x[None, :] / cap[:, None]  # (H, W): what the VM adds on each host
-            d_s2 = 2 * loads * xb + xb ** 2
-            d_s1 = xb
+            xx = float(x @ x)
+            s1x = float(loads.sum(axis=0) @ x)
+            inv_b = 1.0 / cap
+            inv_a = 1.0 / cap[a] if a is not None else 0.0
+            d_s2 = 2 * (loads @ x) * inv_b + xx * inv_b ** 2
             if a is not None:
-                xa = x / cap[a]
-                d_s2 = d_s2 + (loads[a] - xa) ** 2 - loads[a] ** 2
-                d_s1 = d_s1 - xa
-            d = d_s2 - ((s1 + d_s1) ** 2 - s1 ** 2) / n
-            out += weight * d.mean(axis=1)
+                d_s2 += -2 * float(loads[a] @ x) * inv_a + xx * inv_a ** 2
+            # Σ_t ((S1 + d)² - S1²) with d = x (1/c_b - 1/c_a)
+            k = inv_b - inv_a
+            d_s1sq = 2 * s1x * k + xx * k ** 2
+            out += weight * (d_s2 - d_s1sq / n) / w
         if a is not None:
             out[a] = np.inf
         return out
