@@ -22,7 +22,7 @@ import numpy.typing as npt
 from vmshift.placement.capacity import committed_mib
 from vmshift.placement.rules import violations
 from vmshift.placement.settings import DrsSettings
-from vmshift.placement.snapshot import ClusterSnapshot, Rule, RuleStrength, VmState
+from vmshift.placement.snapshot import ClusterSnapshot, LoadSample, Rule, RuleStrength, VmState
 
 Array = npt.NDArray[np.float64]
 
@@ -31,14 +31,12 @@ def window_of(snapshot: ClusterSnapshot) -> int:
     return max((len(v.history) for v in snapshot.vms), default=0) or 1
 
 
-def _series(vm: VmState, window: int) -> tuple[Array, Array]:
-    """The VM's CPU and memory use per sample, padded at the old end with its oldest sample."""
+def _padded(vm: VmState, window: int) -> list[LoadSample]:
+    """The VM's last ``window`` samples, padded at the old end with its oldest (none: idle)."""
     if not vm.history:
-        return np.zeros(window), np.zeros(window)
+        return [LoadSample(0.0, 0.0)] * window
     samples = list(vm.history[-window:])
-    samples = [samples[0]] * (window - len(samples)) + samples
-    return (np.fromiter((s.cpu for s in samples), float, window),
-            np.fromiter((s.memory_mib for s in samples), float, window))
+    return [samples[0]] * (window - len(samples)) + samples
 
 
 class ClusterState:
@@ -65,17 +63,21 @@ class ClusterState:
         for rule in snapshot.rules:
             for v in rule.vms:
                 self.rules_of[v].append(rule)
-        for vm in snapshot.vms:
+        padded = [_padded(vm, w) for vm in snapshot.vms]
+        cpu_use = np.array([[x.cpu for x in p] for p in padded], float).reshape(len(padded), w)
+        mem_use = np.array([[x.memory_mib for x in p] for p in padded], float).reshape(len(padded), w)
+        cpu_mean, mem_mean = cpu_use.mean(axis=1).tolist(), mem_use.mean(axis=1).tolist()
+        on = np.array([self.index.get(vm.host, -1) for vm in snapshot.vms], int)
+        here = on >= 0
+        np.add.at(self.cpu, on[here], cpu_use[here] / self.cpu_cap[on[here], None])
+        np.add.at(self.mem, on[here], mem_use[here] / self.mem_cap[on[here], None])
+        for k, vm in enumerate(snapshot.vms):
             self.host_of[vm.name] = vm.host
             self.committed[vm.host] += committed_mib(vm.memory_mib)
             if vm.migrating_to is not None:
                 self.committed[vm.migrating_to] += committed_mib(vm.memory_mib)
-            c, m = _series(vm, w)
-            self.vm_cpu[vm.name], self.vm_mem[vm.name] = c, m
-            self.vm_mean[vm.name] = (float(c.mean()), float(m.mean()))
-            if (i := self.index.get(vm.host)) is not None:
-                self.cpu[i] += c / self.cpu_cap[i]
-                self.mem[i] += m / self.mem_cap[i]
+            self.vm_cpu[vm.name], self.vm_mem[vm.name] = cpu_use[k], mem_use[k]
+            self.vm_mean[vm.name] = (cpu_mean[k], mem_mean[k])
 
     # -- reading -----------------------------------------------------------------------------------
 
