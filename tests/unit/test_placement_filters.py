@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
 
 from tests.unit.placement_cluster import cluster, host, vm
-from vmshift.errors import CapacityError, NotFoundError
+from vmshift.errors import CapacityError, InvalidInputError, NotFoundError
 from vmshift.model.enums import Accelerator, ConnectionState, PowerState
 from vmshift.model.host import CpuModelInfo
 from vmshift.model.migration import CheckId, CheckSeverity
@@ -146,3 +147,23 @@ def test_evacuation_refuses_when_memory_runs_out_and_names_an_unknown_host() -> 
     with pytest.raises(NotFoundError, match="Host 'nope' is not in the cluster"):
         plan_evacuation(snap, "nope")
     replace(plan, refused=None).raise_if_refused()  # a plan that is not refused raises nothing
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda: Rule("r", RuleKind.VM_AFFINITY, RuleStrength.MUST, frozenset()), "names no VM"),
+        (lambda: Rule("r", RuleKind.VM_HOST_AFFINITY, RuleStrength.MUST, frozenset({"a"})), "names no host"),
+        (lambda: Rule("r", RuleKind.VM_ANTI_AFFINITY, RuleStrength.MUST, frozenset({"a"}), frozenset({"h"})),
+         "takes no hosts"),
+        (lambda: cluster([host("host-1"), host("host-1")], []), "names host 'host-1' twice"),
+        (lambda: cluster([host("host-1")], [vm("a", "host-1"), vm("a", "host-1")]), "names VM 'a' twice"),
+        (lambda: cluster([host("host-1", cpus=0)], []), "has 0 CPUs"),
+        (lambda: cluster([host("host-1")], [vm("a", "host-1", memory_mib=0)]), "has 2 vCPUs and 0 MiB"),
+    ],
+)
+def test_a_bad_snapshot_or_rule_is_refused_with_one_sentence_and_a_hint(make: Callable[[], object],
+                                                                        says: str) -> None:
+    with pytest.raises(InvalidInputError, match=says) as e:
+        make()
+    assert e.value.hint

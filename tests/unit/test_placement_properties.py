@@ -58,7 +58,8 @@ def clusters(draw: st.DrawFn) -> ClusterSnapshot:
         members = frozenset(draw(st.lists(st.sampled_from(names), min_size=1, max_size=3)))
         hosts_of_rule = frozenset(draw(st.lists(st.sampled_from([h.name for h in hosts]), min_size=1,
                                                 max_size=2)))
-        rule = Rule(f"r{j}", kind, strength, members, hosts_of_rule)
+        vm_host = kind in (RuleKind.VM_HOST_AFFINITY, RuleKind.VM_HOST_ANTI_AFFINITY)
+        rule = Rule(f"r{j}", kind, strength, members, hosts_of_rule if vm_host else frozenset())
         if strength is RuleStrength.MUST and violations(rule, where) > 0:
             rule = replace(rule, strength=RuleStrength.SHOULD)  # start from a cluster that keeps its musts
         rules.append(rule)

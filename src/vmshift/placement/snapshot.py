@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from vmshift.errors import InvalidInputError
 from vmshift.model.enums import Accelerator, ConnectionState, PowerState
 from vmshift.model.host import CpuModelInfo
 from vmshift.placement.capacity import DEFAULT_MIGRATION_LIMIT
@@ -51,6 +52,17 @@ class Rule:
     strength: RuleStrength
     vms: frozenset[str]
     hosts: frozenset[str] = frozenset()  # the VM-host kinds only
+
+    def __post_init__(self) -> None:
+        vm_host = self.kind in (RuleKind.VM_HOST_AFFINITY, RuleKind.VM_HOST_ANTI_AFFINITY)
+        if not self.vms:
+            raise InvalidInputError(f"Rule {self.name!r} names no VM.", hint="Name the VMs it applies to.")
+        if vm_host and not self.hosts:
+            raise InvalidInputError(f"Rule {self.name!r} ({self.kind.value}) names no host.",
+                                    hint="Name the hosts the VMs must (or must not) run on.")
+        if not vm_host and self.hosts:
+            raise InvalidInputError(f"Rule {self.name!r} ({self.kind.value}) is between VMs, so it takes no "
+                                    "hosts.", hint="Use vm_host_affinity or vm_host_anti_affinity for hosts.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +133,20 @@ class ClusterSnapshot:
     def __post_init__(self) -> None:
         object.__setattr__(self, "_hosts_by_name", {h.name: h for h in self.hosts})
         object.__setattr__(self, "_vms_by_name", {v.name: v for v in self.vms})
+        for what, names, unique in (("host", [h.name for h in self.hosts], self._hosts_by_name),
+                                    ("VM", [v.name for v in self.vms], self._vms_by_name)):
+            if len(unique) != len(names):
+                twice = next(n for n in names if names.count(n) > 1)
+                raise InvalidInputError(f"The snapshot names {what} {twice!r} twice.",
+                                        hint=f"Each {what} appears once.")
+        bad = next((h for h in self.hosts if h.cpus < 1 or h.memory_mib < 1), None)
+        if bad is not None:
+            raise InvalidInputError(f"Host {bad.name!r} has {bad.cpus} CPUs and {bad.memory_mib} MiB.",
+                                    hint="A host's capacity is at least one CPU and one MiB.")
+        vm = next((v for v in self.vms if v.cpus < 1 or v.memory_mib < 1), None)
+        if vm is not None:
+            raise InvalidInputError(f"VM {vm.name!r} has {vm.cpus} vCPUs and {vm.memory_mib} MiB.",
+                                    hint="A VM has at least one vCPU and one MiB.")
 
     def host(self, name: str) -> HostState:
         return self._hosts_by_name[name]
