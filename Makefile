@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LAB ?= demo
 
 .PHONY: install system venv image demo demo-down test test-unit test-server test-lab lint clean \
-	bench-system bench bench-quick bench-storage bench-encryption bench-concurrent bench-scale soak
+	bench-system bench bench-quick bench-storage bench-encryption bench-concurrent bench-scale bench-drs soak
 
 install: system venv image
 
@@ -31,13 +31,15 @@ demo-down: venv
 
 lint: venv
 	$(BIN)/ruff check src tests bench/suite bench/storage.py bench/storage_lab.py bench/storage_report.py \
-		bench/encryption.py bench/encryption_records.py bench/concurrent_migrations.py bench/scale.py
+		bench/encryption.py bench/encryption_records.py bench/concurrent_migrations.py bench/scale.py \
+		bench/drs_pass.py
 	$(BIN)/mypy
 	$(BIN)/mypy --strict bench/suite
 	$(BIN)/mypy --strict bench/storage.py
 	$(BIN)/mypy --strict bench/encryption.py bench/encryption_records.py
 	$(BIN)/mypy --strict bench/concurrent_migrations.py
 	$(BIN)/mypy --strict bench/scale.py
+	$(BIN)/mypy --strict bench/drs_pass.py
 
 # Unit and server tests run on both cores. On SQLite each test has its own files; on PostgreSQL
 # each xdist worker has its own database (vmshift_test_gw0, vmshift_test_gw1: tests/server/conftest.py),
@@ -84,6 +86,11 @@ bench-concurrent: install
 # no lab and no QEMU, <= 10 minutes: docs/scale.md
 bench-scale: venv
 	$(BIN)/python -m bench.scale --out $(BENCH_OUT)
+
+# issue 11's DRS figures: one pass over 96 hosts x 10,000 VMs, growth 8-96 hosts, a simulated day
+# against a greedy balancer; pure computation, no lab (docs/drs.md)
+bench-drs: venv
+	$(BIN)/python bench/drs_pass.py --out $(BENCH_OUT)
 
 soak: install
 	$(BIN)/python bench/soak.py --count $(N) $(if $(SEED),--seed $(SEED)) \

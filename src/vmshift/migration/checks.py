@@ -20,12 +20,26 @@ from vmshift.model.enums import Accelerator, ConnectionState, MigrationEncryptio
 from vmshift.model.host import HostFacts
 from vmshift.model.migration import CheckId, CheckReport, CheckResult, CheckSeverity
 from vmshift.model.vm import VmSpec
+from vmshift.placement.capacity import DEFAULT_MIGRATION_LIMIT, committed_mib
+from vmshift.placement.host_checks import (
+    accelerator_check,
+    concurrency_check,
+    connection_check,
+    cpu_model_check,
+    datastores_check,
+    machine_type_check,
+    maintenance_check,
+    memory_check,
+    networks_check,
+)
 
 #: The checks of disk moves only (``vmshift.migration.disk_checks``); a live migration runs the rest.
 DISK_MOVE_CHECKS = frozenset(
     {CheckId.KIND, CheckId.TARGET_DATASTORE, CheckId.DATASTORE_SPACE, CheckId.DISK_FORMAT}
 )
-LIVE_CHECKS = tuple(c for c in CheckId if c not in DISK_MOVE_CHECKS)
+#: Placement's own checks, which a migration's report does not show yet (issue 11 wires them in).
+PLACEMENT_ONLY_CHECKS = frozenset({CheckId.RULES})
+LIVE_CHECKS = tuple(c for c in CheckId if c not in DISK_MOVE_CHECKS | PLACEMENT_ONLY_CHECKS)
 
 __all__ = [
     "CheckId",
@@ -38,9 +52,6 @@ __all__ = [
     "VmView",
     "run_checks",
 ]
-
-QEMU_OVERHEAD_MIB = 64  # memory a QEMU process needs beyond the guest's RAM
-
 
 @dataclass(frozen=True, slots=True)
 class DiskView:
@@ -111,7 +122,7 @@ class MigrationLoad:
     """Migrations already running per host, and the per-host limit."""
 
     running: dict[str, int] = field(default_factory=dict)
-    limit: int = 4
+    limit: int = DEFAULT_MIGRATION_LIMIT
 
 
 def _r(check: CheckId, severity: CheckSeverity, message: str, hint: str | None = None) -> CheckResult:
@@ -147,34 +158,9 @@ def _hosts(vm: VmView, src: HostView, dst: HostView) -> list[CheckResult]:
         out.append(
             _r(CheckId.DIFFERENT_HOST, OK, f"The target {dst.name} differs from the source {src.name}.")
         )
-    for check, host, role in (
-        (CheckId.SOURCE_CONNECTED, src, "source"),
-        (CheckId.TARGET_CONNECTED, dst, "target"),
-    ):
-        if host.connection is ConnectionState.CONNECTED:
-            out.append(_r(check, OK, f"The {role} host {host.name} is connected."))
-        else:
-            out.append(
-                _r(
-                    check,
-                    ERR,
-                    f"The {role} host {host.name} is {host.connection.value}.",
-                    "Wait until its agent answers again, or check the agent on that host.",
-                )
-            )
-    if dst.maintenance:
-        out.append(
-            _r(
-                CheckId.TARGET_MAINTENANCE,
-                ERR,
-                f"The target host {dst.name} is in maintenance mode.",
-                "Take it out of maintenance mode or choose another host.",
-            )
-        )
-    else:
-        out.append(
-            _r(CheckId.TARGET_MAINTENANCE, OK, f"The target host {dst.name} is not in maintenance mode.")
-        )
+    out.append(connection_check(CheckId.SOURCE_CONNECTED, "source", src.name, src.connection))
+    out.append(connection_check(CheckId.TARGET_CONNECTED, "target", dst.name, dst.connection))
+    out.append(maintenance_check(dst.name, dst.maintenance))
     if src.datacenter != dst.datacenter:
         out.append(
             _r(
@@ -191,98 +177,17 @@ def _hosts(vm: VmView, src: HostView, dst: HostView) -> list[CheckResult]:
 
 
 def _cpu(vm: VmView, dst: HostView) -> list[CheckResult]:
-    facts, out = dst.facts, []
-    model = next((m for m in facts.cpu_models if m.name == vm.cpu_model), None)
-    if not facts.cpu_models:
-        out.append(
-            _r(
-                CheckId.CPU_MODEL,
-                WARN,
-                f"Host {dst.name} reported no CPU models, so CPU model "
-                f"'{vm.cpu_model}' could not be verified.",
-                "Refresh the host's facts.",
-            )
-        )
-    elif model is None:
-        out.append(
-            _r(
-                CheckId.CPU_MODEL,
-                ERR,
-                f"The QEMU on {dst.name} does not know CPU model '{vm.cpu_model}'.",
-                "Use a cluster CPU baseline that every host runs.",
-            )
-        )
-    elif model.unavailable_features:
-        missing = ", ".join(model.unavailable_features[:8])
-        out.append(
-            _r(
-                CheckId.CPU_MODEL,
-                ERR,
-                f"Host {dst.name} cannot run CPU model '{vm.cpu_model}': it lacks {missing}.",
-                "Give the VM the cluster's CPU baseline (EVC-style) and restart it.",
-            )
-        )
-    else:
-        out.append(
-            _r(CheckId.CPU_MODEL, OK, f"Host {dst.name} runs CPU model '{vm.cpu_model}' with every feature.")
-        )
-    if facts.accelerator is vm.accelerator:
-        out.append(
-            _r(
-                CheckId.ACCELERATOR,
-                OK,
-                f"Host {dst.name} uses the same accelerator ({vm.accelerator.value}) as the VM.",
-            )
-        )
-    else:
-        out.append(
-            _r(
-                CheckId.ACCELERATOR,
-                ERR,
-                f"VM '{vm.name}' runs under {vm.accelerator.value} but host "
-                f"{dst.name} uses {facts.accelerator.value}.",
-                "Choose a host with the same accelerator.",
-            )
-        )
-    if not facts.machine_types:
-        out.append(
-            _r(
-                CheckId.MACHINE_TYPE,
-                WARN,
-                f"Host {dst.name} reported no machine types, so '{vm.machine_type}' could not be verified.",
-                "Refresh the host's facts.",
-            )
-        )
-    elif vm.machine_type in facts.machine_types:
-        out.append(
-            _r(CheckId.MACHINE_TYPE, OK, f"The QEMU on {dst.name} has machine type '{vm.machine_type}'.")
-        )
-    else:
-        out.append(
-            _r(
-                CheckId.MACHINE_TYPE,
-                ERR,
-                f"The QEMU on {dst.name} lacks machine type '{vm.machine_type}'.",
-                "Upgrade QEMU on the target or choose a host with the same QEMU version.",
-            )
-        )
-    return out
+    facts = dst.facts
+    return [
+        cpu_model_check(vm.cpu_model, dst.name, facts.cpu_models),
+        accelerator_check(vm.name, vm.accelerator, dst.name, facts.accelerator),
+        machine_type_check(vm.machine_type, dst.name, facts.machine_types),
+    ]
 
 
 def _memory(vm: VmView, dst: HostView) -> CheckResult:
-    need = vm.memory_mib + QEMU_OVERHEAD_MIB
-    free = dst.facts.memory_free_mib
-    if free >= need:
-        return _r(
-            CheckId.MEMORY, OK, f"Host {dst.name} has {free} MiB free for the VM's {vm.memory_mib} MiB."
-        )
-    return _r(
-        CheckId.MEMORY,
-        ERR,
-        f"Host {dst.name} has {free} MiB free but VM '{vm.name}' needs {need} MiB "
-        f"({vm.memory_mib} MiB plus QEMU's overhead).",
-        "Free memory on the target or choose another host.",
-    )
+    return memory_check(vm.name, vm.memory_mib, committed_mib(vm.memory_mib), dst.name,
+                        dst.facts.memory_free_mib)
 
 
 def _storage(vm: VmView, src: HostView, dst: HostView) -> CheckResult:
@@ -296,30 +201,11 @@ def _storage(vm: VmView, src: HostView, dst: HostView) -> CheckResult:
             src_uuid.get(d.datastore) in dst_uuids if d.datastore in src_uuid else d.datastore in dst_names
         )
     ]
-    if not missing:
-        return _r(CheckId.DATASTORES, OK, f"Every disk's datastore is visible from {dst.name}.")
-    first = missing[0]
-    more = f" (and {len(missing) - 1} more disk(s))" if len(missing) > 1 else ""
-    return _r(
-        CheckId.DATASTORES,
-        ERR,
-        f"Datastore '{first.datastore}' holding {first.name}{more} is not visible "
-        f"from {dst.name}: a shared-nothing migration (moving the disks too) is needed.",
-        "Move the disks to a shared datastore first, or migrate with storage.",
-    )
+    return datastores_check(dst.name, [(d.name, d.datastore) for d in missing])
 
 
 def _networks(vm: VmView, dst: HostView) -> CheckResult:
-    missing = [n for n in dict.fromkeys(vm.networks) if n not in dst.facts.networks]
-    if not missing:
-        return _r(CheckId.NETWORKS, OK, f"Every network of the VM exists on {dst.name}.")
-    names = ", ".join(f"'{n}'" for n in missing)
-    return _r(
-        CheckId.NETWORKS,
-        ERR,
-        f"Network {names} of VM '{vm.name}' does not exist on {dst.name}.",
-        "Map the network to a bridge in the target agent's configuration.",
-    )
+    return networks_check(vm.name, vm.networks, dst.name, dst.facts.networks)
 
 
 def _link(src: HostView, dst: HostView, reachable: bool | None) -> list[CheckResult]:
@@ -397,22 +283,7 @@ def _devices(vm: VmView) -> CheckResult:
 
 
 def _load(src: HostView, dst: HostView, load: MigrationLoad) -> CheckResult:
-    busy = [
-        f"{h.name} ({load.running.get(h.name, 0)})"
-        for h in (src, dst)
-        if load.running.get(h.name, 0) >= load.limit
-    ]
-    if not busy:
-        return _r(
-            CheckId.CONCURRENCY, OK, f"Both hosts are below the limit of {load.limit} concurrent migrations."
-        )
-    return _r(
-        CheckId.CONCURRENCY,
-        WARN,
-        f"Host {' and '.join(busy)} is at the limit of {load.limit} concurrent "
-        "migrations, so this one will wait in the queue.",
-        "It starts when a running migration ends.",
-    )
+    return concurrency_check([(h.name, load.running.get(h.name, 0)) for h in (src, dst)], load.limit)
 
 
 def run_checks(

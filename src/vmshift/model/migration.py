@@ -105,6 +105,7 @@ class CheckId(StrEnum):
     ENCRYPTION = "encryption"  # encrypted vMotion: the stream's TLS as asked (migration/encryption.py)
     HOST_BOUND_DEVICES = "host_bound_devices"
     CONCURRENCY = "concurrency"
+    RULES = "rules"  # placement: the cluster's affinity rules allow the host (vmshift.placement.rules)
     # disk moves (issue 8, item 7)
     KIND = "kind"  # the request names a move this VM's power state allows
     TARGET_DATASTORE = "target_datastore"  # the target host sees the target datastore
