@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ class ServerCore:
     vm_views: VmViews = field(init=False)  # each VM's API view, between the commits that change it
     schedules: Scheduler = field(init=False)  # scheduled migrations (server/schedules.py)
     retention: Retention = field(init=False)  # purge of old history (server/retention.py)
+    _warming: asyncio.Future[int] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.vm_names = VmNamesByHost(self.feed)
@@ -88,13 +90,23 @@ class ServerCore:
         self.migrations.resume_all()
         self.moves.resume_all()
         self.heartbeat.start()
+        # the VMs' views are built in the background, so a first full listing does not pay for them
+        self._warming = asyncio.get_running_loop().run_in_executor(None, self.vm_views.warm, self.sessions)
+        self._warming.add_done_callback(_log_warming)
         self.schedules.start(self)  # after the resumes: a run sees moves in flight
         self.retention.start()  # after the resumes: what they picked up is unfinished, never purged
 
     async def close(self) -> None:
+        if self._warming is not None:  # not while the engine goes away under it
+            await asyncio.gather(self._warming, return_exceptions=True)
         await self.retention.stop()
         await self.schedules.stop()
         await self.heartbeat.stop()
         await self.tasks.shutdown()
         await self.agents.aclose()
         self.engine.dispose()
+
+
+def _log_warming(done: asyncio.Future[int]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.warning("building the VMs' views at start failed (each is built when read): %s", done.exception())
