@@ -83,6 +83,7 @@ class Heartbeat:
         self._last_full: float | None = None  # loop time of the last full round
         self._last_hosts: set[str] = set()  # the hosts whose reports the last round counted
         self._carry: set[str] = set()  # VMs the last round could not decide, or must pause again
+        self._paused_at: dict[FindingKey, float] = {}  # loop time each running duplicate was paused
         self._listeners: dict[str, HostListener] = {}
         self._changed = asyncio.Event()
         self._urgent = False  # a polled host changed: reconcile without the debounce
@@ -266,10 +267,22 @@ class Heartbeat:
         """Compare the answering hosts' reports with the inventory; pause duplicates at once and
         record each finding once when it appears (critical) and once when it clears (info)."""
         outcome = await self._db(self._round, reports, since, scope)
-        errors = await asyncio.gather(*(self._pause(addresses[f.host], f) for f in outcome.pauses))
-        pause_errors = {f.key: e for f, e in zip(outcome.pauses, errors, strict=True)}
+        loop = asyncio.get_running_loop()
+        due = [f for f in outcome.pauses if self._pause_due(f)]
+        errors = await asyncio.gather(*(self._pause(addresses[f.host], f) for f in due))
+        pause_errors = {f.key: e for f, e in zip(due, errors, strict=True)}
+        paused_at = loop.time()
+        self._paused_at = {k: t for k, t in self._paused_at.items() if k in outcome.active}
+        self._paused_at |= {key: paused_at for key, error in pause_errors.items() if error is None}
         await self._db(self._write_outcome, outcome, pause_errors, since)
         self._findings = outcome.active
+
+    def _pause_due(self, f: Finding) -> bool:
+        """A duplicate is paused again only once its host's report is newer than the last pause: a
+        round that still sees it running in a report from before the pause would ask twice."""
+        paused = self._paused_at.get(f.key)
+        listener = self._listeners.get(f.host)
+        return paused is None or listener is None or listener.current_as_of > paused
 
     async def _pause(self, address: str, f: Finding) -> str | None:
         """Pause the copy on an unnamed host; why that failed, or None."""
