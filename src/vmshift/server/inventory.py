@@ -116,8 +116,13 @@ def apply_facts(s: Session, host: HostRow, facts: HostFacts) -> None:
         by_uuid = select(DatastoreRow).where(DatastoreRow.uuid == ds.uuid)
         row = s.scalar(by_uuid)
         if row is None:
-            if s.scalar(select(DatastoreRow).where(DatastoreRow.name == ds.name)) is not None:
+            # read by name: another transaction may have inserted this very datastore since the read
+            # by UUID (each statement sees the latest commits), and then it is this one, not a clash
+            named = s.scalar(select(DatastoreRow).where(DatastoreRow.name == ds.name))
+            if named is not None and named.uuid != ds.uuid:
                 continue  # name taken by another UUID: add_host refuses this; a refresh skips it
+            row = named
+        if row is None:
             row, created = _insert_once(s, DatastoreRow(uuid=ds.uuid, name=ds.name), by_uuid)
             if row is None:
                 continue  # its name was taken meanwhile by another UUID: as above
