@@ -43,7 +43,7 @@ from vmshift.model.vm import VmSpec
 
 pytestmark = pytest.mark.lab
 T = TypeVar("T")
-VM = "cold-1"
+VM = "coldmove-1"  # not a name another test of the session lab uses: migrations outlive their VM
 MIB = 1 << 20
 DATA_MIB = 256  # written into the 4 GiB disk
 SLOW_LINK = "200mbit"  # long enough a copy to act on it mid-way
