@@ -31,7 +31,7 @@ demo-down: venv
 
 lint: venv
 	$(BIN)/ruff check src tests bench/suite bench/storage.py bench/storage_lab.py bench/storage_report.py \
-		bench/encryption.py bench/encryption_records.py bench/concurrent_migrations.py bench/scale.py \
+		bench/encryption.py bench/encryption_records.py bench/concurrent_migrations.py bench/scale.py bench/raw_http.py \
 		bench/drs_pass.py
 	$(BIN)/mypy
 	$(BIN)/mypy --strict bench/suite

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import AgentFactory, ServerHarness
+from conftest import AgentFactory, ServerHarness, wait_for
 from vmshift_fake_agent import FakeAgent
 
 POOL = {"cidr": "10.213.2.0/24", "first": "10.213.2.100", "last": "10.213.2.101"}
@@ -57,6 +57,12 @@ def inventory(server: ServerHarness, agents: AgentFactory) -> tuple[FakeAgent, F
     r = server.client.post("/vms", json=vm_body("vm-1"))
     assert r.status_code == 202, r.text
     assert server.wait_task(r.json()["id"])["state"] == "success"
+
+    def both_polled() -> bool:  # these agents do not stream: the event of each is written in the background
+        events = server.client.get("/events", params={"limit": 100}).json()
+        return {e["target"] for e in events if e["kind"] == "host.polled"} >= {"host-1", "host-2"}
+
+    wait_for(both_polled, 30, "the server polling both hosts")  # else it could land between two snapshots
     return ag1, ag2
 
 

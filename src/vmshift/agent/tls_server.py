@@ -147,6 +147,6 @@ def serve(app: Any, config: AgentConfig, tls: AgentTls, log_level: str,
     """Run uvicorn over HTTPS with the agent's reloadable context until SIGTERM/SIGINT."""
     context = tls.context()
     uv = uvicorn.Config(app, host=config.listen_host, port=config.listen_port, log_level=log_level,
-                        access_log=False, timeout_graceful_shutdown=5, http=PeerH11Protocol,
+                        access_log=False, timeout_graceful_shutdown=5, http=PeerH11Protocol, loop="asyncio",
                         ssl_context_factory=lambda _config, _default: context)
     AgentServer(uv, before_shutdown).run()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmshift.client.agent import AgentCredentials, AgentPool
@@ -23,7 +25,7 @@ from vmshift.server.schedules import Scheduler
 from vmshift.server.settings import ServerSettings
 from vmshift.server.tasks import TaskEngine
 from vmshift.server.vm_names import VmNamesByHost
-from vmshift.server.vm_views import VmViews
+from vmshift.server.vm_views import REFRESH_S, VmViews
 from vmshift.tls.files import ServerTlsFiles, private_dir
 
 log = logging.getLogger("vmshift.server")
@@ -45,7 +47,8 @@ class ServerCore:
     vm_views: VmViews = field(init=False)  # each VM's API view, between the commits that change it
     schedules: Scheduler = field(init=False)  # scheduled migrations (server/schedules.py)
     retention: Retention = field(init=False)  # purge of old history (server/retention.py)
-    _warming: asyncio.Future[int] | None = field(default=None, init=False)
+    _views_task: asyncio.Task[None] | None = field(default=None, init=False)
+    _views_build: asyncio.Future[int] | None = field(default=None, init=False)  # the thread's work
 
     def __post_init__(self) -> None:
         self.vm_names = VmNamesByHost(self.feed)
@@ -90,15 +93,29 @@ class ServerCore:
         self.migrations.resume_all()
         self.moves.resume_all()
         self.heartbeat.start()
-        # the VMs' views are built in the background, so a first full listing does not pay for them
-        self._warming = asyncio.get_running_loop().run_in_executor(None, self.vm_views.warm, self.sessions)
-        self._warming.add_done_callback(_log_warming)
+        # the VMs' views are built in the background, so that a full listing does not pay for them
+        self._views_task = asyncio.get_running_loop().create_task(self._keep_views())
         self.schedules.start(self)  # after the resumes: a run sees moves in flight
         self.retention.start()  # after the resumes: what they picked up is unfinished, never purged
 
+    async def _keep_views(self) -> None:
+        """All views at start, then those invalidated since, every ``REFRESH_S``."""
+        loop = asyncio.get_running_loop()
+        build: Callable[[sessionmaker[Session]], int] = self.vm_views.warm
+        while True:
+            self._views_build = loop.run_in_executor(None, build, self.sessions)
+            try:
+                await asyncio.shield(self._views_build)  # close() waits for the thread's chunk
+            except (SQLAlchemyError, ValueError) as e:  # a listing builds what it lacks: nothing is lost
+                log.warning("building the VMs' views in the background failed: %s", e)
+            build = self.vm_views.refresh
+            await asyncio.sleep(REFRESH_S)
+
     async def close(self) -> None:
-        if self._warming is not None:  # not while the engine goes away under it
-            await asyncio.gather(self._warming, return_exceptions=True)
+        if self._views_task is not None:
+            self._views_task.cancel()
+            # the thread's work ends first: not while the engine goes away under it
+            await asyncio.gather(self._views_task, *filter(None, [self._views_build]), return_exceptions=True)
         await self.retention.stop()
         await self.schedules.stop()
         await self.heartbeat.stop()
@@ -106,7 +123,3 @@ class ServerCore:
         await self.agents.aclose()
         self.engine.dispose()
 
-
-def _log_warming(done: asyncio.Future[int]) -> None:
-    if not done.cancelled() and done.exception() is not None:
-        log.warning("building the VMs' views at start failed (each is built when read): %s", done.exception())

@@ -41,9 +41,13 @@ def _by_name(s: Session, row_type: type[_Named], name: str, what: str, plural: s
     """The row called `name`, or NotFoundError listing the names that do exist."""
     row = s.scalar(select(row_type).where(row_type.name == name))
     if row is None:
-        known = list(s.scalars(select(row_type.name)))
-        raise NotFoundError(f"{what} {name!r} does not exist.", hint=names_hint(plural, known))
+        raise _not_found(s, row_type, name, what, plural)
     return row
+
+
+def _not_found(s: Session, row_type: type[_Named], name: str, what: str, plural: str) -> NotFoundError:
+    known = list(s.scalars(select(row_type.name)))
+    return NotFoundError(f"{what} {name!r} does not exist.", hint=names_hint(plural, known))
 
 
 def get_host(s: Session, name: str) -> HostRow:
@@ -60,6 +64,11 @@ def get_datacenter(s: Session, name: str) -> DatacenterRow:
 
 def get_vm(s: Session, name: str) -> VmRow:
     return _by_name(s, VmRow, name, "VM", "VMs")
+
+
+def vm_not_found(s: Session, name: str) -> NotFoundError:
+    """The error of ``get_vm`` for a caller that looked the VM up by other means."""
+    return _not_found(s, VmRow, name, "VM", "VMs")
 
 
 def get_network(s: Session, name: str) -> NetworkRow:

@@ -28,49 +28,90 @@ VIEW_LOADS = (
     .selectinload(HostRow.networks).joinedload(HostNetworkRow.network),
 )
 MAX_KEPT = 20_000  # views kept at most (twice vSphere's cluster maximum); beyond, all are dropped
+REFRESH_S = 1.0  # how often the views invalidated since are built again in the background
 
 
 class VmViews:
+    """Views by VM id. A view read from the database is kept unless its VM (or every view) was
+    invalidated after the read began: each invalidation is stamped with a sequence number, so a
+    change to one VM drops only the reads that might have seen that VM's old row."""
+
     def __init__(self, feed: ChangeFeed) -> None:
         self._lock = threading.Lock()
         self._views: dict[int, Vm] = {}
-        self._generation = 0  # counts invalidations: a view read before one is not kept
+        self._seq = 0  # counts invalidations
+        self._changed_at: dict[int, int] = {}  # VM id -> the sequence number of its last invalidation
+        self._cleared_at = 0  # the sequence number of the last invalidation of every view
+        self._stale: set[int] = set()  # invalidated since the last refresh
+        self._all_stale = False
         feed.subscribe(self._changed)
 
-    def of(self, s: Session, ids: Collection[int]) -> dict[int, Vm]:
-        """VM id -> its view without live numbers, for the ids that exist."""
+    def token(self) -> int:
+        """Take before the transaction that reads views begins: on SQLite a read transaction sees
+        the database as of its first statement, which may come before ``of`` is called."""
+        with self._lock:
+            return self._seq
+
+    def of(self, s: Session, ids: Collection[int], since: int | None = None) -> dict[int, Vm]:
+        """VM id -> its view without live numbers, for the ids that exist. ``since``: a ``token()``
+        taken before ``s`` began reading (default: now, right for a session that has not read yet)."""
         with self._lock:
             found = {i: self._views[i] for i in ids if i in self._views}
-            generation = self._generation
+            began = self._seq if since is None else since
         missing = [i for i in ids if i not in found]
         if missing:
             read = {v.id: vm_view(v) for v in s.scalars(select(VmRow).options(*VIEW_LOADS)
                                                          .where(VmRow.id.in_(missing))).unique()}  # fmt: skip
             found |= read
             with self._lock:
-                if generation == self._generation:  # nothing changed meanwhile: keep them
+                if self._cleared_at <= began:  # else every view read may be stale
                     if len(self._views) + len(read) > MAX_KEPT:
                         self._views.clear()
-                    self._views |= read
+                    changed_at = self._changed_at
+                    self._views |= {i: v for i, v in read.items() if changed_at.get(i, -1) <= began}
         return found
 
     def warm(self, sessions: sessionmaker[Session], chunk: int = 500) -> int:
         """Build every VM's view ahead of the first list (a server just started would otherwise pay
         for 10,000 views in its first full listing); how many were built. Runs in a thread."""
+        with self._lock:  # what is invalidated from now on is refreshed later
+            self._stale, self._all_stale = set(), False
         with sessions() as s:
             ids = list(s.scalars(select(VmRow.id).order_by(VmRow.name)))
-        for start in range(0, min(len(ids), MAX_KEPT), chunk):
+        return self._build(sessions, ids[:MAX_KEPT], chunk)
+
+    def refresh(self, sessions: sessionmaker[Session], chunk: int = 500) -> int:
+        """Build again the views invalidated since the last refresh, so that a listing after many
+        changes (10,000 VMs adopted as running) reads kept views; how many. Runs in a thread."""
+        with self._lock:
+            stale, self._stale = self._stale, set()
+            everything, self._all_stale = self._all_stale, False
+        if everything:
+            return self.warm(sessions, chunk)
+        return self._build(sessions, sorted(stale), chunk)
+
+    def _build(self, sessions: sessionmaker[Session], ids: list[int], chunk: int) -> int:
+        built = 0
+        for start in range(0, len(ids), chunk):
             with sessions() as s:  # one short transaction per chunk: never holds a lock for long
-                self.of(s, ids[start:start + chunk])
-        return len(ids)
+                built += len(self.of(s, ids[start:start + chunk]))
+        return built
 
     def _changed(self, changes: Changes) -> None:
         if not (changes.vm_ids or changes.networks):
             return
         with self._lock:
-            self._generation += 1
+            self._seq += 1
             if changes.networks:
                 self._views.clear()
+                self._changed_at.clear()  # the clear's stamp covers them
+                self._cleared_at = self._seq
+                self._all_stale = True
             else:
                 for i in changes.vm_ids:
                     self._views.pop(i, None)
+                    self._changed_at[i] = self._seq
+                self._stale |= changes.vm_ids
+                if len(self._changed_at) > 2 * MAX_KEPT:  # deleted VMs' stamps: forget them all, as a clear
+                    self._changed_at.clear()
+                    self._cleared_at = self._seq

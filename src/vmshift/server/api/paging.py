@@ -156,13 +156,19 @@ def cut(rows: Sequence[T], limit: int, lst: ListName, key: Callable[[T], Key]) -
 def answer(request: Request, got: Page[Any], adapter: TypeAdapter[Any], *,
            if_none_match: str | None = None, etag: bool = False) -> Response:
     """The page as a JSON list, with its next page's Link and cursor, and its ETag when ``etag``."""
-    body = adapter.dump_json(list(got.items))
+    return answer_json(request, adapter.dump_json(list(got.items)), got.next_cursor,
+                       if_none_match=if_none_match, etag=etag)
+
+
+def answer_json(request: Request, body: bytes, next_cursor: str | None, *,
+                if_none_match: str | None = None, etag: bool = False) -> Response:
+    """``answer`` for a page already dumped (server/api/json_pieces.py)."""
     headers: dict[str, str] = {}
-    if got.next_cursor is not None:
-        headers[NEXT_CURSOR_HEADER] = got.next_cursor
-        headers["Link"] = f'<{request.url.include_query_params(cursor=got.next_cursor)}>; rel="next"'
+    if next_cursor is not None:
+        headers[NEXT_CURSOR_HEADER] = next_cursor
+        headers["Link"] = f'<{request.url.include_query_params(cursor=next_cursor)}>; rel="next"'
     if etag:
-        headers["ETag"] = tag = etag_of(body, got.next_cursor)
+        headers["ETag"] = tag = etag_of(body, next_cursor)
         if etag_matches(if_none_match, tag):
             return Response(status_code=304, headers=headers)
     return Response(body, media_type="application/json", headers=headers)

@@ -7,6 +7,7 @@ database work in that pool (``run_in_threadpool``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -36,8 +37,19 @@ from vmshift.model.enums import ConnectionState
 from vmshift.model.inputs import ClusterName, HostName, Name, NetworkName
 from vmshift.model.paging import ListName
 from vmshift.server.api.deps import core_of
+from vmshift.server.api.json_pieces import JsonPieces, json_list
 from vmshift.server.api.openapi import BODY, PARAMS, Responses, errors
-from vmshift.server.api.paging import Page, PageRequest, answer, cached_page, cut, keyset, list_answers, page
+from vmshift.server.api.paging import (
+    Page,
+    PageRequest,
+    answer,
+    answer_json,
+    cached_page,
+    cut,
+    keyset,
+    list_answers,
+    page,
+)
 from vmshift.server.core import ServerCore
 from vmshift.server.db.schema import (
     ClusterRow,
@@ -72,7 +84,16 @@ async def about(core: ServerCore = Depends(core_of)) -> About:
 
 _DATACENTERS = TypeAdapter(list[Datacenter])
 _CLUSTERS = TypeAdapter(list[Cluster])
-_HOSTS = TypeAdapter(list[Host])
+_HOST = TypeAdapter(Host)
+_HOST_PIECES: JsonPieces[int] = JsonPieces(max_kept=2_000)  # by host id (vSphere: 96 hosts a cluster)
+
+
+def _host_piece(row: Sequence[Any], vm_names: list[str]) -> bytes:
+    """A host's JSON in a list, made again when its row or its VMs' names change."""
+    return _HOST_PIECES.get(row[0], (tuple(row), vm_names),
+                            lambda: _HOST.dump_json(host_list_view(row, vm_names)))
+
+
 _DATASTORES = TypeAdapter(list[Datastore])
 _NETWORKS = TypeAdapter(list[Network])
 
@@ -149,8 +170,9 @@ def list_hosts(
     with core.sessions() as s:
         got = cut(s.execute(q).all(), paging.limit, ListName.HOSTS, lambda r: str(r[1]))
         names = core.vm_names.of(s, [r[0] for r in got.items])
-        views = Page([host_list_view(r, names[r[0]]) for r in got.items], got.next_cursor)
-    return answer(request, views, _HOSTS, if_none_match=paging.if_none_match, etag=True)
+    pieces = [_host_piece(r, names[r[0]]) for r in got.items]
+    return answer_json(request, json_list(pieces), got.next_cursor, if_none_match=paging.if_none_match,
+                       etag=True)
 
 
 _HOST_ADD_ANSWERS: Responses = {

@@ -20,11 +20,12 @@ from vmshift.model.enums import ConnectionState, PowerState
 from vmshift.model.inputs import ClusterName, HostName, Name, VmName
 from vmshift.model.paging import ListName
 from vmshift.server.api.deps import core_of
+from vmshift.server.api.json_pieces import JsonPieces, json_list
 from vmshift.server.api.openapi import BODY, PARAMS, errors
-from vmshift.server.api.paging import Page, PageRequest, answer, cached_page, cut, keyset, list_answers
+from vmshift.server.api.paging import PageRequest, answer_json, cached_page, cut, keyset, list_answers
 from vmshift.server.core import ServerCore
 from vmshift.server.db.schema import ClusterRow, HostRow, VmRow
-from vmshift.server.inventory import get_vm
+from vmshift.server.inventory import get_vm, vm_not_found
 from vmshift.server.tasks import TaskEngine
 from vmshift.server.views import task_view
 from vmshift.server.vm_create import create_vm_row
@@ -35,11 +36,11 @@ from vmshift.server.vm_tasks import (
     refuse_delete_while_a_qemu_runs,
     suspend_body,
 )
+from vmshift.server.vm_views import MAX_KEPT
 
 router = APIRouter()
 
 
-_VMS = TypeAdapter(list[Vm])
 
 
 @router.get("/vms", response_model=list[Vm], responses=list_answers(list[Vm], etag=True))
@@ -65,26 +66,42 @@ def list_vms(
     if name_prefix is not None:
         q = q.where(VmRow.name.startswith(name_prefix, autoescape=True))
     q = keyset(q, VmRow.name, paging.after(ListName.VMS), paging.limit)
+    token = core.vm_views.token()
     with core.sessions() as s:
         got = cut(s.execute(q).all(), paging.limit, ListName.VMS, lambda r: str(r[1]))
-        views = core.vm_views.of(s, [r[0] for r in got.items])
+        views = core.vm_views.of(s, [r[0] for r in got.items], since=token)
     live = core.heartbeat.live_stats
-    shown = [_with_stats(views[vm_id], live(host_name, name, uuid))
+    shown = [_vm_piece(vm_id, views[vm_id], live(host_name, name, uuid))
              for vm_id, name, uuid, host_name in got.items if vm_id in views]  # fmt: skip
-    return answer(request, Page(shown, got.next_cursor), _VMS, if_none_match=paging.if_none_match, etag=True)
+    return answer_json(request, json_list(shown), got.next_cursor, if_none_match=paging.if_none_match,
+                       etag=True)
 
 
-@router.get("/vms/{name}", responses=errors(*PARAMS, 404))
-def get_vm_route(name: VmName, core: ServerCore = Depends(core_of)) -> Vm:
+@router.get("/vms/{name}", response_model=Vm, responses=errors(*PARAMS, 404))
+def get_vm_route(name: VmName, core: ServerCore = Depends(core_of)) -> Response:
+    token = core.vm_views.token()
     with core.sessions() as s:
-        vm = get_vm(s, name)
-        view = core.vm_views.of(s, [vm.id])[vm.id]
-        return _with_stats(view, core.heartbeat.live_stats(vm.host.name, vm.name, vm.uuid))
+        # its keys only (the ORM row would load its host, and the host's facts, for the host's name)
+        found = s.execute(select(VmRow.id, VmRow.uuid, HostRow.name).join(VmRow.host)
+                          .where(VmRow.name == name)).first()  # fmt: skip
+        if found is None:
+            raise vm_not_found(s, name)
+        vm_id, uuid, host_name = found
+        view = core.vm_views.of(s, [vm_id], since=token)[vm_id]
+    piece = _vm_piece(vm_id, view, core.heartbeat.live_stats(host_name, name, uuid))
+    return Response(piece, media_type="application/json")
 
 
-def _with_stats(view: Vm, live: VmStats | None) -> Vm:
-    """A kept view with the VM's numbers from its host's report (without: those of its row)."""
-    return view if live is None else view.model_copy(update={"stats": live})
+_VM = TypeAdapter(Vm)
+_STATS = TypeAdapter(VmStats)
+_VM_PIECES: JsonPieces[int] = JsonPieces(max_kept=MAX_KEPT)  # by VM id, beside the kept views
+
+
+def _vm_piece(vm_id: int, view: Vm, live: VmStats | None) -> bytes:
+    """A VM's JSON: its kept view's, made again when the view is, with the VM's numbers from its
+    host's report spliced in (without a report: those of its row)."""
+    base = _VM_PIECES.get(vm_id, view, lambda: _VM.dump_json(view, exclude={"stats"}))
+    return base[:-1] + b',"stats":' + _STATS.dump_json(view.stats if live is None else live) + b"}"
 
 
 @router.post("/vms", status_code=202, responses=errors(*BODY, 404, 409))

@@ -86,7 +86,10 @@ class ChangeFeed:
 
     def _after_flush(self, session: Session, _ctx: Any) -> None:
         changes = self._pending(session)
-        for obj in (*session.new, *session.dirty, *session.deleted):
+        # dirty: every object an attribute was set on, to the value it had too (apply_facts sets each
+        # network link's fields at each report): only those with a net change changed a row
+        dirty = {obj for obj in session.dirty if session.is_modified(obj)}
+        for obj in (*session.new, *dirty, *session.deleted):
             loaded = inspect(obj).dict  # no attribute is loaded here: a deleted row cannot be
             if isinstance(obj, VmRow):
                 uuid = loaded.get("uuid")
@@ -94,7 +97,7 @@ class ChangeFeed:
                     changes.unknown = True
                 else:
                     changes.uuids.add(uuid)
-                if obj not in session.dirty or inspect(obj).attrs.host_id.history.has_changes():
+                if obj not in dirty or inspect(obj).attrs.host_id.history.has_changes():
                     changes.placement = True
                 _add_id(changes, loaded.get("id"))
             elif isinstance(obj, MigrationRow):
