@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from conftest import ServerHarness
-from test_migrations_fakes import Pair, migrating_agents_fixture, pair_fixture  # noqa: F401
+from test_migrations_fakes import Pair, migrating_agents_fixture, pair_fixture, start_vm  # noqa: F401
 from typer.testing import CliRunner
 
 from vmshift.cli.main import app
@@ -105,3 +105,28 @@ def test_the_snapshot_holds_the_clusters_hosts_vms_and_rules(server: ServerHarne
     assert [(r.name, r.kind, r.strength, r.hosts) for r in snap.rules] == \
         [("on-1", RuleKind.VM_HOST_AFFINITY, RuleStrength.MUST, {"host-1"})]
     assert snap.now_s == 100.0
+
+
+def test_a_must_rule_refuses_a_migration_and_a_should_rule_warns(server: ServerHarness, pair: Pair) -> None:
+    assert add(server, name="stay", hosts=["host-1"]).status_code == 201
+    r = server.client.post("/vms/vm-1/migrate", json={"host": "host-2", "check_only": True})
+    assert r.status_code == 200, r.text
+    rules = next(x for x in r.json()["results"] if x["check"] == "rules")
+    assert rules["severity"] == "error" and rules["message"] == "Must rule stay keeps VM 'vm-1' off host-2."
+    r = server.client.post("/vms/vm-1/migrate", json={"host": "host-2"})
+    assert r.status_code == 409 and "Must rule stay" in r.json()["error"]["message"], r.text
+    assert server.client.get("/vms/vm-1").json()["host"] == "host-1"
+
+    assert server.client.delete("/rules/stay").status_code == 200
+    assert add(server, name="rather", hosts=["host-1"], strength="should").status_code == 201
+    r = server.client.post("/vms/vm-1/migrate", json={"host": "host-2", "check_only": True})
+    rules = next(x for x in r.json()["results"] if x["check"] == "rules")
+    assert rules["severity"] == "warning" and "should rule rather" in rules["message"]
+
+
+def test_an_anti_affinity_rule_keeps_two_vms_apart(server: ServerHarness, pair: Pair) -> None:
+    start_vm(server, "vm-2", "host-2")
+    assert add(server, name="apart", kind="vm_anti_affinity", vms=["vm-1", "vm-2"]).status_code == 201
+    r = server.client.post("/vms/vm-1/migrate", json={"host": "host-2", "check_only": True})
+    rules = next(x for x in r.json()["results"] if x["check"] == "rules")
+    assert rules["severity"] == "error" and rules["message"] == "Must rule apart keeps VM 'vm-1' off host-2."

@@ -163,6 +163,18 @@ class VmshiftClient:
     def remove_host(self, name: str) -> None:
         self.request("DELETE", f"/hosts/{self._q(name)}")
 
+    def maintenance_plan(self, name: str) -> Json:
+        """GET /hosts/NAME/maintenance/plan: where each VM would go; ``refused`` says why it cannot."""
+        return dict(self.request("GET", f"/hosts/{self._q(name)}/maintenance/plan"))
+
+    def enter_maintenance(self, name: str) -> Json:
+        """POST /hosts/NAME/maintenance/enter: the parent task that evacuates the host, then marks it."""
+        return dict(self.request("POST", f"/hosts/{self._q(name)}/maintenance/enter"))
+
+    def exit_maintenance(self, name: str, *, return_vms: bool = False) -> Json:
+        return dict(self.request("POST", f"/hosts/{self._q(name)}/maintenance/exit",
+                                 json={"return_vms": return_vms}))
+
     def set_maintenance(self, name: str, enter: bool) -> Json:
         return dict(self.request("POST", f"/hosts/{self._q(name)}/maintenance", json={"enter": enter}))
 

@@ -3,8 +3,7 @@
 Configuration (hosts' facts and limits, VMs' specs and SLAs, rules, migrations in flight) comes from
 the database session; use comes from the agents. The load history is an argument (``loads``: VM
 name -> samples, oldest first) because it is kept elsewhere (the DRS load store); a VM without one
-gets a single sample from its host's latest report (``live``: ``Heartbeat.live_stats``), with its
-CPU use unknown (0) and its memory the QEMU process's resident size.
+gets a single assumed sample (``_assumed``: from its host's latest report, ``Heartbeat.live_stats``).
 """
 
 from __future__ import annotations
@@ -15,11 +14,12 @@ from collections.abc import Callable, Mapping, Sequence
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from vmshift.model.api import VmStats
+from vmshift.model.api import TaskKind, VmStats
+from vmshift.model.enums import PowerState, TaskState
 from vmshift.model.migration import MigrationStatus
 from vmshift.model.vm import VmSpec
 from vmshift.placement.snapshot import ClusterSnapshot, HostState, LoadSample, Rule, VmState
-from vmshift.server.db.schema import ClusterRow, HostRow, MigrationRow, VmRow
+from vmshift.server.db.schema import ClusterRow, HostRow, MigrationRow, RuleRow, TaskRow, VmRow
 from vmshift.server.inventory import host_facts
 
 #: ``Heartbeat.live_stats``: (host, vm, uuid) -> the VM's latest numbers, None when unknown.
@@ -30,13 +30,15 @@ def _no_stats(host: str, vm: str, uuid: str) -> VmStats | None:
     return None
 
 
-def host_state(h: HostRow, running: int) -> HostState:
+def host_state(h: HostRow, running: int, *, entering: bool = False) -> HostState:
+    """``entering``: the host is being evacuated for maintenance: nothing may be placed there."""
     facts = host_facts(h)
     rate = h.migration_link_rate_bps or h.migration_bandwidth_limit_bps
     return HostState(
         name=h.name, cpus=max(1, facts.cpus), memory_mib=max(1, facts.memory_total_mib),
-        connection=h.connection_state, maintenance=h.maintenance, cpu_models=tuple(facts.cpu_models),
-        accelerator=facts.accelerator, machine_types=frozenset(facts.machine_types),
+        connection=h.connection_state, maintenance=h.maintenance or entering,
+        cpu_models=tuple(facts.cpu_models), accelerator=facts.accelerator,
+        machine_types=frozenset(facts.machine_types),
         datastores=frozenset(d.datastore.name for d in h.datastores),
         networks=frozenset(n.network.name for n in h.networks),
         migration_limit=h.migration_limit, migrations_running=running,
@@ -59,9 +61,24 @@ def vm_state(
     )  # fmt: skip
 
 
+def rule_of(row: RuleRow) -> Rule:
+    return Rule(row.name, row.kind, row.strength, frozenset(row.vms), frozenset(row.hosts))
+
+
+def _assumed(vm: VmRow, live: LiveStats) -> tuple[LoadSample, ...]:
+    """A VM without a load history: its resident memory from its host's report, else (a running VM
+    its host has not reported yet) all the memory it commits; CPU use unknown, so 0. A VM that is
+    not running uses nothing."""
+    if vm.power_state is not PowerState.POWERED_ON:
+        return ()
+    stats = live(vm.host.name, vm.name, vm.uuid)
+    if stats is not None and stats.rss_mib > 0:
+        return (LoadSample(0.0, stats.rss_mib),)
+    return (LoadSample(0.0, float(VmSpec.model_validate(vm.spec).memory_mib)),)
+
+
 def cluster_rules(cluster: ClusterRow) -> tuple[Rule, ...]:
-    return tuple(Rule(r.name, r.kind, r.strength, frozenset(r.vms), frozenset(r.hosts))
-                 for r in cluster.rules)
+    return tuple(rule_of(r) for r in cluster.rules)
 
 
 def cluster_snapshot(
@@ -87,7 +104,10 @@ def cluster_snapshot(
         running[dst] = running.get(dst, 0) + 1
         in_flight[vm_name] = dst
     rows = sorted(cluster.hosts, key=lambda h: h.name)
-    hosts = {h.name: host_state(h, running.get(h.name, 0)) for h in rows}
+    entering = set(s.scalars(select(TaskRow.target).where(
+        TaskRow.kind == TaskKind.HOST_MAINTENANCE_ENTER.value,
+        TaskRow.state.in_([TaskState.QUEUED, TaskState.RUNNING]))))
+    hosts = {h.name: host_state(h, running.get(h.name, 0), entering=h.name in entering) for h in rows}
     vm_rows = s.scalars(select(VmRow).join(HostRow).where(HostRow.cluster_id == cluster.id)
                         .order_by(VmRow.name)).all()
     names = [v.name for v in vm_rows]
@@ -98,10 +118,7 @@ def cluster_snapshot(
     ).all()) if names else {}
     vms = []
     for v in vm_rows:
-        history = loads.get(v.name)
-        if not history:
-            stats = live(v.host.name, v.name, v.uuid)
-            history = (LoadSample(0.0, stats.rss_mib),) if stats is not None else ()
+        history = loads.get(v.name) or _assumed(v, live)
         ended = moved.get(v.name)
         vms.append(vm_state(v, hosts[v.host.name], history, migrating_to=in_flight.get(v.name),
                             last_moved_s=ended.timestamp() if ended is not None else None,
