@@ -43,12 +43,12 @@ def test_refused_under_a_must_rule_then_evacuated_and_returned(server: ServerHar
     assert server.client.delete("/rules/stay").status_code == 200
     r = server.client.post("/hosts/host-1/maintenance/enter")
     assert r.status_code == 202, r.text
-    task = server.wait_task(r.json()["id"])
+    task = server.wait_task(r.json()["id"], timeout_s=60)
     assert task["state"] == "success" and task["kind"] == "host.maintenance_enter", task
     assert [m["vm"] for m in task["result"]["moved"]] == ["vm-1"]
     assert server.client.get("/vms/vm-1").json()["host"] == "host-2"
     assert host(server, "host-1")["maintenance"] is True
-    children = server.client.get(f"/tasks/{task['id']}").json()["params"]["children"]
+    children = [m["task_id"] for m in task["result"]["moved"]]
     assert [server.client.get(f"/tasks/{c}").json()["kind"] for c in children] == ["vm.migrate"]
     # placement keeps new VMs off it
     plan = server.client.get("/hosts/host-2/maintenance/plan").json()
@@ -56,7 +56,7 @@ def test_refused_under_a_must_rule_then_evacuated_and_returned(server: ServerHar
 
     r = server.client.post("/hosts/host-1/maintenance/exit", json={"return_vms": True})
     assert r.status_code == 202, r.text
-    task = server.wait_task(r.json()["id"])
+    task = server.wait_task(r.json()["id"], timeout_s=60)
     assert task["state"] == "success", task
     assert server.client.get("/vms/vm-1").json()["host"] == "host-1"
     assert host(server, "host-1")["maintenance"] is False
