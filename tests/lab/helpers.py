@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import psutil
 
+from vmshift.lab.layout import load_record
 from vmshift.tls.contexts import client_context
 
 BIN = Path(sys.executable).parent
@@ -127,8 +128,11 @@ def running_lab(name: str, hosts: int, config_dir: Path) -> Iterator[LabHandle]:
         [str(BIN / "vmshift"), "lab", "up", "--name", name, "--hosts", str(hosts)],
         env=env, capture_output=True, text=True, timeout=900,
     )
+    own: str | None = None  # the prefix of this lab's links in the root namespace (they hold its index)
     try:
         assert up.returncode == 0, f"lab up failed:\n{up.stdout}\n{up.stderr}"
+        rec = load_record(name)
+        own = rec.layout.root_veth.removesuffix("mgmt") if rec is not None else None
         out = subprocess.run(
             [str(BIN / "vmshift"), "lab", "env", "--name", name],
             env=env, capture_output=True, text=True, check=True,
@@ -150,7 +154,10 @@ def running_lab(name: str, hosts: int, config_dir: Path) -> Iterator[LabHandle]:
         assert down.returncode == 0, f"lab down failed:\n{down.stdout}\n{down.stderr}"
         # lab down leaves nothing behind
         assert namespaces_of(name) == [], "namespaces left behind"
-        assert root_links() == links_before, "links left behind in the root namespace"
+        # another lab (another user's) may come or go meanwhile: judge this lab's links only
+        left = root_links() - links_before
+        assert not (left if own is None else {n for n in left if n.startswith(own)}), \
+            f"links left behind in the root namespace: {sorted(left)}"
         assert mounts_of(name) == [], "mounts left behind"
         assert lab_processes(name) == [], "processes left behind"
         assert not Path(f"/var/lib/vmshift/labs/{name}").exists(), "lab state left behind"
