@@ -5,7 +5,6 @@ These tests need root, QEMU and iproute2. They run in CI too: a missing dependen
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -13,59 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.lab.helpers import (
-    BIN,
-    LabHandle,
-    lab_processes,
-    mounts_of,
-    namespaces_of,
-    root_links,
-    vmshift,
-)
+from tests.lab.helpers import LabHandle, running_lab, vmshift
 from vmshift.client import VmshiftClient
 from vmshift.lab.image import build_image
 
 
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
-    if os.geteuid() != 0:
-        pytest.fail("The lab tests need root (network namespaces, taps, QEMU): run them as root.")
-    name = f"t{secrets.token_hex(3)}"
-    config_dir = tmp_path_factory.mktemp("vmshift-config")
-    env = {**os.environ, "VMSHIFT_CONFIG_DIR": str(config_dir)}
-    links_before = root_links()
-    up = subprocess.run(
-        [str(BIN / "vmshift"), "lab", "up", "--name", name, "--hosts", "2"],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
-    try:
-        assert up.returncode == 0, f"lab up failed:\n{up.stdout}\n{up.stderr}"
-        out = subprocess.run(
-            [str(BIN / "vmshift"), "lab", "env", "--name", name],
-            env=env, capture_output=True, text=True, check=True,
-        ).stdout
-        values = dict(
-            line.removeprefix("export ").split("=", 1) for line in out.split() if "=" in line
-        )
-        server = values["VMSHIFT_SERVER"].strip("'\"")
-        token = values["VMSHIFT_TOKEN"].strip("'\"")
-        ca_file = values["VMSHIFT_CA_FILE"].strip("'\"")
-        handle = LabHandle(name=name, server=server, token=token, ca_file=ca_file, env={
-            **env, "VMSHIFT_SERVER": server, "VMSHIFT_TOKEN": token, "VMSHIFT_CA_FILE": ca_file,
-        })
+    with running_lab(f"t{secrets.token_hex(3)}", 2, tmp_path_factory.mktemp("vmshift-config")) as handle:
         yield handle
-    finally:
-        down = subprocess.run(
-            [str(BIN / "vmshift"), "lab", "down", "--name", name],
-            env=env, capture_output=True, text=True, timeout=300,
-        )
-        assert down.returncode == 0, f"lab down failed:\n{down.stdout}\n{down.stderr}"
-        # lab down leaves nothing behind
-        assert namespaces_of(name) == [], "namespaces left behind"
-        assert root_links() == links_before, "links left behind in the root namespace"
-        assert mounts_of(name) == [], "mounts left behind"
-        assert lab_processes(name) == [], "processes left behind"
-        assert not Path(f"/var/lib/vmshift/labs/{name}").exists(), "lab state left behind"
 
 
 @pytest.fixture(scope="session")

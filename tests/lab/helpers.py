@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
 
+from vmshift.lab.layout import load_record
 from vmshift.tls.contexts import client_context
 
 BIN = Path(sys.executable).parent
@@ -112,3 +115,49 @@ def lab_processes(name: str) -> list[str]:
         if any(m in cmd for m in marks):
             found.append(f"{p.info['pid']}: {cmd[:120]}")
     return found
+
+
+@contextmanager
+def running_lab(name: str, hosts: int, config_dir: Path) -> Iterator[LabHandle]:
+    """`vmshift lab up` with ``hosts`` hosts; on exit `lab down`, and proof that nothing is left."""
+    if os.geteuid() != 0:
+        raise AssertionError("The lab tests need root (network namespaces, taps, QEMU): run them as root.")
+    env = {**os.environ, "VMSHIFT_CONFIG_DIR": str(config_dir)}
+    links_before = root_links()
+    up = subprocess.run(
+        [str(BIN / "vmshift"), "lab", "up", "--name", name, "--hosts", str(hosts)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    own: str | None = None  # the prefix of this lab's links in the root namespace (they hold its index)
+    try:
+        assert up.returncode == 0, f"lab up failed:\n{up.stdout}\n{up.stderr}"
+        rec = load_record(name)
+        own = rec.layout.root_veth.removesuffix("mgmt") if rec is not None else None
+        out = subprocess.run(
+            [str(BIN / "vmshift"), "lab", "env", "--name", name],
+            env=env, capture_output=True, text=True, check=True,
+        ).stdout
+        values = dict(
+            line.removeprefix("export ").split("=", 1) for line in out.split() if "=" in line
+        )
+        server = values["VMSHIFT_SERVER"].strip("'\"")
+        token = values["VMSHIFT_TOKEN"].strip("'\"")
+        ca_file = values["VMSHIFT_CA_FILE"].strip("'\"")
+        yield LabHandle(name=name, server=server, token=token, ca_file=ca_file, env={
+            **env, "VMSHIFT_SERVER": server, "VMSHIFT_TOKEN": token, "VMSHIFT_CA_FILE": ca_file,
+        })
+    finally:
+        down = subprocess.run(
+            [str(BIN / "vmshift"), "lab", "down", "--name", name],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert down.returncode == 0, f"lab down failed:\n{down.stdout}\n{down.stderr}"
+        # lab down leaves nothing behind
+        assert namespaces_of(name) == [], "namespaces left behind"
+        # another lab (another user's) may come or go meanwhile: judge this lab's links only
+        left = root_links() - links_before
+        assert not (left if own is None else {n for n in left if n.startswith(own)}), \
+            f"links left behind in the root namespace: {sorted(left)}"
+        assert mounts_of(name) == [], "mounts left behind"
+        assert lab_processes(name) == [], "processes left behind"
+        assert not Path(f"/var/lib/vmshift/labs/{name}").exists(), "lab state left behind"

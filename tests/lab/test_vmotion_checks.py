@@ -86,11 +86,11 @@ def test_same_host(lab: LabHandle, api: VmshiftClient, checked: dict[str, Any]) 
 
 
 def test_target_in_maintenance(lab: LabHandle, api: VmshiftClient, checked: dict[str, Any]) -> None:
-    vmshift(lab, "host", "maintenance", "host-2")
+    vmshift(lab, "host", "maintenance", "enter", "host-2")
     try:
         assert_rejected(lab, api, "checked", "host-2", "target_maintenance", "maintenance")
     finally:
-        vmshift(lab, "host", "maintenance", "host-2", "--exit")
+        vmshift(lab, "host", "maintenance", "exit", "host-2")
 
 
 def test_target_disconnected(lab: LabHandle, api: VmshiftClient, checked: dict[str, Any]) -> None:

@@ -8,9 +8,9 @@ from typing import Annotated, Any
 import typer
 
 from vmshift.cli import context
-from vmshift.cli.output import emit_json, fields, table
+from vmshift.cli.output import emit_json, fields, table, wait_with_progress
 from vmshift.client.sdk import FingerprintUnconfirmedError
-from vmshift.errors import InvalidInputError
+from vmshift.errors import CapacityError, InvalidInputError
 from vmshift.model.enums import ConnectionState
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
@@ -137,19 +137,71 @@ def host_remove(name: str, json_: JsonOpt = False) -> None:
         typer.echo(f"Host {name} removed.")
 
 
-@host_app.command("maintenance")
-def host_maintenance(
+maintenance_app = typer.Typer(help="Maintenance mode: evacuate a host, then keep VMs off it.",
+                               no_args_is_help=True)
+host_app.add_typer(maintenance_app, name="maintenance")
+
+
+def _plan_table(plan: dict[str, Any]) -> None:
+    moves = plan.get("moves") or []
+    table(f"Evacuation of {plan['host']} (predicted {plan['predicted_total_s']:.1f} s in all)",
+          ["vm", "target", "move", "predicted s", "downtime ms", "ends at s", "warning"],
+          ([m["vm"], m["target"], "live" if m["live"] else "cold", f"{m['predicted_s']:.1f}",
+            m["downtime_ms"], f"{m['ends_at_s']:.1f}", m.get("warning") or ""] for m in moves))
+    if not moves:
+        typer.echo(f"Host {plan['host']} runs no VM: it enters maintenance mode at once.")
+
+
+@maintenance_app.command("enter")
+def maintenance_enter(
     name: str,
-    exit_: Annotated[bool, typer.Option("--exit", help="Leave maintenance mode.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan; move nothing.")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Put a host in maintenance mode (or take it out with --exit)."""
+    """Evacuate a host (live-migrate running VMs, cold-move the others), then put it in maintenance mode.
+    Refused, with nothing moved, when the other hosts cannot take its VMs under the rules."""
     with context.client() as c:
-        h = c.set_maintenance(name, not exit_)
+        plan = c.maintenance_plan(name)
+        if dry_run or plan.get("refused"):
+            if json_:
+                emit_json(plan)
+            else:
+                _plan_table(plan)
+            if plan.get("refused"):
+                raise CapacityError(plan["refused"], hint="Add room on the other hosts or change the rules, "
+                                                          "then try again; nothing was moved.")
+            return
+        if not json_:
+            _plan_table(plan)
+        task = c.enter_maintenance(name)
+        final = wait_with_progress(c, task, quiet=json_)
+        h = c.get_host(name)
     if json_:
-        emit_json(h)
-    else:
-        typer.echo(f"Host {name} maintenance: {'on' if h.get('maintenance') else 'off'}.")
+        emit_json({"plan": plan, "task": final, "host": h})
+        return
+    for w in (final.get("result") or {}).get("warnings") or []:
+        typer.echo(f"Warning: {w}")
+    typer.echo(f"Host {name} is in maintenance mode "
+               f"({len((final.get('result') or {}).get('moved') or [])} VM(s) moved away).")
+
+
+@maintenance_app.command("exit")
+def maintenance_exit(
+    name: str,
+    return_vms: Annotated[bool, typer.Option(
+        "--return", help="Move back the VMs its last evacuation moved away.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Take a host out of maintenance mode (with --return, its VMs come back)."""
+    with context.client() as c:
+        task = c.exit_maintenance(name, return_vms=return_vms)
+        final = wait_with_progress(c, task, quiet=json_)
+    if json_:
+        emit_json(final)
+        return
+    moved = (final.get("result") or {}).get("moved") or []
+    back = f"; {len(moved)} VM(s) moved back" if return_vms else ""
+    typer.echo(f"Host {name} left maintenance mode{back}.")
 
 
 @datastore_app.command("list")

@@ -92,8 +92,12 @@ def vm_summary(v: dict[str, Any]) -> list[Any]:
 @vm_app.command("create")
 def vm_create(
     name: str,
-    host: Annotated[str, typer.Option(help="Host to place the VM on.")],
     datastore: Annotated[str, typer.Option(help="Home datastore: the VM's files go to DATASTORE/NAME/.")],
+    host: Annotated[str | None, typer.Option(
+        help="Host to place the VM on (default: initial placement chooses one).")] = None,
+    cluster: Annotated[str | None, typer.Option(
+        help="Without --host: the cluster to place it in (default: the one whose hosts see the datastore).",
+    )] = None,
     cpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 1,
     memory: Annotated[int, typer.Option(help="Memory in MiB.")] = 256,
     network: Annotated[list[str] | None, typer.Option(help="Network label for a NIC (repeatable).")] = None,
@@ -118,7 +122,8 @@ def vm_create(
     """Create a VM (and start it with --start): it boots a kernel image, or a disk image with --disk-image."""
     keys = [key for path in ssh_key or [] for key in read_ssh_keys(path)]
     body: dict[str, Any] = {
-        "name": name, "host": host, "cpus": cpus, "memory_mib": memory, "datastore": datastore,
+        "name": name, "host": host, "cluster": cluster, "cpus": cpus, "memory_mib": memory,
+        "datastore": datastore,
         "networks": network or [], "disks_mib": [parse_size_mib(d) for d in disk or []],
         "image": image, "kernel_args": kernel_args, "cpu_model": cpu_model,
         "machine_type": machine_type, "start": start,
@@ -128,6 +133,8 @@ def vm_create(
     with context.client() as c:
         task = c.create_vm(body)
         _finish(c, task, no_wait=no_wait, json_=json_, vm=name)
+        if host is None and not (no_wait or json_):
+            typer.echo(f"Initial placement chose host {c.get_vm(name)['host']}.")
 
 
 @vm_app.command("list")

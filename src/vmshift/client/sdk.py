@@ -163,6 +163,18 @@ class VmshiftClient:
     def remove_host(self, name: str) -> None:
         self.request("DELETE", f"/hosts/{self._q(name)}")
 
+    def maintenance_plan(self, name: str) -> Json:
+        """GET /hosts/NAME/maintenance/plan: where each VM would go; ``refused`` says why it cannot."""
+        return dict(self.request("GET", f"/hosts/{self._q(name)}/maintenance/plan"))
+
+    def enter_maintenance(self, name: str) -> Json:
+        """POST /hosts/NAME/maintenance/enter: the parent task that evacuates the host, then marks it."""
+        return dict(self.request("POST", f"/hosts/{self._q(name)}/maintenance/enter"))
+
+    def exit_maintenance(self, name: str, *, return_vms: bool = False) -> Json:
+        return dict(self.request("POST", f"/hosts/{self._q(name)}/maintenance/exit",
+                                 json={"return_vms": return_vms}))
+
     def set_maintenance(self, name: str, enter: bool) -> Json:
         return dict(self.request("POST", f"/hosts/{self._q(name)}/maintenance", json={"enter": enter}))
 
@@ -304,6 +316,20 @@ class VmshiftClient:
 
     def delete_schedule(self, name: str) -> Json:
         return dict(self.request("DELETE", f"/schedules/{self._q(name)}"))
+
+    # -- affinity rules ----------------------------------------------------------------------
+    def add_rule(self, name: str, cluster: str, kind: str, vms: list[str], *, strength: str = "must",
+                 hosts: list[str] | None = None) -> Json:
+        """POST /rules: ``kind`` and ``strength`` as model.placement spells them."""
+        body: Json = {"name": name, "cluster": cluster, "kind": kind, "strength": strength, "vms": vms,
+                      "hosts": hosts or []}
+        return dict(self.request("POST", "/rules", json=body))
+
+    def list_rules(self, cluster: str | None = None) -> list[Json]:
+        return list(self.request("GET", "/rules", params=_filters(cluster=cluster)))
+
+    def delete_rule(self, name: str, cluster: str | None = None) -> Json:
+        return dict(self.request("DELETE", f"/rules/{self._q(name)}", params=_filters(cluster=cluster)))
 
     # -- tasks and events -------------------------------------------------------------------
     def list_tasks(self, max_items: int | None = None, *, target: str | None = None, state: str | None = None,

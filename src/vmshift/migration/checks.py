@@ -37,7 +37,8 @@ from vmshift.placement.host_checks import (
 DISK_MOVE_CHECKS = frozenset(
     {CheckId.KIND, CheckId.TARGET_DATASTORE, CheckId.DATASTORE_SPACE, CheckId.DISK_FORMAT}
 )
-#: Placement's own checks, which a migration's report does not show yet (issue 11 wires them in).
+#: Placement's own checks: a migration's report ends with the rules' result when the server gives it
+#: (a move to another host; ``run_checks(rules=...)``).
 PLACEMENT_ONLY_CHECKS = frozenset({CheckId.RULES})
 LIVE_CHECKS = tuple(c for c in CheckId if c not in DISK_MOVE_CHECKS | PLACEMENT_ONLY_CHECKS)
 
@@ -119,10 +120,14 @@ class HostView:
 
 @dataclass(frozen=True, slots=True)
 class MigrationLoad:
-    """Migrations already running per host, and the per-host limit."""
+    """Migrations already running per host, and each host's limit (``limit`` where none is given)."""
 
     running: dict[str, int] = field(default_factory=dict)
     limit: int = DEFAULT_MIGRATION_LIMIT
+    limits: dict[str, int] = field(default_factory=dict)
+
+    def limits_of(self, *hosts: str) -> dict[str, int]:
+        return {h: self.limits.get(h, self.limit) for h in hosts}
 
 
 def _r(check: CheckId, severity: CheckSeverity, message: str, hint: str | None = None) -> CheckResult:
@@ -283,7 +288,7 @@ def _devices(vm: VmView) -> CheckResult:
 
 
 def _load(src: HostView, dst: HostView, load: MigrationLoad) -> CheckResult:
-    return concurrency_check([(h.name, load.running.get(h.name, 0)) for h in (src, dst)], load.limit)
+    return concurrency_check([src.name, dst.name], load.running, load.limits_of(src.name, dst.name))
 
 
 def run_checks(
@@ -294,8 +299,10 @@ def run_checks(
     reachable: bool | None = None,
     load: MigrationLoad | None = None,
     requested_encryption: MigrationEncryption | None = None,
+    rules: CheckResult | None = None,
 ) -> CheckReport:
-    """Every pre-migration check, one result each, in a fixed order."""
+    """Every pre-migration check, one result each, in a fixed order; ``rules``: the affinity rules'
+    verdict on the target (``vmshift.placement.rules.rules_check``), last when given."""
     results = [
         _power(vm),
         *_hosts(vm, source, target),
@@ -307,5 +314,6 @@ def run_checks(
         _encryption(vm, source, target, requested_encryption),
         _devices(vm),
         _load(source, target, load or MigrationLoad()),
+        *([rules] if rules is not None else []),
     ]
     return CheckReport(results=results)

@@ -53,6 +53,9 @@ class TaskKind(StrEnum):
     VM_RELOCATE = "vm.relocate"
     MIGRATION_FINALIZE = "migration.finalize"
     IMAGE_IMPORT = "image.import"  # qemu-img convert of a file onto a datastore (docs/images.md)
+    # maintenance mode (server/maintenance.py): one parent task, a vm.migrate child per VM
+    HOST_MAINTENANCE_ENTER = "host.maintenance_enter"
+    HOST_MAINTENANCE_EXIT = "host.maintenance_exit"
 
 
 class EventKind(StrEnum):
@@ -96,6 +99,9 @@ class EventKind(StrEnum):
     SCHEDULE_DELETED = "schedule.deleted"
     SCHEDULE_RUN_STARTED = "schedule.run_started"
     SCHEDULE_RUN_SKIPPED = "schedule.run_skipped"
+    # placement (server/api/routes_rules.py, server/maintenance.py)
+    RULE_CREATED = "rule.created"
+    RULE_DELETED = "rule.deleted"
     RETENTION_PURGED = "retention.purged"  # server/retention.py: one per purge that removed something
 
 
@@ -232,7 +238,10 @@ DiskSizeMib = Annotated[int, Field(ge=1, le=MAX_DISK_MIB)]
 
 class VmCreate(RequestModel):
     name: VmName
-    host: HostName
+    host: HostName | None = Field(default=None, description="None: initial placement chooses a host of "
+                                  "'cluster' (docs/drs.md, 'Initial placement')")
+    cluster: ClusterName | None = Field(default=None, description="without 'host': the cluster to place "
+                                        "the VM in; None = the one whose hosts see the datastore")
     cpus: int = Field(default=1, ge=1, le=MAX_CPUS)
     memory_mib: int = Field(default=256, ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
     datastore: DatastoreName

@@ -8,11 +8,12 @@ limit means waiting.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 from vmshift.model.enums import Accelerator, ConnectionState
 from vmshift.model.host import CpuModelInfo
 from vmshift.model.migration import CheckId, CheckResult, CheckSeverity
+from vmshift.placement.capacity import DEFAULT_MIGRATION_LIMIT, at_limit
 
 OK, WARN, ERR = CheckSeverity.OK, CheckSeverity.WARNING, CheckSeverity.ERROR
 
@@ -28,11 +29,11 @@ def connection_check(check: CheckId, role: str, host: str, state: ConnectionStat
                   "Wait until its agent answers again, or check the agent on that host.")
 
 
-def maintenance_check(host: str, maintenance: bool) -> CheckResult:
+def maintenance_check(host: str, maintenance: bool, role: str = "target") -> CheckResult:
     if maintenance:
-        return result(CheckId.TARGET_MAINTENANCE, ERR, f"The target host {host} is in maintenance mode.",
+        return result(CheckId.TARGET_MAINTENANCE, ERR, f"The {role} host {host} is in maintenance mode.",
                       "Take it out of maintenance mode or choose another host.")
-    return result(CheckId.TARGET_MAINTENANCE, OK, f"The target host {host} is not in maintenance mode.")
+    return result(CheckId.TARGET_MAINTENANCE, OK, f"The {role} host {host} is not in maintenance mode.")
 
 
 def cpu_model_check(cpu_model: str, host: str, models: Sequence[CpuModelInfo]) -> CheckResult:
@@ -109,13 +110,16 @@ def networks_check(
                   "Map the network to a bridge in the target agent's configuration.")
 
 
-def concurrency_check(running: Sequence[tuple[str, int]], limit: int) -> CheckResult:
-    """``running``: (host, migrations running there) for the source and the target."""
-    busy = [f"{host} ({n})" for host, n in running if n >= limit]
+def concurrency_check(
+    hosts: Sequence[str], running: Mapping[str, int], limits: Mapping[str, int]
+) -> CheckResult:
+    """``hosts``: the source and the target; ``running``: migrations per host; ``limits``: each
+    host's limit (``capacity.at_limit`` decides)."""
+    busy = [f"{h} ({running.get(h, 0)} of {limits.get(h, DEFAULT_MIGRATION_LIMIT)})"
+            for h in at_limit(running, limits, hosts)]
     if not busy:
-        return result(CheckId.CONCURRENCY, OK,
-                      f"Both hosts are below the limit of {limit} concurrent migrations.")
+        return result(CheckId.CONCURRENCY, OK, "Both hosts are below their limits of concurrent migrations.")
     return result(CheckId.CONCURRENCY, WARN,
-                  f"Host {' and '.join(busy)} is at the limit of {limit} concurrent "
-                  "migrations, so this one will wait in the queue.",
+                  f"Host {' and '.join(busy)} is at its limit of concurrent migrations, "
+                  "so this one will wait in the queue.",
                   "It starts when a running migration ends.")

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from vmshift.client.agent import AgentPool
 from vmshift.errors import InvalidInputError, VmshiftError
-from vmshift.migration.checks import HostView, VmView, encryption_decision, run_checks
+from vmshift.migration.checks import HostView, MigrationLoad, VmView, encryption_decision, run_checks
 from vmshift.migration.disk_plan import relocated_spec, room_needed_mib
 from vmshift.migration.estimator import estimate, zero_fraction_from_resident
 from vmshift.migration.policy import PolicySettings
@@ -36,6 +36,7 @@ from vmshift.model.migration import (
 from vmshift.model.vm import VmSpec
 from vmshift.server.db.schema import HostRow, MigrationRow, VmRow
 from vmshift.server.inventory import get_host, get_vm, host_facts
+from vmshift.server.placement_rules import rules_result
 
 SINK_SECONDS = 5.0
 MEASURE_SECONDS = 0.5
@@ -121,22 +122,9 @@ def settings_for(vm: VmRow, src: HostRow, dst: HostRow, body: MigrationCreate) -
     )
 
 
-def _concurrency(src: HostRow, dst: HostRow, running: Counter[str]) -> CheckResult:
-    busy = [f"{h.name} ({running[h.name]} of {h.migration_limit})" for h in (src, dst)
-            if running[h.name] >= h.migration_limit]  # fmt: skip
-    if not busy:
-        return CheckResult(
-            check=CheckId.CONCURRENCY,
-            severity=CheckSeverity.OK,
-            message="Both hosts are below their limits of concurrent migrations.",
-        )
-    return CheckResult(
-        check=CheckId.CONCURRENCY,
-        severity=CheckSeverity.WARNING,
-        message=f"Host {' and '.join(busy)} is at its limit of concurrent migrations, "
-        "so this one will wait in the queue.",
-        hint="It starts when a running migration ends.",
-    )
+def migration_load(s: Session, *hosts: HostRow) -> MigrationLoad:
+    """What the concurrency rule needs about ``hosts``: migrations running, each host's limit."""
+    return MigrationLoad(running=dict(running_per_host(s)), limits={h.name: h.migration_limit for h in hosts})
 
 
 def _replace(report: CheckReport, result: CheckResult) -> CheckReport:
@@ -181,8 +169,18 @@ async def measure_link(
     return True, m.bandwidth_bps, None
 
 
-def _gather(s: Session, vm_name: str, body: MigrationCreate,
-            kind: MigrationKind) -> tuple[Plan, VmView, HostView, HostView, bool]:
+@dataclass
+class _Gathered:
+    plan: Plan
+    vm: VmView
+    source: HostView
+    target: HostView
+    link_testable: bool
+    load: MigrationLoad
+    rules: CheckResult | None
+
+
+def _gather(s: Session, vm_name: str, body: MigrationCreate, kind: MigrationKind) -> _Gathered:
     vm = get_vm(s, vm_name)
     src = vm.host
     dst = get_host(s, body.host) if body.host is not None else src
@@ -190,7 +188,6 @@ def _gather(s: Session, vm_name: str, body: MigrationCreate,
     src_view, dst_view = _host_view(src), _host_view(dst)
     vm_view = VmView.from_spec(spec, vm.power_state, src_view.facts.accelerator,
                                encryption=vm.migration_encryption)
-    running = running_per_host(s)
     rates = [x for x in (src.migration_link_rate_bps, dst.migration_link_rate_bps) if x]
     plan = Plan(
         vm=vm.name,
@@ -200,7 +197,7 @@ def _gather(s: Session, vm_name: str, body: MigrationCreate,
         source_address=src.address,
         target_address=dst.address,
         settings=settings_for(vm, src, dst, body),
-        report=CheckReport(results=[_concurrency(src, dst, running)]),
+        report=CheckReport(results=[]),
         bandwidth_bps=None,
         link_rate_bps=min(rates) if rates else None,
     )
@@ -218,7 +215,8 @@ def _gather(s: Session, vm_name: str, body: MigrationCreate,
         and dst.connection_state is ConnectionState.CONNECTED
         and bool(src_view.facts.migration_address and dst_view.facts.migration_address)
     )
-    return plan, vm_view, src_view, dst_view, link_testable
+    rules = rules_result(s, vm, dst) if dst.id != src.id else None
+    return _Gathered(plan, vm_view, src_view, dst_view, link_testable, migration_load(s, src, dst), rules)
 
 
 async def plan_migration(
@@ -231,17 +229,16 @@ async def plan_migration(
     The database is read first and closed before the agents are asked (no transaction spans I/O).
     """
     with sessions() as s:
-        plan, vm_view, src_view, dst_view, link_testable = _gather(s, vm_name, body, kind)
-    concurrency = plan.report.results[0]
+        g = _gather(s, vm_name, body, kind)
+    plan, vm_view, dst_view = g.plan, g.vm, g.target
     reachable: bool | None = None
     failure: CheckResult | None = None
-    if link_testable:
+    if g.link_testable:
         reachable, plan.bandwidth_bps, failure = await measure_link(
             agents, plan.source_address, plan.target_address
         )
-    report = run_checks(vm_view, src_view, dst_view, reachable=reachable,
-                        requested_encryption=body.encryption)
-    report = _replace(report, concurrency)
+    report = run_checks(vm_view, g.source, dst_view, reachable=reachable, load=g.load,
+                        requested_encryption=body.encryption, rules=g.rules)
     if failure is not None:
         report = _replace(report, failure)
     if plan.target_spec is not None and plan.target_datastore is not None:

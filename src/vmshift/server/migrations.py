@@ -37,6 +37,7 @@ from vmshift.model.migration import (
     MigrationStatus,
 )
 from vmshift.model.vm import VmSpec
+from vmshift.placement.capacity import at_limit
 from vmshift.server.db.schema import HostRow, MigrationRow, ServerIdentityRow, TaskRow, utcnow
 from vmshift.server.events import record_event
 from vmshift.server.migration_checks import effective_bandwidth, plan_migration, predict
@@ -535,7 +536,7 @@ def _slot_free(s: Session, row: MigrationRow) -> bool:
     ):
         for h in {other.source_host, other.target_host} & hosts:
             busy[h] += 1
-    return all(busy[h] < limits.get(h, 4) for h in hosts)
+    return not at_limit(busy, limits, hosts)
 
 
 def raise_for_report(report: CheckReport) -> None:

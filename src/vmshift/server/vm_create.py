@@ -14,7 +14,9 @@ from vmshift.model.api import EventKind, VmCreate
 from vmshift.model.baseline import NOT_A_BASELINE, choose_baseline, resolve_machine_type
 from vmshift.model.enums import BootKind, CloneMode, ConnectionState, PowerState
 from vmshift.model.host import HostFacts
+from vmshift.model.migration import CheckId, CheckSeverity
 from vmshift.model.vm import BootSpec, DiskSpec, NicSpec, SeedSpec, VmSpec
+from vmshift.placement.host_checks import connection_check, maintenance_check, networks_check
 from vmshift.server.db.schema import (
     DatastoreRow,
     HostRow,
@@ -25,18 +27,15 @@ from vmshift.server.db.schema import (
 )
 from vmshift.server.events import record_event
 from vmshift.server.inventory import get_host, host_facts, names_hint
+from vmshift.server.vm_placement import place_new_vm
 
 
 def _check_host_usable(host: HostRow) -> None:
-    if host.connection_state is not ConnectionState.CONNECTED:
-        raise ConflictError(
-            f"Host {host.name} is disconnected.",
-            hint="Wait until its agent answers again, or choose another host.",
-        )
-    if host.maintenance:
-        raise ConflictError(
-            f"Host {host.name} is in maintenance mode.", hint="Exit maintenance mode or choose another host."
-        )
+    """Placement's own rules (``placement.host_checks``), for a host the request named."""
+    for r in (connection_check(CheckId.TARGET_CONNECTED, "chosen", host.name, host.connection_state),
+              maintenance_check(host.name, host.maintenance, "chosen")):
+        if r.severity is CheckSeverity.ERROR:
+            raise ConflictError(r.message, hint=r.hint)
 
 
 def _check_datastore(s: Session, host: HostRow, name: str) -> DatastoreRow:
@@ -55,7 +54,7 @@ def _check_datastore(s: Session, host: HostRow, name: str) -> DatastoreRow:
     return ds
 
 
-def _check_networks(s: Session, host: HostRow, names: list[str]) -> list[NetworkRow]:
+def _check_networks(s: Session, host: HostRow, vm: str, names: list[str]) -> list[NetworkRow]:
     if len(set(names)) != len(names):
         raise InvalidInputError("The networks list names a network twice.", hint="List each network once.")
     nets = []
@@ -66,12 +65,11 @@ def _check_networks(s: Session, host: HostRow, names: list[str]) -> list[Network
                 f"Network {name!r} does not exist.",
                 hint=names_hint("networks", list(s.scalars(select(NetworkRow.name)))),
             )
-        if all(link.host_id != host.id for link in net.hosts):
-            raise InvalidInputError(
-                f"Host {host.name} has no bridge for network {name!r}.",
-                hint=names_hint(f"networks of {host.name}", [n.network.name for n in host.networks]),
-            )
         nets.append(net)
+    seen = [n.network.name for n in host.networks]
+    r = networks_check(vm, names, host.name, seen)
+    if r.severity is CheckSeverity.ERROR:
+        raise InvalidInputError(r.message, hint=names_hint(f"networks of {host.name}", seen))
     return nets
 
 
@@ -153,10 +151,14 @@ def create_vm_row(s: Session, req: VmCreate, rng: random.Random | None = None) -
     """Validate ``req`` and add the VM with its MAC/IP allocations to the caller's transaction."""
     if s.scalar(select(VmRow).where(VmRow.name == req.name)) is not None:
         raise ConflictError(f"A VM named {req.name!r} already exists.", hint="Choose another name.")
-    host = get_host(s, req.host)
-    _check_host_usable(host)
+    warning = None
+    if req.host is not None:
+        host = get_host(s, req.host)
+        _check_host_usable(host)
+    else:
+        host, warning = place_new_vm(s, req)
     ds = _check_datastore(s, host, req.datastore)
-    nets = _check_networks(s, host, req.networks)
+    nets = _check_networks(s, host, req.name, req.networks)
     _check_boot_options(req)
     image_mib = None
     if req.disk_image is not None:
@@ -239,6 +241,7 @@ def create_vm_row(s: Session, req: VmCreate, rng: random.Random | None = None) -
         EventKind.VM_CREATED,
         vm.name,
         f"VM {vm.name} registered on host {host.name} (CPU {cpu_model}, machine {machine}"
-        f"{', IP ' + vm.ip if vm.ip else ''}).",
+        f"{', IP ' + vm.ip if vm.ip else ''}){' by initial placement' if req.host is None else ''}."
+        f"{' ' + warning if warning else ''}",
     )
     return vm

@@ -264,12 +264,18 @@ def delete_host(name: HostName, core: ServerCore = Depends(core_of)) -> None:
         record_event(s, EventKind.HOST_REMOVED, name, f"Host {name} removed from the inventory.")
 
 
-@router.post("/hosts/{name}/maintenance", responses=errors(*BODY, 404))
+@router.post("/hosts/{name}/maintenance", responses=errors(*BODY, 404, 409))
 def host_maintenance(
     name: HostName, body: MaintenanceRequest, core: ServerCore = Depends(core_of)
 ) -> Host:
     with core.sessions.begin() as s:
         host = get_host(s, name)
+        if body.enter and not host.maintenance and host.vms:
+            raise ConflictError(
+                f"Host {name} still has {len(host.vms)} VM(s), and a host enters maintenance mode only "
+                "when empty.",
+                hint=f"Evacuate it with 'vmshift host maintenance enter {name}' (--dry-run shows the plan).",
+            )
         if host.maintenance != body.enter:
             host.maintenance = body.enter
             record_event(

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from vmshift.migration.checks import HostView, MigrationLoad, VmView
+from vmshift.migration.checks import HostView, VmView
 from vmshift.migration.disk_checks import run_disk_checks
 from vmshift.migration.disk_plan import moves_files, relocated_spec, room_needed_mib
 from vmshift.migration.kinds import MoveAsked, kind_of
@@ -15,7 +15,8 @@ from vmshift.model.migration import CheckReport, CheckResult, MigrationCreate
 from vmshift.model.vm import VmSpec
 from vmshift.server.db.schema import HostRow, VmRow
 from vmshift.server.inventory import get_host, get_vm, host_facts
-from vmshift.server.migration_checks import running_per_host
+from vmshift.server.migration_checks import migration_load
+from vmshift.server.placement_rules import rules_result
 
 
 @dataclass
@@ -68,14 +69,14 @@ def plan_disk_move(s: Session, vm_name: str, body: MigrationCreate, kind: Migrat
     moves_state = vm.power_state is PowerState.SUSPENDED and spec.datastore != datastore
     state_mib = spec.memory_mib if moves_state else 0
     src_view, dst_view = _view(src), _view(dst)
-    running = running_per_host(s)
-    limit = min(src.migration_limit, dst.migration_limit)
     report = run_disk_checks(
         kind, VmView.from_spec(spec, vm.power_state, src_view.facts.accelerator), src_view, dst_view,
         datastore=datastore, need_mib=room_needed_mib(spec, datastore, state_mib),
         disk_format=body.disk_format,
-        load=MigrationLoad(running=dict(running), limit=limit),
+        load=migration_load(s, src, dst),
     )
+    if dst.id != src.id:
+        report = CheckReport(results=[*report.results, rules_result(s, vm, dst)])
     return DiskMovePlan(kind=kind, vm=vm.name, spec=spec, target_spec=target_spec, source=src.name,
                         target=dst.name, source_address=src.address, target_address=dst.address,
                         source_datastore=spec.datastore, target_datastore=datastore,
