@@ -16,6 +16,15 @@ class MoveReason(StrEnum):
     EVACUATE = "evacuate"  # the host goes into maintenance
 
 
+class RecommendationState(StrEnum):
+    """What became of a stored recommendation (the server keeps them: server/drs_service.py)."""
+
+    PENDING = "pending"  # listed, waiting for ``drs apply`` or ``drs dismiss``
+    APPLIED = "applied"  # a migration task was started for it
+    DISMISSED = "dismissed"  # a user said no
+    EXPIRED = "expired"  # a later pass no longer recommends it, or its VM or hosts changed
+
+
 @dataclass(frozen=True, slots=True)
 class Recommendation:
     vm: str

@@ -30,6 +30,7 @@ class HostReport:
     facts: HostFacts | None = None
     vms: dict[str, VmRuntime] = field(default_factory=dict)
     changed: set[str] = field(default_factory=set)  # uuids whose state changed since ``take_changed``
+    stats: StatsReport | None = None  # the latest numbers: the VMs' loads and the host's capacity
 
     def runtimes(self) -> list[VmRuntime]:
         return list(self.vms.values())
@@ -72,6 +73,7 @@ class HostReport:
         return bool(moved)
 
     def _apply_stats(self, report: StatsReport) -> None:
+        self.stats = report
         for s in report.vms:
             rt = self.vms.get(s.name)
             if rt is not None:
