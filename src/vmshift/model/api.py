@@ -53,6 +53,7 @@ class TaskKind(StrEnum):
     VM_RELOCATE = "vm.relocate"
     MIGRATION_FINALIZE = "migration.finalize"
     IMAGE_IMPORT = "image.import"  # qemu-img convert of a file onto a datastore (docs/images.md)
+    DRS_RUN = "drs.run"  # one DRS pass over a cluster, on demand (docs/drs.md)
 
 
 class EventKind(StrEnum):
@@ -97,6 +98,10 @@ class EventKind(StrEnum):
     SCHEDULE_RUN_STARTED = "schedule.run_started"
     SCHEDULE_RUN_SKIPPED = "schedule.run_skipped"
     RETENTION_PURGED = "retention.purged"  # server/retention.py: one per purge that removed something
+    # DRS (server/drs/service.py, docs/drs.md)
+    DRS_PASS = "drs.pass"  # a pass that recommended or applied a move
+    DRS_APPLIED = "drs.applied"  # a recommendation started as a migration
+    DRS_APPLY_FAILED = "drs.apply_failed"  # an automatic recommendation the migration checks refused
 
 
 class ErrorInfo(BaseModel):
