@@ -14,6 +14,7 @@ from vmshift.cli.image import image_app
 from vmshift.cli.migrate import migration_app
 from vmshift.cli.migration_settings import host_migration_settings
 from vmshift.cli.output import show_error
+from vmshift.cli.rules import rule_app
 from vmshift.cli.schedules import schedule_app
 from vmshift.cli.tasks import event_app, task_app
 from vmshift.cli.vms import vm_app
@@ -31,6 +32,7 @@ app.add_typer(network_app, name="network")
 app.add_typer(vm_app, name="vm")
 app.add_typer(migration_app, name="migration")
 app.add_typer(schedule_app, name="schedule")
+app.add_typer(rule_app, name="rule")
 app.add_typer(task_app, name="task")
 app.add_typer(event_app, name="event")
 app.add_typer(image_app, name="image")

@@ -305,6 +305,20 @@ class VmshiftClient:
     def delete_schedule(self, name: str) -> Json:
         return dict(self.request("DELETE", f"/schedules/{self._q(name)}"))
 
+    # -- affinity rules ----------------------------------------------------------------------
+    def add_rule(self, name: str, cluster: str, kind: str, vms: list[str], *, strength: str = "must",
+                 hosts: list[str] | None = None) -> Json:
+        """POST /rules: ``kind`` and ``strength`` as model.placement spells them."""
+        body: Json = {"name": name, "cluster": cluster, "kind": kind, "strength": strength, "vms": vms,
+                      "hosts": hosts or []}
+        return dict(self.request("POST", "/rules", json=body))
+
+    def list_rules(self, cluster: str | None = None) -> list[Json]:
+        return list(self.request("GET", "/rules", params=_filters(cluster=cluster)))
+
+    def delete_rule(self, name: str, cluster: str | None = None) -> Json:
+        return dict(self.request("DELETE", f"/rules/{self._q(name)}", params=_filters(cluster=cluster)))
+
     # -- tasks and events -------------------------------------------------------------------
     def list_tasks(self, max_items: int | None = None, *, target: str | None = None, state: str | None = None,
                    since: int | None = None, after: datetime | str | None = None,

@@ -97,6 +97,9 @@ class EventKind(StrEnum):
     SCHEDULE_DELETED = "schedule.deleted"
     SCHEDULE_RUN_STARTED = "schedule.run_started"
     SCHEDULE_RUN_SKIPPED = "schedule.run_skipped"
+    # placement (server/api/routes_rules.py, server/maintenance.py)
+    RULE_CREATED = "rule.created"
+    RULE_DELETED = "rule.deleted"
     RETENTION_PURGED = "retention.purged"  # server/retention.py: one per purge that removed something
     # DRS (server/drs/service.py, docs/drs.md)
     DRS_PASS = "drs.pass"  # a pass that recommended or applied a move

@@ -4,25 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
-
 from vmshift.model.migration import CheckResult
-
-
-class MoveReason(StrEnum):
-    MUST_RULE = "must_rule"  # mends a broken must rule (made at every threshold)
-    SHOULD_RULE = "should_rule"  # mends a broken should rule
-    BALANCE = "balance"  # evens out host load
-    EVACUATE = "evacuate"  # the host goes into maintenance
-
-
-class RecommendationState(StrEnum):
-    """What became of a stored recommendation (the server keeps them: server/drs_service.py)."""
-
-    PENDING = "pending"  # listed, waiting for ``drs apply`` or ``drs dismiss``
-    APPLIED = "applied"  # a migration task was started for it
-    DISMISSED = "dismissed"  # a user said no
-    EXPIRED = "expired"  # a later pass no longer recommends it, or its VM or hosts changed
+from vmshift.model.placement import MoveReason as MoveReason
+from vmshift.model.placement import RecommendationState as RecommendationState
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,41 +8,15 @@ host offers; a VM's configured memory is what it commits on its host.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from vmshift.errors import InvalidInputError
 from vmshift.model.enums import Accelerator, ConnectionState, PowerState
 from vmshift.model.host import CpuModelInfo
+from vmshift.model.placement import DrsAutomation as DrsAutomation
+from vmshift.model.placement import RuleKind as RuleKind
+from vmshift.model.placement import RuleStrength as RuleStrength
+from vmshift.model.placement import VmDrs as VmDrs
 from vmshift.placement.capacity import DEFAULT_MIGRATION_LIMIT
-
-
-class DrsAutomation(StrEnum):
-    """A cluster's automation level (vSphere's names)."""
-
-    MANUAL = "manual"  # every move is a recommendation, applied or dismissed one by one
-    PARTIALLY = "partially"  # initial placement is automatic; balancing moves are recommendations
-    FULLY = "fully"  # balancing moves are applied as ordinary migration tasks
-
-
-class VmDrs(StrEnum):
-    """A VM's own DRS setting; ``CLUSTER`` follows the cluster's level."""
-
-    CLUSTER = "cluster"
-    DISABLED = "disabled"  # DRS never moves it (maintenance mode still evacuates it)
-    MANUAL = "manual"
-    FULLY = "fully"
-
-
-class RuleKind(StrEnum):
-    VM_AFFINITY = "vm_affinity"  # the VMs run on one host
-    VM_ANTI_AFFINITY = "vm_anti_affinity"  # no two of the VMs share a host
-    VM_HOST_AFFINITY = "vm_host_affinity"  # the VMs run on one of the hosts
-    VM_HOST_ANTI_AFFINITY = "vm_host_anti_affinity"  # the VMs run on none of the hosts
-
-
-class RuleStrength(StrEnum):
-    MUST = "must"  # never broken by DRS, placement or maintenance
-    SHOULD = "should"  # broken only when nothing else fits, with a warning
 
 
 @dataclass(frozen=True, slots=True)

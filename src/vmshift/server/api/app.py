@@ -17,6 +17,7 @@ from vmshift.server.api import (
     routes_images,
     routes_inventory,
     routes_migrations,
+    routes_rules,
     routes_schedules,
     routes_tasks,
     routes_vms,
@@ -75,7 +76,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     _install_error_handlers(app)
     deps = [Depends(require_token)]
     for module in (routes_inventory, routes_vms, routes_tasks, routes_migrations, routes_schedules,
-                   routes_images):
+                   routes_images, routes_rules):
         app.include_router(module.router, prefix=API_PREFIX, dependencies=deps, responses=COMMON)
 
     @app.get("/metrics", dependencies=deps, response_class=PlainTextResponse, responses=COMMON_TEXT_ROUTE)

@@ -32,8 +32,16 @@ from vmshift.model.enums import (
     TaskState,
 )
 from vmshift.model.migration import MigrationPhase, MigrationStatus
+from vmshift.model.placement import (
+    DrsAutomation,
+    MoveReason,
+    RecommendationState,
+    RuleKind,
+    RuleStrength,
+    VmDrs,
+)
 from vmshift.model.schedule import ScheduleRunOutcome
-from vmshift.placement.recommendation import MoveReason, RecommendationState
+from vmshift.placement.settings import DEFAULT_THRESHOLD
 
 TASK_PHASE_CHARS = 128  # a task's phase label; longer labels are cut (PostgreSQL refuses them)
 
@@ -81,6 +89,15 @@ class ClusterRow(Base):
     datacenter_id: Mapped[int] = mapped_column(ForeignKey("datacenter.id"))
     datacenter: Mapped[DatacenterRow] = relationship(back_populates="clusters")
     hosts: Mapped[list[HostRow]] = relationship(back_populates="cluster")
+    drs_automation: Mapped[DrsAutomation] = mapped_column(
+        _enum(DrsAutomation), default=DrsAutomation.PARTIALLY, server_default=DrsAutomation.PARTIALLY.value
+    )
+    drs_threshold: Mapped[int] = mapped_column(
+        Integer, default=DEFAULT_THRESHOLD, server_default=text(str(DEFAULT_THRESHOLD))
+    )
+    rules: Mapped[list[RuleRow]] = relationship(
+        back_populates="cluster", cascade="all, delete-orphan", order_by="RuleRow.name"
+    )
 
 
 class HostRow(Base):
@@ -178,9 +195,28 @@ class VmRow(Base):
         _enum(MigrationEncryption), default=MigrationEncryption.OPPORTUNISTIC,
         server_default=MigrationEncryption.OPPORTUNISTIC.value,
     )
+    drs: Mapped[VmDrs] = mapped_column(
+        _enum(VmDrs), default=VmDrs.CLUSTER, server_default=VmDrs.CLUSTER.value, doc="its DRS override"
+    )
     host: Mapped[HostRow] = relationship(back_populates="vms")
     macs: Mapped[list[MacAllocationRow]] = relationship(cascade="all, delete-orphan")
     ips: Mapped[list[IpAllocationRow]] = relationship(cascade="all, delete-orphan")
+
+
+class RuleRow(Base):
+    """An affinity rule of one cluster (placement.snapshot.Rule); VMs and hosts are kept by name."""
+
+    __tablename__ = "rule"
+    __table_args__ = (UniqueConstraint("cluster_id", "name", name="uq_rule_cluster_name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    cluster_id: Mapped[int] = mapped_column(ForeignKey("cluster.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[RuleKind] = mapped_column(_enum(RuleKind))
+    strength: Mapped[RuleStrength] = mapped_column(_enum(RuleStrength))
+    vms: Mapped[list[str]] = mapped_column(JSON)
+    hosts: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    cluster: Mapped[ClusterRow] = relationship(back_populates="rules")
 
 
 class MacAllocationRow(Base):
@@ -310,14 +346,17 @@ __all__ = [
     "ClusterRow",
     "DatacenterRow",
     "DatastoreRow",
+    "DrsRecommendationRow",
     "EventRow",
     "HostDatastoreRow",
+    "HostLoadRow",
     "HostNetworkRow",
     "HostRow",
     "IpAllocationRow",
     "MacAllocationRow",
     "MigrationRow",
     "NetworkRow",
+    "RuleRow",
     "ScheduleRow",
     "ScheduleRunRow",
     "ServerIdentityRow",
@@ -343,7 +382,7 @@ class HostLoadRow(Base):
 
 
 class DrsRecommendationRow(Base):
-    """One move a DRS pass recommended (server/drs_service.py) and what became of it."""
+    """One move a DRS pass recommended (server/drs/service.py) and what became of it."""
 
     __tablename__ = "drs_recommendation"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
