@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
 from vmshift.model.migration import CheckResult
 from vmshift.model.placement import MoveReason as MoveReason
 from vmshift.model.placement import RecommendationState as RecommendationState

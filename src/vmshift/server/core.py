@@ -13,8 +13,10 @@ from vmshift.client.agent import AgentCredentials, AgentPool
 from vmshift.model.api import EventKind, TaskKind
 from vmshift.server.db.change_feed import ChangeFeed
 from vmshift.server.db.setup import make_engine, seed_defaults, upgrade_schema
+from vmshift.server.drs.service import DrsService, DrsServiceSettings
 from vmshift.server.events import record_event
 from vmshift.server.heartbeat import Heartbeat
+from vmshift.server.load_history import LoadHistorySettings, LoadSampler
 from vmshift.server.migration_finalize import Finalizer
 from vmshift.server.migrations import MigrationOrchestrator
 from vmshift.server.moves.runner import DiskMoves
@@ -45,6 +47,8 @@ class ServerCore:
     vm_views: VmViews = field(init=False)  # each VM's API view, between the commits that change it
     schedules: Scheduler = field(init=False)  # scheduled migrations (server/schedules.py)
     retention: Retention = field(init=False)  # purge of old history (server/retention.py)
+    load_sampler: LoadSampler = field(init=False)  # the hosts' load history (server/load_history.py)
+    drs: DrsService = field(init=False)  # DRS passes and recommendations (server/drs/)
     _warming: asyncio.Future[int] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +58,9 @@ class ServerCore:
         self.retention = Retention(
             self.sessions, RetentionPolicy.from_settings(self.settings), self.settings.retention_interval_s
         )
+        loads = LoadHistorySettings(step_s=self.settings.load_step_s, window_s=self.settings.load_window_s)
+        self.load_sampler = LoadSampler(self.sessions, self.heartbeat.load_samples, loads)
+        self.drs = DrsService(DrsServiceSettings(interval_s=self.settings.drs_interval_s), loads)
 
     @classmethod
     def open(cls, settings: ServerSettings) -> ServerCore:
@@ -95,10 +102,14 @@ class ServerCore:
         self._warming.add_done_callback(_log_warming)
         self.schedules.start(self)  # after the resumes: a run sees moves in flight
         self.retention.start()  # after the resumes: what they picked up is unfinished, never purged
+        self.load_sampler.start()
+        self.drs.start(self)  # after the resumes: a pass sees the moves in flight
 
     async def close(self) -> None:
         if self._warming is not None:  # not while the engine goes away under it
             await asyncio.gather(self._warming, return_exceptions=True)
+        await self.drs.stop()
+        await self.load_sampler.stop()
         await self.retention.stop()
         await self.schedules.stop()
         await self.heartbeat.stop()

@@ -57,7 +57,8 @@ def host_sample(report: StatsReport, facts_cpus: int, facts_memory_mib: int) -> 
 def record(s: Session, samples: Mapping[str, HostSample], at: datetime, window_s: float) -> int:
     """Write one row per host named in ``samples`` and delete rows older than the window; rows
     written."""
-    ids = dict(s.execute(select(HostRow.name, HostRow.id).where(HostRow.name.in_(list(samples)))).tuples())
+    q = select(HostRow.name, HostRow.id).where(HostRow.name.in_(list(samples)))
+    ids = {name: hid for name, hid in s.execute(q)}
     for name, sample in samples.items():
         if name in ids:
             s.add(HostLoadRow(host_id=ids[name], at=at, cpus=sample.cpus,
@@ -101,7 +102,7 @@ def vm_histories(s: Session, host_ids: Iterable[int], settings: LoadHistorySetti
     now = now or utcnow()
     since = now - timedelta(seconds=settings.steps * settings.step_s)
     rows = s.execute(select(HostLoadRow.at, HostLoadRow.vms)
-                     .where(HostLoadRow.host_id.in_(list(host_ids)), HostLoadRow.at > since)).tuples()
+                     .where(HostLoadRow.host_id.in_(list(host_ids)), HostLoadRow.at > since)).all()
     return histories(rows, now, settings)
 
 

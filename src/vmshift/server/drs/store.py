@@ -107,4 +107,4 @@ def list_recommendations(s: Session, cluster: str | None = None,
          .where(DrsRecommendationRow.state.in_(list(states))).order_by(DrsRecommendationRow.id))
     if cluster is not None:
         q = q.where(ClusterRow.name == cluster)
-    return [recommendation_view(row, name) for row, name in s.execute(q).tuples()]
+    return [recommendation_view(row, name) for row, name in s.execute(q).all()]
