@@ -127,6 +127,7 @@ def test_load_history_keeps_one_row_per_host_per_step_for_the_window(
     assert len(by_vms) == 1 and by_vms[0].vms["vm-1"][0] == BUSY
     assert {(r.cpus, r.memory_total_mib) for r in rows} == {(2, 2048)}
     assert core.load_sampler.settings.window_s == 300.0
+    assert server.client.get("/vms/vm-1").json()["stats"]["cpu_cores"] == BUSY  # shown live too
 
 
 def test_manual_cluster_lists_recommendations_to_apply_or_dismiss(

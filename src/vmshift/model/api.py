@@ -274,6 +274,7 @@ class Nic(BaseModel):
 class VmStats(BaseModel):
     cpu_seconds: float = 0.0
     rss_mib: float = 0.0
+    cpu_cores: float = Field(default=0.0, description="cores busy over the host's last stats interval")
 
 
 class Vm(BaseModel):

@@ -130,7 +130,8 @@ class Heartbeat:
         rt = listener.report.vms.get(vm)
         if rt is None or not rt.is_the_vm or rt.uuid != uuid:
             return None
-        return VmStats(cpu_seconds=rt.cpu_seconds, rss_mib=rt.rss_mib)
+        return VmStats(cpu_seconds=rt.cpu_seconds, rss_mib=rt.rss_mib,
+                       cpu_cores=listener.report.cpu_cores.get(vm, 0.0))
 
     def load_samples(self) -> dict[str, HostSample]:
         """The latest load of every host heard from now (server/load_history.py samples these)."""
