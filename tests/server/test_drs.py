@@ -208,8 +208,8 @@ def test_simulate_a_host_removed_or_a_vm_added(server: ServerHarness, hosts: lis
     assert set(r.json()["placed"].values()) == {"host-2", "host-3"}
     r = server.client.post(f"/clusters/{cluster}/drs/simulate", json={"add_vm": "new-1:1:256:0.5"})
     assert r.status_code == 200 and r.json()["placed"]["new-1"] in ("host-2", "host-3"), r.text
-    for body, status in (({}, 400), ({"remove_host": "host-1", "add_vm": "a:1:1"}, 400),
-                         ({"add_vm": "bad spec"}, 400), ({"remove_host": "host-9"}, 400)):
+    for body, status in (({}, 422), ({"remove_host": "host-1", "add_vm": "a:1:1"}, 422),
+                         ({"add_vm": "bad spec"}, 422), ({"remove_host": "host-9"}, 404)):
         assert server.client.post(f"/clusters/{cluster}/drs/simulate", json=body).status_code == status, body
     assert server.client.post("/clusters/nope/drs/simulate", json={"remove_host": "h"}).status_code == 404
     code, out = cli(server, "drs", "simulate", cluster, "--remove-host", "host-1")

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from starlette.concurrency import run_in_threadpool
 
-from vmshift.errors import InvalidInputError
+from vmshift.errors import NotFoundError
 from vmshift.model.api import Task, TaskKind
 from vmshift.model.inputs import ClusterName, ObjectId, VmName
 from vmshift.placement.recommendation import RecommendationState
@@ -25,6 +25,7 @@ from vmshift.server.drs.views import (
     ClusterDrsView,
     DrsRecommendationView,
     DrsSimulateRequest,
+    SimulateRemoveHost,
     VmDrsUpdate,
     VmDrsView,
     WhatIfView,
@@ -115,9 +116,6 @@ async def simulate(name: ClusterName, body: DrsSimulateRequest,
                    core: ServerCore = Depends(core_of)) -> WhatIfView:
     """What DRS would do without a host (its VMs evacuated) or with one more VM (placed first), on
     the loads of the moment (the hosts are sampled first, as a pass does)."""
-    if (body.remove_host is None) == (body.add_vm is None):
-        raise InvalidInputError("Give exactly one of remove_host and add_vm.",
-                                hint="e.g. 'vmshift drs simulate CLUSTER --remove-host host-1'.")
     await core.load_sampler.sample_now()
     return await run_in_threadpool(_simulate, core, name, body)
 
@@ -127,12 +125,11 @@ def _simulate(core: ServerCore, name: str, body: DrsSimulateRequest) -> WhatIfVi
         row = get_cluster(s, name)
         settings = drs_settings(row, core.drs.settings.interval_s)
         snap = cluster_inputs(s, row, core.drs.loads, core.heartbeat.live_stats)
-    if body.remove_host is not None:
+    if isinstance(body, SimulateRemoveHost):
         if not snap.has_host(body.remove_host):
-            raise InvalidInputError(f"Host {body.remove_host} is not in cluster {name}.",
+            raise NotFoundError(f"Host {body.remove_host} is not in cluster {name}.",
                                     hint="List its hosts with 'vmshift host list --cluster CLUSTER'.")
         return what_if_view(name, without_host(snap, body.remove_host, settings))
-    assert body.add_vm is not None
     return what_if_view(name, with_vm(snap, _like_the_cluster(parse_vm_spec(body.add_vm), snap), settings))
 
 

@@ -48,9 +48,21 @@ class VmDrsUpdate(RequestModel):
     drs: VmDrs = Field(description="cluster: follow the cluster; disabled: never moved by DRS")
 
 
-class DrsSimulateRequest(RequestModel):
-    remove_host: str | None = Field(default=None, description="what DRS would do without this host")
-    add_vm: str | None = Field(default=None, description="a VM to add: NAME:CPUS:MEMORY_MIB[:CPU_CORES_BUSY]")
+#: ``--add-vm``'s SPEC (server/drs/what_if.py parses it): NAME:CPUS:MEMORY_MIB[:CORES_BUSY]
+ADD_VM_PATTERN = (r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}:[1-9][0-9]{0,2}:[1-9][0-9]{0,6}"
+                  r"(:[0-9]{1,3}(\.[0-9]{1,3})?)?$")
+
+
+class SimulateRemoveHost(RequestModel):
+    remove_host: str = Field(min_length=1, description="what DRS would do without this host")
+
+
+class SimulateAddVm(RequestModel):
+    add_vm: str = Field(pattern=ADD_VM_PATTERN, description="a VM to add: NAME:CPUS:MEMORY_MIB[:CORES_BUSY]")
+
+
+#: ``drs simulate``'s body: exactly one of the two (the schema says so: each forbids other fields)
+DrsSimulateRequest = SimulateRemoveHost | SimulateAddVm
 
 
 class ClusterDrsUpdate(RequestModel):
