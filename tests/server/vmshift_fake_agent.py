@@ -167,6 +167,7 @@ class FakeAgent:
     stream_opens: list[dict[str, Any]] = field(default_factory=list)  # the query of each GET /stream
     open_streams: int = 0  # streams being served now
     imports: dict[str, dict[str, Any]] = field(default_factory=dict)  # image imports, by image name
+    loads: dict[str, float] = field(default_factory=dict)  # cores busy per VM in its stats (DRS tests)
     tls: FakeAgentTls = field(init=False)
     log: ChangeLog = field(init=False)
 
@@ -179,7 +180,7 @@ class FakeAgent:
         self.log = ChangeLog(epoch=secrets.token_hex(4))
         self._published: dict[str, dict[str, Any]] = {}
         self._published_facts: dict[str, Any] | None = None
-        self._published_numbers: dict[str, tuple[float, float]] = {}
+        self._published_numbers: tuple[dict[str, tuple[float, float]], dict[str, float]] = ({}, {})
         self._cuts = getattr(self, "_cuts", 0) + 1
 
     def cut(self) -> None:
@@ -197,12 +198,14 @@ class FakeAgent:
         for name in [n for n in self._published if n not in now]:
             self.log.append(VmRemoved(epoch=self.log.epoch, seq=self.log.next_seq(), name=name))
         self._published = now
-        numbers = {name: (rt.cpu_seconds, rt.rss_mib) for name, rt in vms}
+        numbers = ({name: (rt.cpu_seconds, rt.rss_mib) for name, rt in vms}, dict(self.loads))
         if numbers != self._published_numbers:  # a real agent reports them every stats_interval_s
             self._published_numbers = numbers
-            stats = [VmStats(name=n, cpu_seconds=c, rss_mib=r) for n, (c, r) in numbers.items()]
+            stats = [VmStats(name=n, cpu_seconds=c, rss_mib=r, cpu_cores=self.loads.get(n, 0.0))
+                     for n, (c, r) in numbers[0].items()]
             self.log.append(StatsReport(epoch=self.log.epoch, seq=self.log.next_seq(), vms=stats,
-                                        memory_free_mib=self.facts.memory_free_mib))  # fmt: skip
+                                        memory_free_mib=self.facts.memory_free_mib, cpus=self.facts.cpus,
+                                        memory_total_mib=self.facts.memory_total_mib))  # fmt: skip
         facts = facts_state(self.facts)
         if self._published_facts is not None and facts != self._published_facts:
             self.log.append(FactsChanged(epoch=self.log.epoch, seq=self.log.next_seq(), facts=self.facts))

@@ -98,6 +98,7 @@ async def test_stats_and_end_streams() -> None:
             assert isinstance(msg, Keepalive)
         assert [(v.name, v.cpu_seconds) for v in msg.vms] == [("a", 0.0)]
         assert msg.memory_free_mib == 50
+        assert (msg.cpus, msg.memory_total_mib, msg.vms[0].cpu_cores) == (2, 100, 0.0)  # first look: no load
         await stream.end_streams()
         rest = [line async for line in lines]  # the generator ends instead of waiting forever
         assert all(isinstance(decode(x), StatsReport | Keepalive) for x in rest)

@@ -97,3 +97,16 @@ def test_an_unprivileged_qemu_reads_its_files_and_nobody_else_does(open_dir: Pat
     assert not reads_as(NOBODY - 1, key), "another user may not even pass"
     for private in (files.dir.parent, files.dir):
         assert private.stat().st_mode & 0o007 == 0, "no permission for others"
+
+
+@root_only
+def test_a_private_directory_above_the_state_dir_is_passed_too(open_dir: Path) -> None:
+    """/run/vmshift made 0700 (by a process with umask 077) holds every lab host's state dir."""
+    above = open_dir / "run-vmshift"
+    above.mkdir(mode=0o700)
+    os.chmod(above, 0o700)
+    files = enroll(above / "state")
+    directory = migration_tls.prepare_qemu_dir(files, QemuOwner(NOBODY, NOBODY))
+    assert reads_as(NOBODY, directory / "server-key.pem")
+    assert above.stat().st_mode & 0o007 == 0, "still nothing for others"
+    assert not reads_as(NOBODY - 1, directory / "server-key.pem")

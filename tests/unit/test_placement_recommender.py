@@ -165,3 +165,13 @@ def test_a_moves_scored_change_of_the_objective_is_the_change_measured_afresh() 
         moved = ClusterState(replace(snap, vms=(replace(snap.vms[0], host=target), *snap.vms[1:])),
                              DrsSettings())
         assert deltas[i] == pytest.approx(moved.spread() - state.spread(), abs=1e-12)
+
+
+def test_a_pass_during_moves_counts_each_moving_vm_on_its_target() -> None:
+    """busy-0 and busy-1 are on their way to host-2 and host-3: host-1 keeps one VM, no move."""
+    snap = busy_on_host1()
+    moving = {"busy-0": "host-2", "busy-1": "host-3"}
+    snap = replace(snap, vms=tuple(replace(v, migrating_to=moving.get(v.name)) for v in snap.vms))
+    runs = passes(snap, FULLY, 3)
+    assert all(not p.recommendations for p in runs), [p.recommendations for p in runs]
+    assert runs[0].imbalance_before < 0.01

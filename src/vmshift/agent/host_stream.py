@@ -35,6 +35,7 @@ from vmshift.model.host_stream import (
     facts_state,
     vm_state,
 )
+from vmshift.model.load import CpuMeter
 from vmshift.model.vm import VmRuntime
 
 log = logging.getLogger("vmshift.agent.stream")
@@ -65,6 +66,7 @@ class HostStream:
         self._task: asyncio.Task[None] | None = None
         self._ending = False
         self._scan_lock = asyncio.Lock()
+        self._cpu = CpuMeter()
 
     async def start(self) -> None:
         """Take the first look (the state a first snapshot shows), then watch for changes."""
@@ -148,13 +150,20 @@ class HostStream:
     async def _publish_stats(self) -> None:
         if self._facts is None:
             return
+        now = time.time()
+        running = [rt for rt in self._runtimes.values() if rt.has_qemu]
+        self._cpu.forget_all_but({rt.name for rt in running})
         report = StatsReport(
             epoch=self.log.epoch,
             seq=self.log.next_seq(),
-            vms=[VmStats(name=rt.name, cpu_seconds=rt.cpu_seconds, rss_mib=rt.rss_mib)
-                 for rt in self._runtimes.values() if rt.has_qemu],
+            vms=[VmStats(name=rt.name, cpu_seconds=rt.cpu_seconds, rss_mib=rt.rss_mib,
+                         cpu_cores=self._cpu.read(rt.name, rt.pid, rt.cpu_seconds, now))
+                 for rt in running],
             memory_free_mib=self._facts.memory_free_mib,
             datastore_free_mib={ds.uuid: ds.free_mib for ds in self._facts.datastores},
+            cpus=self._facts.cpus,
+            memory_total_mib=self._facts.memory_total_mib,
+            time=now,
         )
         self.log.append(report)
         await self._notify()

@@ -83,10 +83,14 @@ def prepare_qemu_dir(files: HostTlsFiles, owner: QemuOwner) -> Path:
         os.chown(path, owner.uid, owner.gid)
     os.chown(directory, owner.uid, owner.gid)
     if owner.uid != os.geteuid():
-        # the state dir and its tls/ are private (0700): QEMU's user may pass, not list
-        for parent in (files.dir.parent, files.dir):
+        # the state dir and its tls/ are private (0700), and so may be a directory above them (a
+        # parent made by a process with umask 077, e.g. /run/vmshift of the lab's hosts): QEMU's
+        # user may pass through each, not list it
+        for parent in reversed(files.dir.parents[:-1]):
             if parent.stat().st_mode & 0o001 == 0:
                 grant_search(parent, owner.uid)
+        if files.dir.stat().st_mode & 0o001 == 0:
+            grant_search(files.dir, owner.uid)
     return directory
 
 

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from vmshift.cli import context
+from vmshift.cli.drs import cluster_app, drs_app, vm_set
 from vmshift.cli.hosts import datastore_app, host_app, network_app
 from vmshift.cli.image import image_app
 from vmshift.cli.migrate import migration_app
@@ -26,6 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 host_app.command("migration-settings")(host_migration_settings)
+vm_app.command("set")(vm_set)
 app.add_typer(host_app, name="host")
 app.add_typer(datastore_app, name="datastore")
 app.add_typer(network_app, name="network")
@@ -36,6 +38,8 @@ app.add_typer(rule_app, name="rule")
 app.add_typer(task_app, name="task")
 app.add_typer(event_app, name="event")
 app.add_typer(image_app, name="image")
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(drs_app, name="drs")
 
 
 def _add_lab() -> None:

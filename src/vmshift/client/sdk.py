@@ -278,6 +278,42 @@ class VmshiftClient:
         a rate)."""
         return dict(self.request("PATCH", f"/hosts/{self._q(name)}/migration-settings", json=settings))
 
+    # ----- DRS (docs/drs.md) ------------------------------------------------------------------
+    def set_cluster_drs(self, cluster: str, *, automation: str | None = None,
+                        threshold: int | None = None) -> Json:
+        """PATCH a cluster's DRS automation level and threshold (only those given change)."""
+        body = {k: v for k, v in (("automation", automation), ("threshold", threshold)) if v is not None}
+        return dict(self.request("PATCH", f"/clusters/{self._q(cluster)}/drs", json=body))
+
+    def get_cluster_drs(self, cluster: str) -> Json:
+        return dict(self.request("GET", f"/clusters/{self._q(cluster)}/drs"))
+
+    def set_vm_drs(self, vm: str, drs: str) -> Json:
+        return dict(self.request("PATCH", f"/vms/{self._q(vm)}/drs", json={"drs": drs}))
+
+    def run_drs(self, cluster: str) -> Json:
+        """POST: one DRS pass now, a task whose result is the pass (what was recommended, and why)."""
+        return dict(self.request("POST", f"/clusters/{self._q(cluster)}/drs/run"))
+
+    def drs_recommendations(self, cluster: str | None = None, states: list[str] | None = None) -> list[Json]:
+        params: Json = {}
+        if cluster is not None:
+            params["cluster"] = cluster
+        if states:
+            params["state"] = states
+        return list(self.request("GET", "/drs/recommendations", params=params))
+
+    def apply_recommendation(self, rid: int) -> Json:
+        return dict(self.request("POST", f"/drs/recommendations/{rid}/apply"))
+
+    def dismiss_recommendation(self, rid: int) -> Json:
+        return dict(self.request("POST", f"/drs/recommendations/{rid}/dismiss"))
+
+    def simulate_drs(self, cluster: str, *, remove_host: str | None = None,
+                     add_vm: str | None = None) -> Json:
+        body = {k: v for k, v in (("remove_host", remove_host), ("add_vm", add_vm)) if v is not None}
+        return dict(self.request("POST", f"/clusters/{self._q(cluster)}/drs/simulate", json=body))
+
     def metrics_text(self) -> str:
         """The Prometheus text of GET /metrics (same token as the API)."""
         try:

@@ -93,7 +93,9 @@ class SimVm:
                          qemu_status="running" if self.power_state is PowerState.POWERED_ON else "paused")
 
     def stats(self, now: float) -> VmStats:
-        return VmStats(name=self.name, cpu_seconds=round(self.cpu_seconds(now), 2), rss_mib=self.rss_mib())
+        running = self.power_state is PowerState.POWERED_ON
+        return VmStats(name=self.name, cpu_seconds=round(self.cpu_seconds(now), 2), rss_mib=self.rss_mib(),
+                       cpu_cores=self.cpu_rate if running else 0.0)
 
 
 @dataclass(eq=False)
@@ -208,7 +210,9 @@ class SimHost:
         self._publish(StatsReport(epoch=self.log.epoch, seq=self.log.next_seq(),
                                   vms=[vm.stats(now) for vm in self.vms.values()],
                                   memory_free_mib=facts.memory_free_mib,
-                                  datastore_free_mib={d.uuid: d.free_mib for d in facts.datastores}))
+                                  datastore_free_mib={d.uuid: d.free_mib for d in facts.datastores},
+                                  cpus=facts.cpus, memory_total_mib=facts.memory_total_mib,
+                                  time=time.time()))
 
 
 @dataclass

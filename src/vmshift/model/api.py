@@ -56,6 +56,7 @@ class TaskKind(StrEnum):
     # maintenance mode (server/maintenance.py): one parent task, a vm.migrate child per VM
     HOST_MAINTENANCE_ENTER = "host.maintenance_enter"
     HOST_MAINTENANCE_EXIT = "host.maintenance_exit"
+    DRS_RUN = "drs.run"  # one DRS pass over a cluster, on demand (docs/drs.md)
 
 
 class EventKind(StrEnum):
@@ -103,6 +104,10 @@ class EventKind(StrEnum):
     RULE_CREATED = "rule.created"
     RULE_DELETED = "rule.deleted"
     RETENTION_PURGED = "retention.purged"  # server/retention.py: one per purge that removed something
+    # DRS (server/drs/service.py, docs/drs.md)
+    DRS_PASS = "drs.pass"  # a pass that recommended or applied a move
+    DRS_APPLIED = "drs.applied"  # a recommendation started as a migration
+    DRS_APPLY_FAILED = "drs.apply_failed"  # an automatic recommendation the migration checks refused
 
 
 class ErrorInfo(BaseModel):
@@ -275,6 +280,7 @@ class Nic(BaseModel):
 class VmStats(BaseModel):
     cpu_seconds: float = 0.0
     rss_mib: float = 0.0
+    cpu_cores: float = Field(default=0.0, description="cores busy over the host's last stats interval")
 
 
 class Vm(BaseModel):

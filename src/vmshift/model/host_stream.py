@@ -78,6 +78,8 @@ class VmStats(BaseModel):
     name: str
     cpu_seconds: float
     rss_mib: float
+    cpu_cores: float = Field(default=0.0, ge=0, description="cores busy since the last stats report "
+                                                           "(model/load.py); 0 on a first report")
 
 
 class StatsReport(_Message):
@@ -85,6 +87,10 @@ class StatsReport(_Message):
     vms: list[VmStats]
     memory_free_mib: int
     datastore_free_mib: dict[str, int] = Field(default_factory=dict, description="datastore uuid -> MiB free")
+    # the host's capacity beside its VMs' loads (older agents send none: 0, the facts then tell)
+    cpus: int = Field(default=0, ge=0, description="the host's CPU cores")
+    memory_total_mib: int = Field(default=0, ge=0, description="the host's memory")
+    time: float = Field(default=0.0, description="the agent's clock at the measure (s since the epoch)")
 
 
 class Keepalive(_Message):

@@ -36,3 +36,19 @@ class RuleKind(StrEnum):
 class RuleStrength(StrEnum):
     MUST = "must"  # never broken by DRS, placement or maintenance
     SHOULD = "should"  # broken only when nothing else fits, with a warning
+
+
+class MoveReason(StrEnum):
+    MUST_RULE = "must_rule"  # mends a broken must rule (made at every threshold)
+    SHOULD_RULE = "should_rule"  # mends a broken should rule
+    BALANCE = "balance"  # evens out host load
+    EVACUATE = "evacuate"  # the host goes into maintenance
+
+
+class RecommendationState(StrEnum):
+    """What became of a stored DRS recommendation (server/drs/store.py)."""
+
+    PENDING = "pending"  # listed, waiting for ``drs apply`` or ``drs dismiss``
+    APPLIED = "applied"  # a migration task was started for it
+    DISMISSED = "dismissed"  # a user said no
+    EXPIRED = "expired"  # a later pass no longer recommends it, or its VM or hosts changed

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from vmshift.model.migration import CheckResult
-
-
-class MoveReason(StrEnum):
-    MUST_RULE = "must_rule"  # mends a broken must rule (made at every threshold)
-    SHOULD_RULE = "should_rule"  # mends a broken should rule
-    BALANCE = "balance"  # evens out host load
-    EVACUATE = "evacuate"  # the host goes into maintenance
+from vmshift.model.placement import MoveReason as MoveReason
+from vmshift.model.placement import RecommendationState as RecommendationState
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,12 +67,15 @@ class ClusterState:
         cpu_use = np.array([[x.cpu for x in p] for p in padded], float).reshape(len(padded), w)
         mem_use = np.array([[x.memory_mib for x in p] for p in padded], float).reshape(len(padded), w)
         cpu_mean, mem_mean = cpu_use.mean(axis=1).tolist(), mem_use.mean(axis=1).tolist()
-        on = np.array([self.index.get(vm.host, -1) for vm in snapshot.vms], int)
+        # A VM being migrated is judged where it is going: its load and its rules are the target's
+        # as soon as the move started (else a pass during a move sees the source still full and the
+        # target empty, and sends another VM after it).
+        on = np.array([self.index.get(vm.migrating_to or vm.host, -1) for vm in snapshot.vms], int)
         here = on >= 0
         np.add.at(self.cpu, on[here], cpu_use[here] / self.cpu_cap[on[here], None])
         np.add.at(self.mem, on[here], mem_use[here] / self.mem_cap[on[here], None])
         for k, vm in enumerate(snapshot.vms):
-            self.host_of[vm.name] = vm.host
+            self.host_of[vm.name] = vm.migrating_to or vm.host
             self.committed[vm.host] += committed_mib(vm.memory_mib)
             if vm.migrating_to is not None:
                 self.committed[vm.migrating_to] += committed_mib(vm.memory_mib)

@@ -15,8 +15,10 @@ from vmshift.client.agent import AgentCredentials, AgentPool
 from vmshift.model.api import EventKind, TaskKind
 from vmshift.server.db.change_feed import ChangeFeed
 from vmshift.server.db.setup import make_engine, seed_defaults, upgrade_schema
+from vmshift.server.drs.service import DrsService, DrsServiceSettings
 from vmshift.server.events import record_event
 from vmshift.server.heartbeat import Heartbeat
+from vmshift.server.load_history import LoadHistorySettings, LoadSampler
 from vmshift.server.migration_finalize import Finalizer
 from vmshift.server.migrations import MigrationOrchestrator
 from vmshift.server.moves.runner import DiskMoves
@@ -47,6 +49,8 @@ class ServerCore:
     vm_views: VmViews = field(init=False)  # each VM's API view, between the commits that change it
     schedules: Scheduler = field(init=False)  # scheduled migrations (server/schedules.py)
     retention: Retention = field(init=False)  # purge of old history (server/retention.py)
+    load_sampler: LoadSampler = field(init=False)  # the hosts' load history (server/load_history.py)
+    drs: DrsService = field(init=False)  # DRS passes and recommendations (server/drs/)
     _views_task: asyncio.Task[None] | None = field(default=None, init=False)
     _views_build: asyncio.Future[int] | None = field(default=None, init=False)  # the thread's work
 
@@ -57,6 +61,9 @@ class ServerCore:
         self.retention = Retention(
             self.sessions, RetentionPolicy.from_settings(self.settings), self.settings.retention_interval_s
         )
+        loads = LoadHistorySettings(step_s=self.settings.load_step_s, window_s=self.settings.load_window_s)
+        self.load_sampler = LoadSampler(self.sessions, self.heartbeat.load_samples, loads)
+        self.drs = DrsService(DrsServiceSettings(interval_s=self.settings.drs_interval_s), loads)
 
     @classmethod
     def open(cls, settings: ServerSettings) -> ServerCore:
@@ -97,6 +104,8 @@ class ServerCore:
         self._views_task = asyncio.get_running_loop().create_task(self._keep_views())
         self.schedules.start(self)  # after the resumes: a run sees moves in flight
         self.retention.start()  # after the resumes: what they picked up is unfinished, never purged
+        self.load_sampler.start()
+        self.drs.start(self)  # after the resumes: a pass sees the moves in flight
 
     async def _keep_views(self) -> None:
         """All views at start, then those invalidated since, every ``REFRESH_S``."""
@@ -116,6 +125,8 @@ class ServerCore:
             self._views_task.cancel()
             # the thread's work ends first: not while the engine goes away under it
             await asyncio.gather(self._views_task, *filter(None, [self._views_build]), return_exceptions=True)
+        await self.drs.stop()
+        await self.load_sampler.stop()
         await self.retention.stop()
         await self.schedules.stop()
         await self.heartbeat.stop()

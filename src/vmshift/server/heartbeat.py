@@ -29,6 +29,7 @@ from vmshift.server.db.schema import HostRow, MigrationRow, VmRow
 from vmshift.server.events import record_event
 from vmshift.server.host_listener import HostListener, ListenerContext
 from vmshift.server.host_writes import touch_heartbeats
+from vmshift.server.load_history import HostSample, host_sample
 from vmshift.server.migration_store import UNFINISHED
 from vmshift.server.reconcile import (
     EVENT_KINDS,
@@ -129,7 +130,17 @@ class Heartbeat:
         rt = listener.report.vms.get(vm)
         if rt is None or not rt.is_the_vm or rt.uuid != uuid:
             return None
-        return VmStats(cpu_seconds=rt.cpu_seconds, rss_mib=rt.rss_mib)
+        return VmStats(cpu_seconds=rt.cpu_seconds, rss_mib=rt.rss_mib,
+                       cpu_cores=listener.report.cpu_cores.get(vm, 0.0))
+
+    def load_samples(self) -> dict[str, HostSample]:
+        """The latest load of every host heard from now (server/load_history.py samples these)."""
+        out: dict[str, HostSample] = {}
+        for name, lst in self._listeners.items():
+            report = lst.report
+            if lst.connected and lst.live and report.stats is not None and report.facts is not None:
+                out[name] = host_sample(report.stats, report.facts.cpus, report.facts.memory_total_mib)
+        return out
 
     async def _db(self, fn: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

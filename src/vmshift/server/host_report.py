@@ -30,6 +30,8 @@ class HostReport:
     facts: HostFacts | None = None
     vms: dict[str, VmRuntime] = field(default_factory=dict)
     changed: set[str] = field(default_factory=set)  # uuids whose state changed since ``take_changed``
+    stats: StatsReport | None = None  # the latest numbers: the VMs' loads and the host's capacity
+    cpu_cores: dict[str, float] = field(default_factory=dict)  # each VM's cores busy, from ``stats``
 
     def runtimes(self) -> list[VmRuntime]:
         return list(self.vms.values())
@@ -72,6 +74,8 @@ class HostReport:
         return bool(moved)
 
     def _apply_stats(self, report: StatsReport) -> None:
+        self.stats = report
+        self.cpu_cores = {v.name: v.cpu_cores for v in report.vms}
         for s in report.vms:
             rt = self.vms.get(s.name)
             if rt is not None:

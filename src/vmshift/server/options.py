@@ -79,6 +79,13 @@ def seconds(value: object) -> float:
     return s
 
 
+def seconds_or_off(value: object) -> float:
+    s = _number(value)
+    if not math.isfinite(s) or s < 0:
+        raise OptionValueError("must be a number of seconds, 0 or more")
+    return s
+
+
 def count(value: object) -> int:
     n = _whole(value)
     if n < 1:
@@ -149,6 +156,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("api_db_threads", "api_db_threads", count, "threads that run the API routes' database work"),
     Option("db_pool_spare", "db_pool_spare", count,
            "database connections kept beyond api_db_threads for the event loop's own work"),
+    Option("drs_interval_s", "drs_interval_s", seconds_or_off,
+           "seconds between two DRS passes over every cluster (0: only 'vmshift drs run')"),
+    Option("load_step_s", "load_step_s", seconds, "seconds between two samples of the hosts' load"),
+    Option("load_window_s", "load_window_s", seconds, "seconds of load history a DRS pass averages over"),
 )
 BY_KEY = {o.key: o for o in OPTIONS}
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerSettings)}

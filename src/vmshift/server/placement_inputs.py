@@ -98,7 +98,7 @@ def cluster_snapshot(
     in_flight: dict[str, str] = {}
     for vm_name, src, dst in s.execute(
         select(MigrationRow.vm, MigrationRow.source_host, MigrationRow.target_host)
-        .where(MigrationRow.status == MigrationStatus.RUNNING)
+        .where(MigrationRow.status.in_((MigrationStatus.QUEUED, MigrationStatus.RUNNING)))
     ):
         running[src] = running.get(src, 0) + 1
         running[dst] = running.get(dst, 0) + 1

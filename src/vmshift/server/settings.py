@@ -35,6 +35,11 @@ class ServerSettings:
     # work (heartbeat, tasks, scheduler, retention), so the loop never waits for a free connection
     api_db_threads: int = 8
     db_pool_spare: int = 8
+    # DRS (docs/drs.md): a pass over every cluster this often (0: only `vmshift drs run`); the hosts'
+    # load is sampled every load_step_s and kept load_window_s (the window a pass averages over)
+    drs_interval_s: float = 60.0
+    load_step_s: float = 20.0
+    load_window_s: float = 300.0
 
     @property
     def db_pool_size(self) -> int:

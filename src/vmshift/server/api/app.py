@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from vmshift.errors import ConflictError
 from vmshift.http_edge import bearer_auth, error_response, install_error_handlers
 from vmshift.server.api import (
+    routes_drs,
     routes_images,
     routes_inventory,
     routes_maintenance,
@@ -77,7 +78,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     _install_error_handlers(app)
     deps = [Depends(require_token)]
     for module in (routes_inventory, routes_vms, routes_tasks, routes_migrations, routes_schedules,
-                   routes_images, routes_rules, routes_maintenance):
+                   routes_images, routes_rules, routes_maintenance, routes_drs):
         app.include_router(module.router, prefix=API_PREFIX, dependencies=deps, responses=COMMON)
 
     @app.get("/metrics", dependencies=deps, response_class=PlainTextResponse, responses=COMMON_TEXT_ROUTE)

@@ -32,7 +32,14 @@ from vmshift.model.enums import (
     TaskState,
 )
 from vmshift.model.migration import MigrationPhase, MigrationStatus
-from vmshift.model.placement import DrsAutomation, RuleKind, RuleStrength, VmDrs
+from vmshift.model.placement import (
+    DrsAutomation,
+    MoveReason,
+    RecommendationState,
+    RuleKind,
+    RuleStrength,
+    VmDrs,
+)
 from vmshift.model.schedule import ScheduleRunOutcome
 from vmshift.placement.settings import DEFAULT_THRESHOLD
 
@@ -339,8 +346,10 @@ __all__ = [
     "ClusterRow",
     "DatacenterRow",
     "DatastoreRow",
+    "DrsRecommendationRow",
     "EventRow",
     "HostDatastoreRow",
+    "HostLoadRow",
     "HostNetworkRow",
     "HostRow",
     "IpAllocationRow",
@@ -355,3 +364,40 @@ __all__ = [
     "VmRow",
     "utcnow",
 ]
+
+
+class HostLoadRow(Base):
+    """One load sample of a host (server/load_history.py): its capacity and each VM's use then.
+
+    ``vms`` maps a VM's name to ``[cores busy, MiB in use]``; one row per host per history step
+    keeps the history at hosts x steps rows whatever the number of VMs."""
+
+    __tablename__ = "host_load"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    host_id: Mapped[int] = mapped_column(ForeignKey("host.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    cpus: Mapped[int] = mapped_column(Integer)
+    memory_total_mib: Mapped[int] = mapped_column(Integer)
+    vms: Mapped[dict[str, list[float]]] = mapped_column(JSON, default=dict)
+
+
+class DrsRecommendationRow(Base):
+    """One move a DRS pass recommended (server/drs/service.py) and what became of it."""
+
+    __tablename__ = "drs_recommendation"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cluster_id: Mapped[int] = mapped_column(ForeignKey("cluster.id", ondelete="CASCADE"), index=True)
+    vm: Mapped[str] = mapped_column(String(64), index=True)
+    source_host: Mapped[str] = mapped_column(String(64))
+    target_host: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[MoveReason] = mapped_column(_enum(MoveReason))
+    why: Mapped[str] = mapped_column(Text)
+    benefit: Mapped[float] = mapped_column(Float)
+    cost: Mapped[float] = mapped_column(Float)
+    predicted_s: Mapped[float] = mapped_column(Float)
+    downtime_ms: Mapped[int] = mapped_column(Integer)
+    state: Mapped[RecommendationState] = mapped_column(_enum(RecommendationState), index=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    decided_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    migration_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    task_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
