@@ -53,6 +53,7 @@ class TaskKind(StrEnum):
     VM_RELOCATE = "vm.relocate"
     MIGRATION_FINALIZE = "migration.finalize"
     IMAGE_IMPORT = "image.import"  # qemu-img convert of a file onto a datastore (docs/images.md)
+    VM_IMPORT = "vm.import"  # an OVA's or libvirt domain's disks imported, then its VM (docs/images.md)
 
 
 class EventKind(StrEnum):
