@@ -28,8 +28,6 @@ CPU, MEMORY, ETHERNET, DISK = "3", "4", "10", "17"
 _LEFT_OUT = {"1": "other device", "5": "IDE controller", "6": "SCSI controller", "14": "floppy drive",
              "15": "CD drive", "16": "DVD drive", "20": "storage controller", "23": "USB controller",
              "24": "graphics", "35": "sound card"}
-#: OVF disk format URIs (DiskSection/Disk/@ovf:format): only VMDK variants are imported.
-_VMDK_FORMATS = ("vmdk", "interfaces/specifications/vmdk.html")
 
 
 def _attr(el: Element, name: str) -> str | None:
@@ -117,7 +115,7 @@ def _disk(item: Element, label: str, disks_by_id: dict[str | None, Element],
         problems.append(f"disk {label!r} refers to {ref or 'nothing'}, which is not in the DiskSection")
         return None
     fmt = (_attr(disk, "format") or "").lower()
-    if fmt and not any(fmt.endswith(v) for v in _VMDK_FORMATS):
+    if fmt and "vmdk" not in fmt:  # a URI such as .../specifications/vmdk.html#streamOptimized
         problems.append(f"disk {label!r} has the format {fmt!r}; an OVA's disks are imported as VMDK only")
         return None
     capacity = to_mib(_attr(disk, "capacity"), _attr(disk, "capacityAllocationUnits"), 1,
