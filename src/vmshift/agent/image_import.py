@@ -105,6 +105,17 @@ def read_ova(ova: Path) -> OvaContents:
     return OvaContents(descriptor=text, descriptor_name=descriptors[0], files=sorted(members))
 
 
+#: An image is read by every VM made from it, and QEMU runs unprivileged (agent/qemu_user.py): its
+#: folder and files are readable by all, like lab-guest's, though the agent's umask makes them 0600.
+IMAGE_DIR_MODE, IMAGE_FILE_MODE = 0o755, 0o644
+
+
+def make_readable(folder: Path) -> None:
+    folder.chmod(IMAGE_DIR_MODE)
+    for path in folder.iterdir():
+        path.chmod(IMAGE_FILE_MODE)
+
+
 def staging_dir(datastore: Path, name: str) -> Path:
     return datastore / IMAGES_DIR / f".{name}.importing"
 
@@ -188,6 +199,7 @@ class ImageImports:
                     "disk_size_mib": job.virtual_size_mib, "imported_from": job.source,
                     "imported_format": job.format.value}
             (staging / "image.json").write_text(json.dumps(meta, indent=2) + "\n")
+            make_readable(staging)
             staging.rename(final)
             job.state, job.share = ImportState.DONE, 1.0
             log.info("image %s imported to %s", job.name, final)
