@@ -71,20 +71,27 @@ def member_source(ova: Path, member: str) -> str:
 
 
 def ova_members(ova: Path) -> dict[str, tuple[int, int]]:
-    """Regular files of the OVA's tar: name -> (offset of its data, size)."""
+    """Regular files of the OVA's tar: name -> (offset of its data, size). A tar cut short is told
+    apart from a file that is no tar at all."""
     what = f"The file {ova}"
+    members: dict[str, tuple[int, int]] = {}
+    broken: str | None = None
     try:
         with tarfile.open(ova, mode="r:") as tar:
-            members = {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
+            for m in tar:
+                if m.isfile():
+                    members[m.name] = (m.offset_data, m.size)
     except (tarfile.TarError, EOFError) as e:
-        raise InvalidInputError(f"{what} is not an OVA: it is not a whole tar archive ({e}).",
-                                hint="An OVA is a tar of an .ovf descriptor and its disks; copy it "
-                                "again.") from None
+        broken = str(e) or type(e).__name__
     end = ova.stat().st_size
     cut = sorted(name for name, (offset, size) in members.items() if offset + size > end)
-    if cut:
-        raise InvalidInputError(f"{what} is truncated: it ends inside {', '.join(cut)}.",
+    if cut or (broken and members):
+        where = f"inside {', '.join(cut)}" if cut else f"after {list(members)[-1]}"
+        raise InvalidInputError(f"{what} is truncated: it ends {where}.",
                                 hint="Copy or download the OVA again.")
+    if broken:
+        raise InvalidInputError(f"{what} is not an OVA: it is not a tar archive ({broken}).",
+                                hint="An OVA is a tar of an .ovf descriptor and its disks.")
     return members
 
 
