@@ -77,12 +77,12 @@ def make_ova(out: Path, vmdk: Path | None, *, with_ovf: bool = True) -> Path:
     return out
 
 
-def domain_xml(disk: Path, out: Path, name: str = LIBVIRT_VM) -> Path:
+def domain_xml(disk: Path, out: Path, name: str = LIBVIRT_VM, mac: str = MAC) -> Path:
     """virt-install's domain for ``disk``; the test driver sets no machine type, a real one does."""
     xml = subprocess.run(
         ["virt-install", "--print-xml", "--connect", "test:///default", "--name", name, "--memory", "192",
          "--vcpus", "1", "--import", "--disk", f"path={disk},bus=virtio,driver.type=qcow2",
-         "--network", f"network=default,mac={MAC},model=virtio", "--osinfo", "detect=off,name=generic",
+         "--network", f"network=default,mac={mac},model=virtio", "--osinfo", "detect=off,name=generic",
          "--graphics", "none", "--noautoconsole"],
         capture_output=True, text=True, check=True, timeout=120).stdout
     root = ET.fromstring(xml)
@@ -157,9 +157,9 @@ def _leftovers(lab: LabHandle) -> tuple[list[str], list[str]]:
     return images, vms
 
 
-def _refused(lab: LabHandle, *args: str) -> str:
+def _refused(lab: LabHandle, *args: str, network: str = "Corp LAN") -> str:
     proc = vmshift(lab, "vm", *args, "--host", "host-1", "--datastore", "shared-1", "--network-map",
-                   "Corp LAN=VM Network", check=False)
+                   f"{network}=VM Network", check=False, env={**lab.env, "COLUMNS": "1000"})  # one line
     assert proc.returncode != 0, proc.stdout
     return proc.stderr
 
@@ -179,8 +179,8 @@ def test_bad_input_is_refused_and_leaves_nothing(lab: LabHandle, exports: dict[s
 
     damaged_disk = tmp_path / "damaged.qcow2"
     damaged_disk.write_bytes(exports["qcow2"].read_bytes()[:300_000])
-    xml = domain_xml(damaged_disk, tmp_path / "damaged.xml", "bad-3")
-    err = _refused(lab, "import-libvirt", str(xml), "--network-map", "default=VM Network")
+    xml = domain_xml(damaged_disk, tmp_path / "damaged.xml", "bad-3", mac="52:54:00:1a:be:12")
+    err = _refused(lab, "import-libvirt", str(xml), network="default")
     assert "is corrupt" in err and "bad-3-disk0" not in err, err
 
     network_disk = tmp_path / "network-disk.xml"
