@@ -18,13 +18,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmshift.client.agent import AgentPool
-from vmshift.errors import InvalidInputError
+from vmshift.errors import ConflictError, InvalidInputError
 from vmshift.model.api import VmCreate
 from vmshift.model.foreign_vm import ForeignVm, map_networks
 from vmshift.model.images import AgentImageImport, ImageImportRequest, VmImportRequest, VmImportSource
 from vmshift.model.libvirt_domain import parse_domain
 from vmshift.model.ovf import parse_ovf
-from vmshift.server.db.schema import NetworkRow
+from vmshift.server.db.schema import NetworkRow, VmRow
 from vmshift.server.image_import import choose_host, import_all, refresh_facts, remove_images
 from vmshift.server.inventory import get_host
 from vmshift.server.tasks import TaskBody, TaskContext
@@ -73,6 +73,8 @@ def plan(s: Session, req: VmImportRequest, vm: ForeignVm) -> ImportPlan:
         vm.problems.append("its first disk is empty: there is nothing to boot")
     vm.refuse_problems(what)
     name = req.name or vm.name
+    if s.scalar(select(VmRow.id).where(VmRow.name == name)) is not None:
+        raise ConflictError(f"A VM named {name!r} already exists.", hint="Import it under another --name.")
     images = [(f"{name}-disk{i}" if d.source is not None else None) for i, d in enumerate(vm.disks)]
     taken = [image for image in images if image is not None]
     choose_host(s, ImageImportRequest(file="/", name=taken[0], datastore=req.datastore, host=req.host), taken)
