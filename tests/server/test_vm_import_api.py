@@ -67,7 +67,7 @@ def ova(**kw: Any) -> dict[str, Any]:
 
 
 def run(server: ServerHarness, b: dict[str, Any]) -> dict[str, Any]:
-    r = server.client.post("/vms/import", json=b)
+    r = server.client.post("/vm-imports", json=b)
     assert r.status_code == 202, r.text
     done: dict[str, Any] = server.wait_task(r.json()["id"])
     return done
@@ -141,7 +141,7 @@ def test_bad_import_is_refused_and_changes_nothing(
     if case == "name taken":
         assert run(server, ova(name="web-1"))["state"] == "success"
     before, imports = server.counts(), dict(cluster.imports)
-    r = server.client.post("/vms/import", json=b)
+    r = server.client.post("/vm-imports", json=b)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert text in err["message"], err

@@ -196,7 +196,7 @@ class VmshiftClient:
     def import_vm(self, body: Json) -> Json:
         """Start a vm.import task from an OVA or a libvirt domain (docs/images.md); what cannot be
         mapped is refused at once, all of it listed."""
-        return dict(self.request("POST", "/vms/import", json=body))
+        return dict(self.request("POST", "/vm-imports", json=body))
 
     def power_vm(self, name: str, action: PowerAction) -> Json:
         return dict(self.request("POST", f"/vms/{self._q(name)}/power", json={"action": action.value}))

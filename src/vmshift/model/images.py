@@ -71,7 +71,7 @@ ForeignNetwork = Annotated[str, Field(min_length=1, max_length=256, pattern=TEXT
 
 
 class VmImportRequest(RequestModel):
-    """``POST /api/v1/vms/import``: make the VM an OVA or a libvirt domain describes on ``host``, its
+    """``POST /api/v1/vm-imports``: make the VM an OVA or a libvirt domain describes on ``host``, its
     disks imported as images ``NAME-diskN`` on ``datastore`` (the VM's disks are overlays of them)."""
 
     source: VmImportSource

@@ -1,4 +1,4 @@
-"""``POST /vms/import``: make the VM an OVA or a libvirt domain describes (docs/images.md).
+"""``POST /vm-imports``: make the VM an OVA or a libvirt domain describes (docs/images.md).
 
 Everything that can be refused is refused in the request, before anything is written: the descriptor
 (its unmappable parts all listed), the networks, the host's capacity, the names, and the first disk's

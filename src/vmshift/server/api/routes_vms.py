@@ -101,7 +101,7 @@ async def create_vm(body: VmCreate, core: ServerCore = Depends(core_of)) -> Task
     return view
 
 
-@router.post("/vms/import", status_code=202, responses=errors(*BODY, 404, 409, 502))
+@router.post("/vm-imports", status_code=202, responses=errors(*BODY, 404, 409, 502))
 async def import_vm(body: VmImportRequest, core: ServerCore = Depends(core_of)) -> Task:
     """Make the VM an OVA (a path on ``host``) or a libvirt domain XML describes: what cannot be
     mapped is refused here, all of it listed, and so is a damaged first disk; nothing is written
