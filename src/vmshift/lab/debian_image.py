@@ -31,11 +31,12 @@ from vmshift.lab.disk_image import DISK_FILE, syslinux_config
 from vmshift.lab.image import DEFAULT_CACHE_DIR, DEFAULT_IMAGES_DIR, FINGERPRINT_FILE, GUEST_SOURCES, Progress
 
 DEBIAN_IMAGE_NAME = "debian-12"
-DEBIAN_BUILDER_VERSION = "1"
+DEBIAN_BUILDER_VERSION = "2"
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 PACKAGES = ("systemd", "systemd-sysv", "udev", "dbus", "openssh-server", "cloud-init", "qemu-guest-agent",
-            "linux-image-cloud-amd64", "initramfs-tools", "ifupdown", "iproute2", "netbase", "procps")
+            "linux-image-cloud-amd64", "initramfs-tools", "ifupdown", "iproute2", "netbase", "procps",
+            "e2fsprogs")  # resize2fs and fsck.ext4: cloud-init's resizefs and systemd-fsck fail without them
 MIB = 1 << 20
 SECTOR = 512
 BOOT_START_MIB = 1  # the first partition starts at 1 MiB, as fdisk places it
@@ -57,10 +58,12 @@ RestartSec=1
 WantedBy=multi-user.target
 """
 #: NoCloud only: no probing of cloud metadata services over a network the lab does not have.
+#: No locale module either: the image has no locales package (its failure left systemd 'degraded').
 CLOUD_CFG = """datasource_list: [NoCloud, None]
 datasource:
   NoCloud:
     fs_label: cidata
+locale: false
 """
 CMDLINE = "console=ttyS0 net.ifnames=0"
 
