@@ -27,6 +27,16 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -q || true
   apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
+# virtinst: the import lab test makes a domain XML with virt-install --print-xml against libvirt's
+# in-process test driver (no daemon); mmdebstrap: 'vmshift image build --kind debian' (docs/images.md).
+need=()
+for p in virtinst mmdebstrap; do
+  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -q || true
+  apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
 qv=$(qemu-system-x86_64 --version 2>/dev/null | head -1 | sed -n 's/.*version \([0-9]*\)\..*/\1/p' || true)
 if [ -z "$qv" ] || [ "$qv" -lt 10 ]; then
   apt-get update -q || true

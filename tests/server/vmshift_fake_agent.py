@@ -168,6 +168,8 @@ class FakeAgent:
     open_streams: int = 0  # streams being served now
     imports: dict[str, dict[str, Any]] = field(default_factory=dict)  # image imports, by image name
     loads: dict[str, float] = field(default_factory=dict)  # cores busy per VM in its stats (DRS tests)
+    ovas: dict[str, dict[str, Any]] = field(default_factory=dict)  # OVA path -> what POST /images/ova reads
+    removed_images: list[str] = field(default_factory=list)  # DELETE /images/DS/NAME, in order
     tls: FakeAgentTls = field(init=False)
     log: ChangeLog = field(init=False)
 
@@ -292,7 +294,8 @@ class FakeAgent:
         async def import_image(body: dict[str, Any]) -> Any:
             """A file named .../corrupt* is refused as the real agent refuses a damaged one; any other
             is imported at once: the image joins the datastore's disk images in the facts."""
-            if Path(body["file"]).name.startswith("corrupt"):
+            damaged = Path(body["file"]).name, body.get("member") or ""
+            if any(n.startswith("corrupt") for n in damaged):
                 error = {"code": "invalid_input", "message": f"The file {body['file']} is corrupt.",
                          "hint": "Copy the file again."}
                 return JSONResponse({"error": error}, 400)
@@ -309,6 +312,26 @@ class FakeAgent:
         @app.get("/api/v1/images/import/{name}")
         async def import_progress(name: str) -> Any:
             return self.imports[name]
+
+        @app.post("/api/v1/images/ova")
+        async def inspect_ova(body: dict[str, Any]) -> Any:
+            """The OVAs of ``ovas``; any other file is refused as a real agent refuses a tar without
+            a descriptor."""
+            found = self.ovas.get(body["file"])
+            if found is None:
+                error = {"code": "invalid_input", "hint": "Export it again.",
+                         "message": f"The file {body['file']} holds no OVF descriptor."}
+                return JSONResponse({"error": error}, 400)
+            return found
+
+        @app.delete("/api/v1/images/{datastore}/{name}")
+        async def delete_image(datastore: str, name: str) -> Any:
+            self.removed_images.append(name)
+            for ds in self.facts.datastores:
+                if ds.name == datastore and name in ds.images:
+                    ds.images.remove(name)
+                    ds.disk_images.pop(name, None)
+            return {"removed": name}
 
         @app.put("/api/v1/vms/{name}")
         async def define(name: str, spec: VmSpec) -> Any:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import shutil
+import tarfile
 from pathlib import Path
 from typing import Annotated
 
@@ -25,15 +26,18 @@ from vmshift.errors import ConflictError, InvalidInputError, NotFoundError, Qemu
 from vmshift.model.enums import BootKind
 from vmshift.model.images import (
     IMAGE_DISK_FILE,
+    MAX_DESCRIPTOR,
     AgentImageImport,
     ImportFormat,
     ImportProgress,
     ImportState,
+    OvaContents,
+    OvaRequest,
     check_verdict,
     import_format,
     virtual_size_mib,
 )
-from vmshift.model.inputs import ImageName
+from vmshift.model.inputs import DatastoreName, ImageName
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,73 @@ def check_argv(qemu_img: str, source: str, fmt: ImportFormat) -> list[str]:
 def import_convert_argv(qemu_img: str, source: str, fmt: ImportFormat, target: str) -> list[str]:
     """To a new qcow2 (``-p`` progress, ``-t writeback`` so it is flushed at the end)."""
     return [qemu_img, "convert", "-p", "-t", "writeback", "-f", fmt.value, "-O", "qcow2", source, target]
+
+
+def member_source(ova: Path, member: str) -> str:
+    """A qemu-img source that reads tar member ``member`` of ``ova`` in place (a raw node at the
+    member's offset under the format driver), so an OVA's disk is converted without unpacking it."""
+    found = ova_members(ova).get(member)
+    if found is None:
+        raise InvalidInputError(f"The OVA {ova} has no file {member!r}.",
+                                hint="The OVF descriptor names a disk the archive does not hold: export the "
+                                "VM again.")
+    offset, size = found
+    node = {"file": {"driver": "raw", "offset": offset, "size": size,
+                     "file": {"driver": "file", "filename": str(ova)}}}
+    return "json:" + json.dumps(node)
+
+
+def ova_members(ova: Path) -> dict[str, tuple[int, int]]:
+    """Regular files of the OVA's tar: name -> (offset of its data, size). A tar cut short is told
+    apart from a file that is no tar at all."""
+    what = f"The file {ova}"
+    members: dict[str, tuple[int, int]] = {}
+    broken: str | None = None
+    try:
+        with tarfile.open(ova, mode="r:") as tar:
+            for m in tar:
+                if m.isfile():
+                    members[m.name] = (m.offset_data, m.size)
+    except (tarfile.TarError, EOFError) as e:
+        broken = str(e) or type(e).__name__
+    end = ova.stat().st_size
+    cut = sorted(name for name, (offset, size) in members.items() if offset + size > end)
+    if cut or (broken and members):
+        where = f"inside {', '.join(cut)}" if cut else f"after {list(members)[-1]}"
+        raise InvalidInputError(f"{what} is truncated: it ends {where}.",
+                                hint="Copy or download the OVA again.")
+    if broken:
+        raise InvalidInputError(f"{what} is not an OVA: it is not a tar archive ({broken}).",
+                                hint="An OVA is a tar of an .ovf descriptor and its disks.")
+    return members
+
+
+def read_ova(ova: Path) -> OvaContents:
+    """The OVF descriptor of an OVA (the first ``*.ovf`` member, as DSP0243 places it) and its files."""
+    members = ova_members(ova)
+    descriptors = [name for name in members if name.lower().endswith(".ovf")]
+    if not descriptors:
+        raise InvalidInputError(f"The file {ova} holds no OVF descriptor (no .ovf file in the archive).",
+                                hint="An OVA is a tar whose first file is the VM's .ovf descriptor.")
+    offset, size = members[descriptors[0]]
+    if size > MAX_DESCRIPTOR:
+        raise InvalidInputError(f"The OVF descriptor of {ova} is {size} bytes; vmshift reads up to "
+                                f"{MAX_DESCRIPTOR}.", hint="Check the file.")
+    with ova.open("rb") as f:
+        f.seek(offset)
+        text = f.read(size).decode("utf-8", errors="replace")
+    return OvaContents(descriptor=text, descriptor_name=descriptors[0], files=sorted(members))
+
+
+#: An image is read by every VM made from it, and QEMU runs unprivileged (agent/qemu_user.py): its
+#: folder and files are readable by all, like lab-guest's, though the agent's umask makes them 0600.
+IMAGE_DIR_MODE, IMAGE_FILE_MODE = 0o755, 0o644
+
+
+def make_readable(folder: Path) -> None:
+    folder.chmod(IMAGE_DIR_MODE)
+    for path in folder.iterdir():
+        path.chmod(IMAGE_FILE_MODE)
 
 
 def staging_dir(datastore: Path, name: str) -> Path:
@@ -78,32 +149,37 @@ class ImageImports:
             raise ConflictError(f"An import of image {req.name!r} onto datastore {ds.name!r} is under way "
                                 "or was cut short.", hint=f"Remove {staging_dir(ds.path, req.name)} if no "
                                 "host is importing it, then try again.")
-        source = Path(req.file)
-        what = f"The file {source}"
-        if not source.is_file():
+        path = Path(req.file)
+        what = f"The file {path}"
+        if not path.is_file():
             raise NotFoundError(f"{what} does not exist on this host.",
                                 hint="Give the absolute path of an image file the host can read.")
-        code, out, err = await _run(info_argv(self.qemu_img, str(source)))
+        source = str(path)
+        if req.member is not None:
+            what = f"Disk {req.member} of {path}"
+            source = await asyncio.to_thread(member_source, path, req.member)
+        code, out, err = await _run(info_argv(self.qemu_img, source))
         if code != 0:
             raise _unreadable(what, err)
         info = json.loads(out)
         fmt = import_format(info, req.format, what)
         size_mib = virtual_size_mib(info, what)
         if fmt is not ImportFormat.RAW:
-            code, out, err = await _run(check_argv(self.qemu_img, str(source), fmt))
+            code, out, err = await _run(check_argv(self.qemu_img, source, fmt))
             check_verdict(code, out, _last_line(err) if err.strip() else "", what)
-        job = ImportProgress(name=req.name, datastore=ds.name, source=str(source), format=fmt,
+        origin = str(path) if req.member is None else f"{path}:{req.member}"
+        job = ImportProgress(name=req.name, datastore=ds.name, source=origin, format=fmt,
                              virtual_size_mib=size_mib)
         self.jobs[req.name] = job
         staging = staging_dir(ds.path, req.name)
         staging.mkdir(parents=True)
-        self._tasks[req.name] = asyncio.create_task(self._convert(job, staging, final),
+        self._tasks[req.name] = asyncio.create_task(self._convert(job, source, staging, final),
                                                     name=f"image-import-{req.name}")
         return job
 
-    async def _convert(self, job: ImportProgress, staging: Path, final: Path) -> None:
+    async def _convert(self, job: ImportProgress, source: str, staging: Path, final: Path) -> None:
         target = staging / IMAGE_DISK_FILE
-        argv = import_convert_argv(self.qemu_img, job.source, job.format, str(target))
+        argv = import_convert_argv(self.qemu_img, source, job.format, str(target))
         log.info("importing image %s: %s", job.name, " ".join(argv))
         try:
             proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
@@ -130,6 +206,7 @@ class ImageImports:
                     "disk_size_mib": job.virtual_size_mib, "imported_from": job.source,
                     "imported_format": job.format.value}
             (staging / "image.json").write_text(json.dumps(meta, indent=2) + "\n")
+            make_readable(staging)
             staging.rename(final)
             job.state, job.share = ImportState.DONE, 1.0
             log.info("image %s imported to %s", job.name, final)
@@ -167,6 +244,32 @@ router = APIRouter(prefix="/api/v1")
 async def start_import(body: AgentImageImport, imports: Imports) -> ImportProgress:
     """Check the file (4xx if it is not an importable whole disk) and start converting it."""
     return await imports.start(body)
+
+
+@router.post("/images/ova")
+async def inspect_ova(body: OvaRequest) -> OvaContents:
+    """Read an OVA's descriptor and file list (nothing written): the server plans the import from it."""
+    path = Path(body.file)
+    if not path.is_file():
+        raise NotFoundError(f"The file {path} does not exist on this host.",
+                            hint="Give the absolute path of an OVA the host can read.")
+    return await asyncio.to_thread(read_ova, path)
+
+
+@router.delete("/images/{datastore}/{name}")
+async def delete_image(datastore: DatastoreName, name: ImageName, imports: Imports) -> dict[str, str]:
+    """Remove an imported image (the undo of a VM import that could not finish). Only images that
+    ``image import`` made are removed: built ones (lab-guest) are not."""
+    ds = imports.datastores.get(datastore)
+    folder = ds.path / IMAGES_DIR / name
+    meta = folder / "image.json"
+    if not meta.is_file():
+        raise NotFoundError(f"Datastore {datastore!r} has no image {name!r}.", hint="Nothing to remove.")
+    if "imported_from" not in json.loads(meta.read_text()):
+        raise ConflictError(f"Image {name!r} was not imported; vmshift removes imported images only.",
+                            hint="Remove it by hand if it is no longer needed.")
+    await asyncio.to_thread(shutil.rmtree, folder)
+    return {"removed": name}
 
 
 @router.get("/images/import/{name}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -18,20 +19,39 @@ DEFAULT_IMAGES = Path("/var/lib/vmshift/images")
 image_app = typer.Typer(help="Guest images.", no_args_is_help=True)
 
 
+class BuildKind(StrEnum):
+    LAB = "lab"  # lab-guest and lab-disk: seconds to build and to boot
+    DEBIAN = "debian"  # debian-12: Debian 12 with systemd and cloud-init (minutes)
+
+
 @image_app.command("build")
 def image_build(
     images_dir: Annotated[Path, typer.Option(help="Where images are kept.")] = DEFAULT_IMAGES,
+    kind: Annotated[BuildKind, typer.Option(
+        help="lab: lab-guest and lab-disk; debian: debian-12.")] = BuildKind.LAB,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Build the lab guest images: 'lab-guest' (Debian cloud kernel + busybox + vmshift-guestd, booted
-    as a kernel) and 'lab-disk' (the same guest on a SYSLINUX disk, booted by the BIOS)."""
+    as a kernel) and 'lab-disk' (the same guest on a SYSLINUX disk, booted by the BIOS); with --kind
+    debian 'debian-12' (Debian 12 from its packages with cloud-init, on a BIOS-booted disk)."""
     from vmshift.lab.disk_image import build_disk_image
     from vmshift.lab.image import build_image
 
     def progress(msg: str) -> None:
         if not json_:
             err_console.print(f"[dim]image:[/] {msg}")
+
+    if kind is BuildKind.DEBIAN:
+        from vmshift.lab.debian_image import DEBIAN_IMAGE_NAME, build_debian_image
+
+        folder = build_debian_image(images_dir, force=force, progress=progress)
+        if json_:
+            emit_json({"image": DEBIAN_IMAGE_NAME, "path": str(folder),
+                       "images": {DEBIAN_IMAGE_NAME: str(folder)}})
+        else:
+            typer.echo(f"Image {DEBIAN_IMAGE_NAME} ready in {folder}")
+        return
 
     path = build_image(images_dir, force=force, progress=progress)
     disk = build_disk_image(images_dir, force=force, progress=progress)

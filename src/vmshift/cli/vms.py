@@ -13,6 +13,7 @@ from vmshift.cli.hosts import JsonOpt
 from vmshift.cli.migrate import vm_migrate
 from vmshift.cli.migration_settings import vm_migration_settings
 from vmshift.cli.output import emit_json, fields, table, wait_with_progress
+from vmshift.cli.vm_import import vm_import_libvirt, vm_import_ova
 from vmshift.errors import InvalidInputError
 from vmshift.model.enums import CloneMode, PowerAction, PowerState
 from vmshift.model.inputs import SSH_KEY_PATTERN
@@ -20,6 +21,8 @@ from vmshift.model.inputs import SSH_KEY_PATTERN
 vm_app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
 vm_app.command("migrate")(vm_migrate)
 vm_app.command("migration-settings")(vm_migration_settings)
+vm_app.command("import-ova")(vm_import_ova)
+vm_app.command("import-libvirt")(vm_import_libvirt)
 
 NoWait = Annotated[bool, typer.Option("--no-wait", help="Return the task id at once.")]
 _SIZE = re.compile(r"^(\d+)\s*([MGmg]i?[Bb]?)?$")

@@ -32,7 +32,7 @@ from vmshift.model.agent_migration import (
 from vmshift.model.enums import PowerAction
 from vmshift.model.host import HostFacts
 from vmshift.model.host_stream import STREAM_PATH, Change, Keepalive, Snapshot, decode
-from vmshift.model.images import AgentImageImport, ImportProgress
+from vmshift.model.images import AgentImageImport, ImportProgress, OvaContents, OvaRequest
 from vmshift.model.moves import DiskExportRequest, DiskExports, DiskMoveRequest, MoveProgress
 from vmshift.model.suspend import SuspendProgress, SuspendResult
 from vmshift.model.vm import VmRuntime, VmSpec
@@ -227,6 +227,17 @@ class AgentClient:
         resp = await self._request("POST", "/images/import", json=req.model_dump(mode="json"), timeout_s=300)
         result: ImportProgress = self._parse(resp, ImportProgress)
         return result
+
+    async def inspect_ova(self, file: str) -> OvaContents:
+        """The OVF descriptor and file list of an OVA on the host (nothing written)."""
+        resp = await self._request("POST", "/images/ova", json=OvaRequest(file=file).model_dump(mode="json"),
+                                   timeout_s=120)
+        result: OvaContents = self._parse(resp, OvaContents)
+        return result
+
+    async def delete_image(self, datastore: str, name: str) -> None:
+        """Remove an image that ``import_image`` made (the undo of an import cut short)."""
+        await self._request("DELETE", f"/images/{datastore}/{name}", timeout_s=120)
 
     async def import_progress(self, name: str) -> ImportProgress:
         result: ImportProgress = self._parse(await self._request("GET", f"/images/import/{name}"),

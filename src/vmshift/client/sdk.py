@@ -205,6 +205,11 @@ class VmshiftClient:
         """Start an image.import task (docs/images.md); a bad file is refused at once."""
         return dict(self.request("POST", "/images/import", json=body))
 
+    def import_vm(self, body: Json) -> Json:
+        """Start a vm.import task from an OVA or a libvirt domain (docs/images.md); what cannot be
+        mapped is refused at once, all of it listed."""
+        return dict(self.request("POST", "/vm-imports", json=body))
+
     def power_vm(self, name: str, action: PowerAction) -> Json:
         return dict(self.request("POST", f"/vms/{self._q(name)}/power", json={"action": action.value}))
 

@@ -363,9 +363,10 @@ def _read(path: Path) -> str:
         return ""
 
 
-def _run(cmd: list[str], *, what: str, cwd: Path | None = None, hint: str | None = None) -> str:
+def _run(cmd: list[str], *, what: str, cwd: Path | None = None, hint: str | None = None,
+         input_text: str | None = None) -> str:
     try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False, input=input_text)
     except OSError as exc:
         raise ImageError(f"Could not {what}: {cmd[0]} is not runnable ({exc.strerror}).", hint=hint) from exc
     if proc.returncode != 0:

@@ -101,7 +101,7 @@ def _bring_up(rec: LabRecord, progress: Progress) -> None:
     processes.prepare_files(rec)
     ensure_qemu_user(progress)
     progress("guest image")
-    from vmshift.lab import disk_image, image  # lazily: building the images pulls in a toolchain
+    from vmshift.lab import debian_image, disk_image, image  # lazily: building pulls in a toolchain
 
     images_dir = image.build_image(progress=lambda msg: progress(f"guest image: {msg}")).parent
     disk_image.build_disk_image(images_dir, progress=lambda msg: progress(f"disk image: {msg}"))
@@ -109,6 +109,7 @@ def _bring_up(rec: LabRecord, progress: Progress) -> None:
     for datastore in (lay.shared_datastore, *(lay.local_datastore(k) for k in lay.host_numbers)):
         image.install_image(images_dir, datastore)
         disk_image.install_disk_image(images_dir, datastore)
+    debian_image.install_debian_image(images_dir, lay.shared_datastore)  # if built (--kind debian)
     progress("server")
     processes.start_server(rec)
     for k in lay.host_numbers:

@@ -57,6 +57,7 @@ class TaskKind(StrEnum):
     HOST_MAINTENANCE_ENTER = "host.maintenance_enter"
     HOST_MAINTENANCE_EXIT = "host.maintenance_exit"
     DRS_RUN = "drs.run"  # one DRS pass over a cluster, on demand (docs/drs.md)
+    VM_IMPORT = "vm.import"  # an OVA's or libvirt domain's disks imported, then its VM (docs/images.md)
 
 
 class EventKind(StrEnum):

@@ -6,19 +6,28 @@ from __future__ import annotations
 import json
 import math
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from vmshift.errors import InvalidInputError
 from vmshift.model.base import RequestModel
-from vmshift.model.inputs import DatastoreName, HostName, ImageName
+from vmshift.model.inputs import MAX_NICS, DatastoreName, HostName, ImageName, NetworkName, VmName
 
 MIB = 1 << 20
 #: Where an imported (or built) image lives on a datastore: ``DATASTORE/images/NAME/``, its disk
 #: ``disk.qcow2`` and its ``image.json`` (the one record of the image, agent/datastores.py).
 IMAGE_DISK_FILE = "disk.qcow2"
 MAX_PATH = 4096
+TEXT_ONLY = r"^[^\x00-\x1f\x7f]+$"
+MAX_DESCRIPTOR = 4 << 20  # an OVF descriptor is a few KiB; more is not a descriptor
+#: A file name inside an OVA (the OVF's References/File/@href): no folders, no control characters.
+TAR_MEMBER_PATTERN = r"^[^/\x00-\x1f\x7f]+$"
+
+
+def is_ova(path: str) -> bool:
+    """An OVA is told by its name (DSP0243 says ``.ova``); its tar holds the OVF descriptor and disks."""
+    return path.lower().endswith(".ova")
 
 
 class ImportFormat(StrEnum):
@@ -50,6 +59,44 @@ class ImageImportRequest(RequestModel):
                                         "detects it (a raw file must be named raw)")
 
 
+class VmImportSource(StrEnum):
+    OVA = "ova"  # an OVA file on the host: its OVF descriptor and VMDK disks
+    LIBVIRT = "libvirt"  # a libvirt domain's XML, its disks files on the host
+
+
+MAX_DOMAIN_XML = 1 << 20
+
+
+ForeignNetwork = Annotated[str, Field(min_length=1, max_length=256, pattern=TEXT_ONLY)]
+
+
+class VmImportRequest(RequestModel):
+    """``POST /api/v1/vm-imports``: make the VM an OVA or a libvirt domain describes on ``host``, its
+    disks imported as images ``NAME-diskN`` on ``datastore`` (the VM's disks are overlays of them)."""
+
+    source: VmImportSource
+    host: HostName
+    datastore: DatastoreName
+    file: str | None = Field(default=None, min_length=1, max_length=MAX_PATH, pattern=r"^/[^\x00-\x1f\x7f]*$",
+                             description="ova: the OVA's absolute path on the host")
+    domain_xml: str | None = Field(default=None, min_length=1, max_length=MAX_DOMAIN_XML,
+                                   description="libvirt: the domain XML (its disks are paths on the host)")
+    name: VmName | None = Field(default=None, description="the VM's name; None = the descriptor's")
+    network_map: dict[ForeignNetwork, NetworkName] = Field(
+        default_factory=dict, max_length=MAX_NICS,
+        description="the descriptor's network (or bridge) -> a vmshift network; a network of the same name "
+                    "needs no entry")
+    start: bool = False
+
+    @model_validator(mode="after")
+    def _source_given(self) -> VmImportRequest:
+        if self.source is VmImportSource.OVA and (self.file is None or self.domain_xml is not None):
+            raise ValueError("an OVA import gives 'file' (and no 'domain_xml')")
+        if self.source is VmImportSource.LIBVIRT and (self.domain_xml is None or self.file is not None):
+            raise ValueError("a libvirt import gives 'domain_xml' (and no 'file')")
+        return self
+
+
 class AgentImageImport(RequestModel):
     """``POST /api/v1/images/import`` on an agent."""
 
@@ -57,6 +104,20 @@ class AgentImageImport(RequestModel):
     name: ImageName
     datastore: DatastoreName
     format: ImportFormat | None = None
+    member: str | None = Field(default=None, min_length=1, max_length=MAX_PATH, pattern=TAR_MEMBER_PATTERN,
+                               description="a disk inside ``file``, an OVA: the tar member to convert")
+
+
+class OvaRequest(RequestModel):
+    """``POST /api/v1/images/ova`` on an agent: read an OVA's descriptor."""
+
+    file: str = Field(min_length=1, max_length=MAX_PATH, pattern=r"^/[^\x00-\x1f\x7f]*$")
+
+
+class OvaContents(BaseModel):
+    descriptor: str = Field(description="the OVF descriptor's text")
+    descriptor_name: str
+    files: list[str] = Field(description="the regular files of the archive")
 
 
 class ImportProgress(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -30,7 +31,7 @@ from vmshift.server.inventory import get_host, host_facts, names_hint
 from vmshift.server.vm_placement import place_new_vm
 
 
-def _check_host_usable(host: HostRow) -> None:
+def check_host_usable(host: HostRow) -> None:
     """Placement's own rules (``placement.host_checks``), for a host the request named."""
     for r in (connection_check(CheckId.TARGET_CONNECTED, "chosen", host.name, host.connection_state),
               maintenance_check(host.name, host.maintenance, "chosen")):
@@ -38,7 +39,7 @@ def _check_host_usable(host: HostRow) -> None:
             raise ConflictError(r.message, hint=r.hint)
 
 
-def _check_datastore(s: Session, host: HostRow, name: str) -> DatastoreRow:
+def check_datastore(s: Session, host: HostRow, name: str) -> DatastoreRow:
     ds = s.scalar(select(DatastoreRow).where(DatastoreRow.name == name))
     if ds is None:
         raise NotFoundError(
@@ -124,6 +125,37 @@ def _disks(req: VmCreate, ds: DatastoreRow, image_mib: int | None) -> list[DiskS
                     for i, size in enumerate(sizes[1:], start=1)]
 
 
+@dataclass(frozen=True)
+class ImportedParts:
+    """What a VM import (server/vm_import.py) fixes beyond a ``VmCreate``: each disk's image (None: an
+    empty disk) with the size the descriptor asks for, and each NIC's MAC (None: a new one).
+    ``images_pending``: a dry run before the images are imported, so their presence is not checked."""
+
+    disks: list[tuple[str | None, int]]
+    macs: list[str | None]
+    images_pending: bool = False
+
+
+def _imported_disks(host: HostRow, ds: DatastoreRow, parts: ImportedParts) -> list[DiskSpec]:
+    """Each disk a linked clone of its imported image (at least the image's size), or empty."""
+    disks = []
+    for i, (image, size_mib) in enumerate(parts.disks):
+        if image is not None and not parts.images_pending:
+            size_mib = max(size_mib, _check_disk_image(host, ds, image))
+        disks.append(DiskSpec(datastore=ds.name, file=f"disk{i}.qcow2", size_mib=size_mib,
+                              backing_image=image))
+    return disks
+
+
+def _mac(used: set[str], wanted: str | None, index: int, rng: random.Random | None) -> str:
+    if wanted is None:
+        return generate_mac(used, rng)
+    if wanted in used:
+        raise ConflictError(f"The MAC address {wanted} of NIC {index} is taken by another VM.",
+                            hint="Remove that VM, or drop the MAC from the descriptor to get a new one.")
+    return wanted
+
+
 def choose_cpu_model(host: HostRow, facts: HostFacts, requested: str | None) -> str:
     """The requested model if this host runs it, else the cluster baseline over connected hosts."""
     if requested is not None:
@@ -147,21 +179,25 @@ def choose_cpu_model(host: HostRow, facts: HostFacts, requested: str | None) -> 
     return choose_baseline([f.cpu_models for f in peer_facts], [f.cpu_vendor for f in peer_facts])
 
 
-def create_vm_row(s: Session, req: VmCreate, rng: random.Random | None = None) -> VmRow:
+def create_vm_row(s: Session, req: VmCreate, rng: random.Random | None = None,
+                  imported: ImportedParts | None = None) -> VmRow:
     """Validate ``req`` and add the VM with its MAC/IP allocations to the caller's transaction."""
     if s.scalar(select(VmRow).where(VmRow.name == req.name)) is not None:
         raise ConflictError(f"A VM named {req.name!r} already exists.", hint="Choose another name.")
     warning = None
     if req.host is not None:
         host = get_host(s, req.host)
-        _check_host_usable(host)
+        check_host_usable(host)
     else:
         host, warning = place_new_vm(s, req)
-    ds = _check_datastore(s, host, req.datastore)
+    ds = check_datastore(s, host, req.datastore)
     nets = _check_networks(s, host, req.name, req.networks)
     _check_boot_options(req)
     image_mib = None
-    if req.disk_image is not None:
+    disks: list[DiskSpec] = []
+    if imported is not None:
+        disks = _imported_disks(host, ds, imported)
+    elif req.disk_image is not None:
         image_mib = _check_disk_image(host, ds, req.disk_image)
     else:
         _check_image(host, ds, req.image)
@@ -183,8 +219,8 @@ def create_vm_row(s: Session, req: VmCreate, rng: random.Random | None = None) -
     used_macs = set(s.scalars(select(MacAllocationRow.mac)))
     nics: list[NicSpec] = []
     ips: list[tuple[NetworkRow, str]] = []
-    for net in nets:
-        mac = generate_mac(used_macs, rng)
+    for i, net in enumerate(nets):
+        mac = _mac(used_macs, imported.macs[i] if imported is not None else None, i, rng)
         used_macs.add(mac)
         nics.append(NicSpec(network=net.name, mac=mac))
         if net.pool_cidr and net.pool_first and net.pool_last:
@@ -213,7 +249,7 @@ def create_vm_row(s: Session, req: VmCreate, rng: random.Random | None = None) -
         cpu_model=cpu_model,
         machine_type=machine,
         datastore=ds.name,
-        disks=_disks(req, ds, image_mib),
+        disks=disks if imported is not None else _disks(req, ds, image_mib),
         nics=nics,
         boot=boot,
         seed=seed,

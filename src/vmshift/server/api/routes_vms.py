@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from vmshift.errors import ConflictError
 from vmshift.model.api import PowerRequest, Task, TaskKind, Vm, VmCreate, VmStats
 from vmshift.model.enums import ConnectionState, PowerState
+from vmshift.model.images import VmImportRequest
 from vmshift.model.inputs import ClusterName, HostName, Name, VmName
 from vmshift.model.paging import ListName
 from vmshift.server.api.deps import core_of
@@ -29,6 +30,7 @@ from vmshift.server.inventory import get_vm, vm_not_found
 from vmshift.server.tasks import TaskEngine
 from vmshift.server.views import task_view
 from vmshift.server.vm_create import create_vm_row
+from vmshift.server.vm_import import ImportPlan, import_host, import_vm_body, plan, read_descriptor
 from vmshift.server.vm_tasks import (
     create_body,
     delete_body,
@@ -113,6 +115,41 @@ async def create_vm(body: VmCreate, core: ServerCore = Depends(core_of)) -> Task
 
     view = await run_in_threadpool(write)
     core.tasks.start(view.id, body.name, create_body(core.sessions, core.agents, body.name, body.start))
+    return view
+
+
+@router.post("/vm-imports", status_code=202, responses=errors(*BODY, 404, 409, 502))
+async def import_vm(body: VmImportRequest, core: ServerCore = Depends(core_of)) -> Task:
+    """Make the VM an OVA (a path on ``host``) or a libvirt domain XML describes: what cannot be
+    mapped is refused here, all of it listed, and so is a damaged first disk; nothing is written
+    then. The task imports the disks as images and creates the VM on them (docs/images.md)."""
+
+    def address() -> str:
+        with core.sessions() as s:
+            return import_host(s, body)
+
+    agent_address = await run_in_threadpool(address)
+    foreign = await read_descriptor(core.agents, agent_address, body)
+
+    def dry_run() -> ImportPlan:
+        with core.sessions() as s:
+            try:
+                return plan(s, body, foreign)
+            finally:
+                s.rollback()
+
+    p = await run_in_threadpool(dry_run)
+    p.host, p.address = body.host, agent_address
+    await core.agents.get(agent_address).import_image(p.images[0])
+
+    def write() -> Task:
+        with core.sessions.begin() as s:
+            params = {"source": body.source.value, "host": body.host, "datastore": body.datastore,
+                      "file": body.file}
+            return task_view(TaskEngine.create(s, TaskKind.VM_IMPORT, p.create.name, params))
+
+    view = await run_in_threadpool(write)
+    core.tasks.start(view.id, p.create.name, import_vm_body(core.sessions, core.agents, p))
     return view
 
 
