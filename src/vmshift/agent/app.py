@@ -22,6 +22,7 @@ from vmshift.agent.guard import require_allowed
 from vmshift.agent.host_stream import HostStream
 from vmshift.agent.image_import import ImageImports
 from vmshift.agent.image_import import router as image_import_router
+from vmshift.agent.iscsi_disks import IscsiDisks
 from vmshift.agent.migration_source import OutgoingMigrations
 from vmshift.agent.migration_store import MigrationStore
 from vmshift.agent.migration_target import IncomingMigrations
@@ -132,7 +133,8 @@ def create_app(config: AgentConfig, tls: AgentTls | None = None) -> FastAPI:
         private_dir(config.state_dir)
         datastores = Datastores(config.datastores)
         probe = await probe_host(config, datastores)
-        supervisor = Supervisor(config, VmFiles(datastores, config.state_dir, config.qemu_img),
+        iscsi_disks = IscsiDisks(config.name, config.storage_role_tokens)
+        supervisor = Supervisor(config, VmFiles(datastores, config.state_dir, config.qemu_img, iscsi_disks),
                                 probe.accelerator)
         await supervisor.attach_all()
         agent = app.state.agent = AgentState(config, probe, datastores, supervisor)

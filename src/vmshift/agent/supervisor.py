@@ -42,7 +42,7 @@ from vmshift.agent.suspend import (
 )
 from vmshift.agent.taps import create_tap, delete_tap, open_tap
 from vmshift.agent.vmfiles import VmFiles
-from vmshift.errors import ConflictError, NotFoundError, QemuError
+from vmshift.errors import ConflictError, NotFoundError, QemuError, VmshiftError
 from vmshift.model.enums import MIGRATION_RUN_STATES, Accelerator, PowerAction, PowerState, QemuRunState
 from vmshift.model.suspend import SuspendProgress, SuspendResult
 from vmshift.model.vm import VmRuntime, VmSpec
@@ -178,6 +178,10 @@ class Supervisor:
         vm.exit_reason = override_reason or reason or ("stopped" if stopped_by_us else "process vanished")
         for tap in vm.taps:
             await delete_tap(tap)
+        try:
+            await self.files.detach_luns(vm.spec)
+        except VmshiftError as exc:  # the storage role is away: it still names this host
+            log.warning("VM %s: could not release its LUNs: %s", vm.spec.name, exc)
         vm.pid, vm.popen, vm.taps, vm.ended_unseen = None, None, [], None
         (vm.paths.run_dir / RUNNING_FILE).unlink(missing_ok=True)
         outcome = {"died": vm.died, "exit_reason": vm.exit_reason}
@@ -375,6 +379,7 @@ class Supervisor:
                                     hint="Stop or shut it down first.")
             if vm.pid is not None:
                 await self._handle_exit(vm)
+            await self.files.remove_luns(vm.spec)
             self.files.remove(vm.spec)
             self._vms.pop(name, None)
 
@@ -546,6 +551,12 @@ class Supervisor:
         for stale in (paths.qmp_socket, paths.run_dir / EXIT_FILE):
             stale.unlink(missing_ok=True)
         self.files.ensure_seed(spec)
+        if self.files.iscsi_disks(spec):
+            # before QEMU opens them: this host becomes the LUNs' read-write holder, or is refused
+            # (a receiving QEMU joins its source for the handover of migration `incoming_migration`)
+            mid = self.files.incoming_migration(spec.name) if incoming is not None else None
+            await self.files.attach_luns(spec, mid)
+            vm.paths = paths = self.files.paths(spec)
         prepare_vm_files(identity, paths, kernel, self.files.backing_files(spec))
         serial_log.touch(paths)
         self.serial.forget(spec.name)
