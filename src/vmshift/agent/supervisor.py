@@ -83,6 +83,8 @@ class VmProcess:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     qmp_lost: bool = False  # a reconnect failed and was logged; log again only after success
     ended_unseen: str | None = None  # the guest ended while no QMP session listened (found by status)
+    io_error_seq: int = 0  # the BLOCK_IO_ERROR last logged
+    storage_lost: str | None = None  # its iSCSI target stopped answering (agent/storage_watch.py)
 
 
 def process_is_qemu_of(pid: int, vm_uuid: str) -> bool:
@@ -292,9 +294,30 @@ class Supervisor:
                 status = await asyncio.wait_for(vm.qmp.query_status(), timeout=3.0)
                 rt.qemu_status = status.status
                 rt.power_state = PowerState.POWERED_ON if status.running else PowerState.PAUSED
+                if status.status == QemuRunState.IO_ERROR:
+                    rt.io_error = self._io_error(vm)
+                elif vm.storage_lost is not None:
+                    rt.io_error = vm.storage_lost
             except (QemuError, TimeoutError) as exc:
                 log.warning("query-status of VM %s failed: %s", vm.spec.name, exc)
         return rt
+
+    def _io_error(self, vm: VmProcess) -> str:
+        """The agent's account of a VM paused on a disk error (werror/rerror=stop), from QEMU's
+        last BLOCK_IO_ERROR; logged once per event."""
+        assert vm.qmp is not None
+        events = vm.qmp.events_named("BLOCK_IO_ERROR")
+        if not events:
+            return "paused on a disk I/O error"
+        last = events[-1]
+        d = last.data
+        disk = d.get("device") or d.get("node-name")
+        message = (f"paused on an I/O error: {d.get('operation', '?')} of {disk} failed "
+                   f"({d.get('reason', 'no reason given')})")
+        if vm.io_error_seq != last.seq:
+            vm.io_error_seq = last.seq
+            log.error("VM %s %s", vm.spec.name, message)
+        return message
 
     async def list_vms(self) -> list[VmRuntime]:
         """Every VM of this host, including receiving QEMUs of live migrations: the server must see
@@ -457,6 +480,29 @@ class Supervisor:
                 await self._refuse_migration_resume(vm)
                 await self._qmp(vm).cont()
             return await self._view(vm)
+
+    def running_on_iscsi(self) -> dict[str, set[str]]:
+        """The VMs running here (not receiving a migration) by the iSCSI datastores of their disks."""
+        found: dict[str, set[str]] = {}
+        for vm in list(self._vms.values()):
+            if not self._alive(vm) or self.files.is_incoming(vm.spec.name):
+                continue
+            with contextlib.suppress(NotFoundError):
+                for ds, _ in self.files.iscsi_disks(vm.spec):
+                    found.setdefault(ds.name, set()).add(vm.spec.name)
+        return found
+
+    def mark_storage_lost(self, name: str, reason: str | None) -> None:
+        """Note (or, with None, clear) that the VM's iSCSI target stopped answering: its disk
+        requests wait for it (agent/storage_watch.py says why QEMU is not paused)."""
+        vm = self._vms.get(name)
+        if vm is None or vm.storage_lost == reason:
+            return
+        vm.storage_lost = reason
+        if reason is not None:
+            log.error("VM %s: %s", name, reason)
+        else:
+            log.info("VM %s: its iSCSI target answers again", name)
 
     async def _power_suspended(self, vm: VmProcess, action: PowerAction) -> None:
         """vSphere's rules: power on (or resume) restores the saved state, power off discards it."""
