@@ -26,16 +26,15 @@ from vmshift.client import VmshiftClient
 from vmshift.lab.image import build_image
 
 
-@pytest.fixture(scope="session")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
+def _lab(tmp_path_factory: pytest.TempPathFactory, name: str, *up_args: str) -> Iterator[LabHandle]:
+    """A lab brought up with `vmshift lab up --name NAME UP_ARGS`, taken down and checked clean."""
     if os.geteuid() != 0:
         pytest.fail("The lab tests need root (network namespaces, taps, QEMU): run them as root.")
-    name = f"t{secrets.token_hex(3)}"
     config_dir = tmp_path_factory.mktemp("vmshift-config")
     env = {**os.environ, "VMSHIFT_CONFIG_DIR": str(config_dir)}
     links_before = root_links()
     up = subprocess.run(
-        [str(BIN / "vmshift"), "lab", "up", "--name", name, "--hosts", "2"],
+        [str(BIN / "vmshift"), "lab", "up", "--name", name, "--hosts", "2", *up_args],
         env=env, capture_output=True, text=True, timeout=900,
     )
     try:
@@ -66,6 +65,17 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
         assert mounts_of(name) == [], "mounts left behind"
         assert lab_processes(name) == [], "processes left behind"
         assert not Path(f"/var/lib/vmshift/labs/{name}").exists(), "lab state left behind"
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
+    yield from _lab(tmp_path_factory, f"t{secrets.token_hex(3)}")
+
+
+@pytest.fixture(scope="module")
+def iscsi_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
+    """A lab with a storage box (tgtd, the storage role) and the datastore iscsi-1."""
+    yield from _lab(tmp_path_factory, f"i{secrets.token_hex(3)}", "--iscsi")
 
 
 @pytest.fixture(scope="session")

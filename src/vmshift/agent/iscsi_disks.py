@@ -100,7 +100,12 @@ class IscsiDisks:
         return IscsiLun(portal=target.portal, target=target.target, lun=lun.lun, initiator=self.initiator)
 
     async def remove(self, ds: Datastore, spec: VmSpec, disk: DiskSpec) -> None:
-        await self._call(ds, "DELETE", f"/luns/{spec.uuid}/{disk.file}")
+        """Remove the disk's LUN; a LUN another host holds (the VM runs there: this host only had
+        a stale definition of it) is kept, with a warning."""
+        try:
+            await self._call(ds, "DELETE", f"/luns/{spec.uuid}/{disk.file}?host={self.host}")
+        except ConflictError as exc:
+            log.warning("VM %s: its disk %s stays: %s", spec.name, disk.file, exc)
 
     async def attach(self, ds: Datastore, spec: VmSpec, disk: DiskSpec, migration_id: int | None) -> None:
         await self._call(ds, "POST", f"/luns/{spec.uuid}/{disk.file}/attach",

@@ -29,7 +29,7 @@ from fastapi import Depends, FastAPI
 from pydantic import BaseModel
 
 from vmshift.agent.tgt import Tgtadm
-from vmshift.errors import InvalidInputError, NotFoundError, StorageError, VmshiftError
+from vmshift.errors import ConflictError, InvalidInputError, NotFoundError, StorageError, VmshiftError
 from vmshift.http_edge import bearer_auth, install_error_handlers
 from vmshift.model import iscsi
 from vmshift.model.enums import DiskFormat
@@ -135,11 +135,16 @@ class LunStore:
             log.info("created LUN %d (%s, %d MiB)", number, req.key, req.size_mib)
             return lun
 
-    async def delete(self, key: str) -> None:
+    async def delete(self, key: str, host: str | None) -> None:
+        """Remove the LUN, unless a host other than ``host`` holds it (its VM runs there)."""
         async with self.lock:
             lun = self.luns.get(key)
             if lun is None:
                 return
+            holders = [a.host for a in lun.attachments if a.host != host]
+            if holders:
+                raise ConflictError(f"LUN {lun.lun} ({key}) is attached on {', '.join(holders)}: it is not "
+                                    "removed.", hint="Delete the VM where it runs.")
             await self.tgt.delete_lun(lun.lun)
             self.backing(lun.lun).unlink(missing_ok=True)
             del self.luns[key]
@@ -208,8 +213,8 @@ def create_app(config: StorageRoleConfig, tgt: Tgtadm | None = None) -> FastAPI:
         return store.get(iscsi.lun_key(vm_uuid, disk))
 
     @app.delete("/api/v1/luns/{vm_uuid}/{disk}")
-    async def delete_lun(vm_uuid: str, disk: str) -> dict[str, Any]:
-        await store.delete(iscsi.lun_key(vm_uuid, disk))
+    async def delete_lun(vm_uuid: str, disk: str, host: str | None = None) -> dict[str, Any]:
+        await store.delete(iscsi.lun_key(vm_uuid, disk), host)
         return {"deleted": True}
 
     @app.post("/api/v1/luns/{vm_uuid}/{disk}/attach")

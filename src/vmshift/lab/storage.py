@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from vmshift.agent.tgt import parse_show
 from vmshift.errors import LabError
 from vmshift.lab import layout as L
 from vmshift.lab.layout import LabLayout, LabRecord
@@ -165,3 +166,19 @@ def stop(rec: LabRecord) -> None:
             pass
     for leftover in TGT_SOCKET_DIR.glob(f"socket.{lay.tgt_control_port}*"):
         leftover.unlink(missing_ok=True)
+
+
+def restart(rec: LabRecord) -> None:
+    """Start tgtd and the storage role again (after a fault test killed tgtd): the role puts its
+    LUNs back into the new tgtd."""
+    stop(rec)
+    start(rec)
+
+
+def target_luns(rec: LabRecord) -> set[int]:
+    """The LUNs tgtd serves now (LUN 0, its controller, left out), read with tgtadm."""
+    lay = rec.layout
+    show = _in_storage(lay, "tgtadm", "-C", str(lay.tgt_control_port), "--lld", "iscsi", "--op", "show",
+                       "--mode", "target")
+    out = subprocess.run(show, capture_output=True, text=True, check=True, timeout=10).stdout
+    return parse_show(out)[1]
