@@ -132,7 +132,8 @@ def test_target_frozen_then_gone(iscsi_lab: LabHandle, vm: dict[str, Any]) -> No
     finally:
         storage.signal_tgtd(rec, signal.SIGCONT)
     resumed = writing_past(lab, before + 20)
-    assert resumed["disklog"]["errors"] == 0 and resumed["disklog"]["latency"]["max_ms"] >= 4000, resumed
+    # the write in flight at the freeze waited for it (max since boot: the 10 s window may be past)
+    assert resumed["disklog"]["errors"] == 0 and resumed["disklog"]["latency"]["max_boot_ms"] >= 4000, resumed
     verify_disk_log(lab, vm["ip"], resumed["disklog"]["durable_seq"])
 
     # Gone for good: the agent reports the VM's storage lost, QEMU keeps answering QMP.

@@ -437,6 +437,7 @@ class Supervisor:
             elif vm.pid is not None:
                 await self._handle_exit(vm, stopped_by_us=True)
             self.files.unregister(name)
+            self.files.drop_host_folder(vm.spec)
             self._vms.pop(name, None)
 
     def is_alive(self, name: str) -> bool:

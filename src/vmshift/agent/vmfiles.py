@@ -8,6 +8,7 @@ folder alone does not say which host owns the VM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -147,6 +148,15 @@ class VmFiles:
     def unregister(self, name: str) -> None:
         """Forget the VM on this host (run dir and registration) but keep its folder and disks."""
         shutil.rmtree(self.run_dir(name), ignore_errors=True)
+
+    def drop_host_folder(self, spec: VmSpec) -> None:
+        """After the VM left this host: remove its folder when that is this host's own (an iSCSI
+        datastore's folders are per host, its disks are LUNs that stay), so a later VM of the same
+        name does not find a stale vm.json here."""
+        with contextlib.suppress(NotFoundError):
+            home = self.datastores.get(spec.datastore)
+            if home.iscsi is not None:
+                shutil.rmtree(home.path / spec.name, ignore_errors=True)
 
     def load_spec(self, name: str) -> VmSpec:
         """The spec of a VM registered here (NotFoundError if unregistered or its folder is gone)."""
