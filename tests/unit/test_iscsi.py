@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from vmshift.agent.config import config_from_dict
 from vmshift.agent.datastores import read_datastore
 from vmshift.agent.storage_role import StorageRoleConfig, create_app
 from vmshift.agent.tgt import Tgtadm, parse_show
-from vmshift.errors import ConflictError
+from vmshift.errors import ConflictError, InvalidInputError
 from vmshift.model import iscsi
 from vmshift.model.enums import Accelerator, BootKind, DatastoreKind
 from vmshift.model.iscsi import Attachment, AttachRequest, IscsiLun, LunInfo
@@ -184,3 +185,11 @@ def test_storage_role_replays_its_record_into_a_new_tgtd(
                                token_file=tmp_path / "token")
     with TestClient(create_app(config, fresh)):
         assert fresh.target == "iqn.2026-12.io.vmshift:ds.x" and fresh.luns == {1}
+
+
+def test_agent_config_names_storage_role_tokens(tmp_path: Path) -> None:
+    base = {"name": "host-1", "listen": "127.0.0.1:8101", "state_dir": str(tmp_path), "ca_file": "/ca.pem"}
+    cfg = config_from_dict({**base, "storage_role_tokens": {"iscsi-1": "/run/token"}})
+    assert cfg.storage_role_tokens == {"iscsi-1": Path("/run/token")}
+    with pytest.raises(InvalidInputError, match="storage_role_tokens"):
+        config_from_dict({**base, "storage_role_tokens": ["/run/token"]})
