@@ -10,9 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from vmshift.agent.config import config_from_dict
-from vmshift.agent.datastores import read_datastore
+from vmshift.agent.datastores import Datastores, read_datastore
 from vmshift.agent.storage_role import StorageRoleConfig, create_app
 from vmshift.agent.tgt import Tgtadm, parse_show
+from vmshift.agent.vmfiles import VmFiles
 from vmshift.errors import ConflictError, InvalidInputError
 from vmshift.model import iscsi
 from vmshift.model.enums import Accelerator, BootKind, DatastoreKind
@@ -193,3 +194,18 @@ def test_agent_config_names_storage_role_tokens(tmp_path: Path) -> None:
     assert cfg.storage_role_tokens == {"iscsi-1": Path("/run/token")}
     with pytest.raises(InvalidInputError, match="storage_role_tokens"):
         config_from_dict({**base, "storage_role_tokens": ["/run/token"]})
+
+
+def test_moves_that_copy_disk_files_refuse_luns(tmp_path: Path) -> None:
+    folder = tmp_path / "iscsi-1"
+    folder.mkdir()
+    (folder / ".vmshift-datastore.json").write_text(json.dumps({
+        "uuid": UUID, "name": "iscsi-1", "type": "iscsi", "portal": "10.0.0.2:3260",
+        "target": "iqn.2026-12.io.vmshift:ds.x", "storage_role": "http://10.0.0.2:8102"}))
+    files = VmFiles(Datastores([folder]), tmp_path / "state")
+    spec = VmSpec(name="v", uuid=UUID, cpus=1, memory_mib=128, datastore="iscsi-1", cpu_model="qemu64",
+                  machine_type="pc-q35-10.0", boot=BootSpec(kind=BootKind.DISK),
+                  disks=[DiskSpec(datastore="iscsi-1", file="disk0.qcow2", size_mib=64)])
+    with pytest.raises(InvalidInputError, match="keeps disks as LUNs"):
+        files.require_file_disks(spec, "A disk move")
+    assert files.missing_disks(spec) == [], "a LUN's note is made on define: never missing"
