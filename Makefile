@@ -32,7 +32,7 @@ demo-down: venv
 lint: venv
 	$(BIN)/ruff check src tests bench/suite bench/storage.py bench/storage_lab.py bench/storage_report.py \
 		bench/encryption.py bench/encryption_records.py bench/concurrent_migrations.py bench/scale.py bench/raw_http.py \
-		bench/drs_pass.py
+		bench/drs_pass.py bench/iscsi_write.py
 	$(BIN)/mypy
 	$(BIN)/mypy --strict bench/suite
 	$(BIN)/mypy --strict bench/storage.py
@@ -40,6 +40,7 @@ lint: venv
 	$(BIN)/mypy --strict bench/concurrent_migrations.py
 	$(BIN)/mypy --strict bench/scale.py
 	$(BIN)/mypy --strict bench/drs_pass.py
+	$(BIN)/mypy --strict bench/iscsi_write.py
 
 # Unit and server tests run on both cores. On SQLite each test has its own files; on PostgreSQL
 # each xdist worker has its own database (vmshift_test_gw0, vmshift_test_gw1: tests/server/conftest.py),

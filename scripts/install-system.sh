@@ -20,7 +20,7 @@ SRC
   apt-get update -q
 fi
 need=()
-for p in busybox-static cpio gzip iproute2 procps psmisc postgresql gcc libc6-dev make kmod syslinux syslinux-common mtools; do
+for p in busybox-static cpio gzip iproute2 procps psmisc postgresql gcc libc6-dev make kmod syslinux syslinux-common mtools tgt; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -41,6 +41,11 @@ qv=$(qemu-system-x86_64 --version 2>/dev/null | head -1 | sed -n 's/.*version \(
 if [ -z "$qv" ] || [ "$qv" -lt 10 ]; then
   apt-get update -q || true
   apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
+fi
+# QEMU's user-space iSCSI initiator (block driver iscsi) must match QEMU 10: the default candidate is 7.2.
+if ! dpkg -s qemu-block-extra 2>/dev/null | grep -q '^Version: 1:10\.'; then
+  apt-get update -q || true
+  apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-block-extra
 fi
 # The unprivileged user vmshift-agent runs QEMU as (docs/confinement.md).
 if ! getent passwd vmshift-qemu >/dev/null; then

@@ -122,6 +122,13 @@ class UntrustedPeerError(VmshiftError):
     code = "untrusted_peer"
 
 
+class StorageError(VmshiftError):
+    """A storage target (tgtd, an iSCSI portal) or the storage role managing it failed or is away."""
+
+    status = 503
+    code = "storage_unavailable"
+
+
 class QemuError(VmshiftError):
     """QEMU failed to start, or a QMP command failed."""
 

@@ -23,6 +23,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
         yield handle
 
 
+@pytest.fixture(scope="module")
+def iscsi_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
+    """A lab with a storage box (tgtd, the storage role) and the datastore iscsi-1."""
+    config_dir = tmp_path_factory.mktemp("vmshift-config")
+    with running_lab(f"i{secrets.token_hex(3)}", 2, config_dir, "--iscsi") as handle:
+        yield handle
+
+
 @pytest.fixture(scope="session")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The lab guest image, built once per session into a temporary folder (the guest image and disk

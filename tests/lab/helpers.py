@@ -118,14 +118,15 @@ def lab_processes(name: str) -> list[str]:
 
 
 @contextmanager
-def running_lab(name: str, hosts: int, config_dir: Path) -> Iterator[LabHandle]:
-    """`vmshift lab up` with ``hosts`` hosts; on exit `lab down`, and proof that nothing is left."""
+def running_lab(name: str, hosts: int, config_dir: Path, *up_args: str) -> Iterator[LabHandle]:
+    """`vmshift lab up` with ``hosts`` hosts (and ``up_args``, e.g. ``--iscsi``); on exit `lab down`,
+    and proof that nothing is left."""
     if os.geteuid() != 0:
         raise AssertionError("The lab tests need root (network namespaces, taps, QEMU): run them as root.")
     env = {**os.environ, "VMSHIFT_CONFIG_DIR": str(config_dir)}
     links_before = root_links()
     up = subprocess.run(
-        [str(BIN / "vmshift"), "lab", "up", "--name", name, "--hosts", str(hosts)],
+        [str(BIN / "vmshift"), "lab", "up", "--name", name, "--hosts", str(hosts), *up_args],
         env=env, capture_output=True, text=True, timeout=900,
     )
     own: str | None = None  # the prefix of this lab's links in the root namespace (they hold its index)

@@ -22,6 +22,7 @@ from vmshift.agent.guard import require_allowed
 from vmshift.agent.host_stream import HostStream
 from vmshift.agent.image_import import ImageImports
 from vmshift.agent.image_import import router as image_import_router
+from vmshift.agent.iscsi_disks import IscsiDisks
 from vmshift.agent.migration_source import OutgoingMigrations
 from vmshift.agent.migration_store import MigrationStore
 from vmshift.agent.migration_target import IncomingMigrations
@@ -35,6 +36,7 @@ from vmshift.agent.routes_moves import start_moves
 from vmshift.agent.routes_suspend import router as suspend_router
 from vmshift.agent.routes_tls import router as tls_router
 from vmshift.agent.serial_log import DRAIN_INTERVAL_S
+from vmshift.agent.storage_watch import StorageWatch
 from vmshift.agent.supervisor import Supervisor
 from vmshift.agent.tls_server import AgentTls
 from vmshift.agent.vmfiles import VmFiles
@@ -132,7 +134,8 @@ def create_app(config: AgentConfig, tls: AgentTls | None = None) -> FastAPI:
         private_dir(config.state_dir)
         datastores = Datastores(config.datastores)
         probe = await probe_host(config, datastores)
-        supervisor = Supervisor(config, VmFiles(datastores, config.state_dir, config.qemu_img),
+        iscsi_disks = IscsiDisks(config.name, config.storage_role_tokens)
+        supervisor = Supervisor(config, VmFiles(datastores, config.state_dir, config.qemu_img, iscsi_disks),
                                 probe.accelerator)
         await supervisor.attach_all()
         agent = app.state.agent = AgentState(config, probe, datastores, supervisor)
@@ -151,11 +154,12 @@ def create_app(config: AgentConfig, tls: AgentTls | None = None) -> FastAPI:
         retention.start()  # after the resumes: what they picked up is unfinished, never removed
         refresher = asyncio.create_task(_refresh_loop(supervisor), name="agent-refresh")
         drainer = asyncio.create_task(_serial_loop(supervisor), name="agent-serial-drain")
+        watcher = asyncio.create_task(StorageWatch(supervisor, datastores).run(), name="agent-storage-watch")
         log.info("agent %s ready on %s", config.name, config.listen)
         try:
             yield
         finally:
-            for task in (refresher, drainer):
+            for task in (refresher, drainer, watcher):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

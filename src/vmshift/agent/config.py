@@ -36,6 +36,8 @@ class AgentConfig:
     serial_log_cap_bytes: int = DEFAULT_SERIAL_LOG_CAP_BYTES
     #: how often the host stream reports per-VM CPU and memory and the host's free space (seconds)
     stats_interval_s: float = DEFAULT_STATS_INTERVAL_S
+    #: iSCSI datastore name -> the file holding its storage role's token (docs/datastores.md)
+    storage_role_tokens: dict[str, Path] = field(default_factory=dict)
 
     @property
     def listen_host(self) -> str:
@@ -86,9 +88,14 @@ def config_from_dict(data: dict[str, Any], source: Path = Path("<dict>")) -> Age
     stats = data.get("stats_interval_s", DEFAULT_STATS_INTERVAL_S)
     if isinstance(stats, bool) or not isinstance(stats, int | float) or not 1 <= stats <= 3600:
         raise _bad(source, "'stats_interval_s' must be a number of seconds from 1 to 3600")
+    tokens = data.get("storage_role_tokens", {})
+    if not isinstance(tokens, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v for k, v in tokens.items()
+    ):
+        raise _bad(source, "'storage_role_tokens' must map iSCSI datastore names to token file paths")
     known = {"name", "listen", "state_dir", "ca_file", "datastores", "networks", "management_address",
              "migration_address", "accelerator", "qemu_binary", "qemu_img", "record_retention_days",
-             "qemu_user", "serial_log_cap_bytes", "stats_interval_s"}
+             "qemu_user", "serial_log_cap_bytes", "stats_interval_s", "storage_role_tokens"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise _bad(source, f"unknown key(s) {', '.join(unknown)}")
@@ -101,6 +108,7 @@ def config_from_dict(data: dict[str, Any], source: Path = Path("<dict>")) -> Age
         qemu_binary=str(data.get("qemu_binary", "qemu-system-x86_64")),
         qemu_img=str(data.get("qemu_img", "qemu-img")), record_retention_days=retention,
         qemu_user=qemu_user, serial_log_cap_bytes=cap, stats_interval_s=float(stats),
+        storage_role_tokens={k: Path(v) for k, v in tokens.items()},
     )
 
 

@@ -1,4 +1,9 @@
-"""Datastores (directories with a UUID marker) and the images stored on them."""
+"""Datastores (directories with a UUID marker) and the images stored on them.
+
+An iSCSI datastore is a directory too (its marker says ``"type": "iscsi"`` with the target's portal,
+IQN and storage role): it holds the VMs' folders (vm.json, serial log, seed), while each disk is a
+LUN on the target (agent/iscsi_disks.py).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmshift.errors import NotFoundError
-from vmshift.model.enums import BootKind
+from vmshift.model.enums import BootKind, DatastoreKind
 from vmshift.model.host import DatastoreInfo
 from vmshift.qemu.cmdline import KernelBoot
 
@@ -48,10 +53,25 @@ class Image:
 
 
 @dataclass(frozen=True)
+class IscsiTarget:
+    """Where an iSCSI datastore's LUNs are: the portal and IQN QEMU logs in to, and the storage
+    role's URL that makes and removes them."""
+
+    portal: str
+    target: str
+    storage_role: str
+
+
+@dataclass(frozen=True)
 class Datastore:
     uuid: str
     name: str
     path: Path
+    iscsi: IscsiTarget | None = None
+
+    @property
+    def kind(self) -> DatastoreKind:
+        return DatastoreKind.DIRECTORY if self.iscsi is None else DatastoreKind.ISCSI
 
     def images(self) -> list[Image]:
         found: list[Image] = []
@@ -77,7 +97,9 @@ class Datastore:
         usage = shutil.disk_usage(self.path)
         images = self.images()
         return DatastoreInfo(uuid=self.uuid, name=self.name, path=str(self.path),
-                             capacity_mib=usage.total >> 20, free_mib=usage.free >> 20,
+                             capacity_mib=usage.total >> 20, free_mib=usage.free >> 20, kind=self.kind,
+                             portal=self.iscsi.portal if self.iscsi else "",
+                             target=self.iscsi.target if self.iscsi else "",
                              images=[i.name for i in images],
                              disk_images={i.name: i.disk_size_mib for i in images
                                           if i.kind is BootKind.DISK and i.disk is not None})
@@ -101,7 +123,11 @@ def read_datastore(path: Path) -> Datastore | None:
     marker = path / MARKER_FILE
     try:
         data = json.loads(marker.read_text())
-        return Datastore(uuid=str(data["uuid"]), name=str(data["name"]), path=path)
+        kind = DatastoreKind(data.get("type", DatastoreKind.DIRECTORY))
+        target = (IscsiTarget(portal=str(data["portal"]), target=str(data["target"]),
+                              storage_role=str(data["storage_role"]))
+                  if kind is DatastoreKind.ISCSI else None)
+        return Datastore(uuid=str(data["uuid"]), name=str(data["name"]), path=path, iscsi=target)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("%s is not a datastore (no readable %s: %s)", path, MARKER_FILE, exc)
         return None

@@ -117,8 +117,8 @@ class IncomingMigrations:
                 raise ConflictError(f"VM {spec.name!r} is already defined on this host.",
                                     hint="Migrate it to a host that does not run it.")
             created = relocate_target.paths_to_create(files, spec) if req.relocate else []
-            paths = files.paths(spec)
-            missing = [str(p) for p in paths.disks if not p.exists()]
+            files.paths(spec)  # NotFoundError: a datastore this host does not see
+            missing = [str(p) for p in files.missing_disks(spec)]
             if missing and not req.relocate:
                 raise NotFoundError(f"The disks of VM {spec.name!r} are not visible on this host: "
                                     f"{', '.join(missing)}.",

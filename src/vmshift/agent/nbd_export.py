@@ -245,6 +245,7 @@ class TargetExports:
     def _plan(self, req: DiskExportRequest) -> ExportRecord:
         """What the move will create here; refuses if any of those files exists already."""
         paths = self.files.paths(req.spec)
+        self.files.require_file_disks(req.spec, "A move to another host")
         files = [str(p) for p in paths.disks]
         state_file = None
         if req.state_size_bytes is not None:

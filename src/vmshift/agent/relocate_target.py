@@ -43,6 +43,7 @@ def export_id(migration_id: int, index: int) -> str:
 def paths_to_create(files: VmFiles, spec: VmSpec) -> list[str]:
     """Every path a relocate to ``spec`` creates (folders first), refused if one exists already."""
     paths = files.paths(spec)  # NotFoundError: this host does not see the target datastore
+    files.require_file_disks(spec, "A migration with storage")
     todo: list[Path] = []
     for path in (paths.vm_dir, *(d.parent for d in paths.disks)):
         if path not in todo:

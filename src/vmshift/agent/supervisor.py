@@ -42,7 +42,7 @@ from vmshift.agent.suspend import (
 )
 from vmshift.agent.taps import create_tap, delete_tap, open_tap
 from vmshift.agent.vmfiles import VmFiles
-from vmshift.errors import ConflictError, NotFoundError, QemuError
+from vmshift.errors import ConflictError, NotFoundError, QemuError, VmshiftError
 from vmshift.model.enums import MIGRATION_RUN_STATES, Accelerator, PowerAction, PowerState, QemuRunState
 from vmshift.model.suspend import SuspendProgress, SuspendResult
 from vmshift.model.vm import VmRuntime, VmSpec
@@ -83,6 +83,8 @@ class VmProcess:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     qmp_lost: bool = False  # a reconnect failed and was logged; log again only after success
     ended_unseen: str | None = None  # the guest ended while no QMP session listened (found by status)
+    io_error_seq: int = 0  # the BLOCK_IO_ERROR last logged
+    storage_lost: str | None = None  # its iSCSI target stopped answering (agent/storage_watch.py)
 
 
 def process_is_qemu_of(pid: int, vm_uuid: str) -> bool:
@@ -178,6 +180,10 @@ class Supervisor:
         vm.exit_reason = override_reason or reason or ("stopped" if stopped_by_us else "process vanished")
         for tap in vm.taps:
             await delete_tap(tap)
+        try:
+            await self.files.detach_luns(vm.spec)
+        except VmshiftError as exc:  # the storage role is away: it still names this host
+            log.warning("VM %s: could not release its LUNs: %s", vm.spec.name, exc)
         vm.pid, vm.popen, vm.taps, vm.ended_unseen = None, None, [], None
         (vm.paths.run_dir / RUNNING_FILE).unlink(missing_ok=True)
         outcome = {"died": vm.died, "exit_reason": vm.exit_reason}
@@ -288,9 +294,30 @@ class Supervisor:
                 status = await asyncio.wait_for(vm.qmp.query_status(), timeout=3.0)
                 rt.qemu_status = status.status
                 rt.power_state = PowerState.POWERED_ON if status.running else PowerState.PAUSED
+                if status.status == QemuRunState.IO_ERROR:
+                    rt.io_error = self._io_error(vm)
+                elif vm.storage_lost is not None:
+                    rt.io_error = vm.storage_lost
             except (QemuError, TimeoutError) as exc:
                 log.warning("query-status of VM %s failed: %s", vm.spec.name, exc)
         return rt
+
+    def _io_error(self, vm: VmProcess) -> str:
+        """The agent's account of a VM paused on a disk error (werror/rerror=stop), from QEMU's
+        last BLOCK_IO_ERROR; logged once per event."""
+        assert vm.qmp is not None
+        events = vm.qmp.events_named("BLOCK_IO_ERROR")
+        if not events:
+            return "paused on a disk I/O error"
+        last = events[-1]
+        d = last.data
+        disk = d.get("device") or d.get("node-name")
+        message = (f"paused on an I/O error: {d.get('operation', '?')} of {disk} failed "
+                   f"({d.get('reason', 'no reason given')})")
+        if vm.io_error_seq != last.seq:
+            vm.io_error_seq = last.seq
+            log.error("VM %s %s", vm.spec.name, message)
+        return message
 
     async def list_vms(self) -> list[VmRuntime]:
         """Every VM of this host, including receiving QEMUs of live migrations: the server must see
@@ -375,6 +402,7 @@ class Supervisor:
                                     hint="Stop or shut it down first.")
             if vm.pid is not None:
                 await self._handle_exit(vm)
+            await self.files.remove_luns(vm.spec)
             self.files.remove(vm.spec)
             self._vms.pop(name, None)
 
@@ -409,6 +437,7 @@ class Supervisor:
             elif vm.pid is not None:
                 await self._handle_exit(vm, stopped_by_us=True)
             self.files.unregister(name)
+            self.files.drop_host_folder(vm.spec)
             self._vms.pop(name, None)
 
     def is_alive(self, name: str) -> bool:
@@ -452,6 +481,29 @@ class Supervisor:
                 await self._refuse_migration_resume(vm)
                 await self._qmp(vm).cont()
             return await self._view(vm)
+
+    def running_on_iscsi(self) -> dict[str, set[str]]:
+        """The VMs running here (not receiving a migration) by the iSCSI datastores of their disks."""
+        found: dict[str, set[str]] = {}
+        for vm in list(self._vms.values()):
+            if not self._alive(vm) or self.files.is_incoming(vm.spec.name):
+                continue
+            with contextlib.suppress(NotFoundError):
+                for ds, _ in self.files.iscsi_disks(vm.spec):
+                    found.setdefault(ds.name, set()).add(vm.spec.name)
+        return found
+
+    def mark_storage_lost(self, name: str, reason: str | None) -> None:
+        """Note (or, with None, clear) that the VM's iSCSI target stopped answering: its disk
+        requests wait for it (agent/storage_watch.py says why QEMU is not paused)."""
+        vm = self._vms.get(name)
+        if vm is None or vm.storage_lost == reason:
+            return
+        vm.storage_lost = reason
+        if reason is not None:
+            log.error("VM %s: %s", name, reason)
+        else:
+            log.info("VM %s: its iSCSI target answers again", name)
 
     async def _power_suspended(self, vm: VmProcess, action: PowerAction) -> None:
         """vSphere's rules: power on (or resume) restores the saved state, power off discards it."""
@@ -546,6 +598,12 @@ class Supervisor:
         for stale in (paths.qmp_socket, paths.run_dir / EXIT_FILE):
             stale.unlink(missing_ok=True)
         self.files.ensure_seed(spec)
+        if self.files.iscsi_disks(spec):
+            # before QEMU opens them: this host becomes the LUNs' read-write holder, or is refused
+            # (a receiving QEMU joins its source for the handover of migration `incoming_migration`)
+            mid = self.files.incoming_migration(spec.name) if incoming is not None else None
+            await self.files.attach_luns(spec, mid)
+            vm.paths = paths = self.files.paths(spec)
         prepare_vm_files(identity, paths, kernel, self.files.backing_files(spec))
         serial_log.touch(paths)
         self.serial.forget(spec.name)

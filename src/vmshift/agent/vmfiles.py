@@ -8,6 +8,7 @@ folder alone does not say which host owns the VM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -15,7 +16,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from vmshift.agent.datastores import Datastores, Image
+from vmshift.agent.datastores import Datastore, Datastores, Image
+from vmshift.agent.iscsi_disks import IscsiDisks, read_note
 from vmshift.agent.seed_iso import write_seed_iso
 from vmshift.errors import ConflictError, InvalidInputError, NotFoundError, QemuError
 from vmshift.model.enums import BootKind, DiskFormat
@@ -30,18 +32,63 @@ MAX_SOCKET_PATH = 107
 
 
 class VmFiles:
-    def __init__(self, datastores: Datastores, state_dir: Path, qemu_img: str = "qemu-img") -> None:
+    def __init__(self, datastores: Datastores, state_dir: Path, qemu_img: str = "qemu-img",
+                 iscsi: IscsiDisks | None = None) -> None:
         self.datastores = datastores
         self.vms_dir = state_dir / "vms"
         self.qemu_img = qemu_img
+        self.iscsi = iscsi or IscsiDisks("", {})
 
     def run_dir(self, name: str) -> Path:
         return self.vms_dir / name
 
     def paths(self, spec: VmSpec) -> VmPaths:
         home = self.datastores.get(spec.datastore)
-        disks = [self.datastores.get(d.datastore).path / spec.name / d.file for d in spec.disks]
-        return VmPaths(vm_dir=home.path / spec.name, run_dir=self.run_dir(spec.name), disks=disks)
+        stores = [self.datastores.get(d.datastore) for d in spec.disks]
+        disks = [ds.path / spec.name / d.file for ds, d in zip(stores, spec.disks, strict=True)]
+        luns = {i: lun for i, (ds, path) in enumerate(zip(stores, disks, strict=True))
+                if ds.iscsi is not None and (lun := read_note(path, self.iscsi.initiator)) is not None}
+        return VmPaths(vm_dir=home.path / spec.name, run_dir=self.run_dir(spec.name), disks=disks, luns=luns)
+
+    def iscsi_disks(self, spec: VmSpec) -> list[tuple[Datastore, DiskSpec]]:
+        """The VM's disks that are LUNs of iSCSI datastores, with their datastores."""
+        return [(ds, d) for d in spec.disks if (ds := self.datastores.get(d.datastore)).iscsi is not None]
+
+    def require_file_disks(self, spec: VmSpec, what: str) -> None:
+        """Refuse ``what`` (a move that copies disk files) for disks that are LUNs: moving a disk
+        between a directory and an iSCSI datastore is not done yet."""
+        on_iscsi = sorted({ds.name for ds, _ in self.iscsi_disks(spec)})
+        if on_iscsi:
+            raise InvalidInputError(f"{what} cannot move VM {spec.name!r}: its disks would be on iSCSI "
+                                    f"datastore {', '.join(on_iscsi)}, which keeps disks as LUNs, not files.",
+                                    hint="Live-migrate it between hosts that see the datastore (no disk "
+                                         "copy is needed), or keep it on directory datastores.")
+
+    def missing_disks(self, spec: VmSpec) -> list[Path]:
+        """Disk files this host does not see (a LUN's note is made on define: never missing)."""
+        on_iscsi = {d.file for _, d in self.iscsi_disks(spec)}
+        return [p for d, p in zip(spec.disks, self.paths(spec).disks, strict=True)
+                if d.file not in on_iscsi and not p.exists()]
+
+    async def attach_luns(self, spec: VmSpec, migration_id: int | None) -> None:
+        """Hold the VM's LUNs read-write on this host (ConflictError: another host holds one)."""
+        paths = self.paths(spec)
+        for index, (disk, path) in enumerate(zip(spec.disks, paths.disks, strict=True)):
+            ds = self.datastores.get(disk.datastore)
+            if ds.iscsi is None:
+                continue
+            if index not in paths.luns:
+                await self.iscsi.ensure(ds, spec, disk, path)
+            await self.iscsi.attach(ds, spec, disk, migration_id)
+
+    async def detach_luns(self, spec: VmSpec) -> None:
+        for ds, disk in self.iscsi_disks(spec):
+            await self.iscsi.detach(ds, spec, disk)
+
+    async def remove_luns(self, spec: VmSpec) -> None:
+        """Remove the VM's LUNs from their targets (on delete; the notes go with the folder)."""
+        for ds, disk in self.iscsi_disks(spec):
+            await self.iscsi.remove(ds, spec, disk)
 
     def kernel_boot(self, spec: VmSpec) -> KernelBoot | None:
         if spec.boot.kind is not BootKind.KERNEL:
@@ -112,6 +159,15 @@ class VmFiles:
         """Forget the VM on this host (run dir and registration) but keep its folder and disks."""
         shutil.rmtree(self.run_dir(name), ignore_errors=True)
 
+    def drop_host_folder(self, spec: VmSpec) -> None:
+        """After the VM left this host: remove its folder when that is this host's own (an iSCSI
+        datastore's folders are per host, its disks are LUNs that stay), so a later VM of the same
+        name does not find a stale vm.json here."""
+        with contextlib.suppress(NotFoundError):
+            home = self.datastores.get(spec.datastore)
+            if home.iscsi is not None:
+                shutil.rmtree(home.path / spec.name, ignore_errors=True)
+
     def load_spec(self, name: str) -> VmSpec:
         """The spec of a VM registered here (NotFoundError if unregistered or its folder is gone)."""
         home_file = self.run_dir(name) / HOME_FILE
@@ -142,6 +198,11 @@ class VmFiles:
                                     hint="Use plain names like disk0.qcow2, each once.")
         self.kernel_boot(spec)
         for disk, path in zip(spec.disks, paths.disks, strict=True):
+            ds = self.datastores.get(disk.datastore)
+            if ds.iscsi is not None and (disk.backing_image or disk.clone_of):
+                raise InvalidInputError(f"Disk {disk.file!r} cannot be made from an image on iSCSI "
+                                        f"datastore {ds.name!r}.",
+                                        hint="Give it an empty disk, or put it on a directory datastore.")
             if not path.exists():
                 self.source_image(disk)
         return paths
@@ -162,6 +223,10 @@ class VmFiles:
         paths.vm_dir.mkdir(parents=True, exist_ok=True)
         for disk, path in zip(spec.disks, paths.disks, strict=True):
             if path.exists():
+                continue
+            ds = self.datastores.get(disk.datastore)
+            if ds.iscsi is not None:  # the LUN named after the VM and disk: found, or made now
+                await self.iscsi.ensure(ds, spec, disk, path)
                 continue
             image = self.source_image(disk)
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -213,11 +213,11 @@ def datastore_list(json_: JsonOpt = False) -> None:
         emit_json(items)
         return
     rows = (
-        [d["name"], d["uuid"], "yes" if d.get("shared") else "no", ", ".join(d.get("hosts") or []),
-         d.get("free_mib"), d.get("capacity_mib")]
+        [d["name"], d.get("kind", "directory"), d["uuid"], "yes" if d.get("shared") else "no",
+         ", ".join(d.get("hosts") or []), d.get("free_mib"), d.get("capacity_mib")]
         for d in items
     )
-    table("Datastores", ["name", "uuid", "shared", "hosts", "free MiB", "capacity MiB"], rows)
+    table("Datastores", ["name", "type", "uuid", "shared", "hosts", "free MiB", "capacity MiB"], rows)
 
 
 @network_app.command("list")

@@ -45,6 +45,9 @@ def up_cmd(
     migration_link_rate: Annotated[
         str | None, typer.Option("--migration-link-rate", help="Shape migration links, e.g. 1gbit.")
     ] = None,
+    iscsi: Annotated[
+        bool, typer.Option("--iscsi", help="Add a storage box running tgtd and the datastore iscsi-1.")
+    ] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Build the lab network, start a server and agents, register the hosts."""
@@ -52,7 +55,7 @@ def up_cmd(
 
     with _errors(json_):
         if json_:
-            rec = lab.up(name, hosts, migration_link_rate)
+            rec = lab.up(name, hosts, migration_link_rate, iscsi=iscsi)
         else:
             with console.status("starting lab") as status:
 
@@ -60,7 +63,7 @@ def up_cmd(
                     console.print(f"[green]•[/] {msg}", highlight=False)
                     status.update(msg)
 
-                rec = lab.up(name, hosts, migration_link_rate, progress=step)
+                rec = lab.up(name, hosts, migration_link_rate, progress=step, iscsi=iscsi)
         summary = {
             "name": rec.name,
             "index": rec.index,
@@ -70,6 +73,9 @@ def up_cmd(
             "client_namespace": rec.layout.client_ns,
             "vm_network": rec.layout.vm_cidr,
         }
+        if rec.iscsi:
+            summary["storage_namespace"] = rec.layout.storage_ns
+            summary["iscsi_portal"] = rec.layout.iscsi_portal
         if json_:
             emit_json(summary)
         else:

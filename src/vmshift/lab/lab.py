@@ -23,7 +23,7 @@ import httpx
 
 from vmshift.agent.config import DEFAULT_QEMU_USER
 from vmshift.errors import ConflictError, LabError, VmshiftError
-from vmshift.lab import context, processes, topology
+from vmshift.lab import context, processes, storage, topology
 from vmshift.lab.layout import LABS_ROOT, LabRecord, list_records, load_record, validate_name
 
 Progress = Callable[[str], None]
@@ -54,7 +54,8 @@ def labs() -> list[LabRecord]:
 
 
 def up(
-    name: str = "lab", hosts: int = 2, migration_link_rate: str | None = None, progress: Progress = _quiet
+    name: str = "lab", hosts: int = 2, migration_link_rate: str | None = None, progress: Progress = _quiet,
+    iscsi: bool = False,
 ) -> LabRecord:
     """Build the lab and start everything; on failure tear it all down again and raise."""
     require_root()
@@ -67,6 +68,8 @@ def up(
         )
     rec = topology.reserve(name, hosts)
     rec.migration_link_rate = migration_link_rate
+    rec.iscsi = iscsi
+    rec.save()
     try:
         _bring_up(rec, progress)
     except BaseException as e:
@@ -106,10 +109,16 @@ def _bring_up(rec: LabRecord, progress: Progress) -> None:
     images_dir = image.build_image(progress=lambda msg: progress(f"guest image: {msg}")).parent
     disk_image.build_disk_image(images_dir, progress=lambda msg: progress(f"disk image: {msg}"))
     # like a content library: the images are on every datastore, shared or local
+    iscsi_folders = [lay.iscsi_datastore(k) for k in lay.host_numbers] if lay.iscsi else []
     for datastore in (lay.shared_datastore, *(lay.local_datastore(k) for k in lay.host_numbers)):
         image.install_image(images_dir, datastore)
         disk_image.install_disk_image(images_dir, datastore)
     debian_image.install_debian_image(images_dir, lay.shared_datastore)  # if built (--kind debian)
+    for folder in iscsi_folders:  # the kernel image only: a disk image cannot back a LUN yet
+        image.install_image(images_dir, folder)
+    if lay.iscsi:
+        progress("storage box: tgtd and the storage role")
+        storage.start(rec)
     progress("server")
     processes.start_server(rec)
     for k in lay.host_numbers:
@@ -191,6 +200,7 @@ def down(name: str = "lab") -> list[str]:
     problems: list[str] = []
     if rec is not None:
         lay = rec.layout
+        storage.stop(rec)  # first: tgtd ignores the SIGTERM the namespaces' leftovers get
         processes.stop_all(rec)
         problems += topology.teardown(lay, remove_root_link=owns_root_link)
         for k in lay.host_numbers:

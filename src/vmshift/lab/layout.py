@@ -1,8 +1,9 @@
 """Names, addresses and the state record of a lab (pure except for reading/writing `lab.json`).
 
-A lab with index i uses 10.213.{4i}.0/24 (management), 10.213.{4i+1}.0/24 (migration) and
-10.213.{4i+2}.0/24 (VM network); see docs/lab.md. Everything here is derived from (name, index,
-hosts) so that teardown can find every object again even after a partial `up`.
+A lab with index i uses 10.213.{4i}.0/24 (management), 10.213.{4i+1}.0/24 (migration),
+10.213.{4i+2}.0/24 (VM network) and, with ``--iscsi``, 10.213.{4i+3}.0/24 (storage); see
+docs/lab.md. Everything here is derived from (name, index, hosts, iscsi) so that teardown can
+find every object again even after a partial `up`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ HOST_MIG = "mig0"
 CLIENT_IF = "eth0"
 SWITCH_ROOT_PORT = "root-mgmt"
 SWITCH_CLIENT_PORT = "client"
+SWITCH_STORAGE_BRIDGE = "brsto"
+SWITCH_STORAGE_PORT = "storage"
+HOST_STORAGE = "sto0"
+STORAGE_IF = "eth0"
+ISCSI_DATASTORE = "iscsi-1"
+#: tgtd's control port (``tgtd -C N``: its socket in /var/run/tgtd/) is this plus the lab index.
+TGT_CONTROL_BASE = 2100
 
 
 def validate_name(name: str) -> str:
@@ -66,6 +74,7 @@ class LabLayout:
     name: str
     index: int
     hosts: int
+    iscsi: bool = False
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -93,8 +102,14 @@ class LabLayout:
         return range(1, self.hosts + 1)
 
     @property
+    def storage_ns(self) -> str:
+        """The storage box of a lab with ``--iscsi``: tgtd and the storage role run in it."""
+        return f"{NS_PREFIX}{self.name}-storage"
+
+    @property
     def namespaces(self) -> list[str]:
-        return [self.switch_ns, *(self.host_ns(k) for k in self.host_numbers), self.client_ns]
+        storage = [self.storage_ns] if self.iscsi else []
+        return [self.switch_ns, *(self.host_ns(k) for k in self.host_numbers), self.client_ns, *storage]
 
     # -- interfaces
     @property
@@ -118,6 +133,25 @@ class LabLayout:
     @property
     def vm_net(self) -> str:
         return f"10.213.{4 * self.index + 2}"
+
+    @property
+    def storage_net(self) -> str:
+        return f"10.213.{4 * self.index + 3}"
+
+    @property
+    def storage_address(self) -> str:
+        return f"{self.storage_net}.2"
+
+    def host_storage_address(self, k: int) -> str:
+        return f"{self.storage_net}.{10 + k}"
+
+    @property
+    def iscsi_portal(self) -> str:
+        return f"{self.storage_address}:3260"
+
+    @property
+    def tgt_control_port(self) -> int:
+        return TGT_CONTROL_BASE + self.index
 
     @property
     def root_mgmt_address(self) -> str:
@@ -168,6 +202,15 @@ class LabLayout:
     def local_datastore(self, k: int) -> Path:
         return self.datastores_dir / f"local-host-{k}"
 
+    def iscsi_datastore(self, k: int) -> Path:
+        """Host k's folder of datastore iscsi-1 (VM folders; the disks are LUNs on the target)."""
+        return self.datastores_dir / f"{ISCSI_DATASTORE}-host-{k}"
+
+    @property
+    def storage_dir(self) -> Path:
+        """The storage box's disk: the storage role's record and the LUNs' backing files."""
+        return self.lab_dir / "storage"
+
     def agent_state_dir(self, k: int) -> Path:
         return Path("/run/vmshift") / f"{self.name}-host-{k}"
 
@@ -193,12 +236,13 @@ class LabRecord:
     server_url: str | None = None
     token: str | None = None
     migration_link_rate: str | None = None
+    iscsi: bool = False
     pids: dict[str, int] = field(default_factory=dict)
     host_names: dict[str, str] = field(default_factory=dict)
 
     @property
     def layout(self) -> LabLayout:
-        return LabLayout(self.name, self.index, self.hosts)
+        return LabLayout(self.name, self.index, self.hosts, self.iscsi)
 
     @property
     def ca_file(self) -> Path:

@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -111,9 +112,13 @@ def prepare_files(rec: LabRecord) -> None:
         _write_secret(user_tok, secrets.token_urlsafe(32))
     rec.token = user_tok.read_text().strip()
     _make_datastore(lay.shared_datastore)
+    if lay.iscsi:
+        from vmshift.lab import storage
+
+        storage.prepare_files(lay)
     for k in lay.host_numbers:
         _make_datastore(lay.local_datastore(k))
-        config = {
+        config: dict[str, Any] = {
             "name": f"host-{k}",
             "listen": lay.agent_address(k),
             "state_dir": str(lay.agent_state_dir(k)),
@@ -124,11 +129,17 @@ def prepare_files(rec: LabRecord) -> None:
             "migration_address": lay.host_mig_address(k),
             "accelerator": "auto",
         }
+        if lay.iscsi:
+            from vmshift.lab import storage  # it builds on this module
+
+            iscsi_settings = storage.agent_settings(lay, k)
+            config["datastores"] = [*config["datastores"], iscsi_settings["datastore"]]
+            config["storage_role_tokens"] = iscsi_settings["storage_role_tokens"]
         lay.agent_config(k).write_text(json.dumps(config, indent=2) + "\n")
     rec.save()
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     log.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log, "ab") as out:
@@ -143,7 +154,7 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
             ) from e
 
 
-def _log_tail(log: Path, lines: int = 15) -> str:
+def log_tail(log: Path, lines: int = 15) -> str:
     try:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
@@ -168,7 +179,7 @@ def wait_http(
             if proc is not None and proc.poll() is not None:
                 raise LabError(
                     f"The {what} exited with status {proc.returncode} while starting.",
-                    hint=f"See its log {log}:\n{_log_tail(log)}",
+                    hint=f"See its log {log}:\n{log_tail(log)}",
                 )
             if http is None:
                 http = _poll_client(verify)
@@ -183,7 +194,7 @@ def wait_http(
                     if 400 <= r.status_code < 500:  # a wrong token or a broken route does not heal by waiting
                         raise LabError(
                             f"The {what} answered {url} with {last}.",
-                            hint=f"See its log {log}:\n{_log_tail(log)}",
+                            hint=f"See its log {log}:\n{log_tail(log)}",
                         )
                 except httpx.HTTPError as e:
                     last = type(e).__name__
@@ -192,7 +203,7 @@ def wait_http(
             if time.monotonic() > deadline:
                 raise LabError(
                     f"The {what} did not answer {url} within {timeout:.0f} s ({last}).",
-                    hint=f"See its log {log}:\n{_log_tail(log)}",
+                    hint=f"See its log {log}:\n{log_tail(log)}",
                 )
             time.sleep(0.2)
     finally:
@@ -221,7 +232,7 @@ def start_server(lab: LabRecord | str, timeout: float = START_TIMEOUT_S) -> None
     listen = rec.server_url.removeprefix("https://")
     lay.server_dir.mkdir(parents=True, exist_ok=True)
     log = lay.log_file("server")
-    proc = _spawn(
+    proc = spawn(
         [str(bin_dir() / "vmshift-server"), "--listen", listen, "--state-dir", str(lay.server_dir),
          "--token-file", str(user_tok)],
         log,
@@ -253,7 +264,7 @@ def start_agent(lab: LabRecord | str, host: int | str, timeout: float = START_TI
     host = host_number(host)
     log = lay.log_file(f"host-{host}")
     config = lay.agent_config(host)
-    proc = _spawn(
+    proc = spawn(
         ["ip", "netns", "exec", lay.host_ns(host), str(bin_dir() / "vmshift-agent"), "--config", str(config)],
         log,
     )

@@ -156,9 +156,24 @@ def build(lay: LabLayout, migration_link_rate: str | None = None) -> None:
     _port(sw, L.SWITCH_ROOT_PORT, L.SWITCH_MGMT_BRIDGE)
     run(["ip", "addr", "add", f"{lay.root_mgmt_address}/24", "dev", lay.root_veth])
     run(["ip", "link", "set", lay.root_veth, "up"])
+    if lay.iscsi:
+        _build_storage_network(lay)
     if migration_link_rate:
         for k in lay.host_numbers:
             set_migration_link_rate(lay, k, migration_link_rate)
+
+
+def _build_storage_network(lay: LabLayout) -> None:
+    """The storage network: a bridge in the switch, the storage box and one leg per host."""
+    sw = lay.switch_ns
+    _bridge(sw, L.SWITCH_STORAGE_BRIDGE)
+    _veth(L.STORAGE_IF, lay.storage_ns, L.SWITCH_STORAGE_PORT, sw)
+    _port(sw, L.SWITCH_STORAGE_PORT, L.SWITCH_STORAGE_BRIDGE)
+    _addr(lay.storage_ns, L.STORAGE_IF, lay.storage_address)
+    for k in lay.host_numbers:
+        _veth(L.HOST_STORAGE, lay.host_ns(k), lay.switch_port(k, "sto"), sw)
+        _port(sw, lay.switch_port(k, "sto"), L.SWITCH_STORAGE_BRIDGE)
+        _addr(lay.host_ns(k), L.HOST_STORAGE, lay.host_storage_address(k))
 
 
 # ---------------------------------------------------------------- migration link faults and shaping
@@ -216,7 +231,8 @@ def teardown(lay: LabLayout, remove_root_link: bool = True) -> list[str]:
             run(["ip", "link", "del", lay.root_veth])
         except LabError as e:
             problems.append(str(e))
-    for ns in reversed(lay.namespaces):
+    # the storage box too when the record no longer says the lab had one
+    for ns in dict.fromkeys([*reversed(lay.namespaces), lay.storage_ns]):
         if ns_exists(ns):
             try:
                 run(["ip", "netns", "del", ns])

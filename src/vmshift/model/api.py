@@ -10,7 +10,15 @@ from pydantic import BaseModel, Field, model_validator
 
 from vmshift.model.addressing import check_pool
 from vmshift.model.base import RequestModel
-from vmshift.model.enums import CloneMode, ConnectionState, EventSeverity, PowerAction, PowerState, TaskState
+from vmshift.model.enums import (
+    CloneMode,
+    ConnectionState,
+    DatastoreKind,
+    EventSeverity,
+    PowerAction,
+    PowerState,
+    TaskState,
+)
 from vmshift.model.host import HostFacts
 from vmshift.model.inputs import (
     ADDRESS_PATTERN,
@@ -215,6 +223,8 @@ class Datastore(BaseModel):
     shared: bool
     capacity_mib: int
     free_mib: int
+    kind: DatastoreKind = Field(default=DatastoreKind.DIRECTORY,
+                                description="directory, or iscsi (a LUN per disk)")
 
 
 class IpPool(RequestModel):

@@ -48,6 +48,14 @@ class BootKind(StrEnum):
     DISK = "disk"
 
 
+class DatastoreKind(StrEnum):
+    """Where a datastore keeps VM disks: files in its directory, or one iSCSI LUN per disk on a
+    target that a storage role manages (the directory then holds only the VMs' other files)."""
+
+    DIRECTORY = "directory"
+    ISCSI = "iscsi"
+
+
 class CloneMode(StrEnum):
     """How a VM's first disk is made from a disk image: a qcow2 overlay backed by the image on the
     same datastore (``linked``, instant, the image must stay), or a whole copy (``full``)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from vmshift.model.enums import Accelerator
+from vmshift.model.enums import Accelerator, DatastoreKind
 
 
 class CpuModelInfo(BaseModel):
@@ -29,6 +29,9 @@ class DatastoreInfo(BaseModel):
     images: list[str] = Field(default_factory=list)
     disk_images: dict[str, int] = Field(
         default_factory=dict, description="the images a VM can boot from by disk: name -> virtual size, MiB")
+    kind: DatastoreKind = DatastoreKind.DIRECTORY
+    portal: str = Field(default="", description="iSCSI: the target's portal, ADDRESS:PORT")
+    target: str = Field(default="", description="iSCSI: the target's IQN")
 
 
 class HostFacts(BaseModel):

@@ -94,6 +94,9 @@ class VmRuntime(BaseModel):
         description="id of the live migration this QEMU receives; such a QEMU is not the VM yet, only "
         "a copy waiting for (or loading) its state",
     )
+    io_error: str | None = Field(
+        default=None, description="a disk problem: the last BLOCK_IO_ERROR (disk, operation, reason) of a "
+        "VM paused in QEMU's run state io-error, or the agent's note that its iSCSI target stopped answering")
 
     @property
     def has_qemu(self) -> bool:

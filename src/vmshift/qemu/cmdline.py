@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmshift.model.enums import Accelerator, BootKind
+from vmshift.model.iscsi import IscsiLun
 from vmshift.model.vm import VmSpec
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -54,6 +55,8 @@ class VmPaths:
     vm_dir: Path
     run_dir: Path
     disks: list[Path] = field(default_factory=list)
+    #: disks (by index) that are LUNs of iSCSI datastores: QEMU's initiator opens them
+    luns: dict[int, IscsiLun] = field(default_factory=dict)
 
     @property
     def serial_log(self) -> Path:
@@ -177,15 +180,21 @@ def build_qemu_argv(
 
     for index, (disk, disk_path) in enumerate(zip(spec.disks, paths.disks, strict=True)):
         file_node = f"file-disk{index}"
-        argv += ["-blockdev", _json_arg({
-            "driver": "file", "node-name": file_node, "filename": str(disk_path),
-        })]
+        lun = paths.luns.get(index)
+        protocol: dict[str, object] = (lun.blockdev(file_node) if lun is not None
+                    else {"driver": "file", "node-name": file_node, "filename": str(disk_path)})
+        argv += ["-blockdev", _json_arg(protocol)]
         argv += ["-blockdev", _json_arg({
             "driver": disk.format.value, "node-name": disk_node_name(index), "file": file_node,
         })]
         device: dict[str, object] = {
             "driver": "virtio-blk-pci", "id": disk_device_id(index), "drive": disk_node_name(index),
         }
+        if lun is not None:
+            # A target that stops answering fails requests after the initiator's timeout: the VM
+            # then pauses (BLOCK_IO_ERROR, run state io-error) instead of its guest seeing errors,
+            # and `cont` retries them once the target is back.
+            device |= {"werror": "stop", "rerror": "stop"}
         if spec.boot.kind is BootKind.DISK and index == 0:
             device["bootindex"] = 0
         argv += ["-device", _json_arg(device)]

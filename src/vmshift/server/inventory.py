@@ -139,7 +139,7 @@ def apply_facts(s: Session, host: HostRow, facts: HostFacts) -> None:
                 record_event(
                     s, EventKind.DATASTORE_ADDED, ds.name, f"Datastore {ds.name} ({ds.uuid}) discovered."
                 )
-        row.capacity_mib, row.free_mib = ds.capacity_mib, ds.free_mib
+        row.capacity_mib, row.free_mib, row.kind = ds.capacity_mib, ds.free_mib, ds.kind
         seen_ds.add(row.id)
         link = s.get(HostDatastoreRow, (host.id, row.id))
         if link is None:

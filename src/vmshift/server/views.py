@@ -101,6 +101,7 @@ def datastore_view(d: DatastoreRow) -> Datastore:
         shared=len(hosts) > 1,
         capacity_mib=d.capacity_mib,
         free_mib=d.free_mib,
+        kind=d.kind,
     )
 
 

@@ -154,6 +154,7 @@ class ColdMover:
                 d.model_copy(update={"format": req.disk_format}) for d in target.disks]})
         same_host = not req.targets
         src_paths = files.paths(source)
+        files.require_file_disks(source, "A cold move")
         state = src_paths.suspend_state
         if req.kind is MigrationKind.SUSPENDED and not state.is_file():
             raise ConflictError(f"VM {req.vm!r} is not suspended: {state} does not exist.",
@@ -185,6 +186,7 @@ class ColdMover:
 
     def _same_host_targets(self, source: VmSpec, target: VmSpec, copies: list[ColdCopy]) -> None:
         dst = self.ctx.files.paths(target)  # NotFoundError: a datastore this host does not mount
+        self.ctx.files.require_file_disks(target, "A cold move")
         if (dst.vm_dir / SPEC_FILE).exists():
             raise ConflictError(f"{dst.vm_dir} already holds a VM definition.",
                                 hint="Remove that folder or pick another datastore.")

@@ -158,6 +158,8 @@ class StorageMover:
             target = target.model_copy(update={"disks": [
                 d.model_copy(update={"format": req.disk_format}) for d in target.disks]})
         src_paths, dst_paths = files.paths(source), files.paths(target)  # NotFoundError: unknown datastore
+        for spec in (source, target):
+            files.require_file_disks(spec, "A disk move")
         if (dst_paths.vm_dir / "vm.json").exists() and dst_paths.vm_dir != src_paths.vm_dir:
             raise ConflictError(f"{dst_paths.vm_dir} already holds a VM definition.",
                                 hint="Remove that folder or pick another datastore.")

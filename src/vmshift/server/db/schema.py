@@ -24,6 +24,7 @@ from sqlalchemy.types import TypeDecorator
 
 from vmshift.model.enums import (
     ConnectionState,
+    DatastoreKind,
     DiskFormat,
     EventSeverity,
     MigrationEncryption,
@@ -137,6 +138,9 @@ class DatastoreRow(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     capacity_mib: Mapped[int] = mapped_column(Integer, default=0)
     free_mib: Mapped[int] = mapped_column(Integer, default=0)
+    kind: Mapped[DatastoreKind] = mapped_column(
+        _enum(DatastoreKind), default=DatastoreKind.DIRECTORY, server_default=DatastoreKind.DIRECTORY.value
+    )
     hosts: Mapped[list[HostDatastoreRow]] = relationship(
         back_populates="datastore", cascade="all, delete-orphan"
     )
