@@ -21,6 +21,10 @@ class RawHttpError(Exception):
     """The server's answer was not HTTP/1.1 this client can read, or the connection broke."""
 
 
+class _ClosedBeforeAnswer(Exception):
+    """The connection ended before any byte of an answer."""
+
+
 @dataclass(frozen=True)
 class Answer:
     status: int
@@ -39,25 +43,47 @@ class RawHttpClient:
         target = f"{path}?{urlencode(params)}" if params else path
         request = f"GET {target} HTTP/1.1\r\n{self._headers}\r\n".encode()
         async with self._slots:
-            conn = self._idle.pop() if self._idle else await asyncio.open_connection(
-                self._host, self._port, ssl=self._context)
-            reader, writer = conn
+            reused = bool(self._idle)
+            conn = self._idle.pop() if reused else await self._open()
             try:
-                writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                status, length, close = _parse_head(head)
-                body = await reader.readexactly(length) if length else b""
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, RawHttpError) as e:
-                writer.close()
-                raise RawHttpError(f"GET {target}: {type(e).__name__}: {e}") from e
-            except BaseException:  # cancelled mid-answer: the connection's state is unknown
-                writer.close()
-                raise
-            if close:
-                writer.close()
-            else:
-                self._idle.append(conn)
-            return Answer(status, body)
+                return await self._exchange(conn, request, target)
+            except _ClosedBeforeAnswer:
+                if not reused:
+                    raise RawHttpError(f"GET {target}: the server closed a new connection") from None
+                # the server closed a kept-alive connection that sat idle (uvicorn: after 5 s) before
+                # reading the request: what any client does, send it again on a new connection
+                return await self._exchange(await self._open(), request, target)
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            return await asyncio.open_connection(self._host, self._port, ssl=self._context)
+        except OSError as e:
+            raise RawHttpError(f"connecting to {self._host}:{self._port}: {e}") from e
+
+    async def _exchange(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], request: bytes,
+                        target: str) -> Answer:
+        reader, writer = conn
+        try:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status, length, close = _parse_head(head)
+            body = await reader.readexactly(length) if length else b""
+        except asyncio.IncompleteReadError as e:
+            writer.close()
+            if not e.partial:
+                raise _ClosedBeforeAnswer from e
+            raise RawHttpError(f"GET {target}: the answer was cut: {e}") from e
+        except (OSError, asyncio.LimitOverrunError, RawHttpError) as e:
+            writer.close()
+            raise RawHttpError(f"GET {target}: {type(e).__name__}: {e}") from e
+        except BaseException:  # cancelled mid-answer: the connection's state is unknown
+            writer.close()
+            raise
+        if close:
+            writer.close()
+        else:
+            self._idle.append(conn)
+        return Answer(status, body)
 
     async def close(self) -> None:
         while self._idle:

@@ -28,7 +28,7 @@ VIEW_LOADS = (
     .selectinload(HostRow.networks).joinedload(HostNetworkRow.network),
 )
 MAX_KEPT = 20_000  # views kept at most (twice vSphere's cluster maximum); beyond, all are dropped
-REFRESH_S = 1.0  # how often the views invalidated since are built again in the background
+REFRESH_S = 5.0  # how often the views invalidated since are built again in the background
 
 
 class VmViews:
