@@ -7,6 +7,7 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from vmshift.model.base import RequestModel
+from vmshift.model.inputs import HostName
 from vmshift.placement.recommendation import MoveReason, RecommendationState
 from vmshift.placement.snapshot import DrsAutomation, VmDrs
 
@@ -54,7 +55,7 @@ ADD_VM_PATTERN = (r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}:[1-9][0-9]{0,2}:[1-9][0-9]{
 
 
 class SimulateRemoveHost(RequestModel):
-    remove_host: str = Field(min_length=1, description="what DRS would do without this host")
+    remove_host: HostName = Field(description="what DRS would do without this host")
 
 
 class SimulateAddVm(RequestModel):
