@@ -41,8 +41,9 @@ def run(
     previous: Mapping[FindingKey, Finding] | None = None,
     migrations: Sequence[OpenMigration] = (),
     busy: frozenset[str] = frozenset(),
+    unsure: frozenset[str] = frozenset(),
 ) -> Outcome:
-    return reconcile(Snapshot(inventory, reports, migrations, busy), previous or {})
+    return reconcile(Snapshot(inventory, reports, migrations, busy, unsure), previous or {})
 
 
 def kinds(findings: Sequence[Finding]) -> list[tuple[FindingKind, str]]:
@@ -162,6 +163,20 @@ def test_a_paused_copy_next_to_the_running_vm_is_not_paused_again() -> None:
 def test_without_the_named_hosts_report_a_running_copy_is_not_called_a_duplicate() -> None:
     out = run([vm()], {"B": [rt()]})
     assert kinds(out.findings) == [(FindingKind.RUNNING_ELSEWHERE, "B")] and out.pauses == []
+
+
+def test_a_copy_waits_while_the_named_host_is_connected_but_its_report_is_not_current() -> None:
+    # host A missed a poll: the copy on B may be a duplicate or the only QEMU, so nothing is said yet
+    # (CI once saw 'running elsewhere' then 'duplicate' a moment later for one copy)
+    waiting = run([vm()], {"B": [rt()]}, unsure=frozenset({"A"}))
+    assert waiting.findings == waiting.appeared == waiting.pauses == []
+    back = run([vm()], {"A": [rt()], "B": [rt()]}, waiting.active)
+    assert kinds(back.appeared) == kinds(back.pauses) == [(FindingKind.DUPLICATE, "B")]
+    # a finding made earlier is kept, not cleared, while A is unsure again
+    kept = run([vm()], {"B": [rt(PAUSED)]}, back.active, unsure=frozenset({"A"}))
+    assert kept.cleared == kept.appeared == [] and kinds(list(kept.active.values())) == [
+        (FindingKind.DUPLICATE, "B")
+    ]
 
 
 # ----- (d) orphan receiving QEMU ------------------------------------------------------------------

@@ -205,6 +205,8 @@ class Heartbeat:
         change no one can name, or when asked."""
         current = [lst for lst in self._listeners.values() if lst.live and lst.connected]
         reports = {lst.name: lst.report.runtimes() for lst in current}
+        # heard of lately but not current (a missed poll, a stream resyncing): not proven gone either
+        unsure = {lst.name for lst in self._listeners.values() if lst.connected is not False} - set(reports)
         addresses = {lst.name: lst.address for lst in self._listeners.values()}
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -230,10 +232,12 @@ class Heartbeat:
                 return  # nothing changed: a round would decide everything as the last one did
             scope = _Scope(uuids, written.names, hosts)
         self._last_hosts = set(reports)
-        await self._reconcile_all(addresses, reports, since, scope)
+        await self._reconcile_all(addresses, reports, since, scope, unsure)
 
     # ----- cluster-wide reconcile -------------------------------------------------------------
-    def _snapshot(self, reports: dict[str, list[VmRuntime]], since: float, scope: _Scope | None) -> Snapshot:
+    def _snapshot(
+        self, reports: dict[str, list[VmRuntime]], since: float, scope: _Scope | None, unsure: set[str]
+    ) -> Snapshot:
         """The inventory and migrations from the database: all of it, or the rows of ``scope``."""
         q = select(VmRow.name, VmRow.uuid, HostRow.name, VmRow.power_state).join(VmRow.host)
         if scope is not None:
@@ -250,10 +254,12 @@ class Heartbeat:
             reports = {h: [rt for rt in rts if rt.uuid in scope.uuids] for h, rts in reports.items()}
         names = {v.name for v in inventory} | {rt.name for rts in reports.values() for rt in rts}
         busy = {n for n in names if self._tasks.busy_since(n, since)}
-        return Snapshot(inventory, reports, migrations, busy)
+        return Snapshot(inventory, reports, migrations, busy, unsure)
 
-    def _round(self, reports: dict[str, list[VmRuntime]], since: float, scope: _Scope | None) -> Outcome:
-        snap = self._snapshot(reports, since, scope)
+    def _round(
+        self, reports: dict[str, list[VmRuntime]], since: float, scope: _Scope | None, unsure: set[str]
+    ) -> Outcome:
+        snap = self._snapshot(reports, since, scope, unsure)
         if scope is None:
             outcome = reconcile(snap, self._findings)
         else:
@@ -273,11 +279,11 @@ class Heartbeat:
 
     async def _reconcile_all(
         self, addresses: dict[str, str], reports: dict[str, list[VmRuntime]], since: float,
-        scope: _Scope | None,
+        scope: _Scope | None, unsure: set[str],
     ) -> None:
         """Compare the answering hosts' reports with the inventory; pause duplicates at once and
         record each finding once when it appears (critical) and once when it clears (info)."""
-        outcome = await self._db(self._round, reports, since, scope)
+        outcome = await self._db(self._round, reports, since, scope, unsure)
         loop = asyncio.get_running_loop()
         due = [f for f in outcome.pauses if self._pause_due(f)]
         errors = await asyncio.gather(*(self._pause(addresses[f.host], f) for f in due))

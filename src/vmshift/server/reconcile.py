@@ -7,7 +7,9 @@ finding appears and an info event when it clears, and pauses a duplicate at once
 
 A finding is only cleared with proof: when the hosts it is about answered this round and no task or
 migration is working on the VM. A host that missed a beat leaves its findings as they were, so a
-flapping link does not repeat the same critical event.
+flapping link does not repeat the same critical event. Likewise a copy of a VM whose own host is
+connected but missed a beat waits for that host's report: without it, a duplicate would be called
+'running elsewhere' first and 'duplicate' a moment later.
 
 A finding about a VM depends only on that VM's data: its inventory row, the reports that carry its
 uuid, the migrations and busy names, and which hosts answered. So a round over a few changed VMs
@@ -82,6 +84,9 @@ class Snapshot:
     reports: Mapping[str, Sequence[VmRuntime]]  # host -> its VMs, only hosts that answered this round
     migrations: Sequence[OpenMigration] = ()
     busy: Collection[str] = frozenset()  # VM names a task works on (their reports may be stale)
+    # connected hosts whose reports are not current this round (a missed poll, a stream resyncing): a
+    # copy elsewhere of a VM the inventory puts there may be a duplicate or the only QEMU, so it waits
+    unsure_hosts: Collection[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,10 @@ class _Round:
         """A task or a migration works on the VM: its reports may be stale or legitimately odd."""
         return vm in self.snap.busy or vm in self.migrating
 
+    def unsure_of(self, v: InventoryVm | None) -> bool:
+        """The VM's own host is connected but its report is not current: a copy elsewhere waits."""
+        return v is not None and v.host in self.snap.unsure_hosts
+
     def explained(self, vm: str, hosts: set[str]) -> bool:
         return any(m.vm == vm and hosts <= {m.source_host, m.target_host} for m in self.snap.migrations)
 
@@ -159,7 +168,7 @@ class _Round:
                     continue
                 v = self.by_uuid.get(rt.uuid)
                 name = v.name if v is not None else rt.name
-                if self.undecidable(name) or self.undecidable(rt.name):
+                if self.undecidable(name) or self.undecidable(rt.name) or self.unsure_of(v):
                     continue
                 if not rt.is_the_vm:
                     if not self.receives(host, rt):
@@ -200,6 +209,8 @@ class _Round:
         """This round can tell whether ``old`` still holds (so it does not, unless found again)."""
         if self.undecidable(old.vm) or self.undecidable(old.agent_name):
             return False
+        if old.kind is not FindingKind.MISSING and self.unsure_of(self.by_uuid.get(old.uuid)):
+            return False
         if old.kind is FindingKind.MISSING:
             v = self.by_uuid.get(old.uuid)
             if v is None or v.host != old.host or v.power_state not in EXPECTS_QEMU:
@@ -238,6 +249,7 @@ def restrict(snap: Snapshot, uuids: Collection[str]) -> Snapshot:
         {h: [rt for rt in rts if rt.uuid in uuids] for h, rts in snap.reports.items()},
         snap.migrations,
         snap.busy,
+        snap.unsure_hosts,
     )
 
 
