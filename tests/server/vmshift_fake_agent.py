@@ -183,6 +183,7 @@ class FakeAgent:
         self._published: dict[str, dict[str, Any]] = {}
         self._published_facts: dict[str, Any] | None = None
         self._published_numbers: tuple[dict[str, tuple[float, float]], dict[str, float]] = ({}, {})
+        self._stats_due = False  # a snapshot went out: send the numbers again (it carries none)
         self._cuts = getattr(self, "_cuts", 0) + 1
 
     def cut(self) -> None:
@@ -201,8 +202,10 @@ class FakeAgent:
             self.log.append(VmRemoved(epoch=self.log.epoch, seq=self.log.next_seq(), name=name))
         self._published = now
         numbers = ({name: (rt.cpu_seconds, rt.rss_mib) for name, rt in vms}, dict(self.loads))
-        if numbers != self._published_numbers:  # a real agent reports them every stats_interval_s
-            self._published_numbers = numbers
+        # a real agent reports them every stats_interval_s; this one when they change, and after a
+        # snapshot (else a server that connected after the last change would never hear them)
+        if numbers != self._published_numbers or self._stats_due:
+            self._published_numbers, self._stats_due = numbers, False
             stats = [VmStats(name=n, cpu_seconds=c, rss_mib=r, cpu_cores=self.loads.get(n, 0.0))
                      for n, (c, r) in numbers[0].items()]
             self.log.append(StatsReport(epoch=self.log.epoch, seq=self.log.next_seq(), vms=stats,
@@ -229,6 +232,7 @@ class FakeAgent:
         if changes is None:
             vms = [rt.model_copy() for rt in self.vms.values()]
             yield encode(Snapshot(epoch=log.epoch, seq=log.last_seq, facts=self.facts, vms=vms))
+            self._stats_due = True
         else:
             if self.repeat_tail and since is not None:
                 changes = log.since(epoch, max(0, since - self.repeat_tail)) or changes

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query
 from starlette.concurrency import run_in_threadpool
 
-from vmshift.errors import NotFoundError
+from vmshift.errors import InvalidInputError
 from vmshift.model.api import Task, TaskKind
 from vmshift.model.inputs import ClusterName, ObjectId, VmName
 from vmshift.placement.recommendation import RecommendationState
@@ -127,7 +127,8 @@ def _simulate(core: ServerCore, name: str, body: DrsSimulateRequest) -> WhatIfVi
         snap = cluster_inputs(s, row, core.drs.loads, core.heartbeat.live_stats)
     if isinstance(body, SimulateRemoveHost):
         if not snap.has_host(body.remove_host):
-            raise NotFoundError(f"Host {body.remove_host} is not in cluster {name}.",
+            # 400, not 404: the cluster exists; the body names a host it does not have
+            raise InvalidInputError(f"Host {body.remove_host} is not in cluster {name}.",
                                     hint="List its hosts with 'vmshift host list --cluster CLUSTER'.")
         return what_if_view(name, without_host(snap, body.remove_host, settings))
     return what_if_view(name, with_vm(snap, _like_the_cluster(parse_vm_spec(body.add_vm), snap), settings))
