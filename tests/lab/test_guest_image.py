@@ -220,7 +220,8 @@ def test_guest_serves_echo_and_reports_workload(image: Path, guests: list[Guest]
                 data, _ = u.recvfrom(2048)
             except TimeoutError:
                 continue
-            assert data == f"ping {attempt}".encode()
+            # a late reply to an earlier attempt counts too: it was echoed, only slowly
+            assert data in {f"ping {a}".encode() for a in range(attempt + 1)}, data
             break
         else:
             pytest.fail("no UDP echo reply in 10 attempts")
