@@ -23,12 +23,20 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
         yield handle
 
 
-@pytest.fixture(scope="module")
-def iscsi_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
-    """A lab with a storage box (tgtd, the storage role) and the datastore iscsi-1."""
-    config_dir = tmp_path_factory.mktemp("vmshift-config")
-    with running_lab(f"i{secrets.token_hex(3)}", 2, config_dir, "--iscsi") as handle:
+@pytest.fixture(scope="session")
+def lab3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabHandle]:
+    """Three hosts and a storage box (tgtd, the storage role, the datastore iscsi-1), booted once for
+    the DRS, iSCSI and maintenance-mode modules; each of them leaves it as it found it (its VMs and
+    rules deleted, DRS back to its defaults, no host in maintenance)."""
+    config_dir = tmp_path_factory.mktemp("vmshift-config3")
+    with running_lab(f"i{secrets.token_hex(3)}", 3, config_dir, "--iscsi") as handle:
         yield handle
+
+
+@pytest.fixture(scope="session")
+def api3(lab3: LabHandle) -> Iterator[VmshiftClient]:
+    with VmshiftClient(lab3.server, lab3.token, ca_file=lab3.ca_file) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
-"""A lab guest on the iSCSI datastore iscsi-1 (one lab with --iscsi, one VM for every check):
-it boots from its LUN, live-migrates host-1 -> host-2 and back with its disk log intact, a second
-host may not attach its LUN read-write, a 5 s freeze of tgtd only stalls its writes, a tgtd gone
-for good is reported while QEMU keeps answering, and deleting the VM removes its LUN.
+"""A lab guest on the iSCSI datastore iscsi-1 (the session's 3-host lab with --iscsi, one VM for
+every check): it boots from its LUN, live-migrates host-1 -> host-2 and back with its disk log
+intact, a second host may not attach its LUN read-write, a 5 s freeze of tgtd only stalls its
+writes, a tgtd gone for good is reported while QEMU keeps answering, and deleting the VM removes
+its LUN.
 """
 
 from __future__ import annotations
@@ -59,28 +60,22 @@ def verify_disk_log(lab: LabHandle, ip: str, at_least: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def api(iscsi_lab: LabHandle) -> Iterator[VmshiftClient]:
-    with VmshiftClient(iscsi_lab.server, iscsi_lab.token, ca_file=iscsi_lab.ca_file) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def vm(iscsi_lab: LabHandle) -> Iterator[dict[str, Any]]:
+def vm(lab3: LabHandle) -> Iterator[dict[str, Any]]:
     created = dict(vmshift_json(
-        iscsi_lab, "vm", "create", VM, "--host", "host-1", "--cpus", "1", "--memory", "192",
+        lab3, "vm", "create", VM, "--host", "host-1", "--cpus", "1", "--memory", "192",
         "--datastore", "iscsi-1", "--network", "VM Network", "--disk", "64M", "--image", "lab-guest",
         "--kernel-args", "vmshift.memtest=16M,4 vmshift.disklog=1", "--start",
     ))
     yield created
-    vmshift(iscsi_lab, "vm", "stop", VM, check=False)
-    vmshift(iscsi_lab, "vm", "delete", VM, check=False)
+    vmshift(lab3, "vm", "stop", VM, check=False)
+    vmshift(lab3, "vm", "delete", VM, check=False)
 
 
 @pytest.mark.timeout(300)
 def test_vmotion_on_iscsi_keeps_every_durable_record(
-    iscsi_lab: LabHandle, api: VmshiftClient, vm: dict[str, Any]
+    lab3: LabHandle, api3: VmshiftClient, vm: dict[str, Any]
 ) -> None:
-    lab = iscsi_lab
+    lab = lab3
     runtime = agent_runtime(lab, 1)
     assert runtime["power_state"] == "poweredOn" and runtime["io_error"] is None
     qemu_log = (record(lab).layout.agent_state_dir(1) / "vms" / VM / "qemu.log").read_text()
@@ -93,14 +88,14 @@ def test_vmotion_on_iscsi_keeps_every_durable_record(
         assert m["status"] == "completed", m
         # shared storage: a plain live migration, the disk stays on its LUN and nothing of it is copied
         assert m["kind"] == "live" and m["target_datastore"] is None, m
-        after = verify_guest(lab, api, VM, target, before)
+        after = verify_guest(lab, api3, VM, target, before)
     # the log is one sequence: reading it all back once proves the records of both legs
     verify_disk_log(lab, vm["ip"], after["disklog"]["durable_seq"])
 
 
 @pytest.mark.timeout(120)
-def test_a_second_host_may_not_attach_the_lun(iscsi_lab: LabHandle, vm: dict[str, Any]) -> None:
-    lab = iscsi_lab
+def test_a_second_host_may_not_attach_the_lun(lab3: LabHandle, vm: dict[str, Any]) -> None:
+    lab = lab3
     rec = record(lab)
     owner = str(vmshift_json(lab, "vm", "show", VM)["host"])
     other = 2 if owner == "host-1" else 1
@@ -118,8 +113,8 @@ def test_a_second_host_may_not_attach_the_lun(iscsi_lab: LabHandle, vm: dict[str
 
 
 @pytest.mark.timeout(180)
-def test_target_frozen_then_gone(iscsi_lab: LabHandle, vm: dict[str, Any]) -> None:
-    lab = iscsi_lab
+def test_target_frozen_then_gone(lab3: LabHandle, vm: dict[str, Any]) -> None:
+    lab = lab3
     rec = record(lab)
     host = int(str(vmshift_json(lab, "vm", "show", VM)["host"])[-1])
     # Frozen for 5 s: the guest's writes wait, then go on; nothing durable is lost.
@@ -154,8 +149,8 @@ def test_target_frozen_then_gone(iscsi_lab: LabHandle, vm: dict[str, Any]) -> No
 
 
 @pytest.mark.timeout(120)
-def test_deleting_the_vm_removes_its_lun(iscsi_lab: LabHandle, vm: dict[str, Any]) -> None:
-    lab = iscsi_lab
+def test_deleting_the_vm_removes_its_lun(lab3: LabHandle, vm: dict[str, Any]) -> None:
+    lab = lab3
     rec = record(lab)
     assert storage.target_luns(rec) == {1}
     vmshift(lab, "vm", "stop", VM)

@@ -100,17 +100,20 @@ int start_thread(void *(*fn)(void *), void *arg, size_t stack_bytes)
 
 void logmsg(const char *fmt, ...)
 {
+    /* One write per line, prefix included: the init script writes to the same console, and a
+     * prefix written on its own could land in front of its line ("ready" seen mid-line). */
+    static const char prefix[] = "vmshift-guestd: ";
     char buf[512];
+    size_t p = sizeof prefix - 1;
+    memcpy(buf, prefix, p);
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
+    int n = vsnprintf(buf + p, sizeof buf - p - 1, fmt, ap);
     va_end(ap);
     if (n < 0)
         return;
-    if ((size_t)n > sizeof buf - 2)
-        n = (int)sizeof buf - 2;
-    buf[n++] = '\n';
-    fputs("vmshift-guestd: ", stderr);
-    fwrite(buf, 1, (size_t)n, stderr);
+    size_t len = p + ((size_t)n > sizeof buf - p - 2 ? sizeof buf - p - 2 : (size_t)n);
+    buf[len++] = '\n';
+    fwrite(buf, 1, len, stderr);
     fflush(stderr);
 }
