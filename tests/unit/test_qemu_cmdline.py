@@ -186,20 +186,33 @@ def test_tap_name_fits_linux_limit() -> None:
     assert len(name) <= 15
 
 
+def test_disks_on_shared_storage_bypass_the_page_cache() -> None:
+    spec = make_spec(disks=2)
+    paths = make_paths(spec)
+    paths = VmPaths(vm_dir=paths.vm_dir, run_dir=paths.run_dir, disks=paths.disks, direct=frozenset({1}))
+    argv = build_qemu_argv(spec, paths, accelerator=Accelerator.TCG, taps=["t0"], kernel_boot=KERNEL)
+    blockdevs = [json.loads(b) for b in opt(argv, "-blockdev")]
+    assert [b.get("cache") for b in blockdevs] == [None, None, {"direct": True}, {"direct": True}]
+
+
 def test_argv_is_accepted_by_qemu(tmp_path: Path) -> None:
-    """QEMU itself parses the options (no guest is run: -S plus immediate quit via stdin monitor)."""
+    """QEMU itself parses the options (no guest is run: -S plus immediate quit via stdin monitor);
+    the disk is an overlay on shared storage: it and its backing image bypass the page cache."""
     import shutil
     import subprocess
 
     if shutil.which("qemu-system-x86_64") is None:
         pytest.fail("QEMU is not installed: run 'make system' (QEMU 10 from bookworm-backports).")
     spec = make_spec(boot=BootKind.DISK, disks=1, nics=0)
-    disk = tmp_path / "disk0.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
-    paths = VmPaths(vm_dir=tmp_path, run_dir=tmp_path, disks=[disk])
+    base, disk = tmp_path / "base.qcow2", tmp_path / "disk0.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(disk)],
+                   check=True)
+    paths = VmPaths(vm_dir=tmp_path, run_dir=tmp_path, disks=[disk], direct=frozenset({0}))
     argv = build_qemu_argv(spec, paths, accelerator=Accelerator.TCG, taps=[])
     argv = [*argv, "-S", "-qmp", "stdio"]
     commands = ('{"execute":"qmp_capabilities"}\n{"execute":"query-block","id":"b"}\n'
+                '{"execute":"query-named-block-nodes","id":"n"}\n'
                 '{"execute":"ringbuf-read","id":"r","arguments":{"device":"serial0","size":4096}}\n'
                 '{"execute":"quit"}\n')
     proc = subprocess.run(argv, input=commands, capture_output=True, text=True, timeout=30, check=False)
@@ -207,5 +220,8 @@ def test_argv_is_accepted_by_qemu(tmp_path: Path) -> None:
     replies = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     blocks = next(r["return"] for r in replies if r.get("id") == "b")
     assert [b["qdev"] for b in blocks] == ["/machine/peripheral/disk0/virtio-backend"]
+    nodes = next(r["return"] for r in replies if r.get("id") == "n")
+    direct = {n["file"]: n["cache"]["direct"] for n in nodes}
+    assert direct == {str(disk): True, str(base): True}, nodes
     assert next(r for r in replies if r.get("id") == "r") == {"return": "", "id": "r"}  # the serial ring
     assert not (tmp_path / "serial.log").exists()  # QEMU writes no log file: the agent does

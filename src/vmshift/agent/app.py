@@ -132,7 +132,7 @@ def create_app(config: AgentConfig, tls: AgentTls | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         private_dir(config.state_dir)
-        datastores = Datastores(config.datastores)
+        datastores = Datastores(config.datastores, config.name)
         probe = await probe_host(config, datastores)
         iscsi_disks = IscsiDisks(config.name, config.storage_role_tokens)
         supervisor = Supervisor(config, VmFiles(datastores, config.state_dir, config.qemu_img, iscsi_disks),

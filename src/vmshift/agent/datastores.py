@@ -13,6 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmshift.agent.share_proof import ShareProof, has_peers
 from vmshift.errors import NotFoundError
 from vmshift.model.enums import BootKind, DatastoreKind
 from vmshift.model.host import DatastoreInfo
@@ -134,10 +135,31 @@ def read_datastore(path: Path) -> Datastore | None:
 
 
 class Datastores:
-    """The datastores of this host, rescanned on demand (markers can appear after start)."""
+    """The datastores of this host, rescanned on demand (markers can appear after start).
 
-    def __init__(self, paths: list[Path]) -> None:
+    ``host`` (the agent's name) turns on the sharing proof of directory datastores
+    (agent/share_proof.py): without it nothing is written into them.
+    """
+
+    def __init__(self, paths: list[Path], host: str = "") -> None:
         self._paths = list(paths)
+        self._proof = ShareProof(host) if host else None
+
+    def infos(self) -> list[DatastoreInfo]:
+        """Every datastore as the facts report it, with the sharing proof of directory datastores
+        (refreshed: this host's file written, the other hosts' read)."""
+        out = []
+        for ds in self.all():
+            info = ds.info()
+            if self._proof is not None and ds.iscsi is None:
+                info.proof = self._proof.refresh(ds.path)
+            out.append(info)
+        return out
+
+    def opens_direct(self, ds: Datastore) -> bool:
+        """Whether VM disks on ``ds`` bypass the host's page cache: a directory datastore another
+        host also uses (its file is there), so a migration's target never reads stale pages."""
+        return self._proof is not None and ds.iscsi is None and has_peers(ds.path, self._proof.host)
 
     def all(self) -> list[Datastore]:
         found = [read_datastore(p) for p in self._paths]

@@ -48,7 +48,9 @@ class VmFiles:
         disks = [ds.path / spec.name / d.file for ds, d in zip(stores, spec.disks, strict=True)]
         luns = {i: lun for i, (ds, path) in enumerate(zip(stores, disks, strict=True))
                 if ds.iscsi is not None and (lun := read_note(path, self.iscsi.initiator)) is not None}
-        return VmPaths(vm_dir=home.path / spec.name, run_dir=self.run_dir(spec.name), disks=disks, luns=luns)
+        direct = frozenset(i for i, ds in enumerate(stores) if self.datastores.opens_direct(ds))
+        return VmPaths(vm_dir=home.path / spec.name, run_dir=self.run_dir(spec.name), disks=disks, luns=luns,
+                       direct=direct)
 
     def iscsi_disks(self, spec: VmSpec) -> list[tuple[Datastore, DiskSpec]]:
         """The VM's disks that are LUNs of iSCSI datastores, with their datastores."""

@@ -18,6 +18,15 @@ class CpuModelInfo(BaseModel):
         return not self.unavailable_features
 
 
+class DatastoreProof(BaseModel):
+    """A directory datastore's sharing proof as one host sees it (agent/share_proof.py)."""
+
+    token: str = Field(description="the token of this host's file in the datastore")
+    previous: str = Field(default="", description="the token before the last rotation")
+    peers: dict[str, str] = Field(default_factory=dict,
+                                  description="the other hosts' tokens read in the datastore, by host name")
+
+
 class DatastoreInfo(BaseModel):
     """A datastore as one host sees it: identity comes from the UUID marker file in its root."""
 
@@ -32,6 +41,9 @@ class DatastoreInfo(BaseModel):
     kind: DatastoreKind = DatastoreKind.DIRECTORY
     portal: str = Field(default="", description="iSCSI: the target's portal, ADDRESS:PORT")
     target: str = Field(default="", description="iSCSI: the target's IQN")
+    proof: DatastoreProof | None = Field(
+        default=None, description="directory datastores: the proof that it is shared; None: not proven "
+                                  "by this host (an older agent, an iSCSI datastore), trusted by UUID")
 
 
 class HostFacts(BaseModel):
@@ -48,6 +60,9 @@ class HostFacts(BaseModel):
     memory_total_mib: int
     memory_free_mib: int
     datastores: list[DatastoreInfo] = Field(default_factory=list)
+    unproven_datastores: list[DatastoreInfo] = Field(
+        default_factory=list, description="set by the server: datastores this host reports with the UUID "
+        "of another host's, but whose sharing it could not prove; they are ignored (docs/datastores.md)")
     networks: dict[str, str] = Field(default_factory=dict, description="network label -> bridge")
     management_address: str = ""
     migration_address: str = ""

@@ -88,12 +88,14 @@ class BlockNode:
 
 
 async def blockdev_add_file_image(qmp: QmpSession, *, node_name: str, file_node_name: str, path: Path,
-                                  fmt: DiskFormat) -> None:
-    """Open an image file as a format node over a named ``file`` node (so both can be deleted)."""
-    await qmp.execute("blockdev-add", {
-        "driver": fmt.value, "node-name": node_name,
-        "file": {"driver": "file", "node-name": file_node_name, "filename": str(path)},
-    })
+                                  fmt: DiskFormat, direct: bool = False) -> None:
+    """Open an image file as a format node over a named ``file`` node (so both can be deleted);
+    ``direct``: with O_DIRECT (a file on shared storage, as the VM's own disks there)."""
+    file: dict[str, object] = {"driver": "file", "node-name": file_node_name, "filename": str(path)}
+    node: dict[str, object] = {"driver": fmt.value, "node-name": node_name, "file": file}
+    if direct:
+        file["cache"] = node["cache"] = {"direct": True}
+    await qmp.execute("blockdev-add", node)
 
 
 async def blockdev_del(qmp: QmpSession, node_name: str) -> None:

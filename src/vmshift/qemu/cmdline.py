@@ -57,6 +57,8 @@ class VmPaths:
     disks: list[Path] = field(default_factory=list)
     #: disks (by index) that are LUNs of iSCSI datastores: QEMU's initiator opens them
     luns: dict[int, IscsiLun] = field(default_factory=dict)
+    #: disk files (by index) opened with O_DIRECT: they are on a directory datastore other hosts share
+    direct: frozenset[int] = frozenset()
 
     @property
     def serial_log(self) -> Path:
@@ -183,10 +185,15 @@ def build_qemu_argv(
         lun = paths.luns.get(index)
         protocol: dict[str, object] = (lun.blockdev(file_node) if lun is not None
                     else {"driver": "file", "node-name": file_node, "filename": str(disk_path)})
+        fmt: dict[str, object] = {"driver": disk.format.value, "node-name": disk_node_name(index),
+                                  "file": file_node}
+        if index in paths.direct:
+            # shared storage: no host page cache, so the target of a live migration reads what the
+            # source wrote (libvirt requires cache=none there); set on the format node too, for the
+            # backing image its qcow2 opens
+            protocol["cache"] = fmt["cache"] = {"direct": True}
         argv += ["-blockdev", _json_arg(protocol)]
-        argv += ["-blockdev", _json_arg({
-            "driver": disk.format.value, "node-name": disk_node_name(index), "file": file_node,
-        })]
+        argv += ["-blockdev", _json_arg(fmt)]
         device: dict[str, object] = {
             "driver": "virtio-blk-pci", "id": disk_device_id(index), "drive": disk_node_name(index),
         }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import Select, select
 from sqlalchemy.exc import IntegrityError
@@ -11,8 +11,9 @@ from sqlalchemy.orm import Session
 from vmshift.errors import ConflictError, NotFoundError
 from vmshift.model.api import EventKind
 from vmshift.model.baseline import choose_baseline
-from vmshift.model.enums import ConnectionState
-from vmshift.model.host import HostFacts
+from vmshift.model.datastore_sharing import shares_with_linked
+from vmshift.model.enums import ConnectionState, EventSeverity
+from vmshift.model.host import DatastoreProof, HostFacts
 from vmshift.server.db.schema import (
     ClusterRow,
     DatacenterRow,
@@ -117,8 +118,48 @@ def add_host(s: Session, address: str, cluster: ClusterRow, facts: HostFacts) ->
     return host
 
 
+def _proof_in(facts: dict[str, Any] | None, uuid: str) -> DatastoreProof | None:
+    """The sharing proof a host's stored facts hold for datastore ``uuid`` (read from the JSON:
+    parsing a whole host's facts for one field would cost more than the check)."""
+    for entry in (facts or {}).get("datastores") or []:
+        if entry.get("uuid") == uuid:
+            proof = entry.get("proof")
+            return DatastoreProof.model_validate(proof) if proof else None
+    return None
+
+
+def _sharing_checked(s: Session, host: HostRow, facts: HostFacts) -> HostFacts:
+    """The facts with the datastores whose sharing is not proven moved to ``unproven_datastores``
+    (model/datastore_sharing.py): the same marker UUID as other hosts' datastore, but not the same
+    directory. A warning event when one first is."""
+    before = {d.get("uuid") for d in (host.facts or {}).get("unproven_datastores") or []}
+    kept, refused = [], []
+    for ds in facts.datastores:
+        row = None if ds.proof is None else s.scalar(select(DatastoreRow).where(DatastoreRow.uuid == ds.uuid))
+        links = [] if row is None else [link for link in row.hosts if link.host_id != host.id]
+        linked = {link.host.name: _proof_in(link.host.facts, ds.uuid) for link in links}
+        if shares_with_linked(facts.name, ds.proof, linked):
+            kept.append(ds)
+            continue
+        refused.append(ds)
+        if ds.uuid not in before:
+            record_event(
+                s, EventKind.DATASTORE_NOT_SHARED, ds.name,
+                f"Host {facts.name} has datastore {ds.name} ({ds.uuid}) as {', '.join(sorted(linked))} "
+                f"do, but neither side reads the file the other writes in it: {ds.path} on {facts.name} "
+                "is another directory with a copy of the marker. It is ignored on that host until the "
+                "directory is really shared, or gets a marker of its own (a new UUID and name).",
+                EventSeverity.WARNING,
+            )
+    if not refused and not facts.unproven_datastores:
+        return facts
+    return facts.model_copy(update={"datastores": kept, "unproven_datastores": refused})
+
+
 def apply_facts(s: Session, host: HostRow, facts: HostFacts) -> None:
-    """Refresh a host's facts, datastores (by marker UUID; shared when seen by several hosts) and networks."""
+    """Refresh a host's facts, datastores (by marker UUID; shared when seen by several hosts and
+    proven so, see ``_sharing_checked``) and networks."""
+    facts = _sharing_checked(s, host, facts)
     host.facts = facts.model_dump(mode="json")
     seen_ds: set[int] = set()
     for ds in facts.datastores:

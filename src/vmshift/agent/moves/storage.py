@@ -66,6 +66,7 @@ class StorageDisk(BaseModel):
     source_node: str
     target_node: str
     job_id: str
+    direct: bool = False  # the target is on a shared directory datastore: opened with O_DIRECT
     created: bool = False  # the target image was created by this move (rollback removes it)
     node_added: bool = False
     mirror_started: bool = False
@@ -178,7 +179,7 @@ class StorageMover:
             disks.append(StorageDisk(index=i, source_path=str(src), target_path=str(dst),
                                      format=target.disks[i].format, size_bytes=dev.virtual_size,
                                      source_node=dev.node_name, target_node=f"mv{req.move_id}-d{i}",
-                                     job_id=f"mv{req.move_id}-d{i}"))
+                                     job_id=f"mv{req.move_id}-d{i}", direct=i in dst_paths.direct))
         detail = StorageDetail(source_spec=source, final_spec=target, target_dir=str(dst_paths.vm_dir),
                                disks=disks)
         self._save(detail)
@@ -209,7 +210,8 @@ class StorageMover:
             self._save(detail)
             await bq.blockdev_add_file_image(qmp, node_name=disk.target_node,
                                              file_node_name=_file_node(disk.target_node),
-                                             path=Path(disk.target_path), fmt=disk.format)
+                                             path=Path(disk.target_path), fmt=disk.format,
+                                             direct=disk.direct)
         self._report(detail)
 
     # ----- COPY ----------------------------------------------------------------------------------

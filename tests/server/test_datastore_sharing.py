@@ -1,0 +1,60 @@
+"""A datastore is shared between hosts only when they prove it (docs/datastores.md): a host whose
+directory carries a copy of the marker (the same UUID) but not the other hosts' files is not linked
+to it, a warning event says why, and VMs cannot use it there; once its report proves the sharing,
+it is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from conftest import AgentFactory, ServerHarness, wait_for
+from vmshift_fake_agent import SHARED_DS_UUID, make_facts
+
+from vmshift.model.api import Datastore
+from vmshift.model.host import DatastoreProof, HostFacts
+
+
+def with_proof(name: str, token: str, peers: dict[str, str]) -> HostFacts:
+    facts = make_facts(name)
+    for ds in facts.datastores:
+        if ds.uuid == SHARED_DS_UUID:
+            ds.proof = DatastoreProof(token=token, peers=peers)
+    return facts
+
+
+def shared_hosts(server: ServerHarness) -> list[str]:
+    stores = {d.name: d for d in map(Datastore.model_validate, server.client.get("/datastores").json())}
+    return stores["shared-1"].hosts
+
+
+def not_shared_events(server: ServerHarness) -> list[dict[str, Any]]:
+    events = server.client.get("/events", params={"limit": 200}).json()
+    return [e for e in events if e["kind"] == "datastore.not_shared"]
+
+
+def test_a_copied_marker_is_not_shared_until_the_host_proves_it(
+    server: ServerHarness, agents: AgentFactory
+) -> None:
+    _, a1 = agents("host-1", facts=with_proof("host-1", "tok-1", {}))
+    _, a2 = agents("host-2", facts=with_proof("host-2", "tok-2", {"host-1": "tok-1"}))
+    # host-3's folder holds a copy: host-1's file as it was long ago, nobody reads host-3's
+    ag3, a3 = agents("host-3", facts=with_proof("host-3", "tok-3", {"host-1": "tok-1-copied"}))
+    for agent in (a1, a2, a3):
+        server.add_host(agent)
+    assert shared_hosts(server) == ["host-1", "host-2"]
+    [event] = not_shared_events(server)
+    assert event["severity"] == "warning" and event["target"] == "shared-1", event
+    assert "host-3" in event["message"] and "copy of the marker" in event["message"], event
+    host3 = server.client.get("/hosts/host-3").json()
+    assert [d["name"] for d in host3["facts"]["unproven_datastores"]] == ["shared-1"]
+    assert "shared-1" not in [d["name"] for d in host3["facts"]["datastores"]]
+    # a VM cannot be put on it there
+    r = server.client.post("/vms", json={"name": "web-1", "host": "host-3", "datastore": "shared-1",
+                                         "memory_mib": 128, "disks_mib": [16]})
+    assert r.status_code in (400, 404, 409) and "shared-1" in r.json()["error"]["message"], r.text
+
+    # the folder is made the real one (mounted): host-3 now reads host-1's current token
+    ag3.facts = with_proof("host-3", "tok-3", {"host-1": "tok-1", "host-2": "tok-2"})
+    wait_for(lambda: shared_hosts(server) == ["host-1", "host-2", "host-3"], 10, "host-3 to share shared-1")
+    assert len(not_shared_events(server)) == 1  # said once
+    assert server.client.get("/hosts/host-3").json()["facts"]["unproven_datastores"] == []
