@@ -8,8 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 from conftest import AgentFactory, ServerHarness, wait_for
+from typer.testing import CliRunner
 from vmshift_fake_agent import SHARED_DS_UUID, make_facts
 
+from vmshift.cli.main import app
 from vmshift.model.api import Datastore
 from vmshift.model.host import DatastoreProof, HostFacts
 
@@ -22,9 +24,13 @@ def with_proof(name: str, token: str, peers: dict[str, str]) -> HostFacts:
     return facts
 
 
-def shared_hosts(server: ServerHarness) -> list[str]:
+def shared_1(server: ServerHarness) -> Datastore:
     stores = {d.name: d for d in map(Datastore.model_validate, server.client.get("/datastores").json())}
-    return stores["shared-1"].hosts
+    return stores["shared-1"]
+
+
+def shared_hosts(server: ServerHarness) -> list[str]:
+    return shared_1(server).hosts
 
 
 def not_shared_events(server: ServerHarness) -> list[dict[str, Any]]:
@@ -41,7 +47,9 @@ def test_a_copied_marker_is_not_shared_until_the_host_proves_it(
     ag3, a3 = agents("host-3", facts=with_proof("host-3", "tok-3", {"host-1": "tok-1-copied"}))
     for agent in (a1, a2, a3):
         server.add_host(agent)
-    assert shared_hosts(server) == ["host-1", "host-2"]
+    assert shared_hosts(server) == ["host-1", "host-2"] and shared_1(server).unproven_on == ["host-3"]
+    listed = CliRunner().invoke(app, [*server.cli_args(), "datastore", "list"], env={"COLUMNS": "200"})
+    assert listed.exit_code == 0 and "(not proven on host-3)" in listed.stdout, listed.stdout
     [event] = not_shared_events(server)
     assert event["severity"] == "warning" and event["target"] == "shared-1", event
     assert "host-3" in event["message"] and "copy of the marker" in event["message"], event
@@ -57,4 +65,5 @@ def test_a_copied_marker_is_not_shared_until_the_host_proves_it(
     ag3.facts = with_proof("host-3", "tok-3", {"host-1": "tok-1", "host-2": "tok-2"})
     wait_for(lambda: shared_hosts(server) == ["host-1", "host-2", "host-3"], 10, "host-3 to share shared-1")
     assert len(not_shared_events(server)) == 1  # said once
+    assert shared_1(server).unproven_on == []
     assert server.client.get("/hosts/host-3").json()["facts"]["unproven_datastores"] == []

@@ -212,9 +212,14 @@ def datastore_list(json_: JsonOpt = False) -> None:
     if json_:
         emit_json(items)
         return
+    def seen_by(d: dict[str, Any]) -> str:
+        hosts = ", ".join(d.get("hosts") or [])
+        unproven = d.get("unproven_on") or []
+        return hosts + (f" (not proven on {', '.join(unproven)})" if unproven else "")
+
     rows = (
         [d["name"], d.get("kind", "directory"), d["uuid"], "yes" if d.get("shared") else "no",
-         ", ".join(d.get("hosts") or []), d.get("free_mib"), d.get("capacity_mib")]
+         seen_by(d), d.get("free_mib"), d.get("capacity_mib")]
         for d in items
     )
     table("Datastores", ["name", "type", "uuid", "shared", "hosts", "free MiB", "capacity MiB"], rows)

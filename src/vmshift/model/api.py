@@ -226,6 +226,9 @@ class Datastore(BaseModel):
     free_mib: int
     kind: DatastoreKind = Field(default=DatastoreKind.DIRECTORY,
                                 description="directory, or iscsi (a LUN per disk)")
+    unproven_on: list[str] = Field(
+        default_factory=list, description="hosts whose directory carries this datastore's marker but "
+        "not the proof that it is the same directory: ignored there (docs/datastores.md)")
 
 
 class IpPool(RequestModel):

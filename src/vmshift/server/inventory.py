@@ -156,6 +156,15 @@ def _sharing_checked(s: Session, host: HostRow, facts: HostFacts) -> HostFacts:
     return facts.model_copy(update={"datastores": kept, "unproven_datastores": refused})
 
 
+def unproven_hosts(s: Session) -> dict[str, list[str]]:
+    """Datastore UUID -> the hosts whose copy of it is not proven (``_sharing_checked``)."""
+    found: dict[str, list[str]] = {}
+    for name, facts in s.execute(select(HostRow.name, HostRow.facts)).all():
+        for entry in (facts or {}).get("unproven_datastores") or []:
+            found.setdefault(str(entry.get("uuid")), []).append(name)
+    return found
+
+
 def apply_facts(s: Session, host: HostRow, facts: HostFacts) -> None:
     """Refresh a host's facts, datastores (by marker UUID; shared when seen by several hosts and
     proven so, see ``_sharing_checked``) and networks."""

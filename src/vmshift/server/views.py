@@ -92,7 +92,7 @@ def cluster_view(s: Session, c: ClusterRow) -> Cluster:
     )
 
 
-def datastore_view(d: DatastoreRow) -> Datastore:
+def datastore_view(d: DatastoreRow, unproven_on: Sequence[str] = ()) -> Datastore:
     hosts = sorted(link.host.name for link in d.hosts)
     return Datastore(
         name=d.name,
@@ -102,6 +102,7 @@ def datastore_view(d: DatastoreRow) -> Datastore:
         capacity_mib=d.capacity_mib,
         free_mib=d.free_mib,
         kind=d.kind,
+        unproven_on=sorted(unproven_on),
     )
 
 

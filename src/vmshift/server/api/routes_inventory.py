@@ -63,7 +63,14 @@ from vmshift.server.db.schema import (
 from vmshift.server.db.setup import DEFAULT_CLUSTER
 from vmshift.server.events import record_event
 from vmshift.server.host_enroll import FingerprintError, enroll, rotate
-from vmshift.server.inventory import add_host, get_cluster, get_datacenter, get_host, get_network
+from vmshift.server.inventory import (
+    add_host,
+    get_cluster,
+    get_datacenter,
+    get_host,
+    get_network,
+    unproven_hosts,
+)
 from vmshift.server.views import (
     HOST_LIST_COLUMNS,
     cluster_view,
@@ -298,7 +305,8 @@ def list_datastores(
                paging.limit)
     with core.sessions() as s:
         got = cut(s.scalars(q).all(), paging.limit, ListName.DATASTORES, lambda d: d.name)
-        views = Page([datastore_view(d) for d in got.items], got.next_cursor)
+        unproven = unproven_hosts(s)
+        views = Page([datastore_view(d, unproven.get(d.uuid, ())) for d in got.items], got.next_cursor)
     return answer(request, views, _DATASTORES)
 
 
