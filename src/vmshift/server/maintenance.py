@@ -178,7 +178,7 @@ def _exit_task(core: ServerCore, host_name: str, return_vms: bool) -> tuple[Task
             record_event(s, EventKind.HOST_MAINTENANCE, host_name, f"Host {host_name} left maintenance mode.")
         back: list[tuple[str, str]] = []
         if return_vms:
-            where = dict(s.execute(select(VmRow.name, HostRow.name).join(HostRow)).tuples().all())
+            where = dict(s.execute(select(VmRow.name, HostRow.name).join(HostRow)).all())
             back = [(m["vm"], host_name) for m in _last_evacuation(s, host_name)
                     if where.get(m["vm"]) == m["target"]]
         task = TaskEngine.create(s, TaskKind.HOST_MAINTENANCE_EXIT, host_name,

@@ -21,6 +21,6 @@ def rules_result(s: Session, vm: VmRow, target: HostRow) -> CheckResult:
     rules = [rule_of(r) for r in rows if vm.name in r.vms]
     others = {n for r in rules for n in r.vms} - {vm.name}
     host_of: dict[str, str | None] = dict(
-        s.execute(select(VmRow.name, HostRow.name).join(HostRow).where(VmRow.name.in_(others))).tuples().all()
+        s.execute(select(VmRow.name, HostRow.name).join(HostRow).where(VmRow.name.in_(others))).all()
     ) if others else {}
     return rules_check(vm.name, target.name, rules, host_of)
