@@ -157,3 +157,25 @@ def test_deleting_the_vm_removes_its_lun(lab3: LabHandle, vm: dict[str, Any]) ->
     vmshift(lab, "vm", "delete", VM)
     assert storage.target_luns(rec) == set()
     assert not any((rec.layout.storage_dir / "luns").iterdir()), "the LUN's backing file is left"
+
+
+@pytest.mark.timeout(120)
+def test_datastore_add_registers_the_existing_target_and_refuses_a_dead_portal(lab3: LabHandle) -> None:
+    """`datastore add --iscsi`: the lab's target (with its storage role) registered a second time, as
+    an operator registers one they run; a portal nobody listens on is refused and nothing is left."""
+    lay = record(lab3).layout
+    args = ["--target", storage.target_iqn(lay), "--storage-role", storage.role_url(lay),
+            "--token-file", str(storage.token_file(lay))]
+    dead = f"{lay.storage_net}.99:3260"  # in the lab's storage network, where nothing has that address
+    refused = vmshift(lab3, "datastore", "add", "iscsi-9", "--iscsi", dead, *args, check=False)
+    said = " ".join((refused.stdout + refused.stderr).split())
+    assert refused.returncode != 0, said
+    assert f"The iSCSI portal {dead} does not answer from host host-1" in said, said
+    folders = [lay.datastores_dir / f"registered-host-{k}" / "iscsi-9" for k in lay.host_numbers]
+    assert not any(f.exists() for f in folders), "a refused add left a folder"
+    assert "iscsi-9" not in [d["name"] for d in vmshift_json(lab3, "datastore", "list")]
+
+    added = vmshift_json(lab3, "datastore", "add", "iscsi-2", "--iscsi", lay.iscsi_portal, *args)
+    assert added["kind"] == "iscsi" and added["hosts"] == ["host-1", "host-2", "host-3"], added
+    listed = {d["name"]: d for d in vmshift_json(lab3, "datastore", "list")}
+    assert listed["iscsi-2"]["shared"] and listed["iscsi-2"]["capacity_mib"] > 0, listed

@@ -67,3 +67,33 @@ def test_a_copied_marker_is_not_shared_until_the_host_proves_it(
     assert len(not_shared_events(server)) == 1  # said once
     assert shared_1(server).unproven_on == []
     assert server.client.get("/hosts/host-3").json()["facts"]["unproven_datastores"] == []
+
+
+def test_datastore_add_registers_an_iscsi_target_on_every_host_or_none(
+    server: ServerHarness, agents: AgentFactory
+) -> None:
+    """`vmshift datastore add NAME --iscsi PORTAL --target IQN`: all hosts get it, or, when one of
+    them cannot reach the portal, none keeps it and the error says which portal from which host."""
+    ag1, a1 = agents("host-1")
+    ag2, a2 = agents("host-2")
+    server.add_host(a1)
+    server.add_host(a2)
+    body = {"name": "iscsi-2", "portal": "10.213.3.2:3260", "target": "iqn.2026-12.io.vmshift:ds.t.iscsi-2",
+            "storage_role": "http://10.213.3.2:8102", "token": "secret-token"}
+    ag2.dead_portals.add("10.213.3.99:3260")
+    r = server.client.post("/datastores", json={**body, "name": "iscsi-3", "portal": "10.213.3.99:3260"})
+    assert r.status_code == 400, r.text
+    assert "10.213.3.99:3260 does not answer from host host-2" in r.json()["error"]["message"], r.text
+    assert ag1.unregistered == ["iscsi-3"], "host-1 registered it first: it must forget it again"
+    assert "iscsi-3" not in [d["name"] for d in server.client.get("/datastores").json()]
+
+    r = server.client.post("/datastores", json=body)
+    assert r.status_code == 201, r.text
+    ds = Datastore.model_validate(r.json())
+    assert (ds.name, ds.kind.value, ds.hosts, ds.shared) == ("iscsi-2", "iscsi", ["host-1", "host-2"], True)
+    again = server.client.post("/datastores", json=body)
+    assert again.status_code == 409 and "already in the inventory" in again.json()["error"]["message"]
+    r = server.client.post("/datastores", json={**body, "name": "iscsi-4", "hosts": ["host-9"]})
+    assert r.status_code == 404 and "host-9" in r.json()["error"]["message"], r.text
+    r = server.client.post("/datastores", json={**body, "name": "iscsi-4", "portal": "no port"})
+    assert r.status_code == 422, r.text

@@ -31,7 +31,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from vmshift.model.enums import MIGRATION_RUN_STATES, Accelerator, PowerAction, PowerState
+from vmshift.model.enums import MIGRATION_RUN_STATES, Accelerator, DatastoreKind, PowerAction, PowerState
 from vmshift.model.host import CpuModelInfo, DatastoreInfo, HostFacts
 from vmshift.model.host_stream import (
     STREAM_MEDIA_TYPE,
@@ -170,6 +170,8 @@ class FakeAgent:
     loads: dict[str, float] = field(default_factory=dict)  # cores busy per VM in its stats (DRS tests)
     ovas: dict[str, dict[str, Any]] = field(default_factory=dict)  # OVA path -> what POST /images/ova reads
     removed_images: list[str] = field(default_factory=list)  # DELETE /images/DS/NAME, in order
+    dead_portals: set[str] = field(default_factory=set)  # POST /datastores/iscsi: these do not answer
+    unregistered: list[str] = field(default_factory=list)  # DELETE /datastores/NAME, in order
     tls: FakeAgentTls = field(init=False)
     log: ChangeLog = field(init=False)
 
@@ -335,6 +337,26 @@ class FakeAgent:
                 if ds.name == datastore and name in ds.images:
                     ds.images.remove(name)
                     ds.disk_images.pop(name, None)
+            return {"removed": name}
+
+        @app.post("/api/v1/datastores/iscsi", status_code=201)
+        async def register_iscsi(body: dict[str, Any]) -> Any:
+            """As the real agent, without reaching anything: the test names the dead portals."""
+            if body["portal"] in self.dead_portals:
+                error = {"code": "invalid_input", "hint": "Check the address and port.",
+                         "message": f"The iSCSI portal {body['portal']} does not answer from host "
+                                    f"{self.facts.name} (no answer in 3 s)."}
+                return JSONResponse({"error": error}, 400)
+            ds = DatastoreInfo(uuid=body["uuid"], name=body["name"], path=f"/srv/{body['name']}",
+                               capacity_mib=1000, free_mib=900, kind=DatastoreKind.ISCSI,
+                               portal=body["portal"], target=body["target"])
+            self.facts.datastores.append(ds)
+            return ds.model_dump(mode="json")
+
+        @app.delete("/api/v1/datastores/{name}")
+        async def unregister(name: str) -> Any:
+            self.unregistered.append(name)
+            self.facts.datastores = [d for d in self.facts.datastores if d.name != name]
             return {"removed": name}
 
         @app.put("/api/v1/vms/{name}")

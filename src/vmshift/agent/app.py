@@ -23,11 +23,13 @@ from vmshift.agent.host_stream import HostStream
 from vmshift.agent.image_import import ImageImports
 from vmshift.agent.image_import import router as image_import_router
 from vmshift.agent.iscsi_disks import IscsiDisks
+from vmshift.agent.iscsi_registry import IscsiRegistry
 from vmshift.agent.migration_source import OutgoingMigrations
 from vmshift.agent.migration_store import MigrationStore
 from vmshift.agent.migration_target import IncomingMigrations
 from vmshift.agent.netperf import NetperfSinks
 from vmshift.agent.record_retention import RecordRetention
+from vmshift.agent.routes_datastores import router as datastores_router
 from vmshift.agent.routes_disk_exports import router as disk_exports_router
 from vmshift.agent.routes_migration import MigrationRoles
 from vmshift.agent.routes_migration import router as migration_router
@@ -132,9 +134,10 @@ def create_app(config: AgentConfig, tls: AgentTls | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         private_dir(config.state_dir)
-        datastores = Datastores(config.datastores, config.name)
+        registry = app.state.iscsi_registry = IscsiRegistry(config.registered_dir)
+        datastores = Datastores([*config.datastores, *registry.paths()], config.name)
         probe = await probe_host(config, datastores)
-        iscsi_disks = IscsiDisks(config.name, config.storage_role_tokens)
+        iscsi_disks = IscsiDisks(config.name, {**config.storage_role_tokens, **registry.token_files()})
         supervisor = Supervisor(config, VmFiles(datastores, config.state_dir, config.qemu_img, iscsi_disks),
                                 probe.accelerator)
         await supervisor.attach_all()
@@ -228,6 +231,7 @@ def create_app(config: AgentConfig, tls: AgentTls | None = None) -> FastAPI:
     app.include_router(tls_router)
     app.include_router(migration_router)
     app.include_router(disk_exports_router)
+    app.include_router(datastores_router)
     app.include_router(moves_router)
     app.include_router(suspend_router)
     app.include_router(image_import_router)

@@ -38,6 +38,13 @@ class AgentConfig:
     stats_interval_s: float = DEFAULT_STATS_INTERVAL_S
     #: iSCSI datastore name -> the file holding its storage role's token (docs/datastores.md)
     storage_role_tokens: dict[str, Path] = field(default_factory=dict)
+    #: where `vmshift datastore add --iscsi` makes its datastores' folders (None: state_dir/datastores;
+    #: QEMU's user must be able to pass through it, which the private state_dir does not allow)
+    registered_datastores_dir: Path | None = None
+
+    @property
+    def registered_dir(self) -> Path:
+        return self.registered_datastores_dir or self.state_dir / "datastores"
 
     @property
     def listen_host(self) -> str:
@@ -93,9 +100,13 @@ def config_from_dict(data: dict[str, Any], source: Path = Path("<dict>")) -> Age
         isinstance(k, str) and isinstance(v, str) and v for k, v in tokens.items()
     ):
         raise _bad(source, "'storage_role_tokens' must map iSCSI datastore names to token file paths")
+    registered = data.get("registered_datastores_dir")
+    if registered is not None and (not isinstance(registered, str) or not registered):
+        raise _bad(source, "'registered_datastores_dir' must be a directory path")
     known = {"name", "listen", "state_dir", "ca_file", "datastores", "networks", "management_address",
              "migration_address", "accelerator", "qemu_binary", "qemu_img", "record_retention_days",
-             "qemu_user", "serial_log_cap_bytes", "stats_interval_s", "storage_role_tokens"}
+             "qemu_user", "serial_log_cap_bytes", "stats_interval_s", "storage_role_tokens",
+             "registered_datastores_dir"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise _bad(source, f"unknown key(s) {', '.join(unknown)}")
@@ -109,6 +120,7 @@ def config_from_dict(data: dict[str, Any], source: Path = Path("<dict>")) -> Age
         qemu_img=str(data.get("qemu_img", "qemu-img")), record_retention_days=retention,
         qemu_user=qemu_user, serial_log_cap_bytes=cap, stats_interval_s=float(stats),
         storage_role_tokens={k: Path(v) for k, v in tokens.items()},
+        registered_datastores_dir=Path(registered) if registered else None,
     )
 
 

@@ -145,6 +145,13 @@ class Datastores:
         self._paths = list(paths)
         self._proof = ShareProof(host) if host else None
 
+    def add_path(self, path: Path) -> None:
+        if path not in self._paths:
+            self._paths.append(path)
+
+    def remove_path(self, path: Path) -> None:
+        self._paths = [p for p in self._paths if p != path]
+
     def infos(self) -> list[DatastoreInfo]:
         """Every datastore as the facts report it, with the sharing proof of directory datastores
         (refreshed: this host's file written, the other hosts' read)."""

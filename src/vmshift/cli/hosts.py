@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -202,6 +203,35 @@ def maintenance_exit(
     moved = (final.get("result") or {}).get("moved") or []
     back = f"; {len(moved)} VM(s) moved back" if return_vms else ""
     typer.echo(f"Host {name} left maintenance mode{back}.")
+
+
+@datastore_app.command("add")
+def datastore_add(
+    name: Annotated[str, typer.Argument(help="The datastore's name, e.g. iscsi-2.")],
+    iscsi: Annotated[str, typer.Option("--iscsi", help="The target's portal, ADDRESS:PORT.")],
+    target: Annotated[str, typer.Option(help="The target's IQN.")],
+    storage_role: Annotated[str, typer.Option(help="The URL of the storage role beside tgtd, e.g. "
+                                              "http://10.0.3.2:8102 (it makes the LUNs).")],
+    token_file: Annotated[Path, typer.Option(help="A file holding the storage role's token.")],
+    host: Annotated[list[str] | None, typer.Option("--host", help="A host that gets it (repeat); "
+                                                   "default: every host.")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Register an existing iSCSI target as a datastore: each host checks that the portal answers and
+    the storage role serves the target, all hosts or none (docs/datastores.md)."""
+    try:
+        token = token_file.read_text().strip()
+    except OSError as exc:
+        raise InvalidInputError(f"The token file {token_file} cannot be read ({exc.strerror}).",
+                                hint="Give the storage role's token_file, or a copy of it.") from exc
+    with context.client() as c:
+        ds = c.add_iscsi_datastore(name, portal=iscsi, target=target, storage_role=storage_role,
+                                   token=token, hosts=host)
+    if json_:
+        emit_json(ds)
+    else:
+        fields(f"Datastore {name}", {k: ds.get(k) for k in ("name", "kind", "uuid", "hosts", "capacity_mib",
+                                                           "free_mib")})
 
 
 @datastore_app.command("list")

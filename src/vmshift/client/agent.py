@@ -30,9 +30,10 @@ from vmshift.model.agent_migration import (
     SinkRequest,
 )
 from vmshift.model.enums import PowerAction
-from vmshift.model.host import HostFacts
+from vmshift.model.host import DatastoreInfo, HostFacts
 from vmshift.model.host_stream import STREAM_PATH, Change, Keepalive, Snapshot, decode
 from vmshift.model.images import AgentImageImport, ImportProgress, OvaContents, OvaRequest
+from vmshift.model.iscsi import AgentIscsiDatastore
 from vmshift.model.moves import DiskExportRequest, DiskExports, DiskMoveRequest, MoveProgress
 from vmshift.model.suspend import SuspendProgress, SuspendResult
 from vmshift.model.vm import VmRuntime, VmSpec
@@ -199,6 +200,16 @@ class AgentClient:
     async def facts(self) -> HostFacts:
         result: HostFacts = self._parse(await self._request("GET", "/facts"), HostFacts)
         return result
+
+    async def register_iscsi_datastore(self, req: AgentIscsiDatastore) -> DatastoreInfo:
+        """The agent checks the portal and the storage role, then makes the datastore's folder."""
+        resp = await self._request("POST", "/datastores/iscsi", json=req.model_dump(mode="json"),
+                                   timeout_s=30)
+        result: DatastoreInfo = self._parse(resp, DatastoreInfo)
+        return result
+
+    async def unregister_datastore(self, name: str) -> None:
+        await self._request("DELETE", f"/datastores/{name}", timeout_s=30)
 
     async def list_vms(self, timeout_s: float | None = None) -> list[VmRuntime]:
         resp = await self._request("GET", "/vms", timeout_s=timeout_s)

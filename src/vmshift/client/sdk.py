@@ -181,6 +181,13 @@ class VmshiftClient:
     def list_datastores(self, *, limit: int | None = None) -> list[Json]:
         return self.list_all("/datastores", limit=limit)
 
+    def add_iscsi_datastore(self, name: str, *, portal: str, target: str, storage_role: str, token: str,
+                            hosts: list[str] | None = None) -> Json:
+        """POST /datastores: an existing iSCSI target (and its storage role) as a datastore on hosts."""
+        body: Json = {"name": name, "portal": portal, "target": target, "storage_role": storage_role,
+                      "token": token, "hosts": hosts or []}
+        return dict(self.request("POST", "/datastores", json=body))
+
     def list_networks(self, *, limit: int | None = None) -> list[Json]:
         return self.list_all("/networks", limit=limit)
 

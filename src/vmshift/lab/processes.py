@@ -128,6 +128,7 @@ def prepare_files(rec: LabRecord) -> None:
             "management_address": lay.host_mgmt_address(k),
             "migration_address": lay.host_mig_address(k),
             "accelerator": "auto",
+            "registered_datastores_dir": str(lay.datastores_dir / f"registered-host-{k}"),
         }
         if lay.iscsi:
             from vmshift.lab import storage  # it builds on this module

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from vmshift.errors import ConflictError
 from vmshift.model.base import RequestModel
 from vmshift.model.enums import DiskFormat
+from vmshift.model.inputs import DatastoreName, HostName
 
 #: The naming authority of the IQNs vmshift makes (RFC 3720: iqn.YYYY-MM.reversed-domain[:unique]).
 IQN_PREFIX = "iqn.2026-12.io.vmshift"
@@ -142,3 +143,37 @@ def attach(lun: LunInfo, req: AttachRequest) -> list[Attachment]:
 def detach(lun: LunInfo, host: str) -> list[Attachment]:
     """The LUN's attachments without ``host`` (the survivor of a handover is no longer in one)."""
     return [Attachment(host=a.host, initiator=a.initiator) for a in lun.attachments if a.host != host]
+
+
+# ---------------------------------------------------------------- registering an existing target
+
+PORTAL_PATTERN = r"^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$"
+IQN_PATTERN = _IQN_RE.pattern
+ROLE_URL_PATTERN = r"^https?://[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?$"
+TOKEN_PATTERN = r"^[A-Za-z0-9._~+/=-]{1,256}$"
+
+
+class IscsiDatastoreAdd(RequestModel):
+    """An existing iSCSI target, with the storage role that makes its LUNs, registered as a datastore
+    on hosts (`vmshift datastore add NAME --iscsi PORTAL --target IQN`)."""
+
+    name: DatastoreName
+    portal: str = Field(pattern=PORTAL_PATTERN, max_length=259,
+                        description="ADDRESS:PORT, e.g. 10.0.3.2:3260")
+    target: str = Field(pattern=IQN_PATTERN, max_length=223, description="the target's IQN")
+    storage_role: str = Field(pattern=ROLE_URL_PATTERN, max_length=270,
+                              description="the storage role's URL, e.g. http://10.0.3.2:8102")
+    token: str = Field(pattern=TOKEN_PATTERN, description="the storage role's token (its token_file)")
+    hosts: list[HostName] = Field(default_factory=list, max_length=256,
+                                  description="the hosts that get it; empty: every host in the inventory")
+
+
+class AgentIscsiDatastore(RequestModel):
+    """What the server asks each host's agent to register (the UUID is the same on every host)."""
+
+    name: DatastoreName
+    uuid: str = Field(pattern=r"^[0-9a-f-]{36}$")
+    portal: str = Field(pattern=PORTAL_PATTERN, max_length=259)
+    target: str = Field(pattern=IQN_PATTERN, max_length=223)
+    storage_role: str = Field(pattern=ROLE_URL_PATTERN, max_length=270)
+    token: str = Field(pattern=TOKEN_PATTERN)

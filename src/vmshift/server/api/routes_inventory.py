@@ -35,6 +35,7 @@ from vmshift.model.api import (
 )
 from vmshift.model.enums import ConnectionState
 from vmshift.model.inputs import ClusterName, HostName, Name, NetworkName
+from vmshift.model.iscsi import IscsiDatastoreAdd
 from vmshift.model.paging import ListName
 from vmshift.server.api.deps import core_of
 from vmshift.server.api.json_pieces import JsonPieces, json_list
@@ -51,6 +52,7 @@ from vmshift.server.api.paging import (
     page,
 )
 from vmshift.server.core import ServerCore
+from vmshift.server.datastore_add import add_iscsi_datastore
 from vmshift.server.db.schema import (
     ClusterRow,
     DatacenterRow,
@@ -308,6 +310,13 @@ def list_datastores(
         unproven = unproven_hosts(s)
         views = Page([datastore_view(d, unproven.get(d.uuid, ())) for d in got.items], got.next_cursor)
     return answer(request, views, _DATASTORES)
+
+
+@router.post("/datastores", status_code=201, responses=errors(*BODY, 404, 409, 502))
+async def add_datastore(body: IscsiDatastoreAdd, core: ServerCore = Depends(core_of)) -> Datastore:
+    """Register an existing iSCSI target as a datastore on hosts (server/datastore_add.py): each host
+    checks that the portal answers and the storage role serves the target; all hosts or none."""
+    return await add_iscsi_datastore(core, body)
 
 
 @router.get("/networks", response_model=list[Network], responses=list_answers(list[Network]))
