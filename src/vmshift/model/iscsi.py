@@ -163,7 +163,8 @@ class IscsiDatastoreAdd(RequestModel):
     target: str = Field(pattern=IQN_PATTERN, max_length=223, description="the target's IQN")
     storage_role: str = Field(pattern=ROLE_URL_PATTERN, max_length=270,
                               description="the storage role's URL, e.g. http://10.0.3.2:8102")
-    token: str = Field(pattern=TOKEN_PATTERN, description="the storage role's token (its token_file)")
+    token: str = Field(pattern=TOKEN_PATTERN, max_length=256,
+                       description="the storage role's token (its token_file)")
     hosts: list[HostName] = Field(default_factory=list, max_length=256,
                                   description="the hosts that get it; empty: every host in the inventory")
 
@@ -176,4 +177,4 @@ class AgentIscsiDatastore(RequestModel):
     portal: str = Field(pattern=PORTAL_PATTERN, max_length=259)
     target: str = Field(pattern=IQN_PATTERN, max_length=223)
     storage_role: str = Field(pattern=ROLE_URL_PATTERN, max_length=270)
-    token: str = Field(pattern=TOKEN_PATTERN)
+    token: str = Field(pattern=TOKEN_PATTERN, max_length=256)
