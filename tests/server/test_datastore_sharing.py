@@ -69,6 +69,24 @@ def test_a_copied_marker_is_not_shared_until_the_host_proves_it(
     assert server.client.get("/hosts/host-3").json()["facts"]["unproven_datastores"] == []
 
 
+def test_a_host_refused_across_a_token_rotation_is_linked_when_the_other_host_reports(
+    server: ServerHarness, agents: AgentFactory
+) -> None:
+    """host-3 read host-1's file just after host-1 rotated its token, before host-1's report said so:
+    refused at first, and linked as soon as host-1's report arrives (host-3 reports nothing new)."""
+    ag1, a1 = agents("host-1", facts=with_proof("host-1", "tok-1", {}), stream=True)
+    _, a3 = agents("host-3", facts=with_proof("host-3", "tok-3", {"host-1": "tok-1-new"}), stream=True)
+    server.add_host(a1)
+    server.add_host(a3)
+    assert shared_hosts(server) == ["host-1"]
+    rotated = with_proof("host-1", "tok-1-new", {"host-3": "tok-3"})
+    for ds in rotated.datastores:
+        if ds.proof is not None:
+            ds.proof.previous = "tok-1"
+    ag1.facts = rotated
+    wait_for(lambda: shared_hosts(server) == ["host-1", "host-3"], 10, "host-3 to be linked")
+
+
 def test_datastore_add_registers_an_iscsi_target_on_every_host_or_none(
     server: ServerHarness, agents: AgentFactory
 ) -> None:

@@ -73,3 +73,11 @@ def test_an_unwritable_directory_is_reported_without_proof(tmp_path: Path) -> No
     (ds / ".vmshift-hosts").write_text("not a folder")  # mkdir fails: nothing can be written
     info = Datastores([ds], "host-1").infos()[0]
     assert info.proof is None and info.name == "shared-1"
+
+
+def test_a_restarted_agent_keeps_its_token(tmp_path: Path) -> None:
+    """What the other hosts read before the restart still proves the sharing after it."""
+    ds = marker(tmp_path / "shared")
+    first = Datastores([ds], "host-1", tmp_path / "share-proof.json").infos()[0].proof
+    again = Datastores([ds], "host-1", tmp_path / "share-proof.json").infos()[0].proof
+    assert first is not None and again is not None and again.token == first.token

@@ -135,7 +135,8 @@ def create_app(config: AgentConfig, tls: AgentTls | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         private_dir(config.state_dir)
         registry = app.state.iscsi_registry = IscsiRegistry(config.registered_dir)
-        datastores = Datastores([*config.datastores, *registry.paths()], config.name)
+        datastores = Datastores([*config.datastores, *registry.paths()], config.name,
+                                config.state_dir / "share-proof.json")
         probe = await probe_host(config, datastores)
         iscsi_disks = IscsiDisks(config.name, {**config.storage_role_tokens, **registry.token_files()})
         supervisor = Supervisor(config, VmFiles(datastores, config.state_dir, config.qemu_img, iscsi_disks),

@@ -141,9 +141,9 @@ class Datastores:
     (agent/share_proof.py): without it nothing is written into them.
     """
 
-    def __init__(self, paths: list[Path], host: str = "") -> None:
+    def __init__(self, paths: list[Path], host: str = "", proof_file: Path | None = None) -> None:
         self._paths = list(paths)
-        self._proof = ShareProof(host) if host else None
+        self._proof = ShareProof(host, state_file=proof_file) if host else None
 
     def add_path(self, path: Path) -> None:
         if path not in self._paths:

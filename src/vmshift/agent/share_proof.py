@@ -32,17 +32,38 @@ ROTATE_S = 300.0
 class ShareProof:
     """This host's tokens (current and previous) and its file in each directory datastore."""
 
-    def __init__(self, host: str, *, rotate_s: float = ROTATE_S) -> None:
+    def __init__(self, host: str, *, state_file: Path | None = None, rotate_s: float = ROTATE_S) -> None:
+        """``state_file`` keeps the tokens across agent restarts: a restarted agent that came back
+        with a new token would not be proven by what the other hosts read before (until they report
+        again), and a host that happened to rotate meanwhile could leave it unproven."""
         self.host = host
         self.rotate_s = rotate_s
-        self.token = secrets.token_hex(16)
-        self.previous = ""
-        self._rotated = time.monotonic()
+        self.state_file = state_file
+        self.token, self.previous, self._rotated = secrets.token_hex(16), "", time.time()
+        saved = _load(state_file)
+        if saved is not None:
+            self.token, self.previous, self._rotated = saved
+        else:
+            self._save()
+
+    def _save(self) -> None:
+        if self.state_file is None:
+            return
+        try:
+            tmp = self.state_file.with_name(f".{self.state_file.name}.tmp")
+            tmp.unlink(missing_ok=True)
+            tmp.touch(mode=0o600)
+            tmp.write_text(json.dumps({"token": self.token, "previous": self.previous,
+                                       "rotated_at": self._rotated}))
+            os.replace(tmp, self.state_file)
+        except OSError as exc:
+            log.warning("cannot keep the sharing proof's tokens in %s: %s", self.state_file, exc)
 
     def _rotate_if_due(self) -> None:
-        if time.monotonic() - self._rotated >= self.rotate_s:
-            self.previous, self.token = self.token, secrets.token_hex(16)
-            self._rotated = time.monotonic()
+        now = time.time()
+        if not 0 <= now - self._rotated < self.rotate_s:  # due, or the clock went back
+            self.previous, self.token, self._rotated = self.token, secrets.token_hex(16), now
+            self._save()
 
     def refresh(self, datastore_dir: Path) -> DatastoreProof | None:
         """Write this host's file (when it does not hold the current token), then read the others'.
@@ -62,6 +83,16 @@ class ShareProof:
             log.warning("cannot write %s (sharing of %s is not proven): %s", mine, datastore_dir, exc)
             return None
         return DatastoreProof(token=self.token, previous=self.previous, peers=peer_tokens(folder, self.host))
+
+
+def _load(path: Path | None) -> tuple[str, str, float] | None:
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return str(data["token"]), str(data.get("previous", "")), float(data["rotated_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def read_token(path: Path) -> str | None:

@@ -136,7 +136,8 @@ def _sharing_checked(s: Session, host: HostRow, facts: HostFacts) -> HostFacts:
     kept, refused = [], []
     for ds in facts.datastores:
         row = None if ds.proof is None else s.scalar(select(DatastoreRow).where(DatastoreRow.uuid == ds.uuid))
-        links = [] if row is None else [link for link in row.hosts if link.host_id != host.id]
+        links = [] if row is None else s.scalars(select(HostDatastoreRow).where(  # a query: sees new links
+            HostDatastoreRow.datastore_id == row.id, HostDatastoreRow.host_id != host.id)).all()
         linked = {link.host.name: _proof_in(link.host.facts, ds.uuid) for link in links}
         if shares_with_linked(facts.name, ds.proof, linked):
             kept.append(ds)
@@ -165,11 +166,27 @@ def unproven_hosts(s: Session) -> dict[str, list[str]]:
     return found
 
 
-def apply_facts(s: Session, host: HostRow, facts: HostFacts) -> None:
+def _recheck_unproven(s: Session, host: HostRow, uuids: set[str]) -> None:
+    """Check again the other hosts whose copy of a datastore in ``uuids`` was not proven: this
+    host's new proof (a new token, new peers) may be what they read. Without this, a host refused
+    because its report crossed another's token rotation would wait for its own next report."""
+    for other in s.scalars(select(HostRow).where(HostRow.id != host.id)):
+        waiting = (other.facts or {}).get("unproven_datastores") or []
+        if any(entry.get("uuid") in uuids for entry in waiting):
+            stored = HostFacts.model_validate(other.facts)
+            whole = stored.model_copy(update={"datastores": [*stored.datastores,
+                                                             *stored.unproven_datastores]})
+            apply_facts(s, other, whole, recheck_others=False)
+
+
+def apply_facts(s: Session, host: HostRow, facts: HostFacts, *, recheck_others: bool = True) -> None:
     """Refresh a host's facts, datastores (by marker UUID; shared when seen by several hosts and
     proven so, see ``_sharing_checked``) and networks."""
+    before = host.facts
     facts = _sharing_checked(s, host, facts)
     host.facts = facts.model_dump(mode="json")
+    changed = {ds.uuid for ds in facts.datastores
+               if recheck_others and ds.proof is not None and _proof_in(before, ds.uuid) != ds.proof}
     seen_ds: set[int] = set()
     for ds in facts.datastores:
         by_uuid = select(DatastoreRow).where(DatastoreRow.uuid == ds.uuid)
@@ -222,6 +239,9 @@ def apply_facts(s: Session, host: HostRow, facts: HostFacts) -> None:
     for nlink in list(host.networks):
         if nlink.network_id not in seen_net:
             s.delete(nlink)
+    if changed:
+        s.flush()
+        _recheck_unproven(s, host, changed)
 
 
 def _insert_once(s: Session, row: _Row, existing: Select[_Row]) -> tuple[_Row | None, bool]:
