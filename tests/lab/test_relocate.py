@@ -265,6 +265,13 @@ def small_local_2(lab: LabHandle) -> Iterator[Path]:
     in_agent_ns(lab, 2, "mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(ds))
     try:
         in_agent_ns(lab, 2, "cp", "-a", f"{saved}/ds/.", str(ds))
+
+        def on_tmpfs() -> bool:  # the agent rescans every 5 s: one scan may have found the copy half made
+            listed = {d["name"]: d for d in vmshift_json(lab, "datastore", "list")}
+            seen = listed.get("local-host-2") or {}
+            return "host-2" in seen.get("hosts", []) and 0 < seen.get("capacity_mib", 0) <= 300
+
+        wait_for("host-2 to report local-host-2 on its 300 MiB tmpfs", on_tmpfs, timeout=30)
         yield ds
     finally:
         in_agent_ns(lab, 2, "umount", "-l", str(ds))
