@@ -99,7 +99,10 @@ def test_schemathesis_finds_nothing(real_server: Server) -> None:
     assert operations >= EXCLUDED
     cmd = [str(BIN / "schemathesis"), "--config-file", str(CONFIG), "run", f"{base}/api/v1/openapi.json",
            "--header", f"Authorization: Bearer {token}", "--checks", "all", "--max-examples", str(EXAMPLES),
-           "--workers", "2", "--generation-database", "none", "--no-color"]  # fmt: skip
+           "--workers", "1", "--generation-database", "none", "--no-color"]  # fmt: skip
+    # one worker: with two threads, Hypothesis' ast.parse of its filter lambdas can raise CPython
+    # 3.11's "AST constructor recursion depth mismatch" (a race on an interpreter-wide counter), and
+    # that failed two runs of this session with nothing wrong in the API
     cmd += ["--tls-verify", str(ca)]
     if os.environ.get("VMSHIFT_FUZZ_SEED"):
         cmd += ["--seed", os.environ["VMSHIFT_FUZZ_SEED"]]
