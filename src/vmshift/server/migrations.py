@@ -23,7 +23,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from vmshift.client.agent import AgentPool
 from vmshift.errors import ConflictError, NotFoundError, SwitchoverStartedError, VmshiftError
 from vmshift.migration.grants import grant_lifetime_s, mint_grant
-from vmshift.migration.phases import check_transition
 from vmshift.migration.progress import percent_of, phase_label
 from vmshift.model.agent_migration import AgentRef, IncomingRequest, MigrationProgress, OutgoingMigration
 from vmshift.model.api import ErrorInfo, EventKind, TaskKind
@@ -37,10 +36,10 @@ from vmshift.model.migration import (
     MigrationStatus,
 )
 from vmshift.model.vm import VmSpec
-from vmshift.placement.capacity import at_limit
 from vmshift.server.db.schema import HostRow, MigrationRow, ServerIdentityRow, TaskRow, utcnow
 from vmshift.server.events import record_event
 from vmshift.server.migration_checks import effective_bandwidth, plan_migration, predict
+from vmshift.server.migration_slots import MigrationSlots
 from vmshift.server.migration_store import (
     AGENT_PHASES,
     complete,
@@ -78,7 +77,7 @@ class MigrationNeedsFinalizeError(MigrationFailedError):
 
 
 class MigrationOrchestrator:
-    """Starts, resumes and cancels migration task bodies; hands out per-host migration slots."""
+    """Starts, resumes and cancels migration task bodies (their slots: server/migration_slots.py)."""
 
     def __init__(
         self, sessions: sessionmaker[Session], agents: AgentPool, tasks: TaskEngine, settings: ServerSettings
@@ -87,7 +86,7 @@ class MigrationOrchestrator:
         self._agents = agents
         self._tasks = tasks
         self._settings = settings
-        self._slots = asyncio.Condition()
+        self.slots = MigrationSlots(sessions)  # shared with the disk moves (server/moves/runner.py)
         self._server_id: str | None = None
 
     # -- start and resume ------------------------------------------------------------------
@@ -171,7 +170,7 @@ class MigrationOrchestrator:
     async def _run(self, ctx: TaskContext, mid: int, resume: bool) -> dict[str, Any]:
         try:
             try:
-                waited = await self.acquire_slot(ctx, mid)
+                waited = await self.slots.acquire(ctx, mid)
                 if waited:
                     await self._recheck(ctx, mid)
                 adopted = await self._adopt(mid) if resume else None
@@ -201,31 +200,7 @@ class MigrationOrchestrator:
                 await self._abandon(mid, e)
                 raise
         finally:
-            await self.release_slot()
-
-    async def release_slot(self) -> None:
-        """A migration (of any kind) ended: wake the ones queued for a slot."""
-        async with self._slots:
-            self._slots.notify_all()
-
-    async def acquire_slot(self, ctx: TaskContext, mid: int) -> bool:
-        """Wait until both hosts are below their concurrent-migration limits (FIFO); True if it waited."""
-        waited = False
-        while True:
-            with self._sessions.begin() as s:
-                row = get_migration_row(s, mid)
-                if row.status is not MigrationStatus.QUEUED:
-                    return waited
-                if _slot_free(s, row):
-                    row.phase = check_transition(row.phase, MigrationPhase.CHECK)
-                    row.status, row.started_at = MigrationStatus.RUNNING, utcnow()
-                    return waited
-            if not waited:
-                ctx.progress("queued: waiting for a migration slot", 0)
-                waited = True
-            async with self._slots:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._slots.wait(), timeout=1.0)
+            await self.slots.release()
 
     async def _recheck(self, ctx: TaskContext, mid: int) -> None:
         """After waiting in the queue, the world may have changed: run the checks again."""
@@ -520,23 +495,6 @@ class MigrationOrchestrator:
             await self._agents.get(address).migration_rollback(mid)
         except VmshiftError as e:
             log.warning("migration %s: target rollback failed: %s", mid, e)
-
-
-def _slot_free(s: Session, row: MigrationRow) -> bool:
-    """Running migrations plus older queued ones stay below each host's limit (FIFO per host)."""
-    hosts = {row.source_host, row.target_host}
-    limits = {h.name: h.migration_limit for h in s.scalars(select(HostRow).where(HostRow.name.in_(hosts)))}
-    busy = dict.fromkeys(hosts, 0)
-    for other in s.scalars(
-        select(MigrationRow).where(
-            MigrationRow.id != row.id,
-            (MigrationRow.status == MigrationStatus.RUNNING)
-            | ((MigrationRow.status == MigrationStatus.QUEUED) & (MigrationRow.id < row.id)),
-        )
-    ):
-        for h in {other.source_host, other.target_host} & hosts:
-            busy[h] += 1
-    return not at_limit(busy, limits, hosts)
 
 
 def raise_for_report(report: CheckReport) -> None:

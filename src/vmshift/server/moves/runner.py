@@ -57,7 +57,8 @@ class DiskMoves:
         self._agents = agents
         self._tasks = tasks
         self._settings = settings
-        self._slots = orchestrator  # one queue of migration slots for every kind
+        self._orchestrator = orchestrator  # its server id
+        self._slots = orchestrator.slots  # one queue of migration slots for every kind
 
     def start(self, migration_id: int, task_id: int, vm: str, *, resume: bool = False) -> None:
         self._tasks.start(task_id, vm, self.body(migration_id, resume), resumable=True, resume=resume)
@@ -96,7 +97,7 @@ class DiskMoves:
     async def _run(self, ctx: TaskContext, mid: int, resume: bool) -> dict[str, Any]:
         try:
             try:
-                waited = await self._slots.acquire_slot(ctx, mid)
+                waited = await self._slots.acquire(ctx, mid)
                 if waited:
                     await self._recheck(ctx, mid)
                 progress = await self._adopt(mid) if resume else None
@@ -117,7 +118,7 @@ class DiskMoves:
                 await self._abandon(mid, e)
                 raise
         finally:
-            await self._slots.release_slot()
+            await self._slots.release()
 
     def _row(self, mid: int) -> tuple[MigrationRow, VmSpec, VmSpec, str, str]:
         """The row, the VM's spec now and after the move, the source and target agent addresses."""
@@ -171,8 +172,8 @@ class DiskMoves:
         assert row.nonce is not None
         fmt = row.disk_format
         limit = MigrationSettings.model_validate(row.settings or {}).bandwidth_limit_bps
-        request = DiskMoveRequest(move_id=mid, nonce=row.nonce, server_id=self._slots.server_id, vm=row.vm,
-                                  kind=row.kind, target_spec=target,
+        request = DiskMoveRequest(move_id=mid, nonce=row.nonce, server_id=self._orchestrator.server_id,
+                                  vm=row.vm, kind=row.kind, target_spec=target,
                                   disk_format=DiskFormat(fmt) if fmt else None,
                                   speed_bps=limit)
         if row.source_host != row.target_host:
