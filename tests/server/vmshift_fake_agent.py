@@ -171,6 +171,7 @@ class FakeAgent:
     ovas: dict[str, dict[str, Any]] = field(default_factory=dict)  # OVA path -> what POST /images/ova reads
     removed_images: list[str] = field(default_factory=list)  # DELETE /images/DS/NAME, in order
     dead_portals: set[str] = field(default_factory=set)  # POST /datastores/iscsi: these do not answer
+    portal_timeout_s: float = 0.0  # ... after this long (a real agent waits 3 s)
     unregistered: list[str] = field(default_factory=list)  # DELETE /datastores/NAME, in order
     tls: FakeAgentTls = field(init=False)
     log: ChangeLog = field(init=False)
@@ -343,6 +344,7 @@ class FakeAgent:
         async def register_iscsi(body: dict[str, Any]) -> Any:
             """As the real agent, without reaching anything: the test names the dead portals."""
             if body["portal"] in self.dead_portals:
+                await asyncio.sleep(self.portal_timeout_s)
                 error = {"code": "invalid_input", "hint": "Check the address and port.",
                          "message": f"The iSCSI portal {body['portal']} does not answer from host "
                                     f"{self.facts.name} (no answer in 3 s)."}

@@ -5,6 +5,8 @@ Each chosen host's agent checks from its own network that the portal answers and
 role serves the target, then makes the datastore's folder (agent/iscsi_registry.py). All or
 nothing: when one host refuses, the hosts done before it unregister it again, and the error is the
 refusing host's. The new datastore is then read from each host's facts, so it is listed at once.
+Until then the heartbeat leaves it out of what hosts report: a report read between a host's
+registration and its rollback would otherwise list a datastore that no longer exists.
 """
 
 from __future__ import annotations
@@ -58,19 +60,20 @@ async def add_iscsi_datastore(core: ServerCore, body: IscsiDatastoreAdd) -> Data
     hosts = await run_in_threadpool(_chosen_hosts, core, body)
     req = AgentIscsiDatastore(name=body.name, uuid=str(uuid.uuid4()), portal=body.portal,
                               target=body.target, storage_role=body.storage_role, token=body.token)
-    done: list[str] = []
-    try:
-        for _, address in hosts:
-            await core.agents.get(address).register_iscsi_datastore(req)
-            done.append(address)
-    except BaseException:
-        for address in done:  # all or nothing: the hosts done before the refusal forget it again
-            with contextlib.suppress(VmshiftError):
-                await asyncio.shield(core.agents.get(address).unregister_datastore(body.name))
-        raise
-    for name, address in hosts:
-        facts = await core.agents.get(address).facts()
-        await run_in_threadpool(_apply, core, name, facts)
+    with core.heartbeat.withholding_datastore(body.name):
+        done: list[str] = []
+        try:
+            for _, address in hosts:
+                await core.agents.get(address).register_iscsi_datastore(req)
+                done.append(address)
+        except BaseException:
+            for address in done:  # all or nothing: the hosts done before the refusal forget it again
+                with contextlib.suppress(VmshiftError):
+                    await asyncio.shield(core.agents.get(address).unregister_datastore(body.name))
+            raise
+        for name, address in hosts:
+            facts = await core.agents.get(address).facts()
+            await run_in_threadpool(_apply, core, name, facts)
     return await run_in_threadpool(_view, core, body.name)
 
 
