@@ -1,8 +1,8 @@
 """A lab guest on the iSCSI datastore iscsi-1 (the session's 3-host lab with --iscsi, one VM for
 every check): it boots from its LUN, live-migrates host-1 -> host-2 and back with its disk log
 intact, a second host may not attach its LUN read-write, a 5 s freeze of tgtd only stalls its
-writes, a tgtd gone for good is reported while QEMU keeps answering, and deleting the VM removes
-its LUN.
+writes, a tgtd gone for good is reported while QEMU keeps answering, Storage vMotion takes its
+disk off the LUN to a directory datastore and back, and deleting the VM removes its LUN.
 """
 
 from __future__ import annotations
@@ -148,11 +148,39 @@ def test_target_frozen_then_gone(lab3: LabHandle, vm: dict[str, Any]) -> None:
     verify_disk_log(lab, vm["ip"], back["disklog"]["durable_seq"])
 
 
+@pytest.mark.timeout(300)
+def test_storage_vmotion_between_the_lun_and_a_directory(
+    lab3: LabHandle, api3: VmshiftClient, vm: dict[str, Any]
+) -> None:
+    """`vm migrate --datastore`, the VM running: iscsi-1 -> the host's directory datastore (its LUN
+    removed once the VM runs on the file) -> iscsi-1 (a new LUN), the guest verified after each."""
+    lab = lab3
+    rec = record(lab)
+    owner = str(vmshift_json(lab, "vm", "show", VM)["host"])
+    local = f"local-{owner}"
+    for target in (local, "iscsi-1"):
+        before = guest_check(lab, VM)
+        m = vmshift_json(lab, "vm", "migrate", VM, "--datastore", target)
+        assert m["status"] == "completed" and m["kind"] == "storage", m
+        after = verify_guest(lab, api3, VM, owner, before)
+        shown = vmshift_json(lab, "vm", "show", VM)
+        assert shown["datastore"] == target and shown["host"] == owner, shown
+        assert {d["datastore"] for d in shown["disks"]} == {target}, shown
+        runtime = agent_runtime(lab, int(owner[-1]))
+        assert runtime["power_state"] == "poweredOn" and runtime["io_error"] is None, runtime
+        if target == local:
+            assert storage.target_luns(rec) == set(), "the LUN the VM left is still on the target"
+            assert not any((rec.layout.storage_dir / "luns").iterdir()), "the LUN's backing file is left"
+        else:
+            assert len(storage.target_luns(rec)) == 1, storage.target_luns(rec)
+    verify_disk_log(lab, vm["ip"], after["disklog"]["durable_seq"])
+
+
 @pytest.mark.timeout(120)
 def test_deleting_the_vm_removes_its_lun(lab3: LabHandle, vm: dict[str, Any]) -> None:
     lab = lab3
     rec = record(lab)
-    assert storage.target_luns(rec) == {1}
+    assert len(storage.target_luns(rec)) == 1
     vmshift(lab, "vm", "stop", VM)
     vmshift(lab, "vm", "delete", VM)
     assert storage.target_luns(rec) == set()

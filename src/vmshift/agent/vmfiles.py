@@ -57,14 +57,16 @@ class VmFiles:
         return [(ds, d) for d in spec.disks if (ds := self.datastores.get(d.datastore)).iscsi is not None]
 
     def require_file_disks(self, spec: VmSpec, what: str) -> None:
-        """Refuse ``what`` (a move that copies disk files) for disks that are LUNs: moving a disk
-        between a directory and an iSCSI datastore is not done yet."""
+        """Refuse ``what`` (a move that copies disk files to another host, or a cold one) for disks
+        that are LUNs: only Storage vMotion (agent/moves/storage.py) moves a disk between a
+        directory and an iSCSI datastore."""
         on_iscsi = sorted({ds.name for ds, _ in self.iscsi_disks(spec)})
         if on_iscsi:
             raise InvalidInputError(f"{what} cannot move VM {spec.name!r}: its disks would be on iSCSI "
                                     f"datastore {', '.join(on_iscsi)}, which keeps disks as LUNs, not files.",
                                     hint="Live-migrate it between hosts that see the datastore (no disk "
-                                         "copy is needed), or keep it on directory datastores.")
+                                         "copy is needed), or move its disks with Storage vMotion "
+                                         "(vm migrate --datastore) on one host first.")
 
     def missing_disks(self, spec: VmSpec) -> list[Path]:
         """Disk files this host does not see (a LUN's note is made on define: never missing)."""

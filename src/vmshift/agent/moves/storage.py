@@ -11,6 +11,11 @@ Steps (docs/storage-vmotion.md):
 4. FINISH: the VM's definition at the new home (vm.json = the target spec, home.json), the serial
    log copied and its chardev pointed there, then the old nodes deleted and the old files removed.
 
+A disk on an iSCSI datastore is a LUN (agent/iscsi_disks.py): as a target it is made by the storage
+role, attached read-write to this host and opened over QEMU's initiator before the mirror; as a
+source it is detached and removed once the VM runs on its copy. Which node a guest device uses
+tells whether a disk pivoted (a LUN has no file name to compare).
+
 Any failure before the pivot (cancel, a QEMU error, ENOSPC on the target — the mirror ends with an
 error — or an agent restart) rolls back: jobs cancelled, target nodes deleted, target files and
 folder removed; the VM never stopped using its original files. After the pivot nothing is rolled
@@ -32,7 +37,7 @@ from pydantic import BaseModel
 
 from vmshift.agent.moves.jobs import MoveContext, MoveJob
 from vmshift.agent.qemu_user import unreachable
-from vmshift.errors import ConflictError, InvalidInputError, QemuError, VmshiftError
+from vmshift.errors import ConflictError, InvalidInputError, NotFoundError, QemuError, VmshiftError
 from vmshift.migration.mirror_policy import (
     DiskView,
     MirrorPolicySettings,
@@ -43,11 +48,12 @@ from vmshift.migration.mirror_policy import (
     totals,
 )
 from vmshift.model.enums import DiskFormat
+from vmshift.model.images import MIB
 from vmshift.model.migration import MigrationPhase
 from vmshift.model.moves import DiskProgress
 from vmshift.model.vm import VmSpec
 from vmshift.qemu import block_qmp as bq
-from vmshift.qemu.cmdline import SERIAL_CHARDEV, disk_device_id
+from vmshift.qemu.cmdline import SERIAL_CHARDEV, disk_device_id, disk_node_name
 from vmshift.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
@@ -67,6 +73,9 @@ class StorageDisk(BaseModel):
     target_node: str
     job_id: str
     direct: bool = False  # the target is on a shared directory datastore: opened with O_DIRECT
+    source_lun: bool = False  # the source is a LUN of an iSCSI datastore (source_path: its note)
+    target_lun: bool = False  # the target is one (target_path: its note, written when it is made)
+    source_file_node: str = ""  # the protocol node under source_node (a LUN's is found by this name)
     created: bool = False  # the target image was created by this move (rollback removes it)
     node_added: bool = False
     mirror_started: bool = False
@@ -127,17 +136,20 @@ class StorageMover:
             await self._cancel_jobs(qmp, detail)
             for disk in detail.disks:
                 dev = await bq.device_of(qmp, disk_device_id(disk.index))
-                if dev.filename != disk.source_path:
+                if not _uses(dev, disk.source_node, disk.source_path):
                     raise QemuError(
                         f"Disk {disk.index} of VM {self.job.request.vm!r} uses {dev.filename}, not its "
                         f"original {disk.source_path}, although the move never pivoted.",
                         hint="Leave the files as they are and look at the VM's QEMU log.")
                 if disk.node_added:
-                    await _del_nodes(qmp, disk.target_node, Path(disk.target_path))
+                    await _del_nodes(qmp, disk.target_node, Path(disk.target_path),
+                                     _file_node(disk.target_node) if disk.target_lun else None)
                     disk.node_added = False
                     self._save(detail)
         for disk in detail.disks:
             if disk.created:
+                if disk.target_lun:
+                    await self._drop_lun(detail.final_spec, disk.index)
                 Path(disk.target_path).unlink(missing_ok=True)
                 disk.created = False
         target_dir = Path(detail.target_dir)
@@ -159,8 +171,13 @@ class StorageMover:
             target = target.model_copy(update={"disks": [
                 d.model_copy(update={"format": req.disk_format}) for d in target.disks]})
         src_paths, dst_paths = files.paths(source), files.paths(target)  # NotFoundError: unknown datastore
-        for spec in (source, target):
-            files.require_file_disks(spec, "A disk move")
+        src_luns = {d.file for _, d in files.iscsi_disks(source)}
+        dst_luns = {d.file for _, d in files.iscsi_disks(target)}
+        both = [d.file for d in source.disks if d.file in src_luns and d.file in dst_luns]
+        if both:
+            raise InvalidInputError(f"A disk move cannot take disk {both[0]!r} of VM {req.vm!r} from one "
+                                    "iSCSI datastore to another yet (both keep it as a LUN named after "
+                                    "the VM).", hint="Move it to a directory datastore first, then on.")
         if (dst_paths.vm_dir / "vm.json").exists() and dst_paths.vm_dir != src_paths.vm_dir:
             raise ConflictError(f"{dst_paths.vm_dir} already holds a VM definition.",
                                 hint="Remove that folder or pick another datastore.")
@@ -173,13 +190,19 @@ class StorageMover:
                 raise ConflictError(f"The target file {dst} already exists.",
                                     hint="Remove it (a leftover?) or pick another datastore.")
             dev = await bq.device_of(qmp, disk_device_id(i))
-            if dev.filename != str(src):
+            from_lun = source.disks[i].file in src_luns
+            if from_lun and i not in src_paths.luns:
+                raise ConflictError(f"Disk {i} of VM {req.vm!r} has no readable LUN note at {src}.",
+                                    hint="Restart the VM from its definition first.")
+            if not from_lun and dev.filename != str(src):
                 raise ConflictError(f"Disk {i} of VM {req.vm!r} runs on {dev.filename}, not {src} as its "
                                     "definition says.", hint="Restart the VM from its definition first.")
             disks.append(StorageDisk(index=i, source_path=str(src), target_path=str(dst),
                                      format=target.disks[i].format, size_bytes=dev.virtual_size,
                                      source_node=dev.node_name, target_node=f"mv{req.move_id}-d{i}",
-                                     job_id=f"mv{req.move_id}-d{i}", direct=i in dst_paths.direct))
+                                     job_id=f"mv{req.move_id}-d{i}", direct=i in dst_paths.direct,
+                                     source_lun=from_lun, target_lun=target.disks[i].file in dst_luns,
+                                     source_file_node=_protocol_node(dev.node_name, i)))
         detail = StorageDetail(source_spec=source, final_spec=target, target_dir=str(dst_paths.vm_dir),
                                disks=disks)
         self._save(detail)
@@ -196,6 +219,9 @@ class StorageMover:
             self.job.check_cancel()
             disk.created = True
             self._save(detail)
+            if disk.target_lun:
+                await self._prepare_lun(qmp, detail, disk)
+                continue
             target = Path(disk.target_path)
             target.parent.mkdir(parents=True, exist_ok=True)
             blocked = unreachable(identity, target.parent)
@@ -213,6 +239,30 @@ class StorageMover:
                                              path=Path(disk.target_path), fmt=disk.format,
                                              direct=disk.direct)
         self._report(detail)
+
+    async def _prepare_lun(self, qmp: QmpSession, detail: StorageDetail, disk: StorageDisk) -> None:
+        """The target LUN made (at least the device's size), its note written, attached read-write to
+        this host and opened over the initiator."""
+        files, spec = self.ctx.files, detail.final_spec
+        disk_spec = spec.disks[disk.index]
+        ds = files.datastores.get(disk_spec.datastore)
+        size_mib = max(disk_spec.size_mib, -(-disk.size_bytes // MIB))
+        lun = await files.iscsi.ensure(ds, spec, disk_spec.model_copy(update={"size_mib": size_mib}),
+                                       Path(disk.target_path))
+        await files.iscsi.attach(ds, spec, disk_spec, None)
+        disk.node_added = True
+        self._save(detail)
+        await qmp.execute("blockdev-add", {"driver": disk.format.value, "node-name": disk.target_node,
+                                           "file": lun.blockdev(_file_node(disk.target_node))})
+
+    async def _drop_lun(self, spec: VmSpec, index: int) -> None:
+        """Detach and remove the LUN of ``spec``'s disk ``index`` (gone already: fine)."""
+        files, disk_spec = self.ctx.files, spec.disks[index]
+        ds = files.datastores.get(disk_spec.datastore)
+        with contextlib.suppress(NotFoundError, ConflictError):  # held by another host: remove says so
+            await files.iscsi.detach(ds, spec, disk_spec)
+        with contextlib.suppress(NotFoundError):
+            await files.iscsi.remove(ds, spec, disk_spec)
 
     # ----- COPY ----------------------------------------------------------------------------------
     async def _copy(self, qmp: QmpSession, detail: StorageDetail) -> None:
@@ -316,8 +366,8 @@ class StorageMover:
     async def _note_pivoted(self, qmp: QmpSession, detail: StorageDetail) -> None:
         for disk in detail.disks:
             dev = await bq.device_of(qmp, disk_device_id(disk.index))
-            disk.pivoted = dev.filename == disk.target_path
-            if not disk.pivoted and dev.filename != disk.source_path:
+            disk.pivoted = _uses(dev, disk.target_node, disk.target_path)
+            if not disk.pivoted and not _uses(dev, disk.source_node, disk.source_path):
                 raise QemuError(f"Disk {disk.index} uses {dev.filename}, neither its source nor its target.",
                                 hint="Leave the files as they are and look at the VM's QEMU log.")
         self._save(detail)
@@ -342,9 +392,15 @@ class StorageMover:
             self._save(detail)
         if not detail.old_removed:
             for disk in detail.disks:
-                done_with, node = ((disk.source_path, disk.source_node) if disk.pivoted
-                                   else (disk.target_path, disk.target_node))
-                await _del_nodes(qmp, node, Path(done_with))
+                if disk.pivoted:
+                    done_with, node, lun = disk.source_path, disk.source_node, disk.source_lun
+                    protocol, lun_spec = disk.source_file_node, detail.source_spec
+                else:
+                    done_with, node, lun = disk.target_path, disk.target_node, disk.target_lun
+                    protocol, lun_spec = _file_node(disk.target_node), detail.final_spec
+                await _del_nodes(qmp, node, Path(done_with), protocol if lun else None)
+                if lun:
+                    await self._drop_lun(lun_spec, disk.index)
                 Path(done_with).unlink(missing_ok=True)
                 with contextlib.suppress(OSError):  # a disk folder apart from the home, now empty
                     Path(done_with).parent.rmdir()
@@ -434,10 +490,27 @@ def _file_node(node: str) -> str:
     return f"{node}-file"
 
 
-async def _del_nodes(qmp: QmpSession, format_node: str, path: Path) -> None:
-    """Delete a format node and the file nodes that have ``path`` open (absent ones are fine)."""
+def _protocol_node(format_node: str, index: int) -> str:
+    """The protocol node under a disk's format node, by the names vmshift gives them: the VM's own
+    (qemu/cmdline.py) or a move's target (``_file_node``)."""
+    return f"file-disk{index}" if format_node == disk_node_name(index) else _file_node(format_node)
+
+
+def _uses(dev: bq.BlockDevice, node: str, path: str) -> bool:
+    """Whether a guest device runs on ``node`` (a mirror's target replaces its source in the graph),
+    or on the file ``path`` (a VM started before the node had that name)."""
+    return dev.node_name == node or dev.filename == path
+
+
+async def _del_nodes(qmp: QmpSession, format_node: str, path: Path, protocol_node: str | None = None) -> None:
+    """Delete a format node and the protocol nodes under it: ``protocol_node`` (a LUN's), else the
+    file nodes that have ``path`` open (absent ones are fine)."""
     with contextlib.suppress(QemuError):
         await bq.blockdev_del(qmp, format_node)
+    if protocol_node is not None:
+        with contextlib.suppress(QemuError):
+            await bq.blockdev_del(qmp, protocol_node)
+        return
     for node in await bq.file_nodes_of(qmp, path):
         with contextlib.suppress(QemuError):
             await bq.blockdev_del(qmp, node)
