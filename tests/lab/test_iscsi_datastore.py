@@ -190,7 +190,8 @@ def test_deleting_the_vm_removes_its_lun(lab3: LabHandle, vm: dict[str, Any]) ->
 @pytest.mark.timeout(120)
 def test_datastore_add_registers_the_existing_target_and_refuses_a_dead_portal(lab3: LabHandle) -> None:
     """`datastore add --iscsi`: the lab's target (with its storage role) registered a second time, as
-    an operator registers one they run; a portal nobody listens on is refused and nothing is left."""
+    an operator registers one they run; a portal nobody listens on is refused and nothing is left;
+    `datastore remove` takes it back."""
     lay = record(lab3).layout
     args = ["--target", storage.target_iqn(lay), "--storage-role", storage.role_url(lay),
             "--token-file", str(storage.token_file(lay))]
@@ -207,3 +208,11 @@ def test_datastore_add_registers_the_existing_target_and_refuses_a_dead_portal(l
     assert added["kind"] == "iscsi" and added["hosts"] == ["host-1", "host-2", "host-3"], added
     listed = {d["name"]: d for d in vmshift_json(lab3, "datastore", "list")}
     assert listed["iscsi-2"]["shared"] and listed["iscsi-2"]["capacity_mib"] > 0, listed
+
+    # and taken back: gone from every host and the inventory, the target and its LUNs untouched
+    luns = storage.target_luns(record(lab3))
+    assert vmshift_json(lab3, "datastore", "remove", "iscsi-2") == {"removed": "iscsi-2"}
+    kept = [lay.datastores_dir / f"registered-host-{k}" / "iscsi-2" for k in lay.host_numbers]
+    assert not any(f.exists() for f in kept), "a removed datastore left a folder"
+    assert "iscsi-2" not in [d["name"] for d in vmshift_json(lab3, "datastore", "list")]
+    assert storage.target_luns(record(lab3)) == luns

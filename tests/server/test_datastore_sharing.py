@@ -117,3 +117,53 @@ def test_datastore_add_registers_an_iscsi_target_on_every_host_or_none(
     assert r.status_code == 404 and "host-9" in r.json()["error"]["message"], r.text
     r = server.client.post("/datastores", json={**body, "name": "iscsi-4", "portal": "no port"})
     assert r.status_code == 422, r.text
+
+
+def test_datastore_remove_is_refused_while_a_vm_is_on_it_and_says_which_host_kept_it(
+    server: ServerHarness, agents: AgentFactory
+) -> None:
+    """`vmshift datastore remove NAME`: refused while a VM of the inventory is on it (nothing asked of
+    the hosts); a host whose agent refuses keeps it and is named; then gone from every host."""
+    ag1, a1 = agents("host-1")
+    ag2, a2 = agents("host-2")
+    server.add_host(a1)
+    server.add_host(a2)
+    body = {"name": "iscsi-2", "portal": "10.213.3.2:3260", "target": "iqn.2026-12.io.vmshift:ds.t.iscsi-2",
+            "storage_role": "http://10.213.3.2:8102", "token": "secret-token"}
+    assert server.client.post("/datastores", json=body).status_code == 201
+    for d in [*ag1.facts.datastores, *ag2.facts.datastores]:  # the kernel image the VM boots, as
+        if d.name == "iscsi-2":  # `lab up` puts it on iscsi-1
+            d.images.append("lab-guest")
+    def images(host: str) -> list[str]:
+        facts = server.client.get(f"/hosts/{host}").json()["facts"]
+        return [i for d in facts["datastores"] if d["name"] == "iscsi-2" for i in d["images"]]
+
+    wait_for(lambda: images("host-1") == images("host-2") == ["lab-guest"], 10, "the image on both hosts")
+    r = server.client.post("/vms", json={"name": "db-1", "host": "host-1", "datastore": "iscsi-2",
+                                         "memory_mib": 128, "disks_mib": [16]})
+    assert r.status_code == 202, r.text
+    assert server.wait_task(r.json()["id"])["state"] == "success"
+
+    r = server.client.delete("/datastores/iscsi-2")
+    assert r.status_code == 409 and "holds VM db-1" in r.json()["error"]["message"], r.text
+    assert ag1.unregistered == ag2.unregistered == [], ("refused before any host was asked", r.text)
+
+    r = server.client.delete("/vms/db-1")
+    assert r.status_code == 202 and server.wait_task(r.json()["id"])["state"] == "success", r.text
+    ag2.kept_datastores.add("iscsi-2")
+    r = server.client.delete("/datastores/iscsi-2")
+    assert r.status_code == 409, r.text
+    said = r.json()["error"]["message"]
+    assert "Host host-2 kept datastore 'iscsi-2'" in said and "removed from host-1" in said, said
+    listed = {d["name"]: d for d in server.client.get("/datastores").json()}
+    assert listed["iscsi-2"]["hosts"] == ["host-2"], listed
+
+    ag2.kept_datastores.clear()
+    result = CliRunner().invoke(app, [*server.cli_args(), "datastore", "remove", "iscsi-2"])
+    assert result.exit_code == 0 and "Datastore iscsi-2 removed." in result.output, result.output
+    assert ag1.unregistered == ag2.unregistered == ["iscsi-2"]
+    assert "iscsi-2" not in [d["name"] for d in server.client.get("/datastores").json()]
+    events = server.client.get("/events", params={"limit": 50}).json()
+    assert any(e["kind"] == "datastore.removed" and e["target"] == "iscsi-2" for e in events), events
+    r = server.client.delete("/datastores/iscsi-2")
+    assert r.status_code == 404 and "not in the inventory" in r.json()["error"]["message"], r.text

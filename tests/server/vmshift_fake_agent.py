@@ -173,6 +173,7 @@ class FakeAgent:
     dead_portals: set[str] = field(default_factory=set)  # POST /datastores/iscsi: these do not answer
     portal_timeout_s: float = 0.0  # ... after this long (a real agent waits 3 s)
     unregistered: list[str] = field(default_factory=list)  # DELETE /datastores/NAME, in order
+    kept_datastores: set[str] = field(default_factory=set)  # DELETE /datastores/NAME: 409, a VM of its own
     tls: FakeAgentTls = field(init=False)
     log: ChangeLog = field(init=False)
 
@@ -357,6 +358,10 @@ class FakeAgent:
 
         @app.delete("/api/v1/datastores/{name}")
         async def unregister(name: str) -> Any:
+            if name in self.kept_datastores:
+                error = {"code": "conflict", "hint": "Move or delete those VMs first.",
+                         "message": f"Datastore {name!r} still holds VM db-9 on this host."}
+                return JSONResponse({"error": error}, 409)
             self.unregistered.append(name)
             self.facts.datastores = [d for d in self.facts.datastores if d.name != name]
             return {"removed": name}

@@ -234,6 +234,21 @@ def datastore_add(
                                                            "free_mib")})
 
 
+@datastore_app.command("remove")
+def datastore_remove(
+    name: Annotated[str, typer.Argument(help="A datastore that 'datastore add' registered.")],
+    json_: JsonOpt = False,
+) -> None:
+    """Unregister a datastore on every host that has it (refused while a VM is on it; its LUNs and
+    the target stay as they are)."""
+    with context.client() as c:
+        c.remove_datastore(name)
+    if json_:
+        emit_json({"removed": name})
+    else:
+        typer.echo(f"Datastore {name} removed.")
+
+
 @datastore_app.command("list")
 def datastore_list(json_: JsonOpt = False) -> None:
     """List datastores and which hosts see them."""

@@ -188,6 +188,10 @@ class VmshiftClient:
                       "token": token, "hosts": hosts or []}
         return dict(self.request("POST", "/datastores", json=body))
 
+    def remove_datastore(self, name: str) -> None:
+        """DELETE /datastores/NAME: unregister a datastore `datastore add` registered, on every host."""
+        self.request("DELETE", f"/datastores/{self._q(name)}")
+
     def list_networks(self, *, limit: int | None = None) -> list[Json]:
         return self.list_all("/networks", limit=limit)
 

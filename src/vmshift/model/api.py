@@ -78,6 +78,7 @@ class EventKind(StrEnum):
     HOST_POLLED = "host.polled"  # the agent cannot stream its changes: the server polls it instead
     HOST_STREAM_RESYNCED = "host.stream_resynced"  # the server lost its place in the stream: snapshot
     DATASTORE_ADDED = "datastore.added"
+    DATASTORE_REMOVED = "datastore.removed"  # `datastore remove`: no host has it any more
     DATASTORE_NOT_SHARED = "datastore.not_shared"  # same marker UUID, another directory (a copied marker)
     NETWORK_ADDED = "network.added"
     NETWORK_POOL_SET = "network.pool_set"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -47,6 +47,7 @@ from vmshift.server.reconcile import (
     reconcile_scoped,
 )
 from vmshift.server.tasks import TaskEngine
+from vmshift.server.withheld_datastores import WithheldDatastores
 
 log = logging.getLogger("vmshift.server.heartbeat")
 PAUSE_TIMEOUT_S = 10.0
@@ -90,17 +91,7 @@ class Heartbeat:
         self._urgent = False  # a polled host changed: reconcile without the debounce
         self._pool = ThreadPoolExecutor(DB_THREADS, thread_name_prefix="vmshift-heartbeat-db")
         self._tasks_running: list[asyncio.Task[None]] = []
-        self._withheld_datastores: set[str] = set()  # shared with the listeners (ListenerContext)
-
-    @contextlib.contextmanager
-    def withholding_datastore(self, name: str) -> Iterator[None]:
-        """While in it, hosts' reports are applied without datastore ``name`` (server/datastore_add.py
-        registers it, or takes it back, and applies the hosts' facts itself)."""
-        self._withheld_datastores.add(name)
-        try:
-            yield
-        finally:
-            self._withheld_datastores.discard(name)
+        self.withheld = WithheldDatastores()  # shared with the listeners (ListenerContext)
 
     def start(self) -> None:
         self._ctx = ListenerContext(
@@ -112,7 +103,7 @@ class Heartbeat:
             missed_polls=self._missed_limit,
             silence_s=self._missed_limit * KEEPALIVE_INTERVAL_S,
             changed=self._note_change,
-            withheld_datastores=self._withheld_datastores,
+            withheld=self.withheld,
         )
         self._tasks_running = [
             asyncio.create_task(self._supervise(), name="vmshift-heartbeat"),

@@ -14,16 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
-from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmshift.client.agent import AgentPool
 from vmshift.errors import StreamUnsupportedError, VmshiftError
 from vmshift.model.api import HostStream, StreamMode
-from vmshift.model.host import HostFacts
 from vmshift.model.host_stream import (
     KEEPALIVE_INTERVAL_S,
     Keepalive,
@@ -35,10 +33,10 @@ from vmshift.model.host_stream import (
 from vmshift.server.host_report import HostReport
 from vmshift.server.host_writes import Batch, write_batch, write_disconnected, write_polled
 from vmshift.server.tasks import TaskEngine
+from vmshift.server.withheld_datastores import WithheldDatastores
 
 log = logging.getLogger("vmshift.server.host_listener")
 
-_M = TypeVar("_M", bound=BaseModel)
 BATCH_S = 0.1  # messages of one host written in one transaction per this period
 BACKOFF_S = (0.1, 0.25, 0.5, 1.0)  # waits between failed connects (the last one repeats)
 # How stale a streamed report may be when it arrives: an agent's look at its VMs that began before a
@@ -62,10 +60,7 @@ class ListenerContext:
     missed_polls: int  # polls missed until a polled host is disconnected
     silence_s: float  # a stream silent this long: the host is disconnected
     changed: Callable[[bool], None]  # the VMs a host reports changed; True: reconcile without delay
-    # Datastores (by name) being registered or rolled back right now (server/datastore_add.py): left
-    # out of what hosts report until that is over, so a report read in between cannot list one that
-    # a failed add took back
-    withheld_datastores: set[str] = field(default_factory=set)
+    withheld: WithheldDatastores  # datastores an add or remove owns: reports leave them as they are
 
 
 class HostListener:
@@ -179,18 +174,7 @@ class HostListener:
                 if resuming:
                     self._pending.resynced = "the changes since its last one could not be resumed"
             resuming = False
-            self._add(self._withhold(message))
-
-    def _withhold(self, message: _M) -> _M:
-        """The message without the datastores an add in progress holds back."""
-        facts = getattr(message, "facts", None)
-        if not isinstance(facts, HostFacts):
-            return message
-        withheld = self.ctx.withheld_datastores
-        if not withheld or not any(ds.name in withheld for ds in facts.datastores):
-            return message
-        kept = [ds for ds in facts.datastores if ds.name not in withheld]
-        return message.model_copy(update={"facts": facts.model_copy(update={"datastores": kept})})
+            self._add(message)
 
     def _add(self, message: Any) -> None:
         as_of = asyncio.get_running_loop().time() - REPORT_LAG_S
@@ -224,7 +208,8 @@ class HostListener:
             try:
                 async with self._db_lock:
                     ctx = self.ctx
-                    self._deferred |= await ctx.run_db(write_batch, ctx.sessions, ctx.tasks, batch)
+                    self._deferred |= await ctx.run_db(write_batch, ctx.sessions, ctx.tasks, batch,
+                                                       ctx.withheld)
             except Exception:  # e.g. the database is busy: keep the batch, in order, and try again
                 log.exception("writing what host %s reported failed; retrying", self.name)
                 self._pending.items[:0] = batch.items
@@ -263,11 +248,11 @@ class HostListener:
         except VmshiftError:
             return False
         self.last_heard = polled_at
-        report = self._withhold(Snapshot(epoch="poll", seq=0, facts=facts, vms=runtimes))
+        report = Snapshot(epoch="poll", seq=0, facts=facts, vms=runtimes)
         changed = self.report.apply(report)
         batch = Batch(self.name, [(polled_at, report)], connected=True)
         self.connected = True
-        await self._write(write_batch, self.ctx.sessions, self.ctx.tasks, batch)
+        await self._write(write_batch, self.ctx.sessions, self.ctx.tasks, batch, self.ctx.withheld)
         self.live = True
         if changed:
             self.ctx.changed(True)

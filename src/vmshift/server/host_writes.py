@@ -23,6 +23,7 @@ from vmshift.server.events import record_event
 from vmshift.server.host_report import Applied, with_free_space
 from vmshift.server.inventory import apply_facts, host_facts
 from vmshift.server.tasks import TaskEngine
+from vmshift.server.withheld_datastores import WithheldDatastores
 
 
 @dataclass
@@ -38,7 +39,12 @@ class Batch:
         return bool(self.items) or self.connected or self.resynced is not None
 
 
-def write_batch(sessions: sessionmaker[Session], tasks: TaskEngine, batch: Batch) -> set[str]:
+def write_batch(
+    sessions: sessionmaker[Session],
+    tasks: TaskEngine,
+    batch: Batch,
+    withheld: WithheldDatastores | None = None,
+) -> set[str]:
     """Apply a batch; the VMs whose reported state was left alone because a task works on them (to be
     looked at again once the task is over: a stream reports a change once)."""
     deferred: set[str] = set()
@@ -56,11 +62,12 @@ def write_batch(sessions: sessionmaker[Session], tasks: TaskEngine, batch: Batch
                          f"Host {host.name} sent a full report: {batch.resynced}.")  # fmt: skip
         stats: StatsReport | None = None
         for arrived, m in batch.items:
+            frozen = withheld.frozen_for(host.name, arrived) if withheld is not None else set()
             if isinstance(m, Snapshot):
-                _facts(s, host, m.facts)
+                _facts(s, host, m.facts, frozen)
                 deferred |= adopt(s, tasks, host, m.vms, arrived)
             elif isinstance(m, FactsChanged):
-                _facts(s, host, m.facts)
+                _facts(s, host, m.facts, frozen)
             elif isinstance(m, VmChanged):
                 deferred |= adopt(s, tasks, host, [m.vm], arrived, only={m.vm.name})
             elif isinstance(m, StatsReport):
@@ -95,9 +102,9 @@ def touch_heartbeats(sessions: sessionmaker[Session], names: Collection[str]) ->
         s.execute(update(HostRow).where(HostRow.name.in_(names)).values(last_heartbeat=utcnow()))
 
 
-def _facts(s: Session, host: HostRow, facts: HostFacts) -> None:
+def _facts(s: Session, host: HostRow, facts: HostFacts, frozen: set[str]) -> None:
     if facts.name == host.name:  # an agent answering under another name is not this host
-        apply_facts(s, host, facts)
+        apply_facts(s, host, facts, frozen=frozen)
 
 
 def adopt(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, TypeVar
 
 from sqlalchemy import Select, select
@@ -179,10 +180,18 @@ def _recheck_unproven(s: Session, host: HostRow, uuids: set[str]) -> None:
             apply_facts(s, other, whole, recheck_others=False)
 
 
-def apply_facts(s: Session, host: HostRow, facts: HostFacts, *, recheck_others: bool = True) -> None:
+def apply_facts(
+    s: Session, host: HostRow, facts: HostFacts, *, recheck_others: bool = True, frozen: Collection[str] = ()
+) -> None:
     """Refresh a host's facts, datastores (by marker UUID; shared when seen by several hosts and
-    proven so, see ``_sharing_checked``) and networks."""
+    proven so, see ``_sharing_checked``) and networks. The datastores named in ``frozen`` keep the
+    entries the host has now, whatever ``facts`` say (server/withheld_datastores.py)."""
     before = host.facts
+    if frozen:
+        had = HostFacts.model_validate(before).datastores if before else []
+        stored = [d for d in had if d.name in frozen]
+        kept = [d for d in facts.datastores if d.name not in frozen]
+        facts = facts.model_copy(update={"datastores": kept + stored})
     facts = _sharing_checked(s, host, facts)
     host.facts = facts.model_dump(mode="json")
     changed = {ds.uuid for ds in facts.datastores

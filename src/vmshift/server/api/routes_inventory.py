@@ -34,7 +34,7 @@ from vmshift.model.api import (
     Network,
 )
 from vmshift.model.enums import ConnectionState
-from vmshift.model.inputs import ClusterName, HostName, Name, NetworkName
+from vmshift.model.inputs import ClusterName, DatastoreName, HostName, Name, NetworkName
 from vmshift.model.iscsi import IscsiDatastoreAdd
 from vmshift.model.paging import ListName
 from vmshift.server.api.deps import core_of
@@ -52,7 +52,7 @@ from vmshift.server.api.paging import (
     page,
 )
 from vmshift.server.core import ServerCore
-from vmshift.server.datastore_add import add_iscsi_datastore
+from vmshift.server.datastore_add import add_iscsi_datastore, remove_iscsi_datastore
 from vmshift.server.db.schema import (
     ClusterRow,
     DatacenterRow,
@@ -317,6 +317,14 @@ async def add_datastore(body: IscsiDatastoreAdd, core: ServerCore = Depends(core
     """Register an existing iSCSI target as a datastore on hosts (server/datastore_add.py): each host
     checks that the portal answers and the storage role serves the target; all hosts or none."""
     return await add_iscsi_datastore(core, body)
+
+
+@router.delete("/datastores/{name}", status_code=204, responses=errors(*PARAMS, 404, 409, 502))
+async def remove_datastore(name: DatastoreName, core: ServerCore = Depends(core_of)) -> Response:
+    """Unregister a datastore that `datastore add` registered, on every host that has it; refused
+    while a VM of the inventory is on it (server/datastore_add.py)."""
+    await remove_iscsi_datastore(core, name)
+    return Response(status_code=204)
 
 
 @router.get("/networks", response_model=list[Network], responses=list_answers(list[Network]))
