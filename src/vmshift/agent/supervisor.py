@@ -14,19 +14,12 @@ import functools
 import json
 import logging
 import os
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import psutil
-
-from vmshift.agent import serial_log
+from vmshift.agent import serial_log, vm_process
 from vmshift.agent.config import AgentConfig
-from vmshift.agent.guest_memory import guest_ram_zero_fraction
 from vmshift.agent.qemu_user import QemuIdentity, prepare_vm_files
 from vmshift.agent.qemu_user import resolve as resolve_qemu_user
 from vmshift.agent.suspend import (
@@ -41,9 +34,10 @@ from vmshift.agent.suspend import (
     saved_state,
 )
 from vmshift.agent.taps import create_tap, delete_tap, open_tap
+from vmshift.agent.vm_process import VmProcess
 from vmshift.agent.vmfiles import VmFiles
 from vmshift.errors import ConflictError, NotFoundError, QemuError, VmshiftError
-from vmshift.model.enums import MIGRATION_RUN_STATES, Accelerator, PowerAction, PowerState, QemuRunState
+from vmshift.model.enums import MIGRATION_RUN_STATES, Accelerator, PowerAction, QemuRunState
 from vmshift.model.suspend import SuspendProgress, SuspendResult
 from vmshift.model.vm import VmRuntime, VmSpec
 from vmshift.qemu.cmdline import PassedFds, VmPaths, build_qemu_argv, tap_name
@@ -54,7 +48,6 @@ log = logging.getLogger(__name__)
 RUNNING_FILE = "running.json"
 EXIT_FILE = "exit.json"
 QEMU_LOG = "qemu.log"
-START_TIMEOUT_S = 15.0
 QUIT_TIMEOUT_S = 5.0
 POWER_BUTTON_REPEAT_S = 5.0
 #: SHUTDOWN reasons after which QEMU (``-action shutdown=pause``) waits paused for the agent to end it
@@ -66,34 +59,6 @@ _NO_RESUME_BECAUSE: dict[str, str] = {  # why each of MIGRATION_RUN_STATES forbi
     QemuRunState.FINISH_MIGRATE: "is in the last step of an outgoing live migration",
     QemuRunState.POSTMIGRATE: "has sent its whole state to another host",
 }
-
-
-@dataclass
-class VmProcess:
-    """What the agent holds for one VM it runs (or ran)."""
-
-    spec: VmSpec
-    paths: VmPaths
-    pid: int | None = None
-    popen: subprocess.Popen[bytes] | None = None
-    qmp: QmpSession | None = None
-    taps: list[str] = field(default_factory=list)
-    died: bool = False
-    exit_reason: str | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    qmp_lost: bool = False  # a reconnect failed and was logged; log again only after success
-    ended_unseen: str | None = None  # the guest ended while no QMP session listened (found by status)
-    io_error_seq: int = 0  # the BLOCK_IO_ERROR last logged
-    storage_lost: str | None = None  # its iSCSI target stopped answering (agent/storage_watch.py)
-
-
-def process_is_qemu_of(pid: int, vm_uuid: str) -> bool:
-    """True if ``pid`` is alive (not a zombie) and its command line carries the VM's uuid."""
-    try:
-        proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and vm_uuid in proc.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
 
 
 async def _nothing_to_publish() -> None:
@@ -127,13 +92,6 @@ class Supervisor:
             entry.spec, entry.paths = spec, self.files.paths(spec)
         return entry
 
-    def _alive(self, vm: VmProcess) -> bool:
-        if vm.pid is None:
-            return False
-        if vm.popen is not None and vm.popen.poll() is not None:
-            return False
-        return process_is_qemu_of(vm.pid, vm.spec.uuid)
-
     async def attach_all(self) -> None:
         """At agent start: re-attach to live QEMUs, mark dead ones, clean their taps."""
         for name in self.files.registered_names():
@@ -152,7 +110,7 @@ class Supervisor:
                 continue
             data = json.loads(running.read_text())
             vm.pid, vm.taps = int(data["pid"]), list(data.get("taps", []))
-            if self._alive(vm):
+            if vm.alive():
                 try:
                     vm.qmp = await QmpSession.connect(vm.paths.qmp_socket, timeout_s=5.0)
                     log.info("re-attached to VM %s (pid %d)", name, vm.pid)
@@ -218,8 +176,8 @@ class Supervisor:
         if vm.qmp is not None:
             with contextlib.suppress(QemuError, TimeoutError):
                 await asyncio.wait_for(vm.qmp.quit(), timeout=QUIT_TIMEOUT_S)
-        if not await self._wait_exit(vm, QUIT_TIMEOUT_S):
-            await self._kill(vm)
+        if not await vm_process.wait_exit(vm, QUIT_TIMEOUT_S):
+            await vm_process.kill(vm)
         vm.ended_unseen = None
         await self._handle_exit(vm, stopped_by_us=reason == GUEST_ENDINGS[0], override_reason=reason)
 
@@ -227,7 +185,7 @@ class Supervisor:
         """With the VM's lock held: record an exit, or end a QEMU whose guest powered off."""
         if vm.pid is None:
             return
-        if not self._alive(vm):
+        if not vm.alive():
             await self._handle_exit(vm)
         elif (ended := self._guest_ended(vm)) is not None:
             await self._end_guest_ended(vm, ended)
@@ -266,58 +224,13 @@ class Supervisor:
     # ----- views -------------------------------------------------------------------------------
     async def runtime(self, name: str) -> VmRuntime:
         vm = self._entry(name)
-        if vm.pid is not None and not vm.lock.locked() and (not self._alive(vm) or self._guest_ended(vm)):
+        if vm.pid is not None and not vm.lock.locked() and (not vm.alive() or self._guest_ended(vm)):
             async with vm.lock:
                 await self._settle(vm)
         return await self._view(vm)
 
     async def _view(self, vm: VmProcess) -> VmRuntime:
-        rt = VmRuntime(name=vm.spec.name, uuid=vm.spec.uuid, power_state=PowerState.POWERED_OFF,
-                       died=vm.died, exit_reason=vm.exit_reason,
-                       incoming_migration=self.files.incoming_migration(vm.spec.name))
-        if vm.pid is None:
-            state = saved_state(vm.paths)
-            if state is not None:
-                rt.power_state, rt.died = PowerState.SUSPENDED, False
-                with contextlib.suppress(OSError):
-                    rt.suspend_state_bytes = state.stat().st_size
-            return rt
-        rt.pid, rt.died, rt.exit_reason = vm.pid, False, None
-        with contextlib.suppress(psutil.Error):
-            proc = psutil.Process(vm.pid)
-            times = proc.cpu_times()
-            rt.cpu_seconds = round(times.user + times.system, 3)
-            rt.rss_mib = round(proc.memory_info().rss / (1 << 20), 1)
-        rt.power_state = PowerState.UNKNOWN
-        if vm.qmp is not None:
-            try:
-                status = await asyncio.wait_for(vm.qmp.query_status(), timeout=3.0)
-                rt.qemu_status = status.status
-                rt.power_state = PowerState.POWERED_ON if status.running else PowerState.PAUSED
-                if status.status == QemuRunState.IO_ERROR:
-                    rt.io_error = self._io_error(vm)
-                elif vm.storage_lost is not None:
-                    rt.io_error = vm.storage_lost
-            except (QemuError, TimeoutError) as exc:
-                log.warning("query-status of VM %s failed: %s", vm.spec.name, exc)
-        return rt
-
-    def _io_error(self, vm: VmProcess) -> str:
-        """The agent's account of a VM paused on a disk error (werror/rerror=stop), from QEMU's
-        last BLOCK_IO_ERROR; logged once per event."""
-        assert vm.qmp is not None
-        events = vm.qmp.events_named("BLOCK_IO_ERROR")
-        if not events:
-            return "paused on a disk I/O error"
-        last = events[-1]
-        d = last.data
-        disk = d.get("device") or d.get("node-name")
-        message = (f"paused on an I/O error: {d.get('operation', '?')} of {disk} failed "
-                   f"({d.get('reason', 'no reason given')})")
-        if vm.io_error_seq != last.seq:
-            vm.io_error_seq = last.seq
-            log.error("VM %s %s", vm.spec.name, message)
-        return message
+        return await vm_process.runtime_view(vm, self.files.incoming_migration(vm.spec.name))
 
     async def list_vms(self) -> list[VmRuntime]:
         """Every VM of this host, including receiving QEMUs of live migrations: the server must see
@@ -329,33 +242,12 @@ class Supervisor:
         return out
 
     def guest_ram_resident_bytes(self, name: str) -> int | None:
-        """How much of the guest's RAM QEMU holds in memory, i.e. what the guest ever touched: the
-        resident size of QEMU's anonymous mapping as large as the guest's RAM (QEMU's whole RSS,
-        which adds its own memory and TCG's code cache, if that mapping is not found)."""
-        vm = self._entry(name)
-        if vm.pid is None or not self._alive(vm):
-            return None
-        ram_bytes = vm.spec.memory_mib * 2**20
-        try:
-            proc = psutil.Process(vm.pid)
-            for mapping in proc.memory_maps(grouped=False):
-                if mapping.size == ram_bytes and "w" in mapping.perms:
-                    return int(mapping.rss)
-            return int(proc.memory_info().rss)
-        except psutil.Error:
-            return None
+        """What of the guest's RAM its QEMU holds in memory (agent/vm_process.py)."""
+        return vm_process.ram_resident_bytes(self._entry(name))
 
     def guest_ram_zero_fraction(self, name: str) -> float | None:
-        """Share of the guest's RAM that holds only zeros, sampled from QEMU's memory (None when
-        the VM does not run or its RAM mapping is not found)."""
-        vm = self._entry(name)
-        if vm.pid is None or not self._alive(vm):
-            return None
-        try:
-            return guest_ram_zero_fraction(vm.pid, vm.spec.memory_mib * 2**20)
-        except OSError as exc:
-            log.warning("sampling the memory of VM %s failed: %s", name, exc)
-            return None
+        """The share of the guest's RAM that holds only zeros (agent/vm_process.py)."""
+        return vm_process.ram_zero_fraction(self._entry(name))
 
     async def serial_tail(self, name: str, tail_bytes: int) -> str:
         """The last ``tail_bytes`` of the serial log, with what the guest wrote until now."""
@@ -384,7 +276,7 @@ class Supervisor:
     # ----- define / delete ---------------------------------------------------------------------
     async def define(self, spec: VmSpec) -> VmRuntime:
         current = self._vms.get(spec.name)
-        if current is not None and self._alive(current) and current.spec != spec:
+        if current is not None and current.alive() and current.spec != spec:
             raise ConflictError(f"VM {spec.name!r} is running; its definition cannot change now.",
                                 hint="Power it off first.")
         if current is not None and current.pid is None and saved_state(current.paths) is not None:
@@ -397,7 +289,7 @@ class Supervisor:
         vm = self._entry(name)
         async with vm.lock:
             await self._settle(vm)
-            if self._alive(vm):
+            if vm.alive():
                 raise ConflictError(f"VM {name!r} is running and cannot be deleted.",
                                     hint="Stop or shut it down first.")
             if vm.pid is not None:
@@ -411,7 +303,7 @@ class Supervisor:
         vm = self._entry(name)
         async with vm.lock:
             await self._settle(vm)
-            if self._alive(vm):
+            if vm.alive():
                 raise ConflictError(f"VM {name!r} is running here and cannot be unregistered.",
                                     hint="Stop it first, or move it live.")
             if vm.pid is not None:
@@ -432,7 +324,7 @@ class Supervisor:
             self._vms.pop(name, None)
             return
         async with vm.lock:
-            if self._alive(vm):
+            if vm.alive():
                 await self._hard_stop(vm, reason="migrated away or rolled back")
             elif vm.pid is not None:
                 await self._handle_exit(vm, stopped_by_us=True)
@@ -442,7 +334,7 @@ class Supervisor:
 
     def is_alive(self, name: str) -> bool:
         try:
-            return self._alive(self._entry(name))
+            return self._entry(name).alive()
         except NotFoundError:
             return False
 
@@ -451,7 +343,7 @@ class Supervisor:
         vm = self._entry(name)
         async with vm.lock:
             await self._settle(vm)
-            running = self._alive(vm)
+            running = vm.alive()
             if not running and saved_state(vm.paths) is not None:
                 await self._power_suspended(vm, action)
             elif action is PowerAction.START:
@@ -486,7 +378,7 @@ class Supervisor:
         """The VMs running here (not receiving a migration) by the iSCSI datastores of their disks."""
         found: dict[str, set[str]] = {}
         for vm in list(self._vms.values()):
-            if not self._alive(vm) or self.files.is_incoming(vm.spec.name):
+            if not vm.alive() or self.files.is_incoming(vm.spec.name):
                 continue
             with contextlib.suppress(NotFoundError):
                 for ds, _ in self.files.iscsi_disks(vm.spec):
@@ -525,7 +417,7 @@ class Supervisor:
         vm = self._entry(name)
         async with vm.lock:
             await self._settle(vm)
-            if not self._alive(vm):
+            if not vm.alive():
                 if saved_state(vm.paths) is not None:
                     raise ConflictError(f"VM {name!r} is already suspended.", hint="Nothing to do.")
                 raise ConflictError(f"VM {name!r} is not running, so it cannot be suspended.",
@@ -563,7 +455,7 @@ class Supervisor:
         vm = self._entry(name)
         async with vm.lock:
             await self._settle(vm)
-            if self._alive(vm):
+            if vm.alive():
                 raise ConflictError(f"VM {name!r} is already running.", hint="Stop it first.")
             if vm.pid is not None:
                 await self._handle_exit(vm)
@@ -573,7 +465,7 @@ class Supervisor:
     def qmp_session(self, name: str) -> QmpSession:
         """The live QMP session of a running VM (for migration roles); QemuError if there is none."""
         vm = self._entry(name)
-        if not self._alive(vm):
+        if not vm.alive():
             raise ConflictError(f"VM {name!r} is not running.", hint="Start it first.")
         return self._qmp(vm)
 
@@ -614,7 +506,7 @@ class Supervisor:
             for nic, tap in zip(spec.nics, taps, strict=True):
                 await create_tap(tap, self.config.networks[nic.network], identity.user)
                 vm.taps.append(tap)
-            qmp_fd = _listen_unix(paths.qmp_socket)
+            qmp_fd = vm_process.listen_unix(paths.qmp_socket)
             passed.append(qmp_fd)
             tap_fds = [open_tap(tap) for tap in taps]
             passed += tap_fds
@@ -634,7 +526,7 @@ class Supervisor:
             passed = []
             vm.pid = vm.popen.pid
             (paths.run_dir / RUNNING_FILE).write_text(json.dumps({"pid": vm.pid, "taps": vm.taps}))
-            vm.qmp = await self._connect_while_alive(vm, qemu_log)
+            vm.qmp = await vm_process.connect_while_alive(vm, qemu_log)
             status = await vm.qmp.query_status()
             if incoming is None and not status.running:
                 raise QemuError(f"VM {spec.name!r} started but QEMU reports status {status.status!r}.",
@@ -642,47 +534,19 @@ class Supervisor:
         except BaseException:
             for fd in passed:
                 os.close(fd)
-            await self._kill(vm)
+            await vm_process.kill(vm)
             await self._handle_exit(vm, stopped_by_us=True)
             raise
         log.info("started VM %s (pid %d, as %s)", spec.name, vm.pid, identity.user or "root")
 
-    async def _connect_while_alive(self, vm: VmProcess, qemu_log: Path) -> QmpSession:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if not self._alive(vm) and vm.popen is not None and vm.popen.poll() is not None:
-                tail = qemu_log.read_text(errors="replace").strip().splitlines()[-3:]
-                raise QemuError(f"QEMU for VM {vm.spec.name!r} exited at start: {' / '.join(tail)}",
-                                hint=f"See {qemu_log}.")
-            try:
-                return await QmpSession.connect(vm.paths.qmp_socket, timeout_s=0.5)
-            except QemuError:
-                continue
-        raise QemuError(f"QEMU for VM {vm.spec.name!r} did not answer on QMP within {START_TIMEOUT_S:g} s.",
-                        hint=f"See {qemu_log}.")
-
-    async def _wait_exit(self, vm: VmProcess, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while self._alive(vm):
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.05)
-        return True
-
     async def _wait_off(self, vm: VmProcess, timeout_s: float) -> bool:
         """Wait until QEMU exited or its guest powered off (QEMU then waits paused)."""
         deadline = time.monotonic() + timeout_s
-        while self._alive(vm) and self._guest_ended(vm) is None:
+        while vm.alive() and self._guest_ended(vm) is None:
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.05)
         return True
-
-    async def _kill(self, vm: VmProcess) -> None:
-        if vm.pid is not None and self._alive(vm):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(vm.pid, signal.SIGKILL)
-            await self._wait_exit(vm, 5.0)
 
     async def _hard_stop(self, vm: VmProcess, reason: str = "stopped") -> None:
         with contextlib.suppress(QemuError, OSError):
@@ -690,8 +554,8 @@ class Supervisor:
         if vm.qmp is not None:
             with contextlib.suppress(QemuError, TimeoutError):
                 await asyncio.wait_for(vm.qmp.quit(), timeout=QUIT_TIMEOUT_S)
-        if not await self._wait_exit(vm, QUIT_TIMEOUT_S):
-            await self._kill(vm)
+        if not await vm_process.wait_exit(vm, QUIT_TIMEOUT_S):
+            await vm_process.kill(vm)
         await self._handle_exit(vm, stopped_by_us=True, override_reason=reason)
 
     async def _shutdown(self, vm: VmProcess, timeout_s: float) -> None:
@@ -704,7 +568,7 @@ class Supervisor:
             with contextlib.suppress(QemuError):  # QEMU may be on its way out already
                 await self._qmp(vm).system_powerdown()
             exited = await self._wait_off(vm, min(POWER_BUTTON_REPEAT_S, left))
-        if exited and (ended := self._guest_ended(vm)) is not None and self._alive(vm):
+        if exited and (ended := self._guest_ended(vm)) is not None and vm.alive():
             await self._end_guest_ended(vm, ended)
         elif exited:
             await self._handle_exit(vm, stopped_by_us=True)
@@ -718,17 +582,3 @@ class Supervisor:
             if vm.qmp is not None:
                 await vm.qmp.close()
                 vm.qmp = None
-
-
-def _listen_unix(path: Path) -> int:
-    """Bind and listen on the QMP socket for QEMU (root-owned, 0600 by the agent's umask) and return
-    the fd QEMU inherits: QEMU never needs to reach the agent's state dir."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        os.chmod(path, 0o600)
-        sock.listen(4)
-    except OSError:
-        sock.close()
-        raise
-    return sock.detach()
