@@ -48,10 +48,9 @@ lint: venv
 test-unit: venv
 	$(BIN)/pytest -q -n 2 tests/unit
 
+# on SQLite and on PostgreSQL at once (scripts/test-server.sh says why)
 test-server: venv
-	$(BIN)/pytest -q -n 2 tests/server
-	./scripts/setup-postgres.sh vmshift_test vmshift_test_gw0 vmshift_test_gw1
-	VMSHIFT_TEST_DB_URL=postgresql+psycopg://vmshift:vmshift@127.0.0.1/vmshift_test $(BIN)/pytest -q -n 2 tests/server
+	BIN=$(BIN) ./scripts/test-server.sh
 
 test-lab: venv
 	$(BIN)/pytest -q -m "not debian" tests/lab

@@ -194,34 +194,3 @@ def test_a_state_file_that_does_not_load_keeps_the_vm_suspended(
     # the resumed QEMU has a fresh QEMU's capabilities again: it live-migrates over TCP
     assert migrate(lab, "sleeper", "host-1")["status"] == "completed"
     verify_guest(lab, api, "sleeper", "host-1", before)
-
-
-
-def test_suspend_write_rate_beside_dd_direct(lab: LabHandle, api: VmshiftClient) -> None:
-    """Benchmark, reported and not asserted (issue 8: suspend writes at >= 80 % of dd oflag=direct):
-    a 1 GiB guest holding 768 MiB of memtest data, so the save writes enough to time."""
-    vm = dict(vmshift_json(
-        lab, "vm", "create", "hoarder", "--host", "host-1", "--cpus", "1", "--memory", "1024",
-        "--datastore", "shared-1", "--network", "VM Network", "--disk", "64M", "--image", "lab-guest",
-        "--kernel-args", "vmshift.memtest=768,0 vmshift.disklog=1", "--start",
-    ))
-    try:
-        wait_for("memtest to fill its 768 MiB once",
-                 lambda: guest_check(lab, "hoarder")["memtest"]["passes"] >= 1, timeout=300)
-        before = guest_check(lab, "hoarder")
-        result = suspend(lab, api, vm)
-        written_mib = result["written_bytes"] >> 20
-        dd_bps = dd_direct_bps(Path(result["state_file"]).parent, written_mib)
-        vmshift_json(lab, "vm", "resume", "hoarder", timeout=300)
-        assert_resumed(lab, api, vm, before, result["state_file"])
-    finally:
-        vmshift(lab, "vm", "stop", "hoarder", check=False)
-        vmshift(lab, "vm", "delete", "hoarder", check=False)
-    assert result["file_bytes"] <= (1024 << 20) * 1.01, result  # the ~7 MiB of ROM padding is < 1 % here
-    print("SUSPEND-RATE " + json.dumps({
-        "written_mib": written_mib, "save_s": result["save_s"],
-        "suspend_write_mibps": round(result["write_bps"] / 2**20, 1),
-        "dd_direct_mibps": round(dd_bps / 2**20, 1), "ratio": round(result["write_bps"] / dd_bps, 3),
-        "file_over_ram_pct": round(100 * (result["file_bytes"] / (1024 << 20) - 1), 2),
-        "allocated_mib": result["allocated_bytes"] >> 20, "direct_io": result["direct_io"],
-    }))

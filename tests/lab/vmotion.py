@@ -8,6 +8,7 @@ from typing import Any
 
 from tests.lab.helpers import LabHandle, guest_check, qemu_pids, vmshift, vmshift_json, wait_for
 from vmshift.client import VmshiftClient
+from vmshift.lab.lab import memtest_swept_since
 from vmshift.lab.layout import LabLayout, load_record
 
 
@@ -71,11 +72,11 @@ def verify_guest(
     assert len(pids) == 1, f"expected exactly one QEMU for {vm}, found {pids}"
     assert host_of_pid(lab, pids[0]) == host
     start = guest_check(lab, vm)
-    # memtest verifies a page only when its sweep reaches it: judge after two more full passes.
+    # memtest verifies a page only when its sweep reaches it: judge once it has checked every page
+    # since now (lab.memtest_swept_since).
     after = wait_for(
-        f"two more memtest passes in {vm}",
-        lambda: (c if (c := guest_check(lab, vm))["memtest"]["passes"] >= start["memtest"]["passes"] + 2
-                 else None),
+        f"a full memtest sweep in {vm}",
+        lambda: c if memtest_swept_since(start["memtest"], (c := guest_check(lab, vm))["memtest"]) else None,
         timeout=120,
     )
     assert after["echo"] is True

@@ -303,6 +303,23 @@ def check(name: str, vm: str, wait_s: float = 0.0) -> dict[str, Any]:
         time.sleep(1.0)
 
 
+MEMTEST_PAGE_BYTES = 4096  # the guest's memtest page (lab/guest/memtest.c PAGE_BYTES)
+
+
+def memtest_swept_since(start: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether memtest has verified every page of its buffer since the answer ``start`` (both are
+    the guest's ``check`` answers' ``memtest``): with one thread it sweeps the buffer in a cycle, so
+    any run of as many page checks as the buffer has pages covers each page once, whichever page
+    it started at; with several threads (each on its own slice, at its own pace) only two more
+    completed passes prove it."""
+    if int(now.get("mismatches", 0)) > 0:
+        return True  # decided: the caller sees the mismatch
+    if int(start.get("threads", 1)) == 1 and int(now.get("threads", 1)) == 1:
+        pages = int(start["size_mib"]) * (1 << 20) // MEMTEST_PAGE_BYTES
+        return int(now["pages"]) - int(start["pages"]) >= pages
+    return int(now["passes"]) >= int(start["passes"]) + 2
+
+
 def wait_memtest_passes(name: str, vm: str, passes: int, timeout_s: float = 120.0) -> dict[str, Any]:
     """Ask the guest (as `check` does) until memtest has completed `passes` sweeps; its answer.
 
