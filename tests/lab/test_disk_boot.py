@@ -16,6 +16,7 @@ import pytest
 
 from tests.lab.helpers import LabHandle, guest_check, qemu_pids, vmshift, vmshift_json, wait_for
 from tests.lab.vmotion import host_of_pid, layout, migrate
+from vmshift.lab.lab import memtest_swept_since
 
 pytestmark = pytest.mark.lab
 
@@ -80,9 +81,9 @@ def test_boots_from_disk_with_seed_and_moves_live(lab: LabHandle, disk_vm: dict[
     pids = qemu_pids(disk_vm["uuid"])
     assert len(pids) == 1 and host_of_pid(lab, pids[0]) == "host-2", pids
     start = guest_check(lab, VM)
-    want = start["memtest"]["passes"] + 2
-    after = wait_for("two more memtest passes after the move",
-                     lambda: c if (c := guest_check(lab, VM))["memtest"]["passes"] >= want else None,
+    swept = memtest_swept_since
+    after = wait_for("a full memtest sweep after the move",
+                     lambda: c if swept(start["memtest"], (c := guest_check(lab, VM))["memtest"]) else None,
                      timeout=180)
     assert after["memtest"]["mismatches"] == 0, after
     assert after["uptime_s"] > before["uptime_s"], "the guest rebooted instead of moving"

@@ -16,6 +16,7 @@ import pytest
 from tests.lab.helpers import LabHandle, guest_check, qemu_pids, vmshift, vmshift_json, wait_for
 from tests.lab.vmotion import host_of_pid, layout, migrate, verify_guest
 from vmshift.client import VmshiftClient
+from vmshift.lab.lab import memtest_swept_since
 from vmshift.lab.probe import tcp_hold_process
 
 pytestmark = pytest.mark.lab
@@ -68,11 +69,11 @@ def assert_resumed(lab: LabHandle, api: VmshiftClient, vm: dict[str, Any], befor
     assert not Path(state_file + ".loaded").exists()
     start = guest_check(lab, vm["name"])
     assert start["uptime_s"] >= before["uptime_s"], f"the guest rebooted: {before['uptime_s']} -> {start}"
-    # memtest verifies a page only when its sweep reaches it: judge after two more full passes
-    passes = start["memtest"]["passes"] + 2
+    # memtest verifies a page only when its sweep reaches it: judge after a full sweep from now
     name = vm["name"]
-    after = wait_for("two more memtest passes",
-                     lambda: c if (c := guest_check(lab, name))["memtest"]["passes"] >= passes else None,
+    swept = memtest_swept_since
+    after = wait_for("a full memtest sweep",
+                     lambda: c if swept(start["memtest"], (c := guest_check(lab, name))["memtest"]) else None,
                      timeout=180)
     assert after["memtest"]["mismatches"] == 0, after
     assert after["disklog"]["durable_seq"] > before["disklog"]["durable_seq"], (before, after)
