@@ -9,7 +9,7 @@ from typing import Any
 
 from conftest import AgentFactory, ServerHarness, wait_for
 from typer.testing import CliRunner
-from vmshift_fake_agent import SHARED_DS_UUID, make_facts
+from vmshift_fake_agent import SHARED_DS_UUID, FakeAgent, make_facts
 
 from vmshift.cli.main import app
 from vmshift.model.api import Datastore
@@ -88,17 +88,26 @@ def test_a_host_refused_across_a_token_rotation_is_linked_when_the_other_host_re
     wait_for(lambda: shared_hosts(server) == ["host-1", "host-3"], 10, "host-3 to be linked")
 
 
+ISCSI_2 = {"name": "iscsi-2", "portal": "10.213.3.2:3260", "target": "iqn.2026-12.io.vmshift:ds.t.iscsi-2",
+           "storage_role": "http://10.213.3.2:8102", "token": "secret-token"}
+
+
+def two_hosts(server: ServerHarness, agents: AgentFactory) -> tuple[FakeAgent, FakeAgent]:
+    """host-1 and host-2 (polled fake agents) in the inventory."""
+    ag1, a1 = agents("host-1")
+    ag2, a2 = agents("host-2")
+    server.add_host(a1)
+    server.add_host(a2)
+    return ag1, ag2
+
+
 def test_datastore_add_registers_an_iscsi_target_on_every_host_or_none(
     server: ServerHarness, agents: AgentFactory
 ) -> None:
     """`vmshift datastore add NAME --iscsi PORTAL --target IQN`: all hosts get it, or, when one of
     them cannot reach the portal, none keeps it and the error says which portal from which host."""
-    ag1, a1 = agents("host-1")
-    ag2, a2 = agents("host-2")
-    server.add_host(a1)
-    server.add_host(a2)
-    body = {"name": "iscsi-2", "portal": "10.213.3.2:3260", "target": "iqn.2026-12.io.vmshift:ds.t.iscsi-2",
-            "storage_role": "http://10.213.3.2:8102", "token": "secret-token"}
+    ag1, ag2 = two_hosts(server, agents)
+    body = dict(ISCSI_2)
     ag2.dead_portals.add("10.213.3.99:3260")
     ag2.portal_timeout_s = 1.0  # host-1 is polled five times between its registration and the rollback
     r = server.client.post("/datastores", json={**body, "name": "iscsi-3", "portal": "10.213.3.99:3260"})
@@ -124,12 +133,8 @@ def test_datastore_remove_is_refused_while_a_vm_is_on_it_and_says_which_host_kep
 ) -> None:
     """`vmshift datastore remove NAME`: refused while a VM of the inventory is on it (nothing asked of
     the hosts); a host whose agent refuses keeps it and is named; then gone from every host."""
-    ag1, a1 = agents("host-1")
-    ag2, a2 = agents("host-2")
-    server.add_host(a1)
-    server.add_host(a2)
-    body = {"name": "iscsi-2", "portal": "10.213.3.2:3260", "target": "iqn.2026-12.io.vmshift:ds.t.iscsi-2",
-            "storage_role": "http://10.213.3.2:8102", "token": "secret-token"}
+    ag1, ag2 = two_hosts(server, agents)
+    body = dict(ISCSI_2)
     assert server.client.post("/datastores", json=body).status_code == 201
     for d in [*ag1.facts.datastores, *ag2.facts.datastores]:  # the kernel image the VM boots, as
         if d.name == "iscsi-2":  # `lab up` puts it on iscsi-1

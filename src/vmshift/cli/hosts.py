@@ -132,10 +132,15 @@ def host_remove(name: str, json_: JsonOpt = False) -> None:
     """Remove a host from the inventory (refused while VMs are registered on it)."""
     with context.client() as c:
         c.remove_host(name)
+    _said_removed(f"Host {name}", name, json_)
+
+
+def _said_removed(what: str, name: str, json_: bool) -> None:
+    """What a remove command prints once the server removed ``name``."""
     if json_:
         emit_json({"removed": name})
     else:
-        typer.echo(f"Host {name} removed.")
+        typer.echo(f"{what} removed.")
 
 
 maintenance_app = typer.Typer(help="Maintenance mode: evacuate a host, then keep VMs off it.",
@@ -243,10 +248,7 @@ def datastore_remove(
     the target stay as they are)."""
     with context.client() as c:
         c.remove_datastore(name)
-    if json_:
-        emit_json({"removed": name})
-    else:
-        typer.echo(f"Datastore {name} removed.")
+    _said_removed(f"Datastore {name}", name, json_)
 
 
 @datastore_app.command("list")

@@ -21,7 +21,7 @@ import logging
 import uuid
 
 from sqlalchemy import select
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
 from vmshift.errors import ConflictError, NotFoundError, VmshiftError
@@ -89,10 +89,15 @@ def _apply(core: ServerCore, name: str, facts: HostFacts) -> None:
             apply_facts(s, host, facts)
 
 
+def _with_hosts(s: Session, name: str) -> DatastoreRow | None:
+    """Datastore ``name`` with its hosts loaded (None: not in the inventory)."""
+    return s.scalar(select(DatastoreRow).where(DatastoreRow.name == name)
+                    .options(selectinload(DatastoreRow.hosts).joinedload(HostDatastoreRow.host)))
+
+
 def _view(core: ServerCore, name: str) -> Datastore:
     with core.sessions() as s:
-        row = s.scalar(select(DatastoreRow).where(DatastoreRow.name == name)
-                       .options(selectinload(DatastoreRow.hosts).joinedload(HostDatastoreRow.host)))
+        row = _with_hosts(s, name)
         if row is None:
             raise NotFoundError(f"Datastore {name!r} was registered but no host reports it.",
                                 hint="See the agents' logs.")
@@ -102,8 +107,7 @@ def _view(core: ServerCore, name: str) -> Datastore:
 def _holders(core: ServerCore, name: str) -> list[tuple[str, str]]:
     """(name, address) of the hosts that have datastore ``name``; 404, or 409 while a VM uses it."""
     with core.sessions() as s:
-        row = s.scalar(select(DatastoreRow).where(DatastoreRow.name == name)
-                       .options(selectinload(DatastoreRow.hosts).joinedload(HostDatastoreRow.host)))
+        row = _with_hosts(s, name)
         if row is None:
             raise NotFoundError(f"Datastore {name!r} is not in the inventory.",
                                 hint="See 'vmshift datastore list'.")

@@ -35,9 +35,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from vmshift.agent.moves import storage_nodes as nodes
 from vmshift.agent.moves.jobs import MoveContext, MoveJob
 from vmshift.agent.qemu_user import unreachable
-from vmshift.errors import ConflictError, InvalidInputError, NotFoundError, QemuError, VmshiftError
+from vmshift.errors import ConflictError, InvalidInputError, QemuError, VmshiftError
 from vmshift.migration.mirror_policy import (
     DiskView,
     MirrorPolicySettings,
@@ -48,12 +49,11 @@ from vmshift.migration.mirror_policy import (
     totals,
 )
 from vmshift.model.enums import DiskFormat
-from vmshift.model.images import MIB
 from vmshift.model.migration import MigrationPhase
 from vmshift.model.moves import DiskProgress
 from vmshift.model.vm import VmSpec
 from vmshift.qemu import block_qmp as bq
-from vmshift.qemu.cmdline import SERIAL_CHARDEV, disk_device_id, disk_node_name
+from vmshift.qemu.cmdline import disk_device_id
 from vmshift.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
@@ -136,20 +136,20 @@ class StorageMover:
             await self._cancel_jobs(qmp, detail)
             for disk in detail.disks:
                 dev = await bq.device_of(qmp, disk_device_id(disk.index))
-                if not _uses(dev, disk.source_node, disk.source_path):
+                if not nodes.uses(dev, disk.source_node, disk.source_path):
                     raise QemuError(
                         f"Disk {disk.index} of VM {self.job.request.vm!r} uses {dev.filename}, not its "
                         f"original {disk.source_path}, although the move never pivoted.",
                         hint="Leave the files as they are and look at the VM's QEMU log.")
                 if disk.node_added:
-                    await _del_nodes(qmp, disk.target_node, Path(disk.target_path),
-                                     _file_node(disk.target_node) if disk.target_lun else None)
+                    await nodes.del_nodes(qmp, disk.target_node, Path(disk.target_path),
+                                     nodes.file_node(disk.target_node) if disk.target_lun else None)
                     disk.node_added = False
                     self._save(detail)
         for disk in detail.disks:
             if disk.created:
                 if disk.target_lun:
-                    await self._drop_lun(detail.final_spec, disk.index)
+                    await nodes.drop_lun(self.ctx.files, detail.final_spec, disk.index)
                 Path(disk.target_path).unlink(missing_ok=True)
                 disk.created = False
         target_dir = Path(detail.target_dir)
@@ -202,7 +202,7 @@ class StorageMover:
                                      source_node=dev.node_name, target_node=f"mv{req.move_id}-d{i}",
                                      job_id=f"mv{req.move_id}-d{i}", direct=i in dst_paths.direct,
                                      source_lun=from_lun, target_lun=target.disks[i].file in dst_luns,
-                                     source_file_node=_protocol_node(dev.node_name, i)))
+                                     source_file_node=nodes.protocol_node(dev.node_name, i)))
         detail = StorageDetail(source_spec=source, final_spec=target, target_dir=str(dst_paths.vm_dir),
                                disks=disks)
         self._save(detail)
@@ -230,39 +230,22 @@ class StorageMover:
                                     f"to reach {target.parent}.",
                                     hint=f"Let it through (chmod o+x {blocked}) or pick another datastore.")
             identity.own_dir(target.parent)
-            await _qemu_img_create(self.ctx.qemu_img, target, disk.format, disk.size_bytes)
+            await nodes.qemu_img_create(self.ctx.qemu_img, target, disk.format, disk.size_bytes)
             identity.own_file(target)  # QEMU opens it next (blockdev-add)
             disk.node_added = True
             self._save(detail)
             await bq.blockdev_add_file_image(qmp, node_name=disk.target_node,
-                                             file_node_name=_file_node(disk.target_node),
+                                             file_node_name=nodes.file_node(disk.target_node),
                                              path=Path(disk.target_path), fmt=disk.format,
                                              direct=disk.direct)
         self._report(detail)
 
     async def _prepare_lun(self, qmp: QmpSession, detail: StorageDetail, disk: StorageDisk) -> None:
-        """The target LUN made (at least the device's size), its note written, attached read-write to
-        this host and opened over the initiator."""
-        files, spec = self.ctx.files, detail.final_spec
-        disk_spec = spec.disks[disk.index]
-        ds = files.datastores.get(disk_spec.datastore)
-        size_mib = max(disk_spec.size_mib, -(-disk.size_bytes // MIB))
-        lun = await files.iscsi.ensure(ds, spec, disk_spec.model_copy(update={"size_mib": size_mib}),
-                                       Path(disk.target_path))
-        await files.iscsi.attach(ds, spec, disk_spec, None)
+        lun = await nodes.make_lun(self.ctx.files, detail.final_spec, disk.index, disk.size_bytes,
+                                   Path(disk.target_path))
         disk.node_added = True
         self._save(detail)
-        await qmp.execute("blockdev-add", {"driver": disk.format.value, "node-name": disk.target_node,
-                                           "file": lun.blockdev(_file_node(disk.target_node))})
-
-    async def _drop_lun(self, spec: VmSpec, index: int) -> None:
-        """Detach and remove the LUN of ``spec``'s disk ``index`` (gone already: fine)."""
-        files, disk_spec = self.ctx.files, spec.disks[index]
-        ds = files.datastores.get(disk_spec.datastore)
-        with contextlib.suppress(NotFoundError, ConflictError):  # held by another host: remove says so
-            await files.iscsi.detach(ds, spec, disk_spec)
-        with contextlib.suppress(NotFoundError):
-            await files.iscsi.remove(ds, spec, disk_spec)
+        await nodes.add_lun_node(qmp, disk.format, disk.target_node, lun)
 
     # ----- COPY ----------------------------------------------------------------------------------
     async def _copy(self, qmp: QmpSession, detail: StorageDetail) -> None:
@@ -366,8 +349,8 @@ class StorageMover:
     async def _note_pivoted(self, qmp: QmpSession, detail: StorageDetail) -> None:
         for disk in detail.disks:
             dev = await bq.device_of(qmp, disk_device_id(disk.index))
-            disk.pivoted = _uses(dev, disk.target_node, disk.target_path)
-            if not disk.pivoted and not _uses(dev, disk.source_node, disk.source_path):
+            disk.pivoted = nodes.uses(dev, disk.target_node, disk.target_path)
+            if not disk.pivoted and not nodes.uses(dev, disk.source_node, disk.source_path):
                 raise QemuError(f"Disk {disk.index} uses {dev.filename}, neither its source nor its target.",
                                 hint="Leave the files as they are and look at the VM's QEMU log.")
         self._save(detail)
@@ -387,7 +370,7 @@ class StorageMover:
         if home_moved and not detail.serial_moved:
             old_paths, new_paths = self.ctx.files.paths(detail.source_spec), self.ctx.files.paths(spec)
             if not await self.ctx.supervisor.move_serial_log(self.job.request.vm, old_paths, new_paths):
-                await _move_serial_log(qmp, src_dir / "serial.log", dst_dir / "serial.log")
+                await nodes.move_serial_log(qmp, src_dir / "serial.log", dst_dir / "serial.log")
             detail.serial_moved = True
             self._save(detail)
         if not detail.old_removed:
@@ -397,10 +380,10 @@ class StorageMover:
                     protocol, lun_spec = disk.source_file_node, detail.source_spec
                 else:
                     done_with, node, lun = disk.target_path, disk.target_node, disk.target_lun
-                    protocol, lun_spec = _file_node(disk.target_node), detail.final_spec
-                await _del_nodes(qmp, node, Path(done_with), protocol if lun else None)
+                    protocol, lun_spec = nodes.file_node(disk.target_node), detail.final_spec
+                await nodes.del_nodes(qmp, node, Path(done_with), protocol if lun else None)
                 if lun:
-                    await self._drop_lun(lun_spec, disk.index)
+                    await nodes.drop_lun(self.ctx.files, lun_spec, disk.index)
                 Path(done_with).unlink(missing_ok=True)
                 with contextlib.suppress(OSError):  # a disk folder apart from the home, now empty
                     Path(done_with).parent.rmdir()
@@ -484,58 +467,3 @@ class StorageMover:
         progress.total_bytes, progress.done_bytes = t.total_bytes, t.done_bytes
         progress.rate_bps, progress.eta_s = round(t.rate_bps, 1), t.eta_s
         self.job.save()
-
-
-def _file_node(node: str) -> str:
-    return f"{node}-file"
-
-
-def _protocol_node(format_node: str, index: int) -> str:
-    """The protocol node under a disk's format node, by the names vmshift gives them: the VM's own
-    (qemu/cmdline.py) or a move's target (``_file_node``)."""
-    return f"file-disk{index}" if format_node == disk_node_name(index) else _file_node(format_node)
-
-
-def _uses(dev: bq.BlockDevice, node: str, path: str) -> bool:
-    """Whether a guest device runs on ``node`` (a mirror's target replaces its source in the graph),
-    or on the file ``path`` (a VM started before the node had that name)."""
-    return dev.node_name == node or dev.filename == path
-
-
-async def _del_nodes(qmp: QmpSession, format_node: str, path: Path, protocol_node: str | None = None) -> None:
-    """Delete a format node and the protocol nodes under it: ``protocol_node`` (a LUN's), else the
-    file nodes that have ``path`` open (absent ones are fine)."""
-    with contextlib.suppress(QemuError):
-        await bq.blockdev_del(qmp, format_node)
-    if protocol_node is not None:
-        with contextlib.suppress(QemuError):
-            await bq.blockdev_del(qmp, protocol_node)
-        return
-    for node in await bq.file_nodes_of(qmp, path):
-        with contextlib.suppress(QemuError):
-            await bq.blockdev_del(qmp, node)
-
-
-async def _move_serial_log(qmp: QmpSession, old: Path, new: Path) -> None:
-    """For a QEMU that writes its serial log itself (started by an agent before the capped log):
-    copy the log, point the chardev at the copy (appending), then append what QEMU wrote to the old
-    file in between (a few milliseconds of output at most)."""
-    copied = 0
-    if old.exists():
-        await asyncio.to_thread(shutil.copyfile, old, new)
-        copied = new.stat().st_size
-    await bq.chardev_to_file(qmp, SERIAL_CHARDEV, new)
-    if old.exists() and old.stat().st_size > copied:
-        with old.open("rb") as src, new.open("ab") as dst:
-            src.seek(copied)
-            dst.write(src.read())
-
-
-async def _qemu_img_create(qemu_img: str, path: Path, fmt: DiskFormat, size_bytes: int) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        qemu_img, "create", "-q", "-f", fmt.value, str(path), str(size_bytes),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        raise QemuError(f"qemu-img could not create {path}: {out.decode(errors='replace').strip()[:300]}.",
-                        hint="Check the target datastore's free space and permissions.")
