@@ -14,7 +14,7 @@ from vmshift.model.api import EventKind
 from vmshift.model.baseline import choose_baseline
 from vmshift.model.datastore_sharing import shares_with_linked
 from vmshift.model.enums import ConnectionState, EventSeverity
-from vmshift.model.host import DatastoreProof, HostFacts
+from vmshift.model.host import DatastoreInfo, DatastoreProof, HostFacts
 from vmshift.server.db.schema import (
     ClusterRow,
     DatacenterRow,
@@ -184,16 +184,18 @@ def apply_facts(
     s: Session, host: HostRow, facts: HostFacts, *, recheck_others: bool = True, frozen: Collection[str] = ()
 ) -> None:
     """Refresh a host's facts, datastores (by marker UUID; shared when seen by several hosts and
-    proven so, see ``_sharing_checked``) and networks. The datastores named in ``frozen`` keep the
-    entries the host has now, whatever ``facts`` say (server/withheld_datastores.py)."""
+    proven so, see ``_sharing_checked``) and networks. The datastores named in ``frozen`` are left
+    as they are, whatever ``facts`` say (server/withheld_datastores.py): their links are neither
+    made nor deleted here, and the stored facts keep their entries."""
     before = host.facts
+    stored: list[DatastoreInfo] = []
     if frozen:
         had = HostFacts.model_validate(before).datastores if before else []
         stored = [d for d in had if d.name in frozen]
-        kept = [d for d in facts.datastores if d.name not in frozen]
-        facts = facts.model_copy(update={"datastores": kept + stored})
+        facts = facts.model_copy(update={"datastores": [d for d in facts.datastores if d.name not in frozen]})
     facts = _sharing_checked(s, host, facts)
-    host.facts = facts.model_dump(mode="json")
+    kept = facts.model_copy(update={"datastores": facts.datastores + stored}) if stored else facts
+    host.facts = kept.model_dump(mode="json")
     changed = {ds.uuid for ds in facts.datastores
                if recheck_others and ds.proof is not None and _proof_in(before, ds.uuid) != ds.proof}
     seen_ds: set[int] = set()
@@ -225,7 +227,9 @@ def apply_facts(
         else:
             link.path, link.images = ds.path, list(ds.images)
     for link in list(host.datastores):
-        if link.datastore_id not in seen_ds:
+        # a frozen datastore's link is read as it is now (read committed: it may be newer than
+        # ``before``), never deleted from a report
+        if link.datastore_id not in seen_ds and not (frozen and link.datastore.name in frozen):
             s.delete(link)
     seen_net: set[int] = set()
     for label, bridge in facts.networks.items():
