@@ -95,3 +95,17 @@ def test_bounds_refuse_what_no_host_has() -> None:
     for extra in ({"max_downtime_ms": 60_001}, {"bandwidth_limit_bps": 2e12}, {"postcopy_after_s": 1e6}):
         with pytest.raises(ValidationError):
             MigrationCreate.model_validate({"host": "host-2", **extra})
+
+
+def test_request_bodies_refuse_booleans_for_numbers() -> None:
+    """Found by the API fuzzer: ``{"threshold": true}`` was DRS threshold 1."""
+    from vmshift.server.drs.views import ClusterDrsUpdate
+
+    vm = {"name": "vm-1", "host": "host-1", "datastore": "d"}
+    for model, body in ((ClusterDrsUpdate, {"threshold": True}), (VmCreate, {**vm, "disks_mib": [64, True]}),
+                        (MigrationCreate, {"host": "h", "max_downtime_ms": False}),
+                        (MigrationCreate, {"host": "h", "bandwidth_limit_bps": True})):  # fmt: skip
+        with pytest.raises(ValidationError, match="must be a number, not true or false"):
+            model.model_validate(body)
+    assert ClusterDrsUpdate.model_validate({"threshold": 4}).threshold == 4
+    assert MigrationCreate.model_validate({"host": "h", "bandwidth_limit_bps": 5}).bandwidth_limit_bps == 5.0
